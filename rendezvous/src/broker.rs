@@ -1,0 +1,191 @@
+//! Brokering: turns "A wants B's service" into the two `Broker` messages that start a
+//! session. Pure functions; the shell supplies the random session id and secret.
+
+use std::time::Duration;
+
+use crate::defaults;
+use crate::proto::{
+    Broker, Candidates, ErrorCode, ErrorFrame, PublicKey, Role, Service, ServiceRef, SessionId,
+};
+
+/// One side of a session as the broker needs it.
+#[derive(Debug, Clone)]
+pub struct Side<'a> {
+    /// Registered name.
+    pub name: &'a str,
+    /// Its key.
+    pub key: PublicKey,
+    /// Where it can be reached.
+    pub candidates: Candidates,
+    /// Its round trip to the server, if it reported one.
+    pub rtt: Option<Duration>,
+}
+
+/// Picks the service `wanted` among `offered`, or the only one when `wanted` is `None`.
+pub fn select_service(
+    peer: &str,
+    offered: &[Service],
+    wanted: Option<ServiceRef>,
+) -> Result<Service, ErrorFrame> {
+    let list = || {
+        offered
+            .iter()
+            .map(|s| s.reference().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match wanted {
+        Some(w) => offered
+            .iter()
+            .find(|s| s.reference() == w)
+            .cloned()
+            .ok_or_else(|| {
+                ErrorFrame::new(
+                    ErrorCode::NoSuchService,
+                    if offered.is_empty() {
+                        format!("{peer} offers no services")
+                    } else {
+                        format!("{peer} does not offer {w}; it offers {}", list())
+                    },
+                )
+            }),
+        None => match offered {
+            [only] => Ok(only.clone()),
+            [] => Err(ErrorFrame::new(
+                ErrorCode::NoSuchService,
+                format!("{peer} offers no services"),
+            )),
+            _ => Err(ErrorFrame::new(
+                ErrorCode::NoSuchService,
+                format!("{peer} offers several services ({}); name one", list()),
+            )),
+        },
+    }
+}
+
+/// Each side's delay before punching so that both start at the same moment: the server
+/// sends both messages at once, each arrives half a round trip later, so each waits the
+/// common lead minus its own half round trip.
+pub fn start_delays(a: Option<Duration>, b: Option<Duration>) -> (Duration, Duration) {
+    let half = |r: Option<Duration>| {
+        r.unwrap_or(defaults::DEFAULT_RTT)
+            .min(defaults::MAX_PUNCH_LEAD)
+            / 2
+    };
+    let (ha, hb) = (half(a), half(b));
+    let lead = ha.max(hb) + defaults::PUNCH_LEAD;
+    (lead - ha, lead - hb)
+}
+
+/// The two messages of a brokered session: `(to initiator, to responder)`.
+pub fn broker(
+    session: SessionId,
+    secret: [u8; 32],
+    initiator: Side<'_>,
+    responder: Side<'_>,
+    service: Service,
+) -> (Broker, Broker) {
+    let (da, db) = start_delays(initiator.rtt, responder.rtt);
+    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    let to_initiator = Broker {
+        session,
+        role: Role::Initiator,
+        peer: responder.name.to_owned(),
+        peer_key: responder.key,
+        service: service.clone(),
+        candidates: responder.candidates,
+        start_in_ms: ms(da),
+        secret,
+    };
+    let to_responder = Broker {
+        session,
+        role: Role::Responder,
+        peer: initiator.name.to_owned(),
+        peer_key: initiator.key,
+        service,
+        candidates: initiator.candidates,
+        start_in_ms: ms(db),
+        secret,
+    };
+    (to_initiator, to_responder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Proto;
+
+    fn svc(port: u16, proto: Proto) -> Service {
+        Service {
+            port,
+            proto,
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn service_selection() {
+        let one = [svc(7274, Proto::Tcp)];
+        assert_eq!(select_service("pc", &one, None).unwrap().port, 7274);
+        let two = [svc(7274, Proto::Tcp), svc(53, Proto::Udp)];
+        let err = select_service("pc", &two, None).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NoSuchService);
+        assert!(err.message.contains("7274/tcp, 53/udp"), "{err}");
+        let udp = ServiceRef {
+            port: 53,
+            proto: Proto::Udp,
+        };
+        assert_eq!(select_service("pc", &two, Some(udp)).unwrap().proto, Proto::Udp);
+        let missing = ServiceRef {
+            port: 53,
+            proto: Proto::Tcp,
+        };
+        let err = select_service("pc", &two, Some(missing)).unwrap_err();
+        assert!(err.message.contains("does not offer 53/tcp"), "{err}");
+        assert!(select_service("pc", &[], None).is_err());
+    }
+
+    #[test]
+    fn both_sides_start_together() {
+        let ms = Duration::from_millis;
+        let (a, b) = start_delays(Some(ms(20)), Some(ms(200)));
+        // a's message arrives after 10 ms, b's after 100 ms: both must start at the same time.
+        assert_eq!(a + ms(10), b + ms(100));
+        assert_eq!(b, defaults::PUNCH_LEAD);
+        // An absurd RTT claim is capped.
+        let (a, _) = start_delays(Some(Duration::from_secs(3600)), None);
+        assert!(a <= defaults::MAX_PUNCH_LEAD);
+    }
+
+    #[test]
+    fn each_side_gets_the_other_sides_key_and_candidates() {
+        let cand = |port| Candidates {
+            tcp: Some(std::net::SocketAddr::from(([198, 18, 0, 1], port))),
+            udp: None,
+            lan: vec![],
+        };
+        let (i, r) = broker(
+            SessionId([1; 16]),
+            [2; 32],
+            Side {
+                name: "phone",
+                key: PublicKey([3; 32]),
+                candidates: cand(1),
+                rtt: None,
+            },
+            Side {
+                name: "pc",
+                key: PublicKey([4; 32]),
+                candidates: cand(2),
+                rtt: None,
+            },
+            svc(7274, Proto::Tcp),
+        );
+        assert_eq!((i.role, r.role), (Role::Initiator, Role::Responder));
+        assert_eq!((i.peer.as_str(), r.peer.as_str()), ("pc", "phone"));
+        assert_eq!((i.peer_key, r.peer_key), (PublicKey([4; 32]), PublicKey([3; 32])));
+        assert_eq!(i.candidates.tcp.unwrap().port(), 2);
+        assert_eq!(r.candidates.tcp.unwrap().port(), 1);
+        assert_eq!((i.session, i.secret), (r.session, r.secret));
+    }
+}

@@ -1,0 +1,67 @@
+//! Every timeout and limit of the rendezvous in one place, each with the reason for its value.
+
+use std::time::Duration;
+
+/// How often a registered peer heartbeats. 15 s keeps a NAT's TCP mapping warm with a wide
+/// margin (RFC 5382 asks NATs to keep established TCP for 2 h 4 min, but many home and
+/// carrier NATs drop idle TCP within minutes) while costing a campus-sized server nothing.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Heartbeats a peer may miss before it is marked offline: three lets one or two be lost
+/// on a lossy mobile link without flapping.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// How long an offline peer's name stays bound to its key. A day lets a PC that sleeps
+/// overnight keep its name; after that the name is free again, so names cannot be hoarded.
+pub const NAME_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The registry never wakes more often than this for expiry: a heartbeat deadline that is
+/// late by a quarter second does not matter, scanning 10,000 peers per heartbeat would.
+pub const SWEEP_GRANULARITY: Duration = Duration::from_millis(250);
+
+/// A new connection must say hello within this time, or it is closed; bounds the cost of
+/// connections that never speak.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Once a frame has started, the rest must arrive within this time (slowloris defence).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A write to a peer that does not read must not hold its task forever.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most registered names (online or retained offline) the registry holds.
+pub const MAX_PEERS: usize = 100_000;
+
+/// Most simultaneous signaling connections.
+pub const MAX_CONNECTIONS: usize = 100_000;
+
+/// Time the server gives open connections to receive their shutdown notice.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Lead time added to the slower side's half round trip when scheduling a punch, so both
+/// sides have their sockets ready before the first probe arrives.
+pub const PUNCH_LEAD: Duration = Duration::from_millis(100);
+
+/// Assumed round trip for a peer that has not reported one yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(100);
+
+/// Longest punch lead the server schedules, whatever the RTTs claim: a peer-reported RTT
+/// must not make a session wait for seconds.
+pub const MAX_PUNCH_LEAD: Duration = Duration::from_secs(2);
+
+/// STUN requests allowed per source IP per second, sustained; with [`STUN_BURST`]. A
+/// natprobe run needs about a dozen requests, the lifetime search a few per second.
+pub const STUN_RATE: u32 = 50;
+
+/// STUN requests a source IP may send at once before the rate applies.
+pub const STUN_BURST: u32 = 100;
+
+/// Source IPs tracked by the STUN rate limiter; beyond it the oldest are forgotten, so the
+/// table's memory is bounded whatever the source addresses.
+pub const STUN_RATE_TABLE: usize = 65_536;
+
+/// Largest STUN response sent: a bound on what a spoofed request can reflect.
+pub const STUN_MAX_RESPONSE: usize = 256;
+
+/// Largest STUN request read; larger datagrams are dropped unparsed.
+pub const STUN_MAX_REQUEST: usize = 1280;

@@ -1,0 +1,27 @@
+//! The chuantou rendezvous: where peers behind NATs register, find each other, learn their
+//! NAT-mapped addresses and get brokered into sessions.
+//!
+//! # Layout
+//!
+//! - [`proto`]: the signaling messages and their flow; [`frame`]: their byte format.
+//! - [`registry`]: names, keys, observed addresses and liveness (sans-IO).
+//! - [`broker`]: turning a connect request into the two session messages (pure).
+//! - [`stun`]: the STUN Binding responder and client codec (sans-IO);
+//!   [`ratelimit`]: the per-source buckets it uses.
+//! - [`server`]: the tokio shell: signaling listener, STUN sockets, expiry timer;
+//!   [`http`]: the read-only JSON API and metrics; [`metrics`]: the counters.
+//! - [`client`]: the peer's half of signaling, and a STUN query helper.
+//! - [`defaults`]: every timeout and limit, with its reason.
+#![deny(missing_docs, unreachable_pub)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod broker;
+pub mod defaults;
+pub mod frame;
+mod http;
+pub mod proto;
+pub mod metrics;
+pub mod ratelimit;
+pub mod registry;
+pub mod server;
+pub mod stun;

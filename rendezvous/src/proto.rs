@@ -1,0 +1,618 @@
+//! Signaling messages between peers and the rendezvous: the types that travel inside frames.
+//!
+//! Every connection follows this flow:
+//!
+//! - client → `ClientFrame::Hello { version, token }` (must be the first frame);
+//! - server → `ServerFrame::Welcome { nonce, .. }`, or `ServerFrame::Error` and close;
+//! - client → `ClientFrame::Request { id, body }`, any number, any order;
+//!   server → `ServerFrame::Response { id, body }` for each, in order;
+//! - `Request::Register` carries an ed25519 signature over the welcome nonce
+//!   ([`register_payload`]), proving the client holds the key it registers;
+//! - `Request::Connect` makes the server broker a session: the requester gets
+//!   `Reply::Brokered(Broker)` and the named peer is pushed `ServerFrame::Broker(Broker)`,
+//!   each carrying the *other* side's key and candidates and the same session id and secret;
+//! - the server may send `ServerFrame::Error` at any time, then closes the connection.
+//!
+//! The encoding is postcard, so field order is wire order: append, never reorder, and bump
+//! [`PROTOCOL_VERSION`] for anything else.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// The signaling protocol version carried in `Hello`; a mismatch is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Longest peer name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most services one peer may offer.
+pub const MAX_SERVICES: usize = 16;
+/// Longest service description, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 128;
+/// Most LAN addresses one peer may report.
+pub const MAX_LAN_ADDRS: usize = 8;
+/// Longest token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 256;
+/// Most peers in one `Reply::Peers` page; clients page with `List { after }`.
+pub const LIST_PAGE: usize = 32;
+
+/// A frame sent by a peer to the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// Opens the connection; anything else first is refused.
+    Hello(Hello),
+    /// A request; answered by a `ServerFrame::Response` with the same id.
+    Request {
+        /// Chosen by the client to match the response.
+        id: u32,
+        /// What is asked.
+        body: Request,
+    },
+}
+
+/// The first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal the server's [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The server token, when the server requires one.
+    pub token: Option<String>,
+}
+
+/// What a peer can ask of the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Bind `name` to this connection and key.
+    Register(Register),
+    /// Keeps a registration alive; `rtt_ms` is the client's last measured round trip,
+    /// which the server uses to schedule punches.
+    Heartbeat {
+        /// Round-trip time the client measured on its previous heartbeat.
+        rtt_ms: Option<u32>,
+    },
+    /// One page of known peers, names sorted, starting after `after`.
+    List {
+        /// The last name of the previous page.
+        after: Option<String>,
+    },
+    /// One peer by name.
+    Lookup {
+        /// The peer's registered name.
+        name: String,
+    },
+    /// Ask to be brokered to a named peer's service.
+    Connect {
+        /// The peer to reach.
+        name: String,
+        /// Which of its services; `None` picks its only one.
+        service: Option<ServiceRef>,
+    },
+}
+
+/// A registration: who the peer is and what it offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// The name to bind (see [`validate_name`]).
+    pub name: String,
+    /// The peer's ed25519 public key.
+    pub key: PublicKey,
+    /// The services it offers.
+    pub services: Vec<Service>,
+    /// Addresses on its own networks, offered as candidates to peers behind the same NAT.
+    pub lan_addrs: Vec<SocketAddr>,
+    /// Ed25519 signature of [`register_payload`]`(nonce, name)`.
+    pub signature: Signature,
+}
+
+/// A service a peer offers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Service {
+    /// The port on the exposing machine.
+    pub port: u16,
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// Free text for humans (`peer ls`).
+    pub description: String,
+}
+
+impl Service {
+    /// The reference that selects this service.
+    pub fn reference(&self) -> ServiceRef {
+        ServiceRef {
+            port: self.port,
+            proto: self.proto,
+        }
+    }
+}
+
+/// Names one service of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceRef {
+    /// The port on the exposing machine.
+    pub port: u16,
+    /// TCP or UDP.
+    pub proto: Proto,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.proto)
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Proto {
+    /// A TCP service.
+    Tcp,
+    /// A UDP service.
+    Udp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A frame sent by the rendezvous to a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// The answer to a good `Hello`.
+    Welcome(Welcome),
+    /// The answer to `ClientFrame::Request { id, .. }`.
+    Response {
+        /// The request's id.
+        id: u32,
+        /// The reply, or why the request failed (the connection stays open).
+        body: Result<Reply, ErrorFrame>,
+    },
+    /// Pushed to a peer another peer has asked to reach.
+    Broker(Broker),
+    /// A fatal error; the server closes the connection after sending it.
+    Error(ErrorFrame),
+}
+
+/// The server's greeting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The server's protocol version.
+    pub version: u16,
+    /// Fresh per connection; `Register` signs it.
+    pub nonce: [u8; 32],
+    /// How often a registered peer must send `Heartbeat`.
+    pub heartbeat_interval_ms: u32,
+    /// Server software and version, for logs.
+    pub software: String,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The registration is in place.
+    Registered(Registered),
+    /// The heartbeat was recorded.
+    HeartbeatAck {
+        /// The UDP address the STUN responder last saw for this peer, if any.
+        udp_addr: Option<SocketAddr>,
+    },
+    /// A page of peers.
+    Peers {
+        /// Sorted by name.
+        peers: Vec<PeerInfo>,
+        /// Pass as `after` for the next page; `None` at the end.
+        next: Option<String>,
+    },
+    /// One peer.
+    Peer(PeerInfo),
+    /// The session the server brokered for a `Connect`.
+    Brokered(Broker),
+}
+
+/// What a peer learns when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// The signaling connection's address as the server sees it (its NAT mapping).
+    pub observed_tcp: SocketAddr,
+    /// STUN USERNAME that links Binding requests to this registration.
+    pub stun_username: String,
+    /// STUN short-term password for MESSAGE-INTEGRITY on those requests.
+    pub stun_password: String,
+    /// True when this replaced an earlier registration of the same key (a reconnect).
+    pub replaced: bool,
+}
+
+/// A peer as the rendezvous knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Registered name.
+    pub name: String,
+    /// Its ed25519 public key.
+    pub key: PublicKey,
+    /// Whether it is connected and heartbeating.
+    pub online: bool,
+    /// What it offers.
+    pub services: Vec<Service>,
+    /// Observed address of its signaling connection.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Observed address of its STUN socket.
+    pub udp_addr: Option<SocketAddr>,
+    /// Milliseconds since the server last heard from it.
+    pub last_seen_ms: u64,
+}
+
+/// A brokered session, as one side sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Broker {
+    /// Identifies the session to relays and in punch probes.
+    pub session: SessionId,
+    /// Whether this side asked (`Initiator`) or is being reached (`Responder`).
+    pub role: Role,
+    /// The other side's name.
+    pub peer: String,
+    /// The other side's key, to pin in the tunnel handshake.
+    pub peer_key: PublicKey,
+    /// The service the initiator asked for.
+    pub service: Service,
+    /// Where the other side may be reached.
+    pub candidates: Candidates,
+    /// Start punching this many milliseconds after receiving this message; the server
+    /// subtracts each side's half round trip so both start together.
+    pub start_in_ms: u32,
+    /// Key for authenticating punch probes; known only to the two sides and the server.
+    pub secret: [u8; 32],
+}
+
+/// Which side of a session this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Sent `Connect`.
+    Initiator,
+    /// Was named in someone's `Connect`.
+    Responder,
+}
+
+/// Addresses at which a peer may be reachable.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Candidates {
+    /// Observed remote address of its signaling connection.
+    pub tcp: Option<SocketAddr>,
+    /// Observed address of its STUN socket (credentialed Binding request).
+    pub udp: Option<SocketAddr>,
+    /// LAN addresses it reported.
+    pub lan: Vec<SocketAddr>,
+}
+
+/// An error answer: a machine-readable code and a sentence for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// A human explanation, naming the offending value.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// Builds an error frame.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorFrame {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ErrorFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $num:literal, $text:literal;)*) => {
+        /// Error codes on the wire. Carried as a number so that a client can still read a
+        /// code newer than itself (`Other`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorCode {
+            $($(#[$doc])* $name,)*
+            /// A code this build does not know.
+            Other(u16),
+        }
+
+        impl ErrorCode {
+            /// The wire number.
+            pub fn number(self) -> u16 {
+                match self { $(ErrorCode::$name => $num,)* ErrorCode::Other(n) => n }
+            }
+            /// Decodes a wire number.
+            pub fn from_number(n: u16) -> Self {
+                match n { $($num => ErrorCode::$name,)* n => ErrorCode::Other(n) }
+            }
+            /// A short snake_case name, for logs and metrics.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$name => $text,)* ErrorCode::Other(_) => "other" }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The bytes did not decode as a frame of this protocol.
+    BadFrame = 1, "bad_frame";
+    /// The length prefix exceeds the maximum frame size.
+    FrameTooLarge = 2, "frame_too_large";
+    /// The client speaks another protocol version.
+    VersionMismatch = 3, "version_mismatch";
+    /// Something other than `Hello` came first, or `Hello` came twice.
+    HelloExpected = 4, "hello_expected";
+    /// Missing or wrong server token.
+    Unauthorized = 5, "unauthorized";
+    /// The connection was silent too long, or a frame stopped half way.
+    Timeout = 6, "timeout";
+    /// The name does not follow the naming rules.
+    InvalidName = 7, "invalid_name";
+    /// The name belongs to another key.
+    NameTaken = 8, "name_taken";
+    /// The register signature does not verify.
+    BadSignature = 9, "bad_signature";
+    /// A request field is out of bounds.
+    BadRequest = 10, "bad_request";
+    /// The request needs a registration on this connection first.
+    NotRegistered = 11, "not_registered";
+    /// No peer has that name.
+    UnknownPeer = 12, "unknown_peer";
+    /// The peer is registered but not connected.
+    PeerOffline = 13, "peer_offline";
+    /// The peer does not offer that service, or offers several and none was named.
+    NoSuchService = 14, "no_such_service";
+    /// A server limit was reached (peers, connections).
+    Busy = 15, "busy";
+    /// The same key registered again from another connection.
+    Replaced = 16, "replaced";
+    /// The registration expired after missed heartbeats.
+    Expired = 17, "expired";
+    /// The server is shutting down.
+    ShuttingDown = 18, "shutting_down";
+    /// A peer may not connect to itself.
+    SelfConnect = 19, "self_connect";
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.number(), self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u16(self.number())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u16::deserialize(d).map(ErrorCode::from_number)
+    }
+}
+
+/// An ed25519 public key, 32 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+/// An ed25519 signature, 64 bytes (serialized as a fixed tuple: no length prefix).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({})", hex::encode(self.0))
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(64)?;
+        for b in &self.0 {
+            t.serialize_element(b)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Signature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 signature bytes")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+                let mut out = [0u8; 64];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(Signature(out))
+            }
+        }
+        d.deserialize_tuple(64, V)
+    }
+}
+
+/// A brokered session's id, 16 random bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub [u8; 16]);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+/// The bytes a registering peer signs: a domain tag, the server's nonce and the name, so a
+/// signature cannot be replayed on another connection or for another name.
+pub fn register_payload(nonce: &[u8; 32], name: &str) -> Vec<u8> {
+    const TAG: &[u8] = b"chuantou register v1\0";
+    let mut out = Vec::with_capacity(TAG.len() + 32 + name.len());
+    out.extend_from_slice(TAG);
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// Checks a peer name: 1 to 64 bytes of ASCII letters, digits, `-`, `_` and `.`, not
+/// starting with `-` or `.`, so names are safe in URLs, file names and logs.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "name must be 1 to {MAX_NAME_LEN} bytes, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "name {name:?} has {c:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    if name.starts_with(['-', '.']) {
+        return Err(format!("name {name:?} must not start with '-' or '.'"));
+    }
+    Ok(())
+}
+
+impl Register {
+    /// Checks the bounds of every field (not the signature).
+    pub fn validate(&self) -> Result<(), ErrorFrame> {
+        validate_name(&self.name).map_err(|m| ErrorFrame::new(ErrorCode::InvalidName, m))?;
+        if self.services.len() > MAX_SERVICES {
+            return Err(ErrorFrame::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} services offered, at most {MAX_SERVICES} allowed",
+                    self.services.len()
+                ),
+            ));
+        }
+        if let Some(s) = self
+            .services
+            .iter()
+            .find(|s| s.description.len() > MAX_DESCRIPTION_LEN)
+        {
+            return Err(ErrorFrame::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "description of service {} is {} bytes, at most {MAX_DESCRIPTION_LEN} allowed",
+                    s.reference(),
+                    s.description.len()
+                ),
+            ));
+        }
+        let mut refs: Vec<ServiceRef> = self.services.iter().map(Service::reference).collect();
+        refs.sort_by_key(|r| (r.port, r.proto as u8));
+        if let Some(w) = refs.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ErrorFrame::new(
+                ErrorCode::BadRequest,
+                format!("service {} offered twice", w[0]),
+            ));
+        }
+        if self.lan_addrs.len() > MAX_LAN_ADDRS {
+            return Err(ErrorFrame::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} LAN addresses reported, at most {MAX_LAN_ADDRS} allowed",
+                    self.lan_addrs.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("pc-home").is_ok());
+        assert!(validate_name("a.b_c-9").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+        assert!(validate_name(&"x".repeat(64)).is_ok());
+        assert!(validate_name("pc home").is_err());
+        assert!(validate_name("-pc").is_err());
+        assert!(validate_name(".pc").is_err());
+        assert!(validate_name("../etc").is_err());
+        assert!(validate_name("名字").is_err());
+    }
+
+    #[test]
+    fn error_code_numbers_round_trip_and_unknown_survives() {
+        for n in 0..40u16 {
+            assert_eq!(ErrorCode::from_number(n).number(), n);
+        }
+        assert_eq!(ErrorCode::from_number(8), ErrorCode::NameTaken);
+        assert_eq!(ErrorCode::from_number(999), ErrorCode::Other(999));
+    }
+
+    #[test]
+    fn register_validation_rejects_out_of_bounds() {
+        let base = Register {
+            name: "pc".into(),
+            key: PublicKey([1; 32]),
+            services: vec![],
+            lan_addrs: vec![],
+            signature: Signature([0; 64]),
+        };
+        assert!(base.validate().is_ok());
+        let svc = |port, d: usize| Service {
+            port,
+            proto: Proto::Tcp,
+            description: "d".repeat(d),
+        };
+        let mut r = base.clone();
+        r.services = (0..17).map(|p| svc(p, 0)).collect();
+        assert_eq!(r.validate().unwrap_err().code, ErrorCode::BadRequest);
+        let mut r = base.clone();
+        r.services = vec![svc(1, 129)];
+        assert_eq!(r.validate().unwrap_err().code, ErrorCode::BadRequest);
+        let mut r = base.clone();
+        r.services = vec![svc(1, 0), svc(1, 3)];
+        assert!(r.validate().unwrap_err().message.contains("1/tcp offered twice"));
+        let mut r = base.clone();
+        r.lan_addrs = vec!["198.18.0.1:1".parse().unwrap(); 9];
+        assert_eq!(r.validate().unwrap_err().code, ErrorCode::BadRequest);
+        let mut r = base;
+        r.name = "bad name".into();
+        assert_eq!(r.validate().unwrap_err().code, ErrorCode::InvalidName);
+    }
+}

@@ -1,0 +1,660 @@
+//! The registry: which name belongs to which key, where each peer was last seen, and who is
+//! online. Sans-IO: it owns no socket and never reads the clock; every call that depends on
+//! time takes `now`.
+//!
+//! # Drive loop
+//!
+//! 1. Feed what happens: [`Registry::register`], [`Registry::heartbeat`],
+//!    [`Registry::observe_udp`], [`Registry::disconnect`].
+//! 2. Call [`Registry::handle_timeout`] when the instant from [`Registry::poll_timeout`]
+//!    has come (calling it early or twice is harmless).
+//! 3. Drain [`Registry::poll_event`] until `None`: peers that went offline because their
+//!    heartbeats stopped (the shell closes their connections), names forgotten.
+//!
+//! Rules: a name is bound to the first key that registers it and stays bound while the peer
+//! is offline, for [`Timing::name_retention`]; the same key registering again replaces the
+//! old entry (a reconnect, and the old connection is handed back to be closed); another key
+//! gets [`RegistryError::NameTaken`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Bound;
+use std::time::{Duration, Instant};
+
+use crate::defaults;
+use crate::proto::{PublicKey, Service};
+
+/// Identifies one signaling connection in the shell.
+pub type ConnId = u64;
+
+/// Liveness settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How often peers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats that may be missed before a peer goes offline.
+    pub missed_heartbeats: u32,
+    /// How long an offline peer keeps its name.
+    pub name_retention: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_interval: defaults::HEARTBEAT_INTERVAL,
+            missed_heartbeats: defaults::MISSED_HEARTBEATS,
+            name_retention: defaults::NAME_RETENTION,
+        }
+    }
+}
+
+impl Timing {
+    /// Silence after which a peer goes offline.
+    pub fn expiry(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats
+    }
+}
+
+/// Why the registry refused something.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The name is bound to another key.
+    #[error("name {name:?} is taken by another key ({owner})")]
+    NameTaken {
+        /// The contested name.
+        name: String,
+        /// The key that holds it.
+        owner: PublicKey,
+    },
+    /// The registry holds its maximum of names and none can be evicted.
+    #[error("registry is full ({max} names)")]
+    Full {
+        /// The limit.
+        max: usize,
+    },
+    /// This connection already holds another name.
+    #[error("this connection is already registered as {0:?}")]
+    OtherName(String),
+    /// The connection has no registration.
+    #[error("not registered: register before heartbeats or connects")]
+    NotRegistered,
+}
+
+/// What a peer registers with.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The name to bind.
+    pub name: String,
+    /// Its verified public key.
+    pub key: PublicKey,
+    /// What it offers.
+    pub services: Vec<Service>,
+    /// LAN addresses it reported.
+    pub lan_addrs: Vec<SocketAddr>,
+    /// The signaling connection's remote address.
+    pub tcp_addr: SocketAddr,
+    /// The connection it came on.
+    pub conn: ConnId,
+    /// STUN credential for this registration (chosen by the shell, random).
+    pub stun: StunCredential,
+}
+
+/// A STUN short-term credential linking Binding requests to a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StunCredential {
+    /// Sent in USERNAME.
+    pub username: String,
+    /// Keys MESSAGE-INTEGRITY.
+    pub password: String,
+}
+
+/// The outcome of a successful registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Whether the name was already bound to this key (a reconnect or an update).
+    pub replaced: bool,
+    /// An older connection of the same key that the shell should close.
+    pub old_conn: Option<ConnId>,
+}
+
+/// A registered peer.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its key.
+    pub key: PublicKey,
+    /// What it offers.
+    pub services: Vec<Service>,
+    /// LAN addresses it reported.
+    pub lan_addrs: Vec<SocketAddr>,
+    /// Last observed signaling address.
+    pub tcp_addr: SocketAddr,
+    /// Last observed STUN address, if any.
+    pub udp_addr: Option<SocketAddr>,
+    /// Its connection while online.
+    pub conn: Option<ConnId>,
+    /// When it was last heard from.
+    pub last_seen: Instant,
+    /// Its last reported round trip to the server.
+    pub rtt: Option<Duration>,
+    stun: StunCredential,
+}
+
+impl Entry {
+    /// Online means connected and heartbeating.
+    pub fn online(&self) -> bool {
+        self.conn.is_some()
+    }
+}
+
+/// Why a peer went offline on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfflineReason {
+    /// Its heartbeats stopped.
+    Expired,
+}
+
+/// Things the registry decided on a timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer went offline; the shell should close `conn`.
+    Offline {
+        /// The peer.
+        name: String,
+        /// Its connection.
+        conn: ConnId,
+        /// Why.
+        reason: OfflineReason,
+    },
+    /// An offline peer's name was released.
+    Forgotten {
+        /// The released name.
+        name: String,
+    },
+}
+
+/// The registry core.
+#[derive(Debug)]
+pub struct Registry {
+    timing: Timing,
+    max_peers: usize,
+    peers: BTreeMap<String, Entry>,
+    by_conn: HashMap<ConnId, String>,
+    by_stun: HashMap<String, String>,
+    next_wake: Option<Instant>,
+    events: VecDeque<Event>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(timing: Timing, max_peers: usize) -> Self {
+        Registry {
+            timing,
+            max_peers,
+            peers: BTreeMap::new(),
+            by_conn: HashMap::new(),
+            by_stun: HashMap::new(),
+            next_wake: None,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Its liveness settings.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Binds `reg.name` to `reg.key` on `reg.conn`.
+    pub fn register(
+        &mut self,
+        now: Instant,
+        reg: Registration,
+    ) -> Result<Registered, RegistryError> {
+        if let Some(held) = self.by_conn.get(&reg.conn)
+            && *held != reg.name
+        {
+            return Err(RegistryError::OtherName(held.clone()));
+        }
+        let replaced = match self.peers.get(&reg.name) {
+            Some(e) if e.key != reg.key => {
+                return Err(RegistryError::NameTaken {
+                    name: reg.name,
+                    owner: e.key,
+                });
+            }
+            Some(_) => true,
+            None => {
+                if self.peers.len() >= self.max_peers && !self.evict_oldest_offline() {
+                    return Err(RegistryError::Full {
+                        max: self.max_peers,
+                    });
+                }
+                false
+            }
+        };
+        let entry = Entry {
+            key: reg.key,
+            services: reg.services,
+            lan_addrs: reg.lan_addrs,
+            tcp_addr: reg.tcp_addr,
+            udp_addr: None,
+            conn: Some(reg.conn),
+            last_seen: now,
+            rtt: None,
+            stun: reg.stun,
+        };
+        self.by_stun
+            .insert(entry.stun.username.clone(), reg.name.clone());
+        self.by_conn.insert(reg.conn, reg.name.clone());
+        let mut old_conn = None;
+        if let Some(old) = self.peers.insert(reg.name, entry) {
+            self.by_stun.remove(&old.stun.username);
+            if let Some(c) = old.conn.filter(|c| *c != reg.conn) {
+                self.by_conn.remove(&c);
+                old_conn = Some(c);
+            }
+        }
+        self.wake_by(now + self.timing.expiry());
+        Ok(Registered { replaced, old_conn })
+    }
+
+    /// Records a heartbeat on `conn`; returns the peer's observed UDP address.
+    pub fn heartbeat(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        rtt: Option<Duration>,
+    ) -> Result<Option<SocketAddr>, RegistryError> {
+        let entry = self.entry_of_conn(conn)?;
+        entry.last_seen = now;
+        if rtt.is_some() {
+            entry.rtt = rtt;
+        }
+        Ok(entry.udp_addr)
+    }
+
+    /// The STUN password of a registration's username, if it is current.
+    pub fn stun_password(&self, username: &str) -> Option<&str> {
+        let name = self.by_stun.get(username)?;
+        Some(self.peers.get(name)?.stun.password.as_str())
+    }
+
+    /// Records the address a credentialed STUN request came from; returns the peer's name
+    /// and whether the address differs from the one seen before.
+    pub fn observe_udp(&mut self, username: &str, addr: SocketAddr) -> Option<(&str, bool)> {
+        let name = self.by_stun.get(username)?;
+        let entry = self.peers.get_mut(name)?;
+        let changed = entry.udp_addr != Some(addr);
+        entry.udp_addr = Some(addr);
+        Some((name.as_str(), changed))
+    }
+
+    /// The connection closed: its peer goes offline (its name stays bound). Returns the name.
+    pub fn disconnect(&mut self, now: Instant, conn: ConnId) -> Option<String> {
+        let name = self.by_conn.remove(&conn)?;
+        if let Some(e) = self.peers.get_mut(&name) {
+            e.conn = None;
+            e.last_seen = now;
+            self.wake_by(now + self.timing.name_retention);
+        }
+        Some(name)
+    }
+
+    /// The name registered on `conn`.
+    pub fn name_of(&self, conn: ConnId) -> Option<&str> {
+        self.by_conn.get(&conn).map(String::as_str)
+    }
+
+    /// One peer.
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.peers.get(name)
+    }
+
+    /// Up to `limit` peers in name order after `after`, and whether more follow.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<(&str, &Entry)>, bool) {
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut it = self
+            .peers
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(n, e)| (n.as_str(), e));
+        let page: Vec<_> = it.by_ref().take(limit).collect();
+        (page, it.next().is_some())
+    }
+
+    /// Every peer, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.peers.iter().map(|(n, e)| (n.as_str(), e))
+    }
+
+    /// Names bound, online or not.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True when no name is bound.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Peers online now.
+    pub fn online(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    /// When [`Registry::handle_timeout`] next has work, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_wake
+    }
+
+    /// Expires silent peers and forgets long-offline names whose time has come.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_wake.is_none_or(|w| now < w) {
+            return;
+        }
+        let expiry = self.timing.expiry();
+        let retention = self.timing.name_retention;
+        let mut next: Option<Instant> = None;
+        let mut forget = Vec::new();
+        for (name, e) in self.peers.iter_mut() {
+            let deadline = match e.conn {
+                Some(conn) if e.last_seen + expiry <= now => {
+                    self.by_conn.remove(&conn);
+                    e.conn = None;
+                    self.events.push_back(Event::Offline {
+                        name: name.clone(),
+                        conn,
+                        reason: OfflineReason::Expired,
+                    });
+                    e.last_seen + expiry + retention
+                }
+                Some(_) => e.last_seen + expiry,
+                None if e.last_seen + retention <= now => {
+                    forget.push(name.clone());
+                    continue;
+                }
+                None => e.last_seen + retention,
+            };
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        for name in forget {
+            self.remove(&name);
+            self.events.push_back(Event::Forgotten { name });
+        }
+        self.next_wake = next.map(|n| n.max(now + defaults::SWEEP_GRANULARITY));
+    }
+
+    /// The next thing the registry decided, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn entry_of_conn(&mut self, conn: ConnId) -> Result<&mut Entry, RegistryError> {
+        let name = self
+            .by_conn
+            .get(&conn)
+            .ok_or(RegistryError::NotRegistered)?;
+        self.peers
+            .get_mut(name)
+            .ok_or(RegistryError::NotRegistered)
+    }
+
+    fn wake_by(&mut self, at: Instant) {
+        self.next_wake = Some(self.next_wake.map_or(at, |w| w.min(at)));
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(e) = self.peers.remove(name) {
+            self.by_stun.remove(&e.stun.username);
+            if let Some(c) = e.conn {
+                self.by_conn.remove(&c);
+            }
+        }
+    }
+
+    /// Frees the name offline longest; false when every peer is online.
+    fn evict_oldest_offline(&mut self) -> bool {
+        let oldest = self
+            .peers
+            .iter()
+            .filter(|(_, e)| !e.online())
+            .min_by_key(|(_, e)| e.last_seen)
+            .map(|(n, _)| n.clone());
+        match oldest {
+            Some(name) => {
+                self.remove(&name);
+                self.events.push_back(Event::Forgotten { name });
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Proto;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn reg(name: &str, key: u8, conn: ConnId) -> Registration {
+        Registration {
+            name: name.into(),
+            key: PublicKey([key; 32]),
+            services: vec![Service {
+                port: 7274,
+                proto: Proto::Tcp,
+                description: String::new(),
+            }],
+            lan_addrs: vec![],
+            tcp_addr: SocketAddr::from(([198, 18, 0, key], 40000 + conn as u16)),
+            conn,
+            stun: StunCredential {
+                username: format!("u{conn}"),
+                password: format!("p{conn}"),
+            },
+        }
+    }
+
+    fn events(r: &mut Registry) -> Vec<Event> {
+        std::iter::from_fn(|| r.poll_event()).collect()
+    }
+
+    /// Runs the registry's clock forward to `until`, waking exactly when it asks.
+    fn run_until(r: &mut Registry, until: Instant) -> Vec<Event> {
+        while let Some(at) = r.poll_timeout().filter(|at| *at <= until) {
+            r.handle_timeout(at);
+        }
+        events(r)
+    }
+
+    #[test]
+    fn first_key_wins_and_another_key_is_refused() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        let ok = r.register(t0, reg("pc-home", 1, 1)).unwrap();
+        assert_eq!(ok, Registered { replaced: false, old_conn: None });
+        let err = r.register(t0, reg("pc-home", 2, 2)).unwrap_err();
+        assert_eq!(
+            err,
+            RegistryError::NameTaken {
+                name: "pc-home".into(),
+                owner: PublicKey([1; 32])
+            }
+        );
+        assert!(err.to_string().contains("taken by another key"));
+        assert_eq!(r.get("pc-home").unwrap().tcp_addr.port(), 40001);
+        assert_eq!(r.online(), 1);
+    }
+
+    #[test]
+    fn same_key_reconnect_replaces_and_hands_back_old_connection() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        r.observe_udp("u1", "198.18.0.1:5000".parse().unwrap());
+        let ok = r.register(t0 + S, reg("pc", 1, 2)).unwrap();
+        assert_eq!(ok, Registered { replaced: true, old_conn: Some(1) });
+        let e = r.get("pc").unwrap();
+        assert_eq!(e.conn, Some(2));
+        assert_eq!(e.udp_addr, None, "a new registration observes UDP afresh");
+        assert_eq!(r.stun_password("u1"), None, "old credential is void");
+        assert_eq!(r.stun_password("u2"), Some("p2"));
+        // The old connection closing later must not take the new registration offline.
+        assert_eq!(r.disconnect(t0 + 2 * S, 1), None);
+        assert!(r.get("pc").unwrap().online());
+        assert_eq!(r.online(), 1);
+    }
+
+    #[test]
+    fn one_connection_holds_one_name() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("a", 1, 1)).unwrap();
+        assert_eq!(
+            r.register(t0, reg("b", 1, 1)).unwrap_err(),
+            RegistryError::OtherName("a".into())
+        );
+        // Re-registering the same name on the same connection updates it.
+        let mut again = reg("a", 1, 1);
+        again.services.clear();
+        assert_eq!(
+            r.register(t0, again).unwrap(),
+            Registered { replaced: true, old_conn: None }
+        );
+        assert!(r.get("a").unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn silent_peer_expires_after_missed_heartbeats_in_virtual_time() {
+        let t0 = Instant::now();
+        let timing = Timing::default();
+        let mut r = Registry::new(timing, 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        r.register(t0, reg("phone", 2, 2)).unwrap();
+        // phone heartbeats every interval; pc falls silent.
+        let mut t = t0;
+        while t < t0 + timing.expiry() + 10 * S {
+            t += timing.heartbeat_interval;
+            assert!(run_until(&mut r, t).iter().all(|e| matches!(e, Event::Offline { name, .. } if name == "pc")));
+            r.heartbeat(t, 2, Some(Duration::from_millis(30))).unwrap();
+        }
+        assert!(!r.get("pc").unwrap().online());
+        assert!(r.get("phone").unwrap().online());
+        assert_eq!(r.get("phone").unwrap().rtt, Some(Duration::from_millis(30)));
+        assert_eq!(r.heartbeat(t, 1, None), Err(RegistryError::NotRegistered));
+    }
+
+    #[test]
+    fn expiry_happens_exactly_at_the_deadline() {
+        let t0 = Instant::now();
+        let timing = Timing::default();
+        let mut r = Registry::new(timing, 10);
+        r.register(t0, reg("pc", 1, 7)).unwrap();
+        let deadline = t0 + timing.expiry();
+        assert_eq!(r.poll_timeout(), Some(deadline));
+        assert!(run_until(&mut r, deadline - Duration::from_millis(1)).is_empty());
+        assert!(r.get("pc").unwrap().online());
+        assert_eq!(
+            run_until(&mut r, deadline),
+            vec![Event::Offline {
+                name: "pc".into(),
+                conn: 7,
+                reason: OfflineReason::Expired
+            }]
+        );
+        // The name stays bound while offline: another key still cannot take it.
+        assert!(matches!(
+            r.register(deadline, reg("pc", 9, 8)),
+            Err(RegistryError::NameTaken { .. })
+        ));
+        // After the retention the name is free.
+        let forgotten = run_until(&mut r, deadline + timing.name_retention);
+        assert_eq!(forgotten, vec![Event::Forgotten { name: "pc".into() }]);
+        assert!(r.register(deadline + timing.name_retention, reg("pc", 9, 8)).is_ok());
+    }
+
+    #[test]
+    fn heartbeats_keep_a_peer_online_indefinitely() {
+        let t0 = Instant::now();
+        let timing = Timing {
+            heartbeat_interval: Duration::from_secs(2),
+            missed_heartbeats: 3,
+            name_retention: Duration::from_secs(60),
+        };
+        let mut r = Registry::new(timing, 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        for i in 1..1000u32 {
+            let t = t0 + timing.heartbeat_interval * i;
+            assert!(run_until(&mut r, t).is_empty(), "at heartbeat {i}");
+            r.heartbeat(t, 1, None).unwrap();
+        }
+        assert!(r.get("pc").unwrap().online());
+    }
+
+    #[test]
+    fn disconnect_goes_offline_and_reconnect_brings_back() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        assert_eq!(r.disconnect(t0 + S, 1).as_deref(), Some("pc"));
+        assert!(!r.get("pc").unwrap().online());
+        assert_eq!(r.online(), 0);
+        assert_eq!(r.len(), 1);
+        let ok = r.register(t0 + 2 * S, reg("pc", 1, 2)).unwrap();
+        assert_eq!(ok, Registered { replaced: true, old_conn: None });
+        assert!(r.get("pc").unwrap().online());
+    }
+
+    #[test]
+    fn udp_observation_needs_the_current_credential() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        let a: SocketAddr = "198.18.5.5:6000".parse().unwrap();
+        assert_eq!(r.observe_udp("nobody", a), None);
+        assert_eq!(r.observe_udp("u1", a), Some(("pc", true)));
+        assert_eq!(r.observe_udp("u1", a), Some(("pc", false)));
+        assert_eq!(r.heartbeat(t0, 1, None), Ok(Some(a)));
+    }
+
+    #[test]
+    fn full_registry_evicts_the_longest_offline_then_refuses() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 2);
+        r.register(t0, reg("a", 1, 1)).unwrap();
+        r.register(t0, reg("b", 2, 2)).unwrap();
+        assert_eq!(
+            r.register(t0, reg("c", 3, 3)).unwrap_err(),
+            RegistryError::Full { max: 2 }
+        );
+        r.disconnect(t0 + S, 2);
+        r.register(t0 + 2 * S, reg("c", 3, 3)).unwrap();
+        assert!(r.get("b").is_none());
+        assert_eq!(events(&mut r), vec![Event::Forgotten { name: "b".into() }]);
+    }
+
+    #[test]
+    fn pages_walk_every_name_once_in_order() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 100);
+        for i in 0..10u8 {
+            r.register(t0, reg(&format!("p{i}"), i, i as u64)).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = r.page(after.as_deref(), 3);
+            seen.extend(page.iter().map(|(n, _)| n.to_string()));
+            after = page.last().map(|(n, _)| n.to_string());
+            if !more {
+                break;
+            }
+        }
+        let want: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        assert_eq!(seen, want);
+    }
+}

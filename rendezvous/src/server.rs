@@ -1,0 +1,937 @@
+//! The tokio shell of the rendezvous: the signaling listener (one task per connection), the
+//! STUN sockets (one task per socket), the registry's expiry timer and the HTTP API, all
+//! stopped by one cancellation token.
+//!
+//! The sans-IO cores ([`Registry`], [`Responder`]) sit behind short-held mutexes; no lock is
+//! held across an `.await`. Each connection task owns its socket and receives pushes (a
+//! broker message, "you were replaced", "you expired") through a small channel, so one slow
+//! peer never blocks another.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{Signature as DalekSignature, VerifyingKey};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::broker::{self, Side};
+use crate::defaults;
+use crate::frame::{self, FrameError, FrameReader};
+use crate::metrics::{self, Metrics};
+use crate::proto::{
+    Candidates, ClientFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, PeerInfo, Reply, Request,
+    ServerFrame, SessionId, Welcome, register_payload,
+};
+use crate::registry::{self, ConnId, Registration, Registry, RegistryError, StunCredential, Timing};
+use crate::stun::{Layout, Received, Responder, Slot};
+
+/// How the server is set up.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Signaling TCP address.
+    pub listen: SocketAddr,
+    /// STUN primary address; `None` turns STUN off.
+    pub stun: Option<SocketAddr>,
+    /// Second IP of this host: makes the STUN responder an RFC 5780 server.
+    pub alt_ip: Option<IpAddr>,
+    /// Alternate STUN port (default: the primary port + 1).
+    pub alt_port: Option<u16>,
+    /// HTTP API address; `None` turns it off.
+    pub http: Option<SocketAddr>,
+    /// Token every client must present in `Hello`.
+    pub token: Option<String>,
+    /// Heartbeat interval, expiry and name retention.
+    pub timing: Timing,
+    /// Most names the registry holds.
+    pub max_peers: usize,
+    /// Most simultaneous signaling connections.
+    pub max_connections: usize,
+    /// Time a new connection has to say hello.
+    pub hello_timeout: Duration,
+    /// Time a started frame has to complete.
+    pub frame_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7000)),
+            stun: Some(SocketAddr::from(([0, 0, 0, 0], 3478))),
+            alt_ip: None,
+            alt_port: None,
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 7080))),
+            token: None,
+            timing: Timing::default(),
+            max_peers: defaults::MAX_PEERS,
+            max_connections: defaults::MAX_CONNECTIONS,
+            hello_timeout: defaults::HELLO_TIMEOUT,
+            frame_timeout: defaults::FRAME_TIMEOUT,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which service.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The addresses the server actually bound (ports resolved when 0 was asked).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// Signaling.
+    pub signaling: SocketAddr,
+    /// STUN layout, if STUN is on.
+    pub stun: Option<Layout>,
+    /// HTTP API, if on.
+    pub http: Option<SocketAddr>,
+}
+
+/// A bound, not yet running server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    stun: Vec<(Slot, UdpSocket)>,
+    http: Option<TcpListener>,
+    shared: Arc<Shared>,
+    addrs: BoundAddrs,
+}
+
+/// State every task of the server shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) metrics: Metrics,
+    state: Mutex<State>,
+    responder: Option<Mutex<Responder>>,
+    expiry_changed: Notify,
+}
+
+#[derive(Debug)]
+struct State {
+    registry: Registry,
+    conns: HashMap<ConnId, mpsc::Sender<Push>>,
+    next_conn: ConnId,
+}
+
+/// Something another task asks a connection task to send.
+#[derive(Debug)]
+enum Push {
+    Frame(ServerFrame),
+    Close(ErrorFrame),
+}
+
+/// Pushes queued per connection before the connection counts as not reading.
+const PUSH_QUEUE: usize = 8;
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take the whole server down with poisoned locks.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the registry (for the HTTP API).
+    pub(crate) fn with_registry<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+        f(&self.state().registry)
+    }
+}
+
+impl Server {
+    /// Binds every socket the configuration asks for.
+    pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let bind_err = |what, addr| move |source| ServerError::Bind { what, addr, source };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(bind_err("signaling", config.listen))?;
+        let signaling = listener
+            .local_addr()
+            .map_err(bind_err("signaling", config.listen))?;
+
+        let mut stun = Vec::new();
+        let mut layout = None;
+        if let Some(primary) = config.stun {
+            let (sockets, l) = bind_stun(primary, config.alt_ip, config.alt_port).await?;
+            stun = sockets;
+            layout = Some(l);
+        } else if config.alt_ip.is_some() {
+            return Err(ServerError::Config(
+                "--alt-ip needs the STUN responder; remove --no-stun".into(),
+            ));
+        }
+
+        let http = match config.http {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(bind_err("http api", addr))?,
+            ),
+            None => None,
+        };
+        let http_addr = match &http {
+            Some(l) => Some(l.local_addr().map_err(bind_err("http api", signaling))?),
+            None => None,
+        };
+
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                registry: Registry::new(config.timing, config.max_peers),
+                conns: HashMap::new(),
+                next_conn: 1,
+            }),
+            responder: layout.map(|l| Mutex::new(Responder::new(l))),
+            metrics: Metrics::default(),
+            expiry_changed: Notify::new(),
+            config,
+        });
+        Ok(Server {
+            listener,
+            stun,
+            http,
+            shared,
+            addrs: BoundAddrs {
+                signaling,
+                stun: layout,
+                http: http_addr,
+            },
+        })
+    }
+
+    /// The addresses bound.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// Serves until `shutdown` is cancelled, then tells every peer and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server {
+            listener,
+            stun,
+            http,
+            shared,
+            addrs,
+        } = self;
+        let tracker = TaskTracker::new();
+        info!(addr = %addrs.signaling, "signaling listening");
+        if let Some(layout) = addrs.stun {
+            match layout.alternate {
+                Some(alt) => info!(primary = %layout.primary, alternate = %alt,
+                    "stun listening (RFC 5780: two IPs, two ports)"),
+                None => info!(addr = %layout.primary, "stun listening"),
+            }
+        }
+        let stun = Arc::new(stun);
+        for i in 0..stun.len() {
+            tracker.spawn(stun_task(
+                shared.clone(),
+                stun.clone(),
+                i,
+                shutdown.clone(),
+            ));
+        }
+        if let Some(l) = http {
+            info!(addr = %addrs.http.unwrap_or(addrs.signaling), "http api listening");
+            tracker.spawn(crate::http::serve(l, shared.clone(), shutdown.clone()));
+        }
+        tracker.spawn(expiry_task(shared.clone(), shutdown.clone()));
+
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (stream, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let open = shared
+                .metrics
+                .connections_open
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if open as usize >= shared.config.max_connections {
+                metrics::inc(&shared.metrics.connections_refused);
+                let frame = ServerFrame::Error(ErrorFrame::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "server at its limit of {} connections; try later",
+                        shared.config.max_connections
+                    ),
+                ));
+                if let Ok(bytes) = frame::encode(&frame) {
+                    let _ = stream.try_write(&bytes);
+                }
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            metrics::inc(&shared.metrics.connections_total);
+            metrics::inc(&shared.metrics.connections_open);
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                serve_conn(&shared, stream, remote, shutdown).await;
+                metrics::dec(&shared.metrics.connections_open);
+            });
+        }
+        drop(listener);
+        tracker.close();
+        if timeout(defaults::SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some connections did not close in time");
+        }
+        info!("rendezvous stopped");
+    }
+
+    /// Runs the server on a task; dropping the handle stops it.
+    pub fn spawn(self) -> ServerHandle {
+        let addrs = self.addrs;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(self.run(shutdown.clone()));
+        ServerHandle {
+            addrs,
+            shutdown,
+            task: Some(task),
+        }
+    }
+}
+
+/// A running server; dropping it shuts the server down.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addrs: BoundAddrs,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The addresses bound.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// Stops the server and waits until it has told its peers.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn bind_stun(
+    primary: SocketAddr,
+    alt_ip: Option<IpAddr>,
+    alt_port: Option<u16>,
+) -> Result<(Vec<(Slot, UdpSocket)>, Layout), ServerError> {
+    let bind = |addr: SocketAddr| async move {
+        UdpSocket::bind(addr).await.map_err(|source| ServerError::Bind {
+            what: "stun",
+            addr,
+            source,
+        })
+    };
+    let Some(alt_ip) = alt_ip else {
+        let sock = bind(primary).await?;
+        let primary = sock.local_addr().map_err(|source| ServerError::Bind {
+            what: "stun",
+            addr: primary,
+            source,
+        })?;
+        return Ok((
+            vec![(Slot::PRIMARY, sock)],
+            Layout {
+                primary,
+                alternate: None,
+            },
+        ));
+    };
+    if primary.ip().is_unspecified() {
+        return Err(ServerError::Config(format!(
+            "--alt-ip {alt_ip} needs --stun on a concrete IP of this host (e.g. --stun \
+             203.0.113.1:{}), not {}: RFC 5780 replies must come from a known address",
+            primary.port(),
+            primary.ip()
+        )));
+    }
+    if alt_ip == primary.ip() || alt_ip.is_ipv4() != primary.is_ipv4() {
+        return Err(ServerError::Config(format!(
+            "--alt-ip {alt_ip} must be a second address of the same family as {}",
+            primary.ip()
+        )));
+    }
+    if primary.port() == 0 {
+        return Err(ServerError::Config(
+            "--alt-ip needs a fixed STUN port (not 0)".into(),
+        ));
+    }
+    let alt_port = alt_port.unwrap_or(primary.port().wrapping_add(1).max(1));
+    if alt_port == primary.port() {
+        return Err(ServerError::Config(format!(
+            "--alt-port {alt_port} must differ from the STUN port"
+        )));
+    }
+    let layout = Layout {
+        primary,
+        alternate: Some(SocketAddr::new(alt_ip, alt_port)),
+    };
+    let mut socks = Vec::new();
+    for slot in layout.slots() {
+        socks.push((slot, bind(layout.addr(slot)).await?));
+    }
+    Ok((socks, layout))
+}
+
+async fn stun_task(
+    shared: Arc<Shared>,
+    sockets: Arc<Vec<(Slot, UdpSocket)>>,
+    index: usize,
+    shutdown: CancellationToken,
+) {
+    let (slot, sock) = &sockets[index];
+    let Some(responder) = shared.responder.as_ref() else {
+        return;
+    };
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, src) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                // ICMP errors from earlier sends surface here on some systems; keep serving.
+                Err(e) => { debug!(error = %e, "stun recv"); continue; }
+            },
+        };
+        let now = Instant::now();
+        let reply = responder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handle(
+                now,
+                Received {
+                    slot: *slot,
+                    src,
+                    data: &buf[..n],
+                },
+                |user| {
+                    shared
+                        .state()
+                        .registry
+                        .stun_password(user)
+                        .map(str::to_owned)
+                },
+            );
+        let reply = match reply {
+            Ok(r) => r,
+            Err(why) => {
+                metrics::inc(&shared.metrics.stun_dropped);
+                debug!(%src, %why, "stun datagram dropped");
+                continue;
+            }
+        };
+        if let Some(user) = &reply.authenticated {
+            let mut st = shared.state();
+            if let Some((name, true)) = st.registry.observe_udp(user, src) {
+                info!(peer = %name, udp = %src, "observed udp mapping");
+            }
+        }
+        let Some((_, out)) = sockets.iter().find(|(s, _)| *s == reply.from) else {
+            continue;
+        };
+        match out.send_to(&reply.bytes, reply.to).await {
+            Ok(_) => metrics::inc(&shared.metrics.stun_responses),
+            Err(e) => debug!(to = %reply.to, error = %e, "stun send failed"),
+        }
+    }
+}
+
+async fn expiry_task(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let next = shared.state().registry.poll_timeout();
+        let sleep = async {
+            match next {
+                Some(at) => sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = shared.expiry_changed.notified() => continue,
+            _ = sleep => {}
+        }
+        let expiry = shared.config.timing.expiry();
+        let mut st = shared.state();
+        st.registry.handle_timeout(Instant::now());
+        while let Some(ev) = st.registry.poll_event() {
+            match ev {
+                registry::Event::Offline { name, conn, .. } => {
+                    info!(peer = %name, "went offline: no heartbeat for {}s", expiry.as_secs());
+                    if let Some(tx) = st.conns.get(&conn) {
+                        let _ = tx.try_send(Push::Close(ErrorFrame::new(
+                            ErrorCode::Expired,
+                            format!("no heartbeat for {} s; register again", expiry.as_secs()),
+                        )));
+                    }
+                }
+                registry::Event::Forgotten { name } => {
+                    info!(peer = %name, "name released after long absence");
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection ended, for the log and for the last frame sent.
+enum End {
+    /// The peer closed.
+    Closed,
+    /// We close with this error frame.
+    Error(ErrorFrame),
+    /// The socket failed; nothing more can be sent.
+    Io(std::io::Error),
+}
+
+async fn serve_conn(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd);
+    let end = match hello(shared, &mut reader, &mut wr, &shutdown).await {
+        Ok(nonce) => session(shared, reader, &mut wr, remote, nonce, &shutdown).await,
+        Err(end) => end,
+    };
+    match end {
+        End::Closed => debug!(%remote, "connection closed by peer"),
+        End::Io(e) => debug!(%remote, error = %e, "connection failed"),
+        End::Error(err) => {
+            debug!(%remote, %err, "closing connection");
+            if !matches!(err.code, ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::Expired)
+            {
+                metrics::inc(&shared.metrics.frames_rejected);
+            }
+            let _ = timeout(
+                defaults::WRITE_TIMEOUT,
+                frame::write(&mut wr, &ServerFrame::Error(err)),
+            )
+            .await;
+        }
+    }
+    let _ = timeout(defaults::WRITE_TIMEOUT, wr.shutdown()).await;
+}
+
+/// Maps a frame read failure to how the connection ends.
+fn read_failure(e: FrameError) -> End {
+    match e {
+        FrameError::Closed => End::Closed,
+        FrameError::Io(e) => End::Io(e),
+        FrameError::TooLarge { len, max } => End::Error(ErrorFrame::new(
+            ErrorCode::FrameTooLarge,
+            format!("frame of {len} bytes exceeds the {max}-byte limit"),
+        )),
+        e @ FrameError::Truncated { .. } => End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string())),
+        e => End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string())),
+    }
+}
+
+async fn hello(
+    shared: &Shared,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    shutdown: &CancellationToken,
+) -> Result<[u8; 32], End> {
+    let cfg = &shared.config;
+    let first = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Err(End::Error(shutting_down())),
+        r = timeout(cfg.hello_timeout, reader.read::<ClientFrame>()) => r,
+    };
+    let hello = match first {
+        Err(_) => {
+            return Err(End::Error(ErrorFrame::new(
+                ErrorCode::Timeout,
+                format!("no hello within {} s", cfg.hello_timeout.as_secs()),
+            )));
+        }
+        Ok(Err(e)) => return Err(read_failure(e)),
+        Ok(Ok(ClientFrame::Hello(h))) => h,
+        Ok(Ok(ClientFrame::Request { .. })) => {
+            return Err(End::Error(ErrorFrame::new(
+                ErrorCode::HelloExpected,
+                "the first frame must be hello",
+            )));
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(End::Error(ErrorFrame::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "this server speaks protocol {PROTOCOL_VERSION}, the client {}; upgrade the older side",
+                hello.version
+            ),
+        )));
+    }
+    if let Some(want) = &cfg.token
+        && !hello
+            .token
+            .as_deref()
+            .is_some_and(|got| constant_time_eq(got.as_bytes(), want.as_bytes()))
+    {
+        return Err(End::Error(ErrorFrame::new(
+            ErrorCode::Unauthorized,
+            if hello.token.is_some() {
+                "wrong token"
+            } else {
+                "this server needs a token (--token or CHUANTOU_TOKEN)"
+            },
+        )));
+    }
+    let nonce: [u8; 32] = rand::random();
+    let welcome = ServerFrame::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        nonce,
+        heartbeat_interval_ms: u32::try_from(cfg.timing.heartbeat_interval.as_millis())
+            .unwrap_or(u32::MAX),
+        software: crate::stun::SOFTWARE.into(),
+    });
+    write_frame(wr, &welcome).await?;
+    Ok(nonce)
+}
+
+async fn write_frame(wr: &mut OwnedWriteHalf, f: &ServerFrame) -> Result<(), End> {
+    match timeout(defaults::WRITE_TIMEOUT, frame::write(wr, f)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(FrameError::Io(e))) => Err(End::Io(e)),
+        Ok(Err(e)) => Err(End::Io(std::io::Error::other(e))),
+        Err(_) => Err(End::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer does not read",
+        ))),
+    }
+}
+
+fn shutting_down() -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::ShuttingDown, "server shutting down; reconnect later")
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    remote: SocketAddr,
+    nonce: [u8; 32],
+    shutdown: &CancellationToken,
+) -> End {
+    let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
+    let conn = {
+        let mut st = shared.state();
+        let id = st.next_conn;
+        st.next_conn += 1;
+        st.conns.insert(id, tx);
+        id
+    };
+    let end = session_loop(shared, &mut reader, wr, remote, nonce, conn, &mut rx, shutdown).await;
+    let name = {
+        let mut st = shared.state();
+        st.conns.remove(&conn);
+        st.registry.disconnect(Instant::now(), conn)
+    };
+    if let Some(name) = name {
+        shared.expiry_changed.notify_one();
+        info!(peer = %name, %remote, "went offline: connection closed");
+    }
+    end
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session_loop(
+    shared: &Arc<Shared>,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    remote: SocketAddr,
+    nonce: [u8; 32],
+    conn: ConnId,
+    rx: &mut mpsc::Receiver<Push>,
+    shutdown: &CancellationToken,
+) -> End {
+    let idle = shared.config.timing.expiry();
+    let mut last_frame = Instant::now();
+    let mut frame_started: Option<Instant> = None;
+    loop {
+        let deadline = match frame_started {
+            Some(t) => t + shared.config.frame_timeout,
+            None => last_frame + idle,
+        };
+        let step = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return End::Error(shutting_down()),
+            push = rx.recv() => match push {
+                Some(Push::Frame(f)) => {
+                    if let Err(end) = write_frame(wr, &f).await { return end; }
+                    continue;
+                }
+                Some(Push::Close(e)) => return End::Error(e),
+                None => return End::Error(shutting_down()),
+            },
+            _ = sleep_until(deadline.into()) => {
+                return End::Error(match frame_started {
+                    Some(_) => ErrorFrame::new(ErrorCode::Timeout, format!(
+                        "frame incomplete after {} s", shared.config.frame_timeout.as_secs())),
+                    None => ErrorFrame::new(ErrorCode::Timeout, format!(
+                        "silent for {} s; heartbeat every {} s",
+                        idle.as_secs(), shared.config.timing.heartbeat_interval.as_secs())),
+                });
+            }
+            r = reader.step() => r,
+        };
+        let body = match step {
+            Ok(None) => {
+                frame_started.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Ok(Some(body)) => body,
+            Err(e) => return read_failure(e),
+        };
+        frame_started = None;
+        last_frame = Instant::now();
+        let (id, req) = match frame::decode::<ClientFrame>(&body) {
+            Ok(ClientFrame::Request { id, body }) => (id, body),
+            Ok(ClientFrame::Hello(_)) => {
+                return End::Error(ErrorFrame::new(ErrorCode::HelloExpected, "hello sent twice"));
+            }
+            Err(e) => return read_failure(e),
+        };
+        let result = handle_request(shared, conn, remote, &nonce, req);
+        if let Err(end) = write_frame(wr, &ServerFrame::Response { id, body: result }).await {
+            return end;
+        }
+    }
+}
+
+fn handle_request(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    remote: SocketAddr,
+    nonce: &[u8; 32],
+    req: Request,
+) -> Result<Reply, ErrorFrame> {
+    let now = Instant::now();
+    match req {
+        Request::Register(r) => {
+            r.validate()?;
+            let key = VerifyingKey::from_bytes(&r.key.0).map_err(|_| {
+                ErrorFrame::new(ErrorCode::BadSignature, "public key is not a valid ed25519 point")
+            })?;
+            key.verify_strict(
+                &register_payload(nonce, &r.name),
+                &DalekSignature::from_bytes(&r.signature.0),
+            )
+            .map_err(|_| {
+                ErrorFrame::new(
+                    ErrorCode::BadSignature,
+                    "signature over the server nonce does not verify for this key",
+                )
+            })?;
+            let stun = StunCredential {
+                username: hex::encode(rand::random::<[u8; 12]>()),
+                password: hex::encode(rand::random::<[u8; 16]>()),
+            };
+            let name = r.name.clone();
+            let outcome = {
+                let mut st = shared.state();
+                let out = st.registry.register(
+                    now,
+                    Registration {
+                        name: r.name,
+                        key: r.key,
+                        services: r.services,
+                        lan_addrs: r.lan_addrs,
+                        tcp_addr: remote,
+                        conn,
+                        stun: stun.clone(),
+                    },
+                );
+                if let Ok(reg) = &out
+                    && let Some(old) = reg.old_conn
+                    && let Some(tx) = st.conns.get(&old)
+                {
+                    let _ = tx.try_send(Push::Close(ErrorFrame::new(
+                        ErrorCode::Replaced,
+                        format!("{name} registered again from another connection"),
+                    )));
+                }
+                out
+            };
+            shared.expiry_changed.notify_one();
+            match outcome {
+                Ok(reg) => {
+                    metrics::inc(&shared.metrics.registrations_total);
+                    if reg.replaced {
+                        info!(peer = %name, tcp = %remote, "re-registered");
+                    } else {
+                        info!(peer = %name, tcp = %remote, key = %r.key, "registered");
+                    }
+                    Ok(Reply::Registered(crate::proto::Registered {
+                        observed_tcp: remote,
+                        stun_username: stun.username,
+                        stun_password: stun.password,
+                        replaced: reg.replaced,
+                    }))
+                }
+                Err(e) => {
+                    info!(peer = %name, tcp = %remote, error = %e, "registration refused");
+                    Err(registry_error(e))
+                }
+            }
+        }
+        Request::Heartbeat { rtt_ms } => {
+            let rtt = rtt_ms.map(|ms| Duration::from_millis(u64::from(ms)));
+            let udp = shared
+                .state()
+                .registry
+                .heartbeat(now, conn, rtt)
+                .map_err(registry_error)?;
+            Ok(Reply::HeartbeatAck { udp_addr: udp })
+        }
+        Request::List { after } => {
+            let st = shared.state();
+            let (page, more) = st
+                .registry
+                .page(after.as_deref(), crate::proto::LIST_PAGE);
+            let next = more.then(|| page.last().map(|(n, _)| n.to_string())).flatten();
+            let peers = page
+                .into_iter()
+                .map(|(n, e)| peer_info(now, n, e))
+                .collect();
+            Ok(Reply::Peers { peers, next })
+        }
+        Request::Lookup { name } => {
+            let st = shared.state();
+            st.registry
+                .get(&name)
+                .map(|e| Reply::Peer(peer_info(now, &name, e)))
+                .ok_or_else(|| unknown_peer(&name))
+        }
+        Request::Connect { name, service } => connect(shared, conn, &name, service),
+    }
+}
+
+fn connect(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    target: &str,
+    service: Option<crate::proto::ServiceRef>,
+) -> Result<Reply, ErrorFrame> {
+    let session = SessionId(rand::random());
+    let secret: [u8; 32] = rand::random();
+    let st = shared.state();
+    let me = st.registry.name_of(conn).ok_or_else(|| {
+        ErrorFrame::new(ErrorCode::NotRegistered, "register before asking to connect")
+    })?;
+    if me == target {
+        return Err(ErrorFrame::new(ErrorCode::SelfConnect, "a peer cannot connect to itself"));
+    }
+    let them = st.registry.get(target).ok_or_else(|| unknown_peer(target))?;
+    let Some(their_conn) = them.conn else {
+        return Err(ErrorFrame::new(
+            ErrorCode::PeerOffline,
+            format!("{target} is registered but offline"),
+        ));
+    };
+    let svc = broker::select_service(target, &them.services, service)?;
+    let mine = st
+        .registry
+        .get(me)
+        .ok_or_else(|| ErrorFrame::new(ErrorCode::NotRegistered, "registration vanished"))?;
+    let side = |name, e: &registry::Entry| Side {
+        name,
+        key: e.key,
+        candidates: Candidates {
+            tcp: Some(e.tcp_addr),
+            udp: e.udp_addr,
+            lan: e.lan_addrs.clone(),
+        },
+        rtt: e.rtt,
+    };
+    let (to_me, to_them) = broker::broker(session, secret, side(me, mine), side(target, them), svc);
+    let tx = st.conns.get(&their_conn).ok_or_else(|| {
+        ErrorFrame::new(ErrorCode::PeerOffline, format!("{target} just went offline"))
+    })?;
+    tx.try_send(Push::Frame(ServerFrame::Broker(to_them)))
+        .map_err(|_| {
+            ErrorFrame::new(
+                ErrorCode::Busy,
+                format!("{target} is not keeping up with its connection; try again"),
+            )
+        })?;
+    metrics::inc(&shared.metrics.sessions_brokered);
+    info!(%session, from = %me, to = %target, service = %to_me.service.reference(), "brokered session");
+    Ok(Reply::Brokered(to_me))
+}
+
+fn peer_info(now: Instant, name: &str, e: &registry::Entry) -> PeerInfo {
+    PeerInfo {
+        name: name.to_owned(),
+        key: e.key,
+        online: e.online(),
+        services: e.services.clone(),
+        tcp_addr: Some(e.tcp_addr),
+        udp_addr: e.udp_addr,
+        last_seen_ms: u64::try_from(now.saturating_duration_since(e.last_seen).as_millis())
+            .unwrap_or(u64::MAX),
+    }
+}
+
+fn unknown_peer(name: &str) -> ErrorFrame {
+    ErrorFrame::new(ErrorCode::UnknownPeer, format!("no peer named {name:?}"))
+}
+
+fn registry_error(e: RegistryError) -> ErrorFrame {
+    let code = match &e {
+        RegistryError::NameTaken { .. } => ErrorCode::NameTaken,
+        RegistryError::Full { .. } => ErrorCode::Busy,
+        RegistryError::OtherName(_) => ErrorCode::BadRequest,
+        RegistryError::NotRegistered => ErrorCode::NotRegistered,
+    };
+    ErrorFrame::new(code, e.to_string())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

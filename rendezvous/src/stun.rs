@@ -1,0 +1,618 @@
+//! STUN Binding, both halves, sans-IO: the responder's decisions (RFC 8489, RFC 5780, and
+//! the classic RFC 3489 format for old clients) and the client's request/response codec.
+//!
+//! The responder owns no socket. Its shell binds one socket per [`Slot`] (primary and
+//! alternate IP × primary and alternate port when an alternate IP is configured, else just
+//! the primary) and feeds each datagram to [`Responder::handle`], which says which slot to
+//! answer from and with what bytes, or why it dropped the datagram.
+//!
+//! Rules the responder keeps:
+//! - A datagram that is not a well-formed Binding request is dropped, never answered, so
+//!   the server cannot be made to talk to arbitrary ports.
+//! - Responses are at most [`defaults::STUN_MAX_RESPONSE`] bytes and each source IP gets a
+//!   token bucket: a spoofed source can be reflected only a small, bounded amount.
+//! - A request with USERNAME and MESSAGE-INTEGRITY (short-term credential from a
+//!   registration) is verified; a good one links the observed address to that peer.
+//! - CHANGE-REQUEST, RESPONSE-PORT and PADDING are refused with 420 when the server cannot
+//!   honour them (no alternate address; RESPONSE-PORT and PADDING are not supported), as
+//!   RFC 5780 §6.1 asks, so a client can tell a plain server from a discovery server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use stun_rs::attributes::discovery::{
+    ChangeRequest, ChangeRequestFlags, OtherAddress, Padding, ResponseOrigin, ResponsePort,
+};
+use stun_rs::attributes::stun::{
+    ErrorCode, Fingerprint, MappedAddress, MessageIntegrity, Software, UnknownAttributes, UserName,
+    XorMappedAddress,
+};
+use stun_rs::methods::BINDING;
+use stun_rs::{
+    DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder,
+    StunAttributeType, StunMessage, StunMessageBuilder, TransactionId,
+};
+
+use crate::defaults;
+use crate::ratelimit::RateLimiter;
+
+/// The SOFTWARE attribute of our responses.
+pub const SOFTWARE: &str = concat!("chuantou ", env!("CARGO_PKG_VERSION"));
+
+const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+const HEADER: usize = 20;
+const CLASSIC_BINDING_RESPONSE: u16 = 0x0101;
+const CLASSIC_BINDING_ERROR: u16 = 0x0111;
+const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
+const ATTR_CHANGE_REQUEST: u16 = 0x0003;
+const ATTR_SOURCE_ADDRESS: u16 = 0x0004;
+const ATTR_CHANGED_ADDRESS: u16 = 0x0005;
+const ATTR_ERROR_CODE: u16 = 0x0009;
+
+/// One of the responder's (up to) four sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot {
+    /// On the alternate IP.
+    pub alt_ip: bool,
+    /// On the alternate port.
+    pub alt_port: bool,
+}
+
+impl Slot {
+    /// The primary IP and port.
+    pub const PRIMARY: Slot = Slot {
+        alt_ip: false,
+        alt_port: false,
+    };
+
+    /// The slot an answer comes from when the client asks to change IP and/or port.
+    pub fn changed(self, ip: bool, port: bool) -> Slot {
+        Slot {
+            alt_ip: self.alt_ip ^ ip,
+            alt_port: self.alt_port ^ port,
+        }
+    }
+}
+
+/// Where the responder listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Primary IP and port.
+    pub primary: SocketAddr,
+    /// Alternate IP and port (RFC 5780); `None` for a plain RFC 8489 server.
+    pub alternate: Option<SocketAddr>,
+}
+
+impl Layout {
+    /// The address of a slot.
+    pub fn addr(&self, slot: Slot) -> SocketAddr {
+        let alt = self.alternate.unwrap_or(self.primary);
+        SocketAddr::new(
+            if slot.alt_ip { alt.ip() } else { self.primary.ip() },
+            if slot.alt_port {
+                alt.port()
+            } else {
+                self.primary.port()
+            },
+        )
+    }
+
+    /// Every slot this layout has: one, or four with an alternate.
+    pub fn slots(&self) -> Vec<Slot> {
+        if self.alternate.is_none() {
+            return vec![Slot::PRIMARY];
+        }
+        [(false, false), (false, true), (true, false), (true, true)]
+            .into_iter()
+            .map(|(alt_ip, alt_port)| Slot { alt_ip, alt_port })
+            .collect()
+    }
+}
+
+/// A datagram that arrived on one of the responder's sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct Received<'a> {
+    /// The socket it arrived on.
+    pub slot: Slot,
+    /// Who sent it.
+    pub src: SocketAddr,
+    /// Its bytes.
+    pub data: &'a [u8],
+}
+
+/// What to send back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The socket to send from.
+    pub from: Slot,
+    /// The destination: always the request's source.
+    pub to: SocketAddr,
+    /// The encoded response.
+    pub bytes: Vec<u8>,
+    /// The USERNAME of a request whose MESSAGE-INTEGRITY verified.
+    pub authenticated: Option<String>,
+    /// The STUN error code sent, if the response is an error.
+    pub error: Option<u16>,
+}
+
+/// Why a datagram got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Dropped {
+    /// The source exceeded its rate.
+    #[error("source over its rate limit")]
+    RateLimited,
+    /// Larger than any request we accept.
+    #[error("datagram too large")]
+    TooLarge,
+    /// Not a STUN message, or a malformed one.
+    #[error("not a well-formed STUN message")]
+    Malformed,
+    /// A STUN response or indication: nothing to answer.
+    #[error("not a request")]
+    NotRequest,
+    /// The answer would exceed the response size bound.
+    #[error("response would exceed the size bound")]
+    ResponseTooLarge,
+}
+
+/// The STUN Binding responder core.
+#[derive(Debug)]
+pub struct Responder {
+    layout: Layout,
+    limiter: RateLimiter<IpAddr>,
+}
+
+impl Responder {
+    /// A responder for `layout` with the default rate limits.
+    pub fn new(layout: Layout) -> Self {
+        Self::with_limits(
+            layout,
+            defaults::STUN_RATE,
+            defaults::STUN_BURST,
+            defaults::STUN_RATE_TABLE,
+        )
+    }
+
+    /// A responder with explicit rate limits (`rate`/s, `burst`, sources tracked).
+    pub fn with_limits(layout: Layout, rate: u32, burst: u32, table: usize) -> Self {
+        Responder {
+            layout,
+            limiter: RateLimiter::new(rate, burst, table),
+        }
+    }
+
+    /// Its layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Decides the answer to one datagram. `password_of` maps a USERNAME to its current
+    /// short-term password.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        rx: Received<'_>,
+        password_of: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<Reply, Dropped> {
+        if rx.data.len() > defaults::STUN_MAX_REQUEST {
+            return Err(Dropped::TooLarge);
+        }
+        // Cheap shape check before spending a token: only things that look like STUN
+        // requests count against (and are limited by) the bucket.
+        if rx.data.len() < HEADER
+            || rx.data[0] & 0xc0 != 0
+            || usize::from(u16::from_be_bytes([rx.data[2], rx.data[3]])) != rx.data.len() - HEADER
+            || rx.data.len() % 4 != 0
+        {
+            return Err(Dropped::Malformed);
+        }
+        if !self.limiter.allow(now, &rx.src.ip()) {
+            return Err(Dropped::RateLimited);
+        }
+        if rx.data[4..8] != MAGIC_COOKIE {
+            return self.handle_classic(rx);
+        }
+        let (msg, used) = MessageDecoderBuilder::default()
+            .build()
+            .decode(rx.data)
+            .map_err(|_| Dropped::Malformed)?;
+        if used != rx.data.len() {
+            return Err(Dropped::Malformed);
+        }
+        if msg.class() != MessageClass::Request {
+            return Err(Dropped::NotRequest);
+        }
+        let tid = *msg.transaction_id();
+        if msg.method() != BINDING {
+            return self.error(rx, tid, 400, "only Binding is served here", &[]);
+        }
+
+        let mut unknown: Vec<u16> = msg
+            .attributes()
+            .iter()
+            .filter(|a| a.is_unknown() && a.attribute_type().is_comprehension_required())
+            .map(|a| a.attribute_type().as_u16())
+            .collect();
+        for (present, ty) in [
+            (msg.get::<ResponsePort>().is_some(), ResponsePort::get_type()),
+            (msg.get::<Padding>().is_some(), Padding::get_type()),
+        ] {
+            if present {
+                unknown.push(ty.as_u16());
+            }
+        }
+        let change = msg
+            .get::<ChangeRequest>()
+            .and_then(|a| a.as_change_request().ok())
+            .map(|c| c.flags());
+        if change.is_some() && self.layout.alternate.is_none() {
+            unknown.push(ATTR_CHANGE_REQUEST);
+        }
+        if !unknown.is_empty() {
+            return self.error(rx, tid, 420, "Unknown Attribute", &unknown);
+        }
+
+        let user = msg
+            .get::<UserName>()
+            .and_then(|a| a.as_user_name().ok())
+            .map(|u| u.as_str().to_owned());
+        let key = match (&user, msg.get::<MessageIntegrity>().is_some()) {
+            (None, false) => None,
+            (Some(_), false) | (None, true) => {
+                return self.error(
+                    rx,
+                    tid,
+                    400,
+                    "USERNAME and MESSAGE-INTEGRITY go together",
+                    &[],
+                );
+            }
+            (Some(user), true) => {
+                let Some(key) = password_of(user).and_then(|p| HMACKey::new_short_term(p).ok())
+                else {
+                    return self.error(rx, tid, 401, "Unauthorized", &[]);
+                };
+                let ctx = DecoderContextBuilder::default()
+                    .with_key(key.clone())
+                    .with_validation()
+                    .build();
+                if MessageDecoderBuilder::default()
+                    .with_context(ctx)
+                    .build()
+                    .decode(rx.data)
+                    .is_err()
+                {
+                    return self.error(rx, tid, 401, "Unauthorized", &[]);
+                }
+                Some(key)
+            }
+        };
+
+        let authenticated = user.filter(|_| key.is_some());
+        let (ip, port) = change.map_or((false, false), |f| {
+            (
+                f.contains(ChangeRequestFlags::ChangeIp),
+                f.contains(ChangeRequestFlags::ChangePort),
+            )
+        });
+        let from = rx.slot.changed(ip, port);
+        let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+            .with_transaction_id(tid)
+            .with_attribute(XorMappedAddress::from(rx.src))
+            .with_attribute(MappedAddress::from(rx.src));
+        if self.layout.alternate.is_some() {
+            // OTHER-ADDRESS names the slot across from the one the request reached.
+            b = b
+                .with_attribute(OtherAddress::from(
+                    self.layout.addr(rx.slot.changed(true, true)),
+                ))
+                .with_attribute(ResponseOrigin::from(self.layout.addr(from)));
+        }
+        if let Ok(sw) = Software::new(SOFTWARE) {
+            b = b.with_attribute(sw);
+        }
+        if let Some(key) = key {
+            b = b.with_attribute(MessageIntegrity::new(key));
+        }
+        let bytes = encode(&b.with_attribute(Fingerprint::default()).build())?;
+        Ok(Reply {
+            from,
+            to: rx.src,
+            bytes,
+            authenticated,
+            error: None,
+        })
+    }
+
+    fn error(
+        &self,
+        rx: Received<'_>,
+        tid: TransactionId,
+        code: u16,
+        reason: &str,
+        unknown: &[u16],
+    ) -> Result<Reply, Dropped> {
+        let mut b = StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse)
+            .with_transaction_id(tid);
+        if let Ok(ec) = stun_rs::ErrorCode::new(code, reason) {
+            b = b.with_attribute(ErrorCode::new(ec));
+        }
+        if !unknown.is_empty() {
+            b = b.with_attribute(UnknownAttributes::from(unknown));
+        }
+        if let Ok(sw) = Software::new(SOFTWARE) {
+            b = b.with_attribute(sw);
+        }
+        let bytes = encode(&b.with_attribute(Fingerprint::default()).build())?;
+        Ok(Reply {
+            from: rx.slot,
+            to: rx.src,
+            bytes,
+            authenticated: None,
+            error: Some(code),
+        })
+    }
+
+    /// RFC 3489 requests have no magic cookie and a 16-byte transaction id; answer in kind
+    /// with MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS.
+    fn handle_classic(&self, rx: Received<'_>) -> Result<Reply, Dropped> {
+        let d = rx.data;
+        if u16::from_be_bytes([d[0], d[1]]) != 0x0001 {
+            return Err(Dropped::Malformed);
+        }
+        let mut change = None;
+        let mut at = HEADER;
+        while at < d.len() {
+            if at + 4 > d.len() {
+                return Err(Dropped::Malformed);
+            }
+            let ty = u16::from_be_bytes([d[at], d[at + 1]]);
+            let len = usize::from(u16::from_be_bytes([d[at + 2], d[at + 3]]));
+            let value = d.get(at + 4..at + 4 + len).ok_or(Dropped::Malformed)?;
+            if ty == ATTR_CHANGE_REQUEST && len == 4 {
+                change = Some((value[3] & 0x04 != 0, value[3] & 0x02 != 0));
+            }
+            at += 4 + len.next_multiple_of(4);
+        }
+        let mut out = Vec::with_capacity(HEADER + 3 * 12);
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(&d[4..HEADER]);
+        if change.is_some() && self.layout.alternate.is_none() {
+            out[..2].copy_from_slice(&CLASSIC_BINDING_ERROR.to_be_bytes());
+            // ERROR-CODE 420, then UNKNOWN-ATTRIBUTES listing CHANGE-REQUEST (padded by
+            // repeating it, as RFC 3489 §11.2.10 says).
+            push_attr(&mut out, ATTR_ERROR_CODE, &[0, 0, 4, 20]);
+            push_attr(&mut out, 0x000a, &[0, 3, 0, 3]);
+            finish_classic(&mut out);
+            return Ok(Reply {
+                from: rx.slot,
+                to: rx.src,
+                bytes: out,
+                authenticated: None,
+                error: Some(420),
+            });
+        }
+        let (ip, port) = change.unwrap_or((false, false));
+        let from = rx.slot.changed(ip, port);
+        out[..2].copy_from_slice(&CLASSIC_BINDING_RESPONSE.to_be_bytes());
+        push_attr(&mut out, ATTR_MAPPED_ADDRESS, &address_value(rx.src));
+        push_attr(
+            &mut out,
+            ATTR_SOURCE_ADDRESS,
+            &address_value(self.layout.addr(from)),
+        );
+        if self.layout.alternate.is_some() {
+            push_attr(
+                &mut out,
+                ATTR_CHANGED_ADDRESS,
+                &address_value(self.layout.addr(rx.slot.changed(true, true))),
+            );
+        }
+        finish_classic(&mut out);
+        Ok(Reply {
+            from,
+            to: rx.src,
+            bytes: out,
+            authenticated: None,
+            error: None,
+        })
+    }
+}
+
+fn encode(msg: &StunMessage) -> Result<Vec<u8>, Dropped> {
+    let mut buf = [0u8; defaults::STUN_MAX_RESPONSE];
+    let n = MessageEncoderBuilder::default()
+        .build()
+        .encode(&mut buf, msg)
+        .map_err(|_| Dropped::ResponseTooLarge)?;
+    Ok(buf[..n].to_vec())
+}
+
+fn push_attr(out: &mut Vec<u8>, ty: u16, value: &[u8]) {
+    out.extend_from_slice(&ty.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+fn finish_classic(out: &mut [u8]) {
+    let len = (out.len() - HEADER) as u16;
+    out[2..4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn address_value(a: SocketAddr) -> Vec<u8> {
+    let mut v = vec![0u8];
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            v.push(1);
+            v.extend_from_slice(&a.port().to_be_bytes());
+            v.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            v.push(2);
+            v.extend_from_slice(&a.port().to_be_bytes());
+            v.extend_from_slice(&ip.octets());
+        }
+    }
+    v
+}
+
+/// A Binding request to send, and the transaction id to match its response.
+#[derive(Debug, Clone)]
+pub struct BindingRequest {
+    /// Matches the response.
+    pub tid: TransactionId,
+    /// The encoded request.
+    pub bytes: Vec<u8>,
+}
+
+/// The useful parts of a Binding success response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingResponse {
+    /// The reflexive address: where the server saw the request come from.
+    pub mapped: SocketAddr,
+    /// OTHER-ADDRESS: the server's alternate IP and port (RFC 5780), if it has one.
+    pub other: Option<SocketAddr>,
+    /// RESPONSE-ORIGIN: the address the response was sent from, if the server says.
+    pub origin: Option<SocketAddr>,
+}
+
+/// Why a datagram is not a usable answer to our request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindingError {
+    /// Not STUN, malformed, or a failed FINGERPRINT.
+    #[error("not a well-formed STUN message")]
+    Malformed,
+    /// A STUN message for another transaction (a late or stray answer).
+    #[error("response to another transaction")]
+    OtherTransaction,
+    /// The server answered with an error.
+    #[error("server error {code}: {reason}")]
+    Server {
+        /// STUN error code (e.g. 420, 401).
+        code: u16,
+        /// The server's reason phrase.
+        reason: String,
+        /// Attributes the server did not understand (with 420).
+        unknown: Vec<u16>,
+    },
+    /// A success without any mapped address.
+    #[error("response carries no mapped address")]
+    NoAddress,
+    /// We sent MESSAGE-INTEGRITY and the response's does not verify.
+    #[error("response MESSAGE-INTEGRITY does not verify")]
+    Integrity,
+    /// Building the request failed (a credential STUN cannot carry).
+    #[error("cannot build request: {0}")]
+    Build(String),
+}
+
+/// A Binding request; with `credential` `(username, password)` it carries USERNAME and
+/// MESSAGE-INTEGRITY, with `change` `(ip, port)` a CHANGE-REQUEST.
+pub fn binding_request(
+    credential: Option<(&str, &str)>,
+    change: Option<(bool, bool)>,
+) -> Result<BindingRequest, BindingError> {
+    let tid = TransactionId::default();
+    let build = |e: stun_rs::StunError| BindingError::Build(e.to_string());
+    let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(tid);
+    if let Some(flags) = change {
+        use ChangeRequestFlags::{ChangeIp, ChangePort};
+        b = b.with_attribute(ChangeRequest::new(match flags {
+            (false, false) => None,
+            (true, false) => Some(ChangeIp.into()),
+            (false, true) => Some(ChangePort.into()),
+            (true, true) => Some(ChangeIp | ChangePort),
+        }));
+    }
+    if let Some((user, pass)) = credential {
+        b = b
+            .with_attribute(UserName::new(user).map_err(build)?)
+            .with_attribute(MessageIntegrity::new(
+                HMACKey::new_short_term(pass).map_err(build)?,
+            ));
+    }
+    let msg = b.with_attribute(Fingerprint::default()).build();
+    let mut buf = [0u8; 512];
+    let n = MessageEncoderBuilder::default()
+        .build()
+        .encode(&mut buf, &msg)
+        .map_err(|e| BindingError::Build(format!("{e:?}")))?;
+    Ok(BindingRequest {
+        tid,
+        bytes: buf[..n].to_vec(),
+    })
+}
+
+/// Reads a response to the request `tid`; with `password`, its MESSAGE-INTEGRITY must verify.
+pub fn parse_response(
+    data: &[u8],
+    tid: &TransactionId,
+    password: Option<&str>,
+) -> Result<BindingResponse, BindingError> {
+    let (msg, _) = MessageDecoderBuilder::default()
+        .build()
+        .decode(data)
+        .map_err(|_| BindingError::Malformed)?;
+    if msg.transaction_id() != tid || msg.method() != BINDING {
+        return Err(BindingError::OtherTransaction);
+    }
+    match msg.class() {
+        MessageClass::SuccessResponse => {}
+        MessageClass::ErrorResponse => {
+            let (code, reason) = msg
+                .get::<ErrorCode>()
+                .and_then(|a| a.as_error_code().ok())
+                .map(|e| (e.error_code().error_code(), e.error_code().reason().to_owned()))
+                .unwrap_or((0, String::new()));
+            let unknown = msg
+                .get::<UnknownAttributes>()
+                .and_then(|a| a.as_unknown_attributes().ok())
+                .map(|u| u.attributes().to_vec())
+                .unwrap_or_default();
+            return Err(BindingError::Server {
+                code,
+                reason,
+                unknown,
+            });
+        }
+        _ => return Err(BindingError::OtherTransaction),
+    }
+    if let Some(pass) = password {
+        let key = HMACKey::new_short_term(pass).map_err(|_| BindingError::Integrity)?;
+        let ctx = DecoderContextBuilder::default()
+            .with_key(key)
+            .with_validation()
+            .build();
+        let verified = MessageDecoderBuilder::default()
+            .with_context(ctx)
+            .build()
+            .decode(data)
+            .is_ok();
+        if !verified || msg.get::<MessageIntegrity>().is_none() {
+            return Err(BindingError::Integrity);
+        }
+    }
+    let mapped = msg
+        .get::<XorMappedAddress>()
+        .and_then(|a| a.as_xor_mapped_address().ok())
+        .map(|a| *a.socket_address())
+        .or_else(|| {
+            msg.get::<MappedAddress>()
+                .and_then(|a| a.as_mapped_address().ok())
+                .map(|a| *a.socket_address())
+        })
+        .ok_or(BindingError::NoAddress)?;
+    Ok(BindingResponse {
+        mapped,
+        other: msg
+            .get::<OtherAddress>()
+            .and_then(|a| a.as_other_address().ok())
+            .map(|a| *a.socket_address()),
+        origin: msg
+            .get::<ResponseOrigin>()
+            .and_then(|a| a.as_response_origin().ok())
+            .map(|a| *a.socket_address()),
+    })
+}
