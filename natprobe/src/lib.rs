@@ -3,4 +3,5 @@
 #![deny(missing_docs, unreachable_pub)]
 
 /// What this crate will hold, and which issue builds it.
-pub const STATUS: &str = "natprobe is not implemented yet: NAT type probing and classification comes with issue 5";
+pub const STATUS: &str =
+    "natprobe is not implemented yet: NAT type probing and classification comes with issue 5";

@@ -135,7 +135,10 @@ mod tests {
             port: 53,
             proto: Proto::Udp,
         };
-        assert_eq!(select_service("pc", &two, Some(udp)).unwrap().proto, Proto::Udp);
+        assert_eq!(
+            select_service("pc", &two, Some(udp)).unwrap().proto,
+            Proto::Udp
+        );
         let missing = ServiceRef {
             port: 53,
             proto: Proto::Tcp,
@@ -183,7 +186,10 @@ mod tests {
         );
         assert_eq!((i.role, r.role), (Role::Initiator, Role::Responder));
         assert_eq!((i.peer.as_str(), r.peer.as_str()), ("pc", "phone"));
-        assert_eq!((i.peer_key, r.peer_key), (PublicKey([4; 32]), PublicKey([3; 32])));
+        assert_eq!(
+            (i.peer_key, r.peer_key),
+            (PublicKey([4; 32]), PublicKey([3; 32]))
+        );
         assert_eq!(i.candidates.tcp.unwrap().port(), 2);
         assert_eq!(r.candidates.tcp.unwrap().port(), 1);
         assert_eq!((i.session, i.secret), (r.session, r.secret));

@@ -1,1 +1,175 @@
-pub(crate) async fn serve(_l: tokio::net::TcpListener, _s: std::sync::Arc<crate::server::Shared>, _c: tokio_util::sync::CancellationToken) {}
+//! The read-only HTTP JSON API: `GET /v1/peers`, `GET /v1/peers/{name}` ("where is my PC
+//! now"), `GET /healthz` and `GET /metrics` (Prometheus text). Binds to loopback by default;
+//! it exposes who is registered, so put it behind something before opening it wider.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::registry::Entry;
+use crate::server::Shared;
+
+/// One peer as JSON.
+#[derive(Debug, Serialize)]
+struct PeerJson {
+    name: String,
+    key: String,
+    online: bool,
+    services: Vec<ServiceJson>,
+    tcp_addr: Option<String>,
+    udp_addr: Option<String>,
+    lan_addrs: Vec<String>,
+    /// RFC 3339, UTC.
+    last_seen: String,
+    last_seen_ago_s: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ServiceJson {
+    port: u16,
+    proto: String,
+    description: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorJson {
+    error: String,
+}
+
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/v1/peers", get(peers))
+        .route("/v1/peers/{name}", get(peer))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        warn!(error = %e, "http api stopped");
+    }
+}
+
+fn to_json(now: Instant, wall: SystemTime, name: &str, e: &Entry) -> PeerJson {
+    let ago = now.saturating_duration_since(e.last_seen);
+    PeerJson {
+        name: name.to_owned(),
+        key: e.key.to_string(),
+        online: e.online(),
+        services: e
+            .services
+            .iter()
+            .map(|s| ServiceJson {
+                port: s.port,
+                proto: s.proto.to_string(),
+                description: s.description.clone(),
+            })
+            .collect(),
+        tcp_addr: Some(e.tcp_addr.to_string()),
+        udp_addr: e.udp_addr.map(|a| a.to_string()),
+        lan_addrs: e.lan_addrs.iter().map(ToString::to_string).collect(),
+        last_seen: rfc3339(wall.checked_sub(ago).unwrap_or(UNIX_EPOCH)),
+        last_seen_ago_s: ago.as_secs(),
+    }
+}
+
+async fn peers(State(shared): State<Arc<Shared>>) -> Response {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let list: Vec<PeerJson> = shared.with_registry(|r| {
+        r.iter()
+            .map(|(name, e)| to_json(now, wall, name, e))
+            .collect()
+    });
+    axum::Json(list).into_response()
+}
+
+async fn peer(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    match shared.with_registry(|r| r.get(&name).map(|e| to_json(now, wall, &name, e))) {
+        Some(p) => axum::Json(p).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(ErrorJson {
+                error: format!("no peer named {name:?}"),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let (online, names) = shared.with_registry(|r| (r.online(), r.len()));
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "peers_online": online,
+        "names": names,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let (online, names) = shared.with_registry(|r| (r.online(), r.len()));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(online, names),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(ErrorJson {
+            error: "no such endpoint; try /v1/peers, /v1/peers/{name}, /healthz, /metrics".into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Formats a time as RFC 3339 UTC to the second, e.g. `2026-11-23T17:20:00Z`.
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for every date after 1970.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        let at = |s| rfc3339(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_795_453_200), "2026-11-23T17:00:00Z");
+        assert_eq!(at(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+}

@@ -16,11 +16,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod broker;
+pub mod client;
 pub mod defaults;
 pub mod frame;
 mod http;
-pub mod proto;
 pub mod metrics;
+pub mod proto;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;

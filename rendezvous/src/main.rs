@@ -1,1 +1,148 @@
-fn main() {}
+//! `rendezvous`: the public meeting point of chuantou peers. Parses flags, sets up logging,
+//! binds, and runs the server until SIGINT or SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use rendezvous::registry::Timing;
+use rendezvous::server::{Server, ServerConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// The chuantou rendezvous server.
+///
+/// Peers behind NATs connect here over TCP, register under a name with their ed25519 key,
+/// keep alive with heartbeats, look each other up, and ask to be brokered to each other's
+/// services. A STUN responder on UDP tells each peer its NAT-mapped address; with --alt-ip
+/// it is a full RFC 5780 server that `natprobe` can classify NATs against. A read-only
+/// HTTP API answers "where is my PC now" (GET /v1/peers/NAME) and serves /metrics.
+///
+/// Example on a server with two public addresses:
+///
+///   rendezvous --stun 203.0.113.1:3478 --alt-ip 203.0.113.2 --token "$(cat token)"
+#[derive(Debug, Parser)]
+#[command(version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// TCP address for peer signaling connections.
+    #[arg(long, default_value = "0.0.0.0:7000", value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+
+    /// UDP address of the STUN responder (primary IP and port). Must be a concrete IP
+    /// of this host when --alt-ip is given.
+    #[arg(long, default_value = "0.0.0.0:3478", value_name = "ADDR:PORT")]
+    stun: SocketAddr,
+
+    /// Turn the STUN responder off.
+    #[arg(long, conflicts_with_all = ["alt_ip", "alt_port"])]
+    no_stun: bool,
+
+    /// A second IP address of this host. Makes the STUN responder an RFC 5780 server: it
+    /// also listens on this IP and on the alternate port, returns OTHER-ADDRESS and
+    /// RESPONSE-ORIGIN, and honours CHANGE-REQUEST, which NAT classification needs.
+    #[arg(long, value_name = "IP")]
+    alt_ip: Option<IpAddr>,
+
+    /// The alternate STUN port used with --alt-ip [default: the STUN port + 1].
+    #[arg(long, value_name = "PORT", requires = "alt_ip")]
+    alt_port: Option<u16>,
+
+    /// Address of the read-only HTTP JSON API and /metrics. It lists every registered
+    /// peer, so keep it on loopback unless something guards it.
+    #[arg(long, default_value = "127.0.0.1:7080", value_name = "ADDR:PORT")]
+    http: SocketAddr,
+
+    /// Turn the HTTP API off.
+    #[arg(long)]
+    no_http: bool,
+
+    /// Shared secret peers must present to connect. Prefer the environment variable, which
+    /// other users of the machine cannot read from the process list.
+    #[arg(long, env = "CHUANTOU_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// How often peers must heartbeat, in seconds.
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    heartbeat_interval: u64,
+
+    /// Heartbeats a peer may miss before it is shown offline.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    missed_heartbeats: u32,
+
+    /// Hours an offline peer keeps its name before another key may take it.
+    #[arg(long, default_value_t = 24, value_name = "HOURS")]
+    name_retention: u64,
+
+    /// Most names the server keeps (online or offline).
+    #[arg(long, default_value_t = rendezvous::defaults::MAX_PEERS, value_name = "N")]
+    max_peers: usize,
+
+    /// Most simultaneous signaling connections.
+    #[arg(long, default_value_t = rendezvous::defaults::MAX_CONNECTIONS, value_name = "N")]
+    max_connections: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    anyhow::ensure!(
+        cli.heartbeat_interval > 0 && cli.missed_heartbeats > 0,
+        "--heartbeat-interval and --missed-heartbeats must be at least 1"
+    );
+    if cli.token.as_deref() == Some("") {
+        anyhow::bail!("the token is empty; unset CHUANTOU_TOKEN or give a real one");
+    }
+    let config = ServerConfig {
+        listen: cli.listen,
+        stun: (!cli.no_stun).then_some(cli.stun),
+        alt_ip: cli.alt_ip,
+        alt_port: cli.alt_port,
+        http: (!cli.no_http).then_some(cli.http),
+        token: cli.token,
+        timing: Timing {
+            heartbeat_interval: Duration::from_secs(cli.heartbeat_interval),
+            missed_heartbeats: cli.missed_heartbeats,
+            name_retention: Duration::from_secs(cli.name_retention * 3600),
+        },
+        max_peers: cli.max_peers,
+        max_connections: cli.max_connections,
+        ..ServerConfig::default()
+    };
+    if config.token.is_none() {
+        info!("no token set: anyone who can reach this server may register");
+    }
+    let server = Server::bind(config).await.context("starting rendezvous")?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        signal.cancel();
+    });
+    server.run(shutdown).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -445,7 +445,10 @@ impl<'de> Deserialize<'de> for Signature {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("64 signature bytes")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Signature, A::Error> {
                 let mut out = [0u8; 64];
                 for (i, b) in out.iter_mut().enumerate() {
                     *b = seq
@@ -607,7 +610,12 @@ mod tests {
         assert_eq!(r.validate().unwrap_err().code, ErrorCode::BadRequest);
         let mut r = base.clone();
         r.services = vec![svc(1, 0), svc(1, 3)];
-        assert!(r.validate().unwrap_err().message.contains("1/tcp offered twice"));
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .message
+                .contains("1/tcp offered twice")
+        );
         let mut r = base.clone();
         r.lan_addrs = vec!["198.18.0.1:1".parse().unwrap(); 9];
         assert_eq!(r.validate().unwrap_err().code, ErrorCode::BadRequest);

@@ -396,9 +396,7 @@ impl Registry {
             .by_conn
             .get(&conn)
             .ok_or(RegistryError::NotRegistered)?;
-        self.peers
-            .get_mut(name)
-            .ok_or(RegistryError::NotRegistered)
+        self.peers.get_mut(name).ok_or(RegistryError::NotRegistered)
     }
 
     fn wake_by(&mut self, at: Instant) {
@@ -476,7 +474,13 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Registry::new(Timing::default(), 10);
         let ok = r.register(t0, reg("pc-home", 1, 1)).unwrap();
-        assert_eq!(ok, Registered { replaced: false, old_conn: None });
+        assert_eq!(
+            ok,
+            Registered {
+                replaced: false,
+                old_conn: None
+            }
+        );
         let err = r.register(t0, reg("pc-home", 2, 2)).unwrap_err();
         assert_eq!(
             err,
@@ -497,7 +501,13 @@ mod tests {
         r.register(t0, reg("pc", 1, 1)).unwrap();
         r.observe_udp("u1", "198.18.0.1:5000".parse().unwrap());
         let ok = r.register(t0 + S, reg("pc", 1, 2)).unwrap();
-        assert_eq!(ok, Registered { replaced: true, old_conn: Some(1) });
+        assert_eq!(
+            ok,
+            Registered {
+                replaced: true,
+                old_conn: Some(1)
+            }
+        );
         let e = r.get("pc").unwrap();
         assert_eq!(e.conn, Some(2));
         assert_eq!(e.udp_addr, None, "a new registration observes UDP afresh");
@@ -523,7 +533,10 @@ mod tests {
         again.services.clear();
         assert_eq!(
             r.register(t0, again).unwrap(),
-            Registered { replaced: true, old_conn: None }
+            Registered {
+                replaced: true,
+                old_conn: None
+            }
         );
         assert!(r.get("a").unwrap().services.is_empty());
     }
@@ -539,7 +552,11 @@ mod tests {
         let mut t = t0;
         while t < t0 + timing.expiry() + 10 * S {
             t += timing.heartbeat_interval;
-            assert!(run_until(&mut r, t).iter().all(|e| matches!(e, Event::Offline { name, .. } if name == "pc")));
+            assert!(
+                run_until(&mut r, t)
+                    .iter()
+                    .all(|e| matches!(e, Event::Offline { name, .. } if name == "pc"))
+            );
             r.heartbeat(t, 2, Some(Duration::from_millis(30))).unwrap();
         }
         assert!(!r.get("pc").unwrap().online());
@@ -574,7 +591,10 @@ mod tests {
         // After the retention the name is free.
         let forgotten = run_until(&mut r, deadline + timing.name_retention);
         assert_eq!(forgotten, vec![Event::Forgotten { name: "pc".into() }]);
-        assert!(r.register(deadline + timing.name_retention, reg("pc", 9, 8)).is_ok());
+        assert!(
+            r.register(deadline + timing.name_retention, reg("pc", 9, 8))
+                .is_ok()
+        );
     }
 
     #[test]
@@ -605,7 +625,13 @@ mod tests {
         assert_eq!(r.online(), 0);
         assert_eq!(r.len(), 1);
         let ok = r.register(t0 + 2 * S, reg("pc", 1, 2)).unwrap();
-        assert_eq!(ok, Registered { replaced: true, old_conn: None });
+        assert_eq!(
+            ok,
+            Registered {
+                replaced: true,
+                old_conn: None
+            }
+        );
         assert!(r.get("pc").unwrap().online());
     }
 

@@ -30,7 +30,9 @@ use crate::proto::{
     Candidates, ClientFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, PeerInfo, Reply, Request,
     ServerFrame, SessionId, Welcome, register_payload,
 };
-use crate::registry::{self, ConnId, Registration, Registry, RegistryError, StunCredential, Timing};
+use crate::registry::{
+    self, ConnId, Registration, Registry, RegistryError, StunCredential, Timing,
+};
 use crate::stun::{Layout, Received, Responder, Slot};
 
 /// How the server is set up.
@@ -242,12 +244,7 @@ impl Server {
         }
         let stun = Arc::new(stun);
         for i in 0..stun.len() {
-            tracker.spawn(stun_task(
-                shared.clone(),
-                stun.clone(),
-                i,
-                shutdown.clone(),
-            ));
+            tracker.spawn(stun_task(shared.clone(), stun.clone(), i, shutdown.clone()));
         }
         if let Some(l) = http {
             info!(addr = %addrs.http.unwrap_or(addrs.signaling), "http api listening");
@@ -357,11 +354,13 @@ async fn bind_stun(
     alt_port: Option<u16>,
 ) -> Result<(Vec<(Slot, UdpSocket)>, Layout), ServerError> {
     let bind = |addr: SocketAddr| async move {
-        UdpSocket::bind(addr).await.map_err(|source| ServerError::Bind {
-            what: "stun",
-            addr,
-            source,
-        })
+        UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "stun",
+                addr,
+                source,
+            })
     };
     let Some(alt_ip) = alt_ip else {
         let sock = bind(primary).await?;
@@ -436,24 +435,21 @@ async fn stun_task(
             },
         };
         let now = Instant::now();
-        let reply = responder
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .handle(
-                now,
-                Received {
-                    slot: *slot,
-                    src,
-                    data: &buf[..n],
-                },
-                |user| {
-                    shared
-                        .state()
-                        .registry
-                        .stun_password(user)
-                        .map(str::to_owned)
-                },
-            );
+        let reply = responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
+            now,
+            Received {
+                slot: *slot,
+                src,
+                data: &buf[..n],
+            },
+            |user| {
+                shared
+                    .state()
+                    .registry
+                    .stun_password(user)
+                    .map(str::to_owned)
+            },
+        );
         let reply = match reply {
             Ok(r) => r,
             Err(why) => {
@@ -542,8 +538,10 @@ async fn serve_conn(
         End::Io(e) => debug!(%remote, error = %e, "connection failed"),
         End::Error(err) => {
             debug!(%remote, %err, "closing connection");
-            if !matches!(err.code, ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::Expired)
-            {
+            if !matches!(
+                err.code,
+                ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::Expired
+            ) {
                 metrics::inc(&shared.metrics.frames_rejected);
             }
             let _ = timeout(
@@ -565,7 +563,9 @@ fn read_failure(e: FrameError) -> End {
             ErrorCode::FrameTooLarge,
             format!("frame of {len} bytes exceeds the {max}-byte limit"),
         )),
-        e @ FrameError::Truncated { .. } => End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string())),
+        e @ FrameError::Truncated { .. } => {
+            End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string()))
+        }
         e => End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string())),
     }
 }
@@ -647,7 +647,10 @@ async fn write_frame(wr: &mut OwnedWriteHalf, f: &ServerFrame) -> Result<(), End
 }
 
 fn shutting_down() -> ErrorFrame {
-    ErrorFrame::new(ErrorCode::ShuttingDown, "server shutting down; reconnect later")
+    ErrorFrame::new(
+        ErrorCode::ShuttingDown,
+        "server shutting down; reconnect later",
+    )
 }
 
 async fn session(
@@ -666,7 +669,17 @@ async fn session(
         st.conns.insert(id, tx);
         id
     };
-    let end = session_loop(shared, &mut reader, wr, remote, nonce, conn, &mut rx, shutdown).await;
+    let end = session_loop(
+        shared,
+        &mut reader,
+        wr,
+        remote,
+        nonce,
+        conn,
+        &mut rx,
+        shutdown,
+    )
+    .await;
     let name = {
         let mut st = shared.state();
         st.conns.remove(&conn);
@@ -733,7 +746,10 @@ async fn session_loop(
         let (id, req) = match frame::decode::<ClientFrame>(&body) {
             Ok(ClientFrame::Request { id, body }) => (id, body),
             Ok(ClientFrame::Hello(_)) => {
-                return End::Error(ErrorFrame::new(ErrorCode::HelloExpected, "hello sent twice"));
+                return End::Error(ErrorFrame::new(
+                    ErrorCode::HelloExpected,
+                    "hello sent twice",
+                ));
             }
             Err(e) => return read_failure(e),
         };
@@ -756,7 +772,10 @@ fn handle_request(
         Request::Register(r) => {
             r.validate()?;
             let key = VerifyingKey::from_bytes(&r.key.0).map_err(|_| {
-                ErrorFrame::new(ErrorCode::BadSignature, "public key is not a valid ed25519 point")
+                ErrorFrame::new(
+                    ErrorCode::BadSignature,
+                    "public key is not a valid ed25519 point",
+                )
             })?;
             key.verify_strict(
                 &register_payload(nonce, &r.name),
@@ -831,10 +850,10 @@ fn handle_request(
         }
         Request::List { after } => {
             let st = shared.state();
-            let (page, more) = st
-                .registry
-                .page(after.as_deref(), crate::proto::LIST_PAGE);
-            let next = more.then(|| page.last().map(|(n, _)| n.to_string())).flatten();
+            let (page, more) = st.registry.page(after.as_deref(), crate::proto::LIST_PAGE);
+            let next = more
+                .then(|| page.last().map(|(n, _)| n.to_string()))
+                .flatten();
             let peers = page
                 .into_iter()
                 .map(|(n, e)| peer_info(now, n, e))
@@ -862,12 +881,21 @@ fn connect(
     let secret: [u8; 32] = rand::random();
     let st = shared.state();
     let me = st.registry.name_of(conn).ok_or_else(|| {
-        ErrorFrame::new(ErrorCode::NotRegistered, "register before asking to connect")
+        ErrorFrame::new(
+            ErrorCode::NotRegistered,
+            "register before asking to connect",
+        )
     })?;
     if me == target {
-        return Err(ErrorFrame::new(ErrorCode::SelfConnect, "a peer cannot connect to itself"));
+        return Err(ErrorFrame::new(
+            ErrorCode::SelfConnect,
+            "a peer cannot connect to itself",
+        ));
     }
-    let them = st.registry.get(target).ok_or_else(|| unknown_peer(target))?;
+    let them = st
+        .registry
+        .get(target)
+        .ok_or_else(|| unknown_peer(target))?;
     let Some(their_conn) = them.conn else {
         return Err(ErrorFrame::new(
             ErrorCode::PeerOffline,
@@ -891,7 +919,10 @@ fn connect(
     };
     let (to_me, to_them) = broker::broker(session, secret, side(me, mine), side(target, them), svc);
     let tx = st.conns.get(&their_conn).ok_or_else(|| {
-        ErrorFrame::new(ErrorCode::PeerOffline, format!("{target} just went offline"))
+        ErrorFrame::new(
+            ErrorCode::PeerOffline,
+            format!("{target} just went offline"),
+        )
     })?;
     tx.try_send(Push::Frame(ServerFrame::Broker(to_them)))
         .map_err(|_| {

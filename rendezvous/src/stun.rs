@@ -88,7 +88,11 @@ impl Layout {
     pub fn addr(&self, slot: Slot) -> SocketAddr {
         let alt = self.alternate.unwrap_or(self.primary);
         SocketAddr::new(
-            if slot.alt_ip { alt.ip() } else { self.primary.ip() },
+            if slot.alt_ip {
+                alt.ip()
+            } else {
+                self.primary.ip()
+            },
             if slot.alt_port {
                 alt.port()
             } else {
@@ -235,7 +239,10 @@ impl Responder {
             .map(|a| a.attribute_type().as_u16())
             .collect();
         for (present, ty) in [
-            (msg.get::<ResponsePort>().is_some(), ResponsePort::get_type()),
+            (
+                msg.get::<ResponsePort>().is_some(),
+                ResponsePort::get_type(),
+            ),
             (msg.get::<Padding>().is_some(), Padding::get_type()),
         ] {
             if present {
@@ -333,8 +340,8 @@ impl Responder {
         reason: &str,
         unknown: &[u16],
     ) -> Result<Reply, Dropped> {
-        let mut b = StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse)
-            .with_transaction_id(tid);
+        let mut b =
+            StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse).with_transaction_id(tid);
         if let Ok(ec) = stun_rs::ErrorCode::new(code, reason) {
             b = b.with_attribute(ErrorCode::new(ec));
         }
@@ -564,7 +571,12 @@ pub fn parse_response(
             let (code, reason) = msg
                 .get::<ErrorCode>()
                 .and_then(|a| a.as_error_code().ok())
-                .map(|e| (e.error_code().error_code(), e.error_code().reason().to_owned()))
+                .map(|e| {
+                    (
+                        e.error_code().error_code(),
+                        e.error_code().reason().to_owned(),
+                    )
+                })
                 .unwrap_or((0, String::new()));
             let unknown = msg
                 .get::<UnknownAttributes>()

@@ -1,0 +1,416 @@
+//! The peer's half of signaling: connect and say hello, then register, list, look up and
+//! ask to be brokered; heartbeats run by themselves once registered. Also a STUN Binding
+//! query with RFC 8489 retransmission, for learning the UDP mapping with a credential.
+//!
+//! One task owns the connection. [`Client`] methods send it requests and await their
+//! replies; brokered sessions pushed by the server arrive through [`Client::next_event`].
+//! Dropping the [`Client`] stops the task and closes the connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{Signer, SigningKey};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use crate::frame::{self, FrameError, FrameReader};
+use crate::proto::{
+    Broker, ClientFrame, ErrorFrame, Hello, PROTOCOL_VERSION, PeerInfo, PublicKey, Register,
+    Registered, Reply, Request, ServerFrame, Service, ServiceRef, Signature, Welcome,
+    register_payload,
+};
+use crate::stun::{self, BindingError, BindingResponse};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Could not reach the server.
+    #[error("connecting to rendezvous {addr}: {source}")]
+    Connect {
+        /// Where.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server refused this request (the connection stays usable).
+    #[error("rendezvous refused: {0}")]
+    Refused(ErrorFrame),
+    /// The server closed the connection, with its reason when it gave one.
+    #[error("rendezvous closed the connection{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Closed(Option<ErrorFrame>),
+    /// No answer in time.
+    #[error("rendezvous did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The byte stream broke or carried something unreadable.
+    #[error("signaling stream: {0}")]
+    Frame(#[from] FrameError),
+    /// The server sent something out of protocol.
+    #[error("unexpected answer from rendezvous: {0}")]
+    Protocol(String),
+    /// A STUN query failed.
+    #[error("stun: {0}")]
+    Stun(#[from] BindingError),
+    /// A STUN query went unanswered through every retransmission.
+    #[error("stun server {0} did not answer")]
+    StunTimeout(SocketAddr),
+    /// Local socket trouble during a STUN query.
+    #[error("stun socket: {0}")]
+    StunIo(std::io::Error),
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server token, if the server wants one.
+    pub token: Option<String>,
+    /// Bound on connecting plus hello.
+    pub connect_timeout: Duration,
+    /// Bound on each request.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            token: None,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Something the server pushed.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// Another peer asked to reach one of our services.
+    Broker(Broker),
+    /// The connection ended; no more events follow.
+    Closed(ClientError),
+}
+
+struct Cmd {
+    body: Request,
+    reply: oneshot::Sender<Result<Reply, ClientError>>,
+}
+
+/// A signaling connection to a rendezvous.
+#[derive(Debug)]
+pub struct Client {
+    cmds: mpsc::Sender<Cmd>,
+    events: mpsc::Receiver<ClientEvent>,
+    welcome: Welcome,
+    local_addr: SocketAddr,
+    config: ClientConfig,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Connects to `addr` (`HOST:PORT`) and says hello.
+    pub async fn connect(addr: &str, config: ClientConfig) -> Result<Client, ClientError> {
+        let err = |source| ClientError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let stream = timeout(config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out",
+                ))
+            })?
+            .map_err(err)?;
+        Self::over(stream, config).await
+    }
+
+    /// Says hello over an already connected stream (e.g. one bound to a chosen local port).
+    pub async fn over(stream: TcpStream, config: ClientConfig) -> Result<Client, ClientError> {
+        let _ = stream.set_nodelay(true);
+        let local_addr = stream
+            .local_addr()
+            .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd);
+        let hello = ClientFrame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: config.token.clone(),
+        });
+        let welcome = timeout(config.connect_timeout, async {
+            frame::write(&mut wr, &hello).await?;
+            match reader.read::<ServerFrame>().await {
+                Ok(ServerFrame::Welcome(w)) => Ok(w),
+                Ok(ServerFrame::Error(e)) => Err(ClientError::Refused(e)),
+                Ok(other) => Err(ClientError::Protocol(format!("{other:?} before welcome"))),
+                Err(FrameError::Closed) => Err(ClientError::Closed(None)),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let (ev_tx, ev_rx) = mpsc::channel(16);
+        let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+        let task = tokio::spawn(run(reader, wr, cmd_rx, ev_tx, interval));
+        Ok(Client {
+            cmds: cmd_tx,
+            events: ev_rx,
+            welcome,
+            local_addr,
+            config,
+            task,
+        })
+    }
+
+    /// The server's greeting.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// This side's address of the signaling connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    async fn request(&self, body: Request) -> Result<Reply, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd { body, reply: tx })
+            .await
+            .map_err(|_| ClientError::Closed(None))?;
+        timeout(self.config.request_timeout, rx)
+            .await
+            .map_err(|_| ClientError::Timeout(self.config.request_timeout))?
+            .map_err(|_| ClientError::Closed(None))?
+    }
+
+    /// Registers `name` with `key`, offering `services`; heartbeats start by themselves.
+    pub async fn register(
+        &self,
+        key: &SigningKey,
+        name: &str,
+        services: Vec<Service>,
+        lan_addrs: Vec<SocketAddr>,
+    ) -> Result<Registered, ClientError> {
+        let sig = key.sign(&register_payload(&self.welcome.nonce, name));
+        let reg = Register {
+            name: name.to_owned(),
+            key: PublicKey(key.verifying_key().to_bytes()),
+            services,
+            lan_addrs,
+            signature: Signature(sig.to_bytes()),
+        };
+        match self.request(Request::Register(reg)).await? {
+            Reply::Registered(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a heartbeat now; returns the UDP address the server has observed for us.
+    pub async fn heartbeat(&self) -> Result<Option<SocketAddr>, ClientError> {
+        match self.request(Request::Heartbeat { rtt_ms: None }).await? {
+            Reply::HeartbeatAck { udp_addr } => Ok(udp_addr),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every peer the server knows, all pages.
+    pub async fn list(&self) -> Result<Vec<PeerInfo>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            match self.request(Request::List { after }).await? {
+                Reply::Peers { peers, next } => {
+                    all.extend(peers);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(all),
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// One peer by name.
+    pub async fn lookup(&self, name: &str) -> Result<PeerInfo, ClientError> {
+        match self
+            .request(Request::Lookup {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Reply::Peer(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks to be brokered to `name`'s service; the peer is told at the same moment.
+    pub async fn connect_to(
+        &self,
+        name: &str,
+        service: Option<ServiceRef>,
+    ) -> Result<Broker, ClientError> {
+        match self
+            .request(Request::Connect {
+                name: name.to_owned(),
+                service,
+            })
+            .await?
+        {
+            Reply::Brokered(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The next thing the server pushed; `None` once the connection is gone and reported.
+    pub async fn next_event(&mut self) -> Option<ClientEvent> {
+        self.events.recv().await
+    }
+}
+
+fn unexpected(r: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {r:?}"))
+}
+
+async fn run(
+    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut cmds: mpsc::Receiver<Cmd>,
+    events: mpsc::Sender<ClientEvent>,
+    interval: Duration,
+) {
+    let mut pending: HashMap<u32, oneshot::Sender<Result<Reply, ClientError>>> = HashMap::new();
+    let mut heartbeats: HashMap<u32, Instant> = HashMap::new();
+    let mut next_id: u32 = 1;
+    let mut registered = false;
+    let mut rtt_ms: Option<u32> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.reset();
+    let end = loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { return };
+                let id = next_id;
+                next_id = next_id.wrapping_add(1);
+                let f = ClientFrame::Request { id, body: cmd.body };
+                if let Err(e) = frame::write(&mut wr, &f).await {
+                    let _ = cmd.reply.send(Err(e.into()));
+                    break ClientError::Closed(None);
+                }
+                pending.insert(id, cmd.reply);
+            }
+            _ = ticker.tick(), if registered => {
+                let id = next_id;
+                next_id = next_id.wrapping_add(1);
+                let f = ClientFrame::Request { id, body: Request::Heartbeat { rtt_ms } };
+                if let Err(e) = frame::write(&mut wr, &f).await {
+                    break e.into();
+                }
+                heartbeats.insert(id, Instant::now());
+            }
+            f = reader.read::<ServerFrame>() => match f {
+                Ok(ServerFrame::Response { id, body }) => {
+                    if let Some(sent) = heartbeats.remove(&id) {
+                        rtt_ms = u32::try_from(sent.elapsed().as_millis()).ok();
+                        continue;
+                    }
+                    if matches!(body, Ok(Reply::Registered(_))) {
+                        registered = true;
+                        ticker.reset();
+                    }
+                    if let Some(tx) = pending.remove(&id) {
+                        let _ = tx.send(body.map_err(ClientError::Refused));
+                    }
+                }
+                Ok(ServerFrame::Broker(b)) => {
+                    let _ = events.send(ClientEvent::Broker(b)).await;
+                }
+                Ok(ServerFrame::Error(e)) => break ClientError::Closed(Some(e)),
+                Ok(ServerFrame::Welcome(_)) => break ClientError::Protocol("second welcome".into()),
+                Err(FrameError::Closed) => break ClientError::Closed(None),
+                Err(e) => break e.into(),
+            },
+        }
+    };
+    let server_error = match &end {
+        ClientError::Closed(e) => e.clone(),
+        _ => None,
+    };
+    for (_, tx) in pending.drain() {
+        let _ = tx.send(Err(ClientError::Closed(server_error.clone())));
+    }
+    let _ = events.send(ClientEvent::Closed(end)).await;
+}
+
+/// Retransmission schedule for a STUN transaction (RFC 8489 §6.2.1).
+#[derive(Debug, Clone, Copy)]
+pub struct StunRetry {
+    /// Initial retransmission timeout (RFC 8489: 500 ms).
+    pub rto: Duration,
+    /// Requests sent in all (Rc, RFC 8489: 7).
+    pub sends: u32,
+    /// Wait after the last request, in RTOs (Rm, RFC 8489: 16).
+    pub last_wait: u32,
+}
+
+impl Default for StunRetry {
+    fn default() -> Self {
+        StunRetry {
+            rto: Duration::from_millis(500),
+            sends: 7,
+            last_wait: 16,
+        }
+    }
+}
+
+/// One Binding transaction from `sock` to `server`, retransmitted per `retry`. With a
+/// `credential` (username, password from [`Registered`]) the server links the mapping to
+/// our registration, and the response's integrity is checked.
+pub async fn stun_binding(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    credential: Option<(&str, &str)>,
+    retry: StunRetry,
+) -> Result<BindingResponse, ClientError> {
+    let req = stun::binding_request(credential, None)?;
+    let mut buf = [0u8; 1500];
+    let mut rto = retry.rto;
+    for i in 0..retry.sends {
+        sock.send_to(&req.bytes, server)
+            .await
+            .map_err(ClientError::StunIo)?;
+        let wait = if i + 1 == retry.sends {
+            retry.rto * retry.last_wait
+        } else {
+            rto
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let got = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
+            let Ok(got) = got else { break };
+            let (n, from) = got.map_err(ClientError::StunIo)?;
+            if from.ip() != server.ip() {
+                continue;
+            }
+            match stun::parse_response(&buf[..n], &req.tid, credential.map(|c| c.1)) {
+                Ok(r) => return Ok(r),
+                // Stray or late datagrams: keep waiting for ours.
+                Err(BindingError::OtherTransaction | BindingError::Malformed) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        rto *= 2;
+    }
+    Err(ClientError::StunTimeout(server))
+}
