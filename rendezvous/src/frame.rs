@@ -184,6 +184,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }
+
+    /// Unwraps the stream; bytes of a half-read frame are lost (none are held between
+    /// frames, see [`FrameReader::in_frame`]).
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
 }
 
 /// Encodes and writes one frame, then flushes.

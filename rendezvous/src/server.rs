@@ -495,11 +495,11 @@ async fn expiry_task(shared: Arc<Shared>, shutdown: CancellationToken) {
         while let Some(ev) = st.registry.poll_event() {
             match ev {
                 registry::Event::Offline { name, conn, .. } => {
-                    info!(peer = %name, "went offline: no heartbeat for {}s", expiry.as_secs());
+                    info!(peer = %name, "went offline: no heartbeat for {expiry:?}");
                     if let Some(tx) = st.conns.get(&conn) {
                         let _ = tx.try_send(Push::Close(ErrorFrame::new(
                             ErrorCode::Expired,
-                            format!("no heartbeat for {} s; register again", expiry.as_secs()),
+                            format!("no heartbeat for {expiry:?}; register again"),
                         )));
                     }
                 }
@@ -586,7 +586,7 @@ async fn hello(
         Err(_) => {
             return Err(End::Error(ErrorFrame::new(
                 ErrorCode::Timeout,
-                format!("no hello within {} s", cfg.hello_timeout.as_secs()),
+                format!("no hello within {:?}", cfg.hello_timeout),
             )));
         }
         Ok(Err(e)) => return Err(read_failure(e)),
@@ -703,7 +703,9 @@ async fn session_loop(
     rx: &mut mpsc::Receiver<Push>,
     shutdown: &CancellationToken,
 ) -> End {
-    let idle = shared.config.timing.expiry();
+    // Twice the registry's expiry: a registered peer that falls silent is closed by the
+    // registry ("expired"); this is only the backstop for connections that never register.
+    let idle = shared.config.timing.expiry() * 2;
     let mut last_frame = Instant::now();
     let mut frame_started: Option<Instant> = None;
     loop {
@@ -725,10 +727,10 @@ async fn session_loop(
             _ = sleep_until(deadline.into()) => {
                 return End::Error(match frame_started {
                     Some(_) => ErrorFrame::new(ErrorCode::Timeout, format!(
-                        "frame incomplete after {} s", shared.config.frame_timeout.as_secs())),
+                        "frame incomplete after {:?}", shared.config.frame_timeout)),
                     None => ErrorFrame::new(ErrorCode::Timeout, format!(
-                        "silent for {} s; heartbeat every {} s",
-                        idle.as_secs(), shared.config.timing.heartbeat_interval.as_secs())),
+                        "silent for {:?}; heartbeat every {:?}",
+                        idle, shared.config.timing.heartbeat_interval)),
                 });
             }
             r = reader.step() => r,

@@ -628,3 +628,268 @@ pub fn parse_response(
             .map(|a| *a.socket_address()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    const CLIENT: &str = "198.18.7.7:40000";
+
+    fn plain() -> Responder {
+        Responder::new(Layout {
+            primary: "198.18.0.1:3478".parse().unwrap(),
+            alternate: None,
+        })
+    }
+
+    fn rfc5780() -> Responder {
+        Responder::new(Layout {
+            primary: "198.18.0.1:3478".parse().unwrap(),
+            alternate: Some("198.18.0.2:3479".parse().unwrap()),
+        })
+    }
+
+    fn ask(
+        r: &mut Responder,
+        slot: Slot,
+        data: &[u8],
+        pass: Option<&str>,
+    ) -> Result<Reply, Dropped> {
+        let src = CLIENT.parse().unwrap();
+        r.handle(Instant::now(), Received { slot, src, data }, |u| {
+            (u == "alice").then(|| pass.unwrap_or("secret").to_owned())
+        })
+    }
+
+    #[test]
+    fn plain_binding_reports_the_source_and_no_rfc5780_attributes() {
+        let req = binding_request(None, None).unwrap();
+        let reply = ask(&mut plain(), Slot::PRIMARY, &req.bytes, None).unwrap();
+        assert_eq!(reply.from, Slot::PRIMARY);
+        assert_eq!(reply.to, CLIENT.parse().unwrap());
+        assert_eq!(reply.authenticated, None);
+        let resp = parse_response(&reply.bytes, &req.tid, None).unwrap();
+        assert_eq!(resp.mapped, CLIENT.parse().unwrap());
+        assert_eq!((resp.other, resp.origin), (None, None));
+        // MAPPED-ADDRESS is there too, for RFC 3489-era parsers.
+        let (msg, _) = MessageDecoderBuilder::default()
+            .build()
+            .decode(&reply.bytes)
+            .unwrap();
+        assert!(msg.get::<MappedAddress>().is_some());
+        assert!(msg.get::<Software>().is_some());
+        assert!(reply.bytes.len() <= defaults::STUN_MAX_RESPONSE);
+    }
+
+    #[test]
+    fn change_request_answers_from_the_other_ip_and_port() {
+        let mut r = rfc5780();
+        for (ip, port, want) in [
+            (false, false, "198.18.0.1:3478"),
+            (false, true, "198.18.0.1:3479"),
+            (true, false, "198.18.0.2:3478"),
+            (true, true, "198.18.0.2:3479"),
+        ] {
+            let req = binding_request(None, Some((ip, port))).unwrap();
+            let reply = ask(&mut r, Slot::PRIMARY, &req.bytes, None).unwrap();
+            assert_eq!(r.layout().addr(reply.from), want.parse().unwrap());
+            let resp = parse_response(&reply.bytes, &req.tid, None).unwrap();
+            assert_eq!(resp.origin, Some(want.parse().unwrap()), "RESPONSE-ORIGIN");
+            assert_eq!(resp.other, Some("198.18.0.2:3479".parse().unwrap()));
+        }
+        // A request reaching the alternate slot names the primary as OTHER-ADDRESS.
+        let req = binding_request(None, None).unwrap();
+        let alt = Slot {
+            alt_ip: true,
+            alt_port: true,
+        };
+        let reply = ask(&mut r, alt, &req.bytes, None).unwrap();
+        let resp = parse_response(&reply.bytes, &req.tid, None).unwrap();
+        assert_eq!(resp.other, Some("198.18.0.1:3478".parse().unwrap()));
+        assert_eq!(reply.from, alt);
+    }
+
+    #[test]
+    fn change_request_without_alternate_is_420_naming_it() {
+        let req = binding_request(None, Some((true, true))).unwrap();
+        let reply = ask(&mut plain(), Slot::PRIMARY, &req.bytes, None).unwrap();
+        assert_eq!(reply.error, Some(420));
+        match parse_response(&reply.bytes, &req.tid, None) {
+            Err(BindingError::Server {
+                code: 420, unknown, ..
+            }) => assert_eq!(unknown, vec![3]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_comprehension_required_attribute_is_420() {
+        // Hand-built: Binding request with attribute 0x7777 (comprehension-required, unknown).
+        let mut d = vec![0x00, 0x01, 0x00, 0x08, 0x21, 0x12, 0xa4, 0x42];
+        d.extend_from_slice(&[9; 12]);
+        d.extend_from_slice(&[0x77, 0x77, 0x00, 0x04, 1, 2, 3, 4]);
+        let reply = ask(&mut rfc5780(), Slot::PRIMARY, &d, None).unwrap();
+        assert_eq!(reply.error, Some(420));
+        // An unknown comprehension-optional one (0xC0DE) is ignored.
+        d[20..22].copy_from_slice(&[0xc0, 0xde]);
+        assert_eq!(
+            ask(&mut rfc5780(), Slot::PRIMARY, &d, None).unwrap().error,
+            None
+        );
+    }
+
+    #[test]
+    fn credentialed_request_links_and_signs_the_response() {
+        let req = binding_request(Some(("alice", "secret")), None).unwrap();
+        let reply = ask(&mut plain(), Slot::PRIMARY, &req.bytes, None).unwrap();
+        assert_eq!(reply.authenticated.as_deref(), Some("alice"));
+        let resp = parse_response(&reply.bytes, &req.tid, Some("secret")).unwrap();
+        assert_eq!(resp.mapped, CLIENT.parse().unwrap());
+        // The client refuses a response signed with another password.
+        assert_eq!(
+            parse_response(&reply.bytes, &req.tid, Some("other")),
+            Err(BindingError::Integrity)
+        );
+    }
+
+    #[test]
+    fn bad_credentials_get_401_or_400_and_link_nothing() {
+        let wrong = binding_request(Some(("alice", "guess")), None).unwrap();
+        let reply = ask(&mut plain(), Slot::PRIMARY, &wrong.bytes, None).unwrap();
+        assert_eq!((reply.error, reply.authenticated), (Some(401), None));
+        let unknown = binding_request(Some(("mallory", "secret")), None).unwrap();
+        let reply = ask(&mut plain(), Slot::PRIMARY, &unknown.bytes, None).unwrap();
+        assert_eq!((reply.error, reply.authenticated), (Some(401), None));
+        // USERNAME without MESSAGE-INTEGRITY.
+        let msg = StunMessageBuilder::new(BINDING, MessageClass::Request)
+            .with_attribute(UserName::new("alice").unwrap())
+            .build();
+        let mut buf = [0u8; 128];
+        let n = MessageEncoderBuilder::default()
+            .build()
+            .encode(&mut buf, &msg)
+            .unwrap();
+        let reply = ask(&mut plain(), Slot::PRIMARY, &buf[..n], None).unwrap();
+        assert_eq!((reply.error, reply.authenticated), (Some(400), None));
+    }
+
+    #[test]
+    fn non_requests_and_garbage_are_dropped() {
+        let mut r = plain();
+        assert_eq!(
+            ask(&mut r, Slot::PRIMARY, b"GET / HTTP/1.1\r\n\r\n", None),
+            Err(Dropped::Malformed)
+        );
+        assert_eq!(
+            ask(&mut r, Slot::PRIMARY, &[0u8; 19], None),
+            Err(Dropped::Malformed)
+        );
+        // A success response sent to the server is not answered (no ping-pong loops).
+        let req = binding_request(None, None).unwrap();
+        let reply = ask(&mut r, Slot::PRIMARY, &req.bytes, None).unwrap();
+        assert_eq!(
+            ask(&mut r, Slot::PRIMARY, &reply.bytes, None),
+            Err(Dropped::NotRequest)
+        );
+        // Length field disagreeing with the datagram.
+        let mut bad = req.bytes.clone();
+        bad[3] ^= 4;
+        assert_eq!(
+            ask(&mut r, Slot::PRIMARY, &bad, None),
+            Err(Dropped::Malformed)
+        );
+        assert_eq!(
+            ask(&mut r, Slot::PRIMARY, &[0u8; 2000], None),
+            Err(Dropped::TooLarge)
+        );
+    }
+
+    #[test]
+    fn one_source_is_rate_limited_others_are_not() {
+        let mut r = Responder::with_limits(
+            Layout {
+                primary: "198.18.0.1:3478".parse().unwrap(),
+                alternate: None,
+            },
+            10,
+            20,
+            100,
+        );
+        let t0 = Instant::now();
+        let req = binding_request(None, None).unwrap();
+        let mut answered = 0;
+        for _ in 0..100 {
+            let rx = Received {
+                slot: Slot::PRIMARY,
+                src: CLIENT.parse().unwrap(),
+                data: &req.bytes,
+            };
+            if r.handle(t0, rx, |_| None).is_ok() {
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, 20);
+        let other = Received {
+            slot: Slot::PRIMARY,
+            src: "198.18.9.9:1".parse().unwrap(),
+            data: &req.bytes,
+        };
+        assert!(r.handle(t0, other, |_| None).is_ok());
+        let later = Received {
+            slot: Slot::PRIMARY,
+            src: CLIENT.parse().unwrap(),
+            data: &req.bytes,
+        };
+        assert!(
+            r.handle(t0 + Duration::from_millis(150), later, |_| None)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn classic_rfc3489_request_gets_classic_answer() {
+        let mut d = vec![0x00, 0x01, 0x00, 0x08];
+        d.extend_from_slice(&[0xab; 16]);
+        d.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x06]); // change ip+port
+        let reply = ask(&mut rfc5780(), Slot::PRIMARY, &d, None).unwrap();
+        let b = &reply.bytes;
+        assert_eq!(&b[..2], &[0x01, 0x01]);
+        assert_eq!(&b[4..20], &[0xab; 16]);
+        assert_eq!(usize::from(u16::from_be_bytes([b[2], b[3]])), b.len() - 20);
+        // MAPPED-ADDRESS = source, SOURCE-ADDRESS = alternate slot, CHANGED-ADDRESS = alternate.
+        assert_eq!(&b[20..32], &[0, 1, 0, 8, 0, 1, 0x9c, 0x40, 198, 18, 7, 7]);
+        assert_eq!(&b[32..44], &[0, 4, 0, 8, 0, 1, 0x0d, 0x97, 198, 18, 0, 2]);
+        assert_eq!(&b[44..56], &[0, 5, 0, 8, 0, 1, 0x0d, 0x97, 198, 18, 0, 2]);
+        assert_eq!(
+            reply.from,
+            Slot {
+                alt_ip: true,
+                alt_port: true
+            }
+        );
+        // A classic request asking for a change from a plain server gets a classic 420.
+        let reply = ask(&mut plain(), Slot::PRIMARY, &d, None).unwrap();
+        assert_eq!(&reply.bytes[..2], &[0x01, 0x11]);
+        assert_eq!(reply.error, Some(420));
+    }
+
+    proptest! {
+        /// Any bytes behind a plausible header: an answer or a drop, never a panic, and
+        /// never an answer larger than the bound.
+        #[test]
+        fn responder_never_panics(cookie in any::<bool>(), body in proptest::collection::vec(any::<u8>(), 0..160)) {
+            let mut body = body;
+            body.truncate(body.len() / 4 * 4);
+            let mut d = vec![0x00, 0x01];
+            d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            d.extend_from_slice(if cookie { &MAGIC_COOKIE } else { &[1, 2, 3, 4] });
+            d.extend_from_slice(&[5; 12]);
+            d.extend_from_slice(&body);
+            if let Ok(reply) = ask(&mut rfc5780(), Slot::PRIMARY, &d, None) {
+                prop_assert!(reply.bytes.len() <= defaults::STUN_MAX_RESPONSE);
+            }
+        }
+    }
+}
