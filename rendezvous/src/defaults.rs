@@ -60,8 +60,10 @@ pub const STUN_BURST: u32 = 100;
 /// table's memory is bounded whatever the source addresses.
 pub const STUN_RATE_TABLE: usize = 65_536;
 
-/// Largest STUN response sent: a bound on what a spoofed request can reflect.
+/// Largest STUN response sent, except that a PADDING request may be answered with a
+/// response as large as itself: a bound on what a spoofed request can reflect.
 pub const STUN_MAX_RESPONSE: usize = 256;
 
-/// Largest STUN request read; larger datagrams are dropped unparsed.
-pub const STUN_MAX_REQUEST: usize = 1280;
+/// Largest STUN request read; larger datagrams are dropped unparsed. Room for an RFC 5780
+/// PADDING probe of a 1500-byte MTU.
+pub const STUN_MAX_REQUEST: usize = 2048;

@@ -30,7 +30,7 @@ use stun_rs::attributes::stun::{
 use stun_rs::methods::BINDING;
 use stun_rs::{
     DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder,
-    StunAttributeType, StunMessage, StunMessageBuilder, TransactionId,
+    StunMessage, StunMessageBuilder, TransactionId,
 };
 
 use crate::defaults;
@@ -238,17 +238,6 @@ impl Responder {
             .filter(|a| a.is_unknown() && a.attribute_type().is_comprehension_required())
             .map(|a| a.attribute_type().as_u16())
             .collect();
-        for (present, ty) in [
-            (
-                msg.get::<ResponsePort>().is_some(),
-                ResponsePort::get_type(),
-            ),
-            (msg.get::<Padding>().is_some(), Padding::get_type()),
-        ] {
-            if present {
-                unknown.push(ty.as_u16());
-            }
-        }
         let change = msg
             .get::<ChangeRequest>()
             .and_then(|a| a.as_change_request().ok())
@@ -304,28 +293,53 @@ impl Responder {
             )
         });
         let from = rx.slot.changed(ip, port);
-        let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
-            .with_transaction_id(tid)
-            .with_attribute(XorMappedAddress::from(rx.src))
-            .with_attribute(MappedAddress::from(rx.src));
-        if self.layout.alternate.is_some() {
-            // OTHER-ADDRESS names the slot across from the one the request reached.
-            b = b
-                .with_attribute(OtherAddress::from(
-                    self.layout.addr(rx.slot.changed(true, true)),
-                ))
-                .with_attribute(ResponseOrigin::from(self.layout.addr(from)));
+        // RESPONSE-PORT (RFC 5780 §7.5) redirects the answer to another port of the same
+        // source IP only, so it reflects nothing the per-IP limit does not already cover.
+        let to = match msg
+            .get::<ResponsePort>()
+            .and_then(|a| a.as_response_port().ok())
+            .map(|p| p.as_u16())
+        {
+            Some(0) => return self.error(rx, tid, 400, "RESPONSE-PORT 0", &[]),
+            Some(port) => SocketAddr::new(rx.src.ip(), port),
+            None => rx.src,
+        };
+        let layout = self.layout;
+        let build = |padding: Option<Padding>| {
+            let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+                .with_transaction_id(tid)
+                .with_attribute(XorMappedAddress::from(rx.src))
+                .with_attribute(MappedAddress::from(rx.src));
+            if layout.alternate.is_some() {
+                // OTHER-ADDRESS names the slot across from the one the request reached.
+                b = b
+                    .with_attribute(OtherAddress::from(layout.addr(rx.slot.changed(true, true))))
+                    .with_attribute(ResponseOrigin::from(layout.addr(from)));
+            }
+            if let Ok(sw) = Software::new(SOFTWARE) {
+                b = b.with_attribute(sw);
+            }
+            if let Some(p) = padding {
+                b = b.with_attribute(p);
+            }
+            finish(b, key.clone())
+        };
+        // PADDING (RFC 5780 §7.6) tests fragmentation: pad the answer too, but never past
+        // the request's own size, so padding cannot amplify.
+        let mut limit = defaults::STUN_MAX_RESPONSE;
+        let mut padding = None;
+        if msg.get::<Padding>().is_some() {
+            let unpadded = encode(&build(None), limit)?.len();
+            let room = rx.data.len().saturating_sub(unpadded + 4) / 4 * 4;
+            if room > 0 {
+                padding = Padding::new(" ".repeat(room)).ok();
+                limit = rx.data.len();
+            }
         }
-        if let Ok(sw) = Software::new(SOFTWARE) {
-            b = b.with_attribute(sw);
-        }
-        if let Some(key) = key {
-            b = b.with_attribute(MessageIntegrity::new(key));
-        }
-        let bytes = encode(&b.with_attribute(Fingerprint::default()).build())?;
+        let bytes = encode(&build(padding), limit)?;
         Ok(Reply {
             from,
-            to: rx.src,
+            to,
             bytes,
             authenticated,
             error: None,
@@ -351,7 +365,7 @@ impl Responder {
         if let Ok(sw) = Software::new(SOFTWARE) {
             b = b.with_attribute(sw);
         }
-        let bytes = encode(&b.with_attribute(Fingerprint::default()).build())?;
+        let bytes = encode(&finish(b, None), defaults::STUN_MAX_RESPONSE)?;
         Ok(Reply {
             from: rx.slot,
             to: rx.src,
@@ -427,13 +441,22 @@ impl Responder {
     }
 }
 
-fn encode(msg: &StunMessage) -> Result<Vec<u8>, Dropped> {
-    let mut buf = [0u8; defaults::STUN_MAX_RESPONSE];
+/// Ends a response: MESSAGE-INTEGRITY when the request was authenticated, then FINGERPRINT.
+fn finish(mut b: StunMessageBuilder, key: Option<HMACKey>) -> StunMessage {
+    if let Some(key) = key {
+        b = b.with_attribute(MessageIntegrity::new(key));
+    }
+    b.with_attribute(Fingerprint::default()).build()
+}
+
+fn encode(msg: &StunMessage, limit: usize) -> Result<Vec<u8>, Dropped> {
+    let mut buf = vec![0u8; limit];
     let n = MessageEncoderBuilder::default()
         .build()
         .encode(&mut buf, msg)
         .map_err(|_| Dropped::ResponseTooLarge)?;
-    Ok(buf[..n].to_vec())
+    buf.truncate(n);
+    Ok(buf)
 }
 
 fn push_attr(out: &mut Vec<u8>, ty: u16, value: &[u8]) {
@@ -775,6 +798,55 @@ mod tests {
         assert_eq!((reply.error, reply.authenticated), (Some(400), None));
     }
 
+    fn request_with(attrs: Vec<stun_rs::StunAttribute>) -> (TransactionId, Vec<u8>) {
+        let tid = TransactionId::default();
+        let mut b =
+            StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(tid);
+        for a in attrs {
+            b = b.with_attribute(a);
+        }
+        let mut buf = vec![0u8; 2048];
+        let n = MessageEncoderBuilder::default()
+            .build()
+            .encode(&mut buf, &b.build())
+            .unwrap();
+        buf.truncate(n);
+        (tid, buf)
+    }
+
+    #[test]
+    fn response_port_redirects_to_another_port_of_the_same_ip() {
+        let (tid, req) = request_with(vec![ResponsePort::from(5555).into()]);
+        let reply = ask(&mut rfc5780(), Slot::PRIMARY, &req, None).unwrap();
+        assert_eq!(reply.to, "198.18.7.7:5555".parse().unwrap());
+        // The mapped address still names where the request came from.
+        let resp = parse_response(&reply.bytes, &tid, None).unwrap();
+        assert_eq!(resp.mapped, CLIENT.parse().unwrap());
+        let (_, req) = request_with(vec![ResponsePort::from(0).into()]);
+        assert_eq!(
+            ask(&mut rfc5780(), Slot::PRIMARY, &req, None)
+                .unwrap()
+                .error,
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn padded_request_gets_padded_answer_never_larger_than_itself() {
+        let (tid, req) = request_with(vec![Padding::new(" ".repeat(1400)).unwrap().into()]);
+        let reply = ask(&mut rfc5780(), Slot::PRIMARY, &req, None).unwrap();
+        assert!(reply.bytes.len() > 1000, "padded to {}", reply.bytes.len());
+        assert!(reply.bytes.len() <= req.len());
+        assert_eq!(
+            parse_response(&reply.bytes, &tid, None).unwrap().mapped,
+            CLIENT.parse().unwrap()
+        );
+        // A tiny padding leaves the answer at its normal, bounded size.
+        let (_, req) = request_with(vec![Padding::new("x").unwrap().into()]);
+        let reply = ask(&mut rfc5780(), Slot::PRIMARY, &req, None).unwrap();
+        assert!(reply.bytes.len() <= defaults::STUN_MAX_RESPONSE);
+    }
+
     #[test]
     fn non_requests_and_garbage_are_dropped() {
         let mut r = plain();
@@ -801,7 +873,7 @@ mod tests {
             Err(Dropped::Malformed)
         );
         assert_eq!(
-            ask(&mut r, Slot::PRIMARY, &[0u8; 2000], None),
+            ask(&mut r, Slot::PRIMARY, &[0u8; 3000], None),
             Err(Dropped::TooLarge)
         );
     }

@@ -1,0 +1,244 @@
+//! Bad input on the signaling port: each kind gets a clear error frame or is closed, memory
+//! stays bounded, and well-behaved peers are served normally meanwhile.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rendezvous::client::ClientEvent;
+use rendezvous::frame;
+use rendezvous::proto::{ClientFrame, ErrorCode, Hello, PROTOCOL_VERSION, Request};
+use rendezvous::server::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn quick_timeouts() -> ServerConfig {
+    ServerConfig {
+        hello_timeout: Duration::from_millis(300),
+        frame_timeout: Duration::from_millis(300),
+        ..loopback_config()
+    }
+}
+
+async fn send(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).await.expect("write");
+}
+
+#[tokio::test]
+async fn each_kind_of_bad_input_gets_its_error_frame() {
+    let server = start(quick_timeouts()).await;
+    let http = server.addrs().http.unwrap();
+
+    // Plain garbage: an HTTP request is read as an absurd length prefix.
+    let mut s = raw(&server).await;
+    send(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(
+        closing_error(s).await.unwrap().code,
+        ErrorCode::FrameTooLarge
+    );
+
+    // A small frame whose body is not a message.
+    let mut s = raw(&server).await;
+    send(&mut s, &[0, 0, 0, 3, 0xff, 0xff, 0xff]).await;
+    assert_eq!(closing_error(s).await.unwrap().code, ErrorCode::BadFrame);
+
+    // An oversized length prefix is refused before any body is read.
+    let mut s = raw(&server).await;
+    send(&mut s, &(64 * 1024 * 1024u32).to_be_bytes()).await;
+    let e = closing_error(s).await.unwrap();
+    assert_eq!(e.code, ErrorCode::FrameTooLarge);
+    assert!(e.message.contains("67108864"), "{e}");
+
+    // Wrong version.
+    let mut s = raw(&server).await;
+    let hello = ClientFrame::Hello(Hello {
+        version: PROTOCOL_VERSION + 1,
+        token: None,
+    });
+    send(&mut s, &frame::encode(&hello).unwrap()).await;
+    let e = closing_error(s).await.unwrap();
+    assert_eq!(e.code, ErrorCode::VersionMismatch);
+    assert!(e.message.contains("protocol 1"), "{e}");
+
+    // A request before hello.
+    let mut s = raw(&server).await;
+    let req = ClientFrame::Request {
+        id: 1,
+        body: Request::List { after: None },
+    };
+    send(&mut s, &frame::encode(&req).unwrap()).await;
+    assert_eq!(
+        closing_error(s).await.unwrap().code,
+        ErrorCode::HelloExpected
+    );
+
+    // Hello twice.
+    let mut s = raw(&server).await;
+    raw_hello(&mut s).await;
+    raw_hello(&mut s).await;
+    assert_eq!(
+        closing_error(s).await.unwrap().code,
+        ErrorCode::HelloExpected
+    );
+
+    // Half a frame, then silence: before hello, and after it.
+    let mut s = raw(&server).await;
+    send(&mut s, &[0, 0, 0, 40, 1, 2]).await;
+    assert_eq!(closing_error(s).await.unwrap().code, ErrorCode::Timeout);
+    let mut s = raw(&server).await;
+    raw_hello(&mut s).await;
+    send(&mut s, &[0, 0]).await;
+    let e = closing_error(s).await.unwrap();
+    assert_eq!(e.code, ErrorCode::Timeout);
+    assert!(e.message.contains("incomplete"), "{e}");
+
+    // No hello at all.
+    let s = raw(&server).await;
+    let e = closing_error(s).await.unwrap();
+    assert_eq!(e.code, ErrorCode::Timeout);
+    assert!(e.message.contains("hello"), "{e}");
+
+    // Bad field values are refused per request; the connection stays usable.
+    let c = client(&server).await;
+    let err = c
+        .register(&key(1), "bad name!", vec![], vec![])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid_name"), "{err}");
+    c.register(&key(1), "good", vec![], vec![]).await.unwrap();
+
+    assert!(metric(http, "chuantou_frames_rejected_total").await >= 9);
+}
+
+/// 100 abusive connections of every kind stay open while a good client registers, looks
+/// up and gets brokered normally.
+#[tokio::test]
+async fn hundred_abusive_connections_do_not_disturb_good_clients() {
+    raise_fd_limit(1024);
+    let server = start(loopback_config()).await;
+    let http = server.addrs().http.unwrap();
+    let mut abusers = Vec::new();
+    for i in 0..100 {
+        let mut s = raw(&server).await;
+        match i % 4 {
+            // Silent: never says hello.
+            0 => {}
+            // Half a header.
+            1 => send(&mut s, &[0, 0]).await,
+            // Hello and half a frame.
+            2 => {
+                raw_hello(&mut s).await;
+                send(&mut s, &[0, 0, 1, 0, 7, 7, 7]).await;
+            }
+            // Hello, then never reads while asking for a lot.
+            _ => {
+                raw_hello(&mut s).await;
+                for id in 0..50 {
+                    let req = ClientFrame::Request {
+                        id,
+                        body: Request::List { after: None },
+                    };
+                    send(&mut s, &frame::encode(&req).unwrap()).await;
+                }
+            }
+        }
+        abusers.push(s);
+    }
+    let open = within("abusers accepted", async {
+        loop {
+            let n = metric(http, "chuantou_connections_open").await;
+            if n >= 100 {
+                return n;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(open >= 100);
+
+    let mut pc = client(&server).await;
+    pc.register(&key(1), "pc-home", vec![web(7274)], vec![])
+        .await
+        .unwrap();
+    let phone = client(&server).await;
+    phone
+        .register(&key(2), "phone", vec![], vec![])
+        .await
+        .unwrap();
+    assert!(phone.lookup("pc-home").await.unwrap().online);
+    let b = phone.connect_to("pc-home", None).await.unwrap();
+    match within("broker push", pc.next_event()).await {
+        Some(ClientEvent::Broker(theirs)) => assert_eq!(theirs.session, b.session),
+        other => panic!("{other:?}"),
+    }
+    // The abusers were all still connected while that happened.
+    assert!(metric(http, "chuantou_connections_open").await >= 102);
+    drop(abusers);
+}
+
+/// 1,000 connections that never say hello are all closed after the hello timeout; the
+/// server's memory stays bounded and it keeps serving.
+#[tokio::test]
+async fn thousand_silent_connections_are_closed_and_memory_stays_bounded() {
+    raise_fd_limit(4096);
+    let server = start(ServerConfig {
+        hello_timeout: Duration::from_millis(1500),
+        ..loopback_config()
+    })
+    .await;
+    let http = server.addrs().http.unwrap();
+    let rss_before = rss_kib();
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        silent.push(raw(&server).await);
+    }
+    let open = within("all accepted", async {
+        loop {
+            let n = metric(http, "chuantou_connections_open").await;
+            if n >= 1000 {
+                return n;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(open, 1000);
+    // Both ends live in this process: the server's tasks and the test's sockets. A
+    // connection that cost a buffer of even 64 KiB would show here as 64 MiB.
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 24 * 1024,
+        "1000 idle connections grew RSS by {grown} KiB"
+    );
+    // A good client is served while they sit there.
+    let c = client(&server).await;
+    c.register(&key(1), "pc", vec![], vec![]).await.unwrap();
+
+    let mut timeouts = 0;
+    for s in silent {
+        if let Some(e) = closing_error(s).await {
+            assert_eq!(e.code, ErrorCode::Timeout);
+            timeouts += 1;
+        }
+    }
+    assert_eq!(timeouts, 1000);
+    within("connections released", async {
+        while metric(http, "chuantou_connections_open").await > 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(c.lookup("pc").await.unwrap().online);
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .expect("VmRSS in /proc/self/status")
+}
