@@ -140,7 +140,8 @@ struct State {
 /// Something another task asks a connection task to send.
 #[derive(Debug)]
 enum Push {
-    Frame(ServerFrame),
+    /// Boxed: the channel reserves slots of this enum's size for every connection.
+    Frame(Box<ServerFrame>),
     Close(ErrorFrame),
 }
 
@@ -718,7 +719,9 @@ async fn session_loop(
             _ = shutdown.cancelled() => return End::Error(shutting_down()),
             push = rx.recv() => match push {
                 Some(Push::Frame(f)) => {
-                    if let Err(end) = write_frame(wr, &f).await { return end; }
+                    if let Err(end) = write_frame(wr, &f).await {
+                        return end;
+                    }
                     continue;
                 }
                 Some(Push::Close(e)) => return End::Error(e),
@@ -926,7 +929,7 @@ fn connect(
             format!("{target} just went offline"),
         )
     })?;
-    tx.try_send(Push::Frame(ServerFrame::Broker(to_them)))
+    tx.try_send(Push::Frame(Box::new(ServerFrame::Broker(to_them))))
         .map_err(|_| {
             ErrorFrame::new(
                 ErrorCode::Busy,

@@ -1,0 +1,184 @@
+//! The `rendezvous` binary as a user runs it: `--help`, start-up log lines, clear errors
+//! for bad flags, and graceful shutdown on SIGTERM that tells connected peers why.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+
+use common::*;
+use rendezvous::client::{Client, ClientConfig, ClientError, ClientEvent};
+use rendezvous::proto::ErrorCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
+
+/// A rendezvous process, killed on drop if still running (never leaves one behind).
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("CHUANTOU_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rendezvous");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    /// The first log line containing `needle`.
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line with {needle:?} within {BOUND:?}"),
+            }
+        }
+    }
+}
+
+fn addr_in(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--stun",
+        "--alt-ip",
+        "--alt-port",
+        "--http",
+        "--token",
+        "CHUANTOU_TOKEN",
+        "--heartbeat-interval",
+        "RFC 5780",
+        "0.0.0.0:7000",
+        "0.0.0.0:3478",
+        "127.0.0.1:7080",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_flags_give_clear_errors() {
+    let out = Command::new(BIN)
+        .args([
+            "--alt-ip",
+            "127.0.0.2",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--alt-ip 127.0.0.2 needs --stun on a concrete IP"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["--listen", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+
+    // A port already in use names the service and the address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["--listen", &addr, "--no-stun", "--no-http"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot bind signaling on {addr}")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_tells_peers_and_exits_cleanly() {
+    let proc = Proc::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--stun",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let signaling = addr_in(&proc.wait_line("signaling listening"), "addr");
+    let _ = proc.wait_line("http api listening");
+    let mut peer = within(
+        "connect",
+        Client::connect(&signaling.to_string(), ClientConfig::default()),
+    )
+    .await
+    .unwrap();
+    peer.register(&key(1), "pc-home", vec![web(7274)], vec![])
+        .await
+        .unwrap();
+    let _ = proc.wait_line("registered");
+
+    let pid = rustix::process::Pid::from_raw(proc.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("send SIGTERM");
+
+    match within("shutdown notice", peer.next_event()).await {
+        Some(ClientEvent::Closed(ClientError::Closed(Some(e)))) => {
+            assert_eq!(e.code, ErrorCode::ShuttingDown)
+        }
+        other => panic!("peer got {other:?}"),
+    }
+    let _ = proc.wait_line("rendezvous stopped");
+    let mut proc = proc;
+    let status = within(
+        "exit",
+        tokio::task::spawn_blocking(move || {
+            let s = proc.child.wait();
+            (s, proc)
+        }),
+    )
+    .await
+    .unwrap()
+    .0
+    .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
