@@ -1,6 +1,8 @@
 //! `rendezvous`: the public meeting point of chuantou peers. Parses flags, sets up logging,
 //! binds, and runs the server until SIGINT or SIGTERM.
 
+#![deny(clippy::unwrap_used)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
