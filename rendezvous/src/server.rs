@@ -564,9 +564,6 @@ fn read_failure(e: FrameError) -> End {
             ErrorCode::FrameTooLarge,
             format!("frame of {len} bytes exceeds the {max}-byte limit"),
         )),
-        e @ FrameError::Truncated { .. } => {
-            End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string()))
-        }
         e => End::Error(ErrorFrame::new(ErrorCode::BadFrame, e.to_string())),
     }
 }
@@ -856,13 +853,23 @@ fn handle_request(
         Request::List { after } => {
             let st = shared.state();
             let (page, more) = st.registry.page(after.as_deref(), crate::proto::LIST_PAGE);
-            let next = more
-                .then(|| page.last().map(|(n, _)| n.to_string()))
+            // Peers can be large (16 services with long descriptions): stop the page before
+            // the reply would outgrow a frame, and let the client continue from there.
+            let budget = frame::MAX_FRAME_LEN - 1024;
+            let mut used = 0;
+            let mut peers = Vec::with_capacity(page.len());
+            for (n, e) in &page {
+                let info = peer_info(now, n, e);
+                used += postcard::experimental::serialized_size(&info).unwrap_or(budget);
+                if used > budget && !peers.is_empty() {
+                    break;
+                }
+                peers.push(info);
+            }
+            let truncated = peers.len() < page.len();
+            let next = (more || truncated)
+                .then(|| peers.last().map(|p| p.name.clone()))
                 .flatten();
-            let peers = page
-                .into_iter()
-                .map(|(n, e)| peer_info(now, n, e))
-                .collect();
             Ok(Reply::Peers { peers, next })
         }
         Request::Lookup { name } => {

@@ -409,3 +409,30 @@ async fn signature_must_prove_the_key() {
         }
     }
 }
+
+#[tokio::test]
+async fn listing_pages_through_peers_of_maximal_size() {
+    use rendezvous::proto::{MAX_DESCRIPTION_LEN, MAX_SERVICES, Proto, Service};
+    let server = start(loopback_config()).await;
+    let big: Vec<Service> = (0..MAX_SERVICES as u16)
+        .map(|port| Service {
+            port,
+            proto: Proto::Udp,
+            description: "d".repeat(MAX_DESCRIPTION_LEN),
+        })
+        .collect();
+    let mut peers = Vec::new();
+    for i in 0..40u8 {
+        let c = client(&server).await;
+        c.register(&key(i + 1), &format!("big-{i:02}"), big.clone(), vec![])
+            .await
+            .unwrap();
+        peers.push(c);
+    }
+    // 40 peers of ~2.2 KB each do not fit one 64 KiB frame: the server must page by size.
+    let all = peers[0].list().await.unwrap();
+    let names: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    let want: Vec<String> = (0..40).map(|i| format!("big-{i:02}")).collect();
+    assert_eq!(names, want);
+    assert!(all.iter().all(|p| p.services == big));
+}
