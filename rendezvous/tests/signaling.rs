@@ -7,14 +7,9 @@ use std::time::Duration;
 
 use common::*;
 use rendezvous::client::{ClientConfig, ClientError, ClientEvent, StunRetry, stun_binding};
-use rendezvous::frame::{self, FrameReader};
-use rendezvous::proto::{
-    ClientFrame, ErrorCode, PublicKey, Register, Request, Role, ServerFrame, ServiceRef, Signature,
-    register_payload,
-};
+use rendezvous::proto::{ErrorCode, PublicKey, Role, ServerFrame, ServiceRef, register_payload};
 use rendezvous::registry::Timing;
 use rendezvous::server::ServerConfig;
-use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 
 fn refused_code(e: ClientError) -> ErrorCode {
@@ -262,31 +257,10 @@ async fn silent_peer_expires_heartbeating_peer_stays() {
         .await
         .unwrap();
     // A raw client registers and then says nothing.
-    let mut s = raw(&server).await;
-    raw_hello(&mut s).await;
-    let mut r = FrameReader::new(s);
-    let nonce = match r.read::<ServerFrame>().await.unwrap() {
-        ServerFrame::Welcome(w) => w.nonce,
-        other => panic!("{other:?}"),
-    };
-    let k = key(2);
-    let sig = ed25519_dalek::Signer::sign(&k, &register_payload(&nonce, "silent"));
-    let reg = ClientFrame::Request {
-        id: 1,
-        body: Request::Register(Register {
-            name: "silent".into(),
-            key: PublicKey(k.verifying_key().to_bytes()),
-            services: vec![],
-            lan_addrs: vec![],
-            signature: Signature(sig.to_bytes()),
-        }),
-    };
-    r.get_mut()
-        .write_all(&frame::encode(&reg).unwrap())
-        .await
-        .unwrap();
+    let (mut r, nonce) = raw_welcome(&server).await;
+    let sig = ed25519_dalek::Signer::sign(&key(2), &register_payload(&nonce, "silent"));
     assert!(matches!(
-        r.read::<ServerFrame>().await.unwrap(),
+        raw_register(&mut r, 1, "silent", &key(2), sig).await,
         ServerFrame::Response { body: Ok(_), .. }
     ));
     assert!(alive.lookup("silent").await.unwrap().online);
@@ -294,7 +268,7 @@ async fn silent_peer_expires_heartbeating_peer_stays() {
     let err = closing_error(r.into_inner()).await.expect("an error frame");
     assert_eq!(err.code, ErrorCode::Expired, "{err}");
     assert!(!alive.lookup("silent").await.unwrap().online);
-    // The heartbeating peer outlived several expiry windows.
+    // The heartbeating peer outlived the silent one's expiry.
     assert!(alive.lookup("alive").await.unwrap().online);
 }
 
@@ -373,32 +347,12 @@ async fn token_is_required_when_set() {
 #[tokio::test]
 async fn signature_must_prove_the_key() {
     let server = start(loopback_config()).await;
-    let mut s = raw(&server).await;
-    raw_hello(&mut s).await;
-    let mut r = FrameReader::new(s);
-    let nonce = match r.read::<ServerFrame>().await.unwrap() {
-        ServerFrame::Welcome(w) => w.nonce,
-        other => panic!("{other:?}"),
-    };
+    let (mut r, nonce) = raw_welcome(&server).await;
     // Signed by key 2 but claiming key 1; then signed over another nonce.
     let wrong_key = ed25519_dalek::Signer::sign(&key(2), &register_payload(&nonce, "pc"));
     let wrong_nonce = ed25519_dalek::Signer::sign(&key(1), &register_payload(&[0; 32], "pc"));
     for (id, sig) in [(1, wrong_key), (2, wrong_nonce)] {
-        let reg = ClientFrame::Request {
-            id,
-            body: Request::Register(Register {
-                name: "pc".into(),
-                key: PublicKey(key(1).verifying_key().to_bytes()),
-                services: vec![],
-                lan_addrs: vec![],
-                signature: Signature(sig.to_bytes()),
-            }),
-        };
-        r.get_mut()
-            .write_all(&frame::encode(&reg).unwrap())
-            .await
-            .unwrap();
-        match r.read::<ServerFrame>().await.unwrap() {
+        match raw_register(&mut r, id, "pc", &key(1), sig).await {
             ServerFrame::Response {
                 id: got,
                 body: Err(e),

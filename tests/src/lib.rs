@@ -1,3 +1,4 @@
-//! End-to-end tests across the chuantou crates live in `tests/tests/`; this library holds
-//! the helpers they share.
+//! End-to-end tests across the chuantou crates: the NAT-lab helpers and the matrix of NAT
+//! pairs arrive with the natprobe and punching issues. The rendezvous' own loopback tests
+//! live in `rendezvous/tests/`, next to the binary they start.
 #![deny(missing_docs, unreachable_pub)]

@@ -151,3 +151,43 @@ pub fn raise_fd_limit(need: u64) {
         "this test needs {need} open files and the hard limit is {now}; raise it (ulimit -Hn)"
     );
 }
+
+/// A raw connection past hello: the reader and the server's nonce.
+pub async fn raw_welcome(server: &ServerHandle) -> (FrameReader<TcpStream>, [u8; 32]) {
+    let mut s = raw(server).await;
+    raw_hello(&mut s).await;
+    let mut r = FrameReader::new(s);
+    match within("welcome", r.read::<ServerFrame>()).await {
+        Ok(ServerFrame::Welcome(w)) => (r, w.nonce),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+/// Sends a raw register claiming `claimed`'s key with the signature `sig`; returns the
+/// server's answer.
+pub async fn raw_register(
+    r: &mut FrameReader<TcpStream>,
+    id: u32,
+    name: &str,
+    claimed: &SigningKey,
+    sig: ed25519_dalek::Signature,
+) -> ServerFrame {
+    use rendezvous::proto::{PublicKey, Register, Request, Signature};
+    let reg = ClientFrame::Request {
+        id,
+        body: Request::Register(Register {
+            name: name.into(),
+            key: PublicKey(claimed.verifying_key().to_bytes()),
+            services: vec![],
+            lan_addrs: vec![],
+            signature: Signature(sig.to_bytes()),
+        }),
+    };
+    r.get_mut()
+        .write_all(&frame::encode(&reg).expect("encode"))
+        .await
+        .expect("send register");
+    within("register answer", r.read::<ServerFrame>())
+        .await
+        .expect("register answer")
+}
