@@ -227,6 +227,18 @@ impl Responder {
         if msg.class() != MessageClass::Request {
             return Err(Dropped::NotRequest);
         }
+        // A FINGERPRINT that does not verify means this is not really STUN (RFC 8489 §7.3):
+        // drop it. (With MESSAGE-INTEGRITY it is checked below together with the HMAC.)
+        if msg.get::<Fingerprint>().is_some()
+            && msg.get::<MessageIntegrity>().is_none()
+            && MessageDecoderBuilder::default()
+                .with_context(DecoderContextBuilder::default().with_validation().build())
+                .build()
+                .decode(rx.data)
+                .is_err()
+        {
+            return Err(Dropped::Malformed);
+        }
         let tid = *msg.transaction_id();
         if msg.method() != BINDING {
             return self.error(rx, tid, 400, "only Binding is served here", &[]);
@@ -868,6 +880,14 @@ mod tests {
         // Length field disagreeing with the datagram.
         let mut bad = req.bytes.clone();
         bad[3] ^= 4;
+        assert_eq!(
+            ask(&mut r, Slot::PRIMARY, &bad, None),
+            Err(Dropped::Malformed)
+        );
+        // A FINGERPRINT that does not match the message.
+        let mut bad = req.bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
         assert_eq!(
             ask(&mut r, Slot::PRIMARY, &bad, None),
             Err(Dropped::Malformed)
