@@ -35,6 +35,11 @@ pub const MAX_PEERS: usize = 100_000;
 /// Most simultaneous signaling connections.
 pub const MAX_CONNECTIONS: usize = 100_000;
 
+/// Most connections from one source IP that may wait for their hello at once. A real peer
+/// says hello within a round trip, so even hundreds of peers behind one carrier NAT stay
+/// far below this; a single host opening connections and saying nothing hits it.
+pub const MAX_PENDING_PER_IP: usize = 256;
+
 /// Time the server gives open connections to receive their shutdown notice.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 

@@ -83,6 +83,10 @@ struct Cli {
     /// Most simultaneous signaling connections.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_CONNECTIONS, value_name = "N")]
     max_connections: usize,
+
+    /// Most connections from one IP address that may be waiting to say hello.
+    #[arg(long, default_value_t = rendezvous::defaults::MAX_PENDING_PER_IP, value_name = "N")]
+    max_pending_per_ip: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -134,6 +138,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         },
         max_peers: cli.max_peers,
         max_connections: cli.max_connections,
+        max_pending_per_ip: cli.max_pending_per_ip,
         ..ServerConfig::default()
     };
     if config.token.is_none() {

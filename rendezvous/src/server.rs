@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub max_peers: usize,
     /// Most simultaneous signaling connections.
     pub max_connections: usize,
+    /// Most connections from one IP that have not said hello yet.
+    pub max_pending_per_ip: usize,
     /// Time a new connection has to say hello.
     pub hello_timeout: Duration,
     /// Time a started frame has to complete.
@@ -74,6 +76,7 @@ impl Default for ServerConfig {
             timing: Timing::default(),
             max_peers: defaults::MAX_PEERS,
             max_connections: defaults::MAX_CONNECTIONS,
+            max_pending_per_ip: defaults::MAX_PENDING_PER_IP,
             hello_timeout: defaults::HELLO_TIMEOUT,
             frame_timeout: defaults::FRAME_TIMEOUT,
         }
@@ -135,6 +138,26 @@ struct State {
     registry: Registry,
     conns: HashMap<ConnId, mpsc::Sender<Push>>,
     next_conn: ConnId,
+    /// Connections per source IP that have not said hello yet.
+    pending: HashMap<IpAddr, usize>,
+}
+
+/// Counts a connection as pending hello until dropped.
+struct Pending<'a> {
+    shared: &'a Shared,
+    ip: IpAddr,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.state();
+        if let Some(n) = st.pending.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.pending.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Something another task asks a connection task to send.
@@ -201,6 +224,7 @@ impl Server {
                 registry: Registry::new(config.timing, config.max_peers),
                 conns: HashMap::new(),
                 next_conn: 1,
+                pending: HashMap::new(),
             }),
             responder: layout.map(|l| Mutex::new(Responder::new(l))),
             metrics: Metrics::default(),
@@ -273,18 +297,34 @@ impl Server {
                 .connections_open
                 .load(std::sync::atomic::Ordering::Relaxed);
             if open as usize >= shared.config.max_connections {
-                metrics::inc(&shared.metrics.connections_refused);
-                let frame = ServerFrame::Error(ErrorFrame::new(
-                    ErrorCode::Busy,
+                refuse(
+                    &shared,
+                    &stream,
                     format!(
                         "server at its limit of {} connections; try later",
                         shared.config.max_connections
                     ),
-                ));
-                if let Ok(bytes) = frame::encode(&frame) {
-                    let _ = stream.try_write(&bytes);
-                }
+                );
                 continue;
+            }
+            {
+                let mut st = shared.state();
+                let n = st.pending.entry(remote.ip()).or_default();
+                if *n >= shared.config.max_pending_per_ip {
+                    drop(st);
+                    warn!(ip = %remote.ip(), "too many connections waiting for hello; refusing");
+                    refuse(
+                        &shared,
+                        &stream,
+                        format!(
+                            "{} connections from {} have not said hello yet; try later",
+                            shared.config.max_pending_per_ip,
+                            remote.ip()
+                        ),
+                    );
+                    continue;
+                }
+                *n += 1;
             }
             let _ = stream.set_nodelay(true);
             metrics::inc(&shared.metrics.connections_total);
@@ -530,7 +570,13 @@ async fn serve_conn(
 ) {
     let (rd, mut wr) = stream.into_split();
     let mut reader = FrameReader::new(rd);
-    let end = match hello(shared, &mut reader, &mut wr, &shutdown).await {
+    let pending = Pending {
+        shared,
+        ip: remote.ip(),
+    };
+    let greeted = hello(shared, &mut reader, &mut wr, &shutdown).await;
+    drop(pending);
+    let end = match greeted {
         Ok(nonce) => session(shared, reader, &mut wr, remote, nonce, &shutdown).await,
         Err(end) => end,
     };
@@ -553,6 +599,14 @@ async fn serve_conn(
         }
     }
     let _ = timeout(defaults::WRITE_TIMEOUT, wr.shutdown()).await;
+}
+
+/// Turns a just-accepted connection away with a `Busy` error frame, without waiting on it.
+fn refuse(shared: &Shared, stream: &TcpStream, why: String) {
+    metrics::inc(&shared.metrics.connections_refused);
+    if let Ok(bytes) = frame::encode(&ServerFrame::Error(ErrorFrame::new(ErrorCode::Busy, why))) {
+        let _ = stream.try_write(&bytes);
+    }
 }
 
 /// Maps a frame read failure to how the connection ends.

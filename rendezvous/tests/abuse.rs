@@ -189,9 +189,12 @@ async fn thousand_silent_connections_are_closed_and_memory_stays_bounded() {
     .await;
     let http = server.addrs().http.unwrap();
     let rss_before = rss_kib();
+    // From five addresses, so the per-address cap on waiting connections (256) is not
+    // what closes them: this test is about the hello timeout and memory.
     let mut silent = Vec::new();
-    for _ in 0..1000 {
-        silent.push(raw(&server).await);
+    for i in 0..1000u32 {
+        let src = std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % 5) as u8);
+        silent.push(raw_from(&server, src).await);
     }
     let open = within("all accepted", async {
         loop {
@@ -230,6 +233,65 @@ async fn thousand_silent_connections_are_closed_and_memory_stays_bounded() {
     })
     .await;
     assert!(c.lookup("pc").await.unwrap().online);
+}
+
+/// One address cannot hold more than its share of connections that never say hello; other
+/// addresses (and that address, once its silent ones are gone) are served.
+#[tokio::test]
+async fn one_address_cannot_hoard_connections_waiting_for_hello() {
+    let server = start(ServerConfig {
+        max_pending_per_ip: 10,
+        ..loopback_config()
+    })
+    .await;
+    let hoarder = std::net::Ipv4Addr::new(127, 0, 0, 9);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(raw_from(&server, hoarder).await);
+    }
+    let http = server.addrs().http.unwrap();
+    within("ten accepted", async {
+        while metric(http, "chuantou_connections_open").await < 10 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let eleventh = raw_from(&server, hoarder).await;
+    let e = closing_error(eleventh).await.expect("a busy error frame");
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert!(e.message.contains("127.0.0.9"), "{e}");
+    // Someone else is served meanwhile.
+    let c = client(&server).await;
+    c.register(&key(1), "pc", vec![], vec![]).await.unwrap();
+    // A connection that has said hello no longer counts as waiting: free one slot, fill it
+    // with a connection that greets, and the address may open one more silent one.
+    drop(held.pop());
+    within("slot freed", async {
+        while metric(http, "chuantou_connections_open").await > 10 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut s = raw_from(&server, hoarder).await;
+    raw_hello(&mut s).await;
+    let mut greeted = rendezvous::frame::FrameReader::new(s);
+    assert!(matches!(
+        within("welcome", greeted.read::<rendezvous::proto::ServerFrame>()).await,
+        Ok(rendezvous::proto::ServerFrame::Welcome(_))
+    ));
+    held.push(raw_from(&server, hoarder).await);
+    within("tenth waiting accepted", async {
+        while metric(http, "chuantou_connections_open").await < 12 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let over = raw_from(&server, hoarder).await;
+    assert_eq!(
+        closing_error(over).await.expect("busy").code,
+        ErrorCode::Busy
+    );
+    assert_eq!(metric(http, "chuantou_connections_refused_total").await, 2);
 }
 
 fn rss_kib() -> u64 {

@@ -191,3 +191,12 @@ pub async fn raw_register(
         .await
         .expect("register answer")
 }
+
+/// A raw TCP connection from a chosen loopback source address.
+pub async fn raw_from(server: &ServerHandle, src: std::net::Ipv4Addr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::from((src, 0))).expect("bind source");
+    sock.connect(server.addrs().signaling)
+        .await
+        .expect("raw connect")
+}
