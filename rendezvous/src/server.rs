@@ -214,9 +214,9 @@ impl Server {
             ),
             None => None,
         };
-        let http_addr = match &http {
-            Some(l) => Some(l.local_addr().map_err(bind_err("http api", signaling))?),
-            None => None,
+        let http_addr = match (&http, config.http) {
+            (Some(l), Some(asked)) => Some(l.local_addr().map_err(bind_err("http api", asked))?),
+            _ => None,
         };
 
         let shared = Arc::new(Shared {
