@@ -1,6 +1,25 @@
-//! chuantou `relay`: the relay (pairs ticketed session halves and forwards bytes). Not built yet (issue 4); this crate holds its place in the
-//! workspace and says so plainly instead of pretending.
+//! chuantou relay: admits the two halves of a brokered session on rendezvous-signed tickets
+//! and forwards their bytes (TCP) or datagrams (UDP), opaque: the tunnel inside is
+//! end-to-end encrypted, so a relay never sees plaintext. It is also the bottom of the
+//! workspace: the frame codec every chuantou protocol uses lives here, because the
+//! rendezvous embeds a relay and so builds on this crate.
+//!
+//! # Layout
+//!
+//! - [`frame`]: length-prefixed postcard frames (signaling and relay control).
+//! - [`ticket`]: session ids, sides, and HMAC-signed tickets.
+//! - [`proto`]: the relay control messages and their flow.
+//! - [`pairing`]: the sans-IO pairing table (admission, replay refusal, pairing timeout).
+//! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-/// What this crate will hold, and which issue builds it.
-pub const STATUS: &str = "relay is not implemented yet: the relay (pairs ticketed session halves and forwards bytes) comes with issue 4";
+pub mod defaults;
+pub mod frame;
+pub mod pairing;
+pub mod proto;
+pub mod ticket;
+
+/// What this crate does not do yet, for the `relay` binary.
+pub const STATUS: &str = "the standalone relay server is not built yet: the relay library \
+(tickets, pairing) is, and the forwarding server comes next in issue 4";

@@ -18,7 +18,8 @@
 pub mod broker;
 pub mod client;
 pub mod defaults;
-pub mod frame;
+/// The frame codec (it lives in the relay crate, which the rendezvous embeds).
+pub use relay::frame;
 mod http;
 pub mod metrics;
 pub mod proto;

@@ -462,21 +462,7 @@ impl<'de> Deserialize<'de> for Signature {
     }
 }
 
-/// A brokered session's id, 16 random bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct SessionId(pub [u8; 16]);
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SessionId({self})")
-    }
-}
+pub use relay::ticket::SessionId;
 
 /// The bytes a registering peer signs: a domain tag, the server's nonce and the name, so a
 /// signature cannot be replayed on another connection or for another name.
@@ -622,5 +608,268 @@ mod tests {
         let mut r = base;
         r.name = "bad name".into();
         assert_eq!(r.validate().unwrap_err().code, ErrorCode::InvalidName);
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    //! The protocol's bytes, pinned: a change here breaks deployed peers.
+    use super::*;
+    use proptest::prelude::*;
+    use relay::frame::{MAX_FRAME_LEN, decode, encode, parse_header};
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: &T) {
+        let bytes = encode(msg).unwrap();
+        let len = parse_header(bytes[..4].try_into().unwrap(), MAX_FRAME_LEN).unwrap();
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(&decode::<T>(&bytes[4..]).unwrap(), msg);
+    }
+
+    fn hex_of<T: Serialize>(msg: &T) -> String {
+        hex::encode(encode(msg).unwrap())
+    }
+
+    fn sample_service() -> Service {
+        Service {
+            port: 7274,
+            proto: Proto::Tcp,
+            description: "web".into(),
+        }
+    }
+
+    fn sample_broker() -> Broker {
+        Broker {
+            session: SessionId([0x5a; 16]),
+            role: Role::Responder,
+            peer: "phone".into(),
+            peer_key: PublicKey([2; 32]),
+            service: sample_service(),
+            candidates: Candidates {
+                tcp: Some("198.18.1.2:40000".parse().unwrap()),
+                udp: Some("198.18.1.2:40001".parse().unwrap()),
+                lan: vec!["198.19.0.5:5000".parse().unwrap()],
+            },
+            start_in_ms: 300,
+            secret: [7; 32],
+        }
+    }
+
+    /// Every frame kind, pinned byte for byte: a change here breaks deployed peers, so it
+    /// must come with a protocol version bump.
+    #[test]
+    fn byte_snapshots() {
+        let hello = ClientFrame::Hello(Hello {
+            version: 1,
+            token: Some("t".into()),
+        });
+        assert_eq!(hex_of(&hello), "0000000500010101 74".replace(' ', ""));
+        let register = ClientFrame::Request {
+            id: 1,
+            body: Request::Register(Register {
+                name: "pc".into(),
+                key: PublicKey([1; 32]),
+                services: vec![sample_service()],
+                lan_addrs: vec!["198.18.0.9:7000".parse().unwrap()],
+                signature: Signature([3; 64]),
+            }),
+        };
+        assert_eq!(
+            hex_of(&register),
+            concat!(
+                "00000076",
+                "01",
+                "01",
+                "00",
+                "02",
+                "7063",
+                "0101010101010101010101010101010101010101010101010101010101010101",
+                "01",
+                "ea38",
+                "00",
+                "03",
+                "776562",
+                "01",
+                "00",
+                "c6120009",
+                "d836",
+                "03030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303"
+            )
+        );
+        let requests = [
+            (
+                Request::Heartbeat { rtt_ms: Some(12) },
+                "0000000501020101 0c",
+            ),
+            (Request::List { after: None }, "00000004010302 00"),
+            (
+                Request::Lookup { name: "pc".into() },
+                "0000000601040302 7063",
+            ),
+            (
+                Request::Connect {
+                    name: "pc".into(),
+                    service: Some(ServiceRef {
+                        port: 7274,
+                        proto: Proto::Udp,
+                    }),
+                },
+                "0000000a 0105 04 027063 01 ea38 01",
+            ),
+        ];
+        for (i, (body, want)) in requests.into_iter().enumerate() {
+            let frame = ClientFrame::Request {
+                id: i as u32 + 2,
+                body,
+            };
+            assert_eq!(hex_of(&frame), want.replace(' ', ""), "{frame:?}");
+        }
+        let welcome = ServerFrame::Welcome(Welcome {
+            version: 1,
+            nonce: [9; 32],
+            heartbeat_interval_ms: 15000,
+            software: "ct".into(),
+        });
+        assert_eq!(
+            hex_of(&welcome),
+            concat!(
+                "00000027",
+                "00",
+                "01",
+                "0909090909090909090909090909090909090909090909090909090909090909",
+                "9875",
+                "02",
+                "6374"
+            )
+        );
+        let registered = ServerFrame::Response {
+            id: 1,
+            body: Ok(Reply::Registered(Registered {
+                observed_tcp: "198.18.1.2:40000".parse().unwrap(),
+                stun_username: "u".into(),
+                stun_password: "p".into(),
+                replaced: false,
+            })),
+        };
+        assert_eq!(
+            hex_of(&registered),
+            "00000011010100 00 00 c6120102 c0b802 0175 0170 00".replace(' ', "")
+        );
+        let ack = ServerFrame::Response {
+            id: 2,
+            body: Ok(Reply::HeartbeatAck { udp_addr: None }),
+        };
+        assert_eq!(hex_of(&ack), "000000050102000100");
+        let peers = ServerFrame::Response {
+            id: 3,
+            body: Ok(Reply::Peers {
+                peers: vec![PeerInfo {
+                    name: "pc".into(),
+                    key: PublicKey([1; 32]),
+                    online: true,
+                    services: vec![],
+                    tcp_addr: None,
+                    udp_addr: None,
+                    last_seen_ms: 5,
+                }],
+                next: None,
+            }),
+        };
+        assert_eq!(
+            hex_of(&peers),
+            concat!(
+                "0000002e",
+                "01",
+                "03",
+                "00",
+                "02",
+                "01",
+                "02",
+                "7063",
+                "0101010101010101010101010101010101010101010101010101010101010101",
+                "01",
+                "00",
+                "00",
+                "00",
+                "05",
+                "00"
+            )
+        );
+        let err = ServerFrame::Response {
+            id: 4,
+            body: Err(ErrorFrame::new(ErrorCode::NameTaken, "x")),
+        };
+        assert_eq!(hex_of(&err), "00000006010401 08 0178".replace(' ', ""));
+        let broker = ServerFrame::Broker(sample_broker());
+        assert_eq!(
+            hex_of(&broker),
+            concat!(
+                "0000007b",
+                "02",
+                "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
+                "01",
+                "0570686f6e65",
+                "0202020202020202020202020202020202020202020202020202020202020202",
+                "ea3800",
+                "03776562",
+                "01",
+                "00",
+                "c6120102",
+                "c0b802",
+                "01",
+                "00",
+                "c6120102",
+                "c1b802",
+                "01",
+                "00",
+                "c6130005",
+                "8827",
+                "ac02",
+                "0707070707070707070707070707070707070707070707070707070707070707"
+            )
+        );
+        let fatal = ServerFrame::Error(ErrorFrame::new(ErrorCode::Timeout, "t"));
+        assert_eq!(hex_of(&fatal), "00000004030601 74".replace(' ', ""));
+    }
+
+    #[test]
+    fn round_trips() {
+        round_trip(&ServerFrame::Broker(sample_broker()));
+        round_trip(&ServerFrame::Response {
+            id: u32::MAX,
+            body: Ok(Reply::Brokered(sample_broker())),
+        });
+        round_trip(&ServerFrame::Error(ErrorFrame::new(
+            ErrorCode::Other(4242),
+            "from the future",
+        )));
+        round_trip(&ClientFrame::Request {
+            id: 0,
+            body: Request::Connect {
+                name: "pc-home".into(),
+                service: None,
+            },
+        });
+        round_trip(&ClientFrame::Hello(Hello {
+            version: 1,
+            token: None,
+        }));
+    }
+
+    proptest! {
+        /// Whatever a peer sends, decoding returns an error or a message; never a panic.
+        #[test]
+        fn decoder_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<ClientFrame>(&body);
+            let _ = decode::<ServerFrame>(&body);
+        }
+
+        #[test]
+        fn lookup_round_trips(name in "[a-z0-9.-]{0,64}", id in any::<u32>()) {
+            let f = ClientFrame::Request { id, body: Request::Lookup { name } };
+            let bytes = encode(&f).unwrap();
+            prop_assert_eq!(decode::<ClientFrame>(&bytes[4..]).unwrap(), f);
+        }
     }
 }

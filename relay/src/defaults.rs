@@ -1,0 +1,27 @@
+//! Every timeout and limit of the relay, each with the reason for its value.
+
+use std::time::Duration;
+
+/// Sessions paired or waiting at once. A small VM relays a few thousand interactive
+/// sessions comfortably; past that, add relays.
+pub const MAX_SESSIONS: usize = 10_000;
+
+/// How long the first half waits for the second. Both get their tickets in the same
+/// broker exchange, so a healthy partner arrives within a round trip or two; 30 s covers
+/// a slow mobile link and a retry.
+pub const PAIRING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest ticket lifetime a relay accepts: one hour bounds how long spent tickets must be
+/// remembered to refuse replays.
+pub const MAX_TICKET_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A paired session with no bytes either way for this long is closed. Tunnels keep alive
+/// far more often than this (under half the NAT mapping lifetime).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Time a new TCP connection has to present its ticket.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes read per system call when forwarding. Buffers are lent from a pool only while
+/// data flows, so idle sessions hold none.
+pub const CHUNK: usize = 64 * 1024;
