@@ -203,6 +203,30 @@ pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
+/// Closes a connection so that the last frame written really arrives: closing a socket
+/// with unread input makes the kernel send RST, which can destroy an error frame still in
+/// flight. Half-closes, then [`drain`]s.
+pub async fn close_after_error<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = stream.shutdown().await;
+    drain(stream).await;
+}
+
+/// Reads and discards (at most 64 KiB, at most 1 s) until the peer closes, after our own
+/// half-close; see [`close_after_error`].
+pub async fn drain<R: AsyncRead + Unpin>(r: &mut R) {
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while left > 0 {
+            match r.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

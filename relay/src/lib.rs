@@ -10,14 +10,20 @@
 //! - [`ticket`]: session ids, sides, and HMAC-signed tickets.
 //! - [`proto`]: the relay control messages and their flow.
 //! - [`pairing`]: the sans-IO pairing table (admission, replay refusal, pairing timeout).
+//! - [`server`]: the tokio shell: TCP and UDP forwarding with limits and accounting;
+//!   [`stats`]: its counters and their Prometheus text.
+//! - [`client`]: joining a session over TCP or UDP.
 //! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod client;
 pub mod defaults;
 pub mod frame;
 pub mod pairing;
 pub mod proto;
+pub mod server;
+pub mod stats;
 pub mod ticket;
 
 /// What this crate does not do yet, for the `relay` binary.

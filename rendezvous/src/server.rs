@@ -577,7 +577,7 @@ async fn serve_conn(
     let greeted = hello(shared, &mut reader, &mut wr, &shutdown).await;
     drop(pending);
     let end = match greeted {
-        Ok(nonce) => session(shared, reader, &mut wr, remote, nonce, &shutdown).await,
+        Ok(nonce) => session(shared, &mut reader, &mut wr, remote, nonce, &shutdown).await,
         Err(end) => end,
     };
     match end {
@@ -591,11 +591,17 @@ async fn serve_conn(
             ) {
                 metrics::inc(&shared.metrics.frames_rejected);
             }
-            let _ = timeout(
+            let sent = timeout(
                 defaults::WRITE_TIMEOUT,
                 frame::write(&mut wr, &ServerFrame::Error(err)),
             )
             .await;
+            if matches!(sent, Ok(Ok(()))) {
+                // Let the error frame arrive: unread input at close would turn it into RST.
+                let _ = timeout(defaults::WRITE_TIMEOUT, wr.shutdown()).await;
+                frame::drain(reader.get_mut()).await;
+                return;
+            }
         }
     }
     let _ = timeout(defaults::WRITE_TIMEOUT, wr.shutdown()).await;
@@ -707,7 +713,7 @@ fn shutting_down() -> ErrorFrame {
 
 async fn session(
     shared: &Arc<Shared>,
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     wr: &mut OwnedWriteHalf,
     remote: SocketAddr,
     nonce: [u8; 32],
@@ -721,17 +727,7 @@ async fn session(
         st.conns.insert(id, tx);
         id
     };
-    let end = session_loop(
-        shared,
-        &mut reader,
-        wr,
-        remote,
-        nonce,
-        conn,
-        &mut rx,
-        shutdown,
-    )
-    .await;
+    let end = session_loop(shared, reader, wr, remote, nonce, conn, &mut rx, shutdown).await;
     let name = {
         let mut st = shared.state();
         st.conns.remove(&conn);

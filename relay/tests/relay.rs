@@ -1,0 +1,292 @@
+//! The relay on loopback: pairing, opaque forwarding both ways with half-close, abrupt
+//! close, forged / expired / reused tickets, byte limit, pairing and idle timeouts, UDP.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use relay::client::{JoinError, join_tcp, join_udp};
+use relay::proto::RefusalCode;
+use relay::server::{RelayConfig, RelayHandle, RelayServer};
+use relay::ticket::{SessionId, Side, Ticket, TicketKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const BOUND: Duration = Duration::from_secs(20);
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {BOUND:?}"))
+}
+
+fn key() -> TicketKey {
+    TicketKey::from_bytes([42; 32])
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn tickets(session: u8) -> (Ticket, Ticket) {
+    let id = SessionId([session; 16]);
+    let exp = unix_now() + 60;
+    (
+        key().issue(id, Side::Initiator, exp),
+        key().issue(id, Side::Responder, exp),
+    )
+}
+
+async fn relay_with(f: impl FnOnce(&mut RelayConfig)) -> RelayHandle {
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), key());
+    f(&mut config);
+    RelayServer::bind(config).await.unwrap().spawn()
+}
+
+async fn pair(relay: SocketAddr, session: u8) -> (TcpStream, TcpStream) {
+    let (a, b) = tickets(session);
+    let (x, y) = within(
+        "pairing",
+        futures_join(join_tcp(relay, a, BOUND), join_tcp(relay, b, BOUND)),
+    )
+    .await;
+    (x.unwrap(), y.unwrap())
+}
+
+async fn futures_join<A, B>(a: A, b: B) -> (A::Output, B::Output)
+where
+    A: std::future::Future,
+    B: std::future::Future,
+{
+    tokio::join!(a, b)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn refused(r: Result<TcpStream, JoinError>) -> RefusalCode {
+    match r {
+        Err(JoinError::Refused(r)) => r.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tcp_forwards_both_ways_and_propagates_half_close() {
+    let relay = relay_with(|_| {}).await;
+    let (mut a, mut b) = pair(relay.addr(), 1).await;
+    let up = pattern(1 << 20, 1);
+    let down = pattern(1 << 20, 2);
+    let (up2, down2) = (up.clone(), down.clone());
+    // a sends 1 MiB and half-closes; b reads to EOF, then answers with 1 MiB and closes.
+    let sender = tokio::spawn(async move {
+        a.write_all(&up2).await.unwrap();
+        a.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        a.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let mut got = Vec::new();
+    within("b reads to EOF", b.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, up, "a → b content");
+    b.write_all(&down2).await.unwrap();
+    b.shutdown().await.unwrap();
+    let back = within("a reads the answer", sender).await.unwrap();
+    assert_eq!(back, down, "b → a content after a's half-close");
+    within("session ends", async {
+        while relay
+            .stats()
+            .sessions_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let s = relay.stats();
+    assert_eq!(
+        s.bytes_total.load(std::sync::atomic::Ordering::Relaxed),
+        2 << 20
+    );
+    assert_eq!(
+        s.sessions_total.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        relay
+            .stats()
+            .render()
+            .contains("chuantou_relay_bytes_total 2097152")
+    );
+}
+
+#[tokio::test]
+async fn abrupt_close_of_one_side_closes_the_other() {
+    let relay = relay_with(|_| {}).await;
+    let (a, mut b) = pair(relay.addr(), 2).await;
+    socket2::SockRef::from(&a)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(a);
+    let mut buf = [0u8; 16];
+    let r = within("b sees the close", b.read(&mut buf)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+}
+
+#[tokio::test]
+async fn forged_expired_and_reused_tickets_are_refused_without_disturbing_others() {
+    let relay = relay_with(|_| {}).await;
+    let (mut a, mut b) = pair(relay.addr(), 3).await;
+    let addr = relay.addr();
+
+    let forged =
+        TicketKey::from_bytes([7; 32]).issue(SessionId([4; 16]), Side::Initiator, unix_now() + 60);
+    assert_eq!(
+        refused(join_tcp(addr, forged, BOUND).await),
+        RefusalCode::BadTicket
+    );
+    let expired = key().issue(SessionId([4; 16]), Side::Initiator, unix_now() - 5);
+    assert_eq!(
+        refused(join_tcp(addr, expired, BOUND).await),
+        RefusalCode::Expired
+    );
+    let (used, _) = tickets(3);
+    assert_eq!(
+        refused(join_tcp(addr, used, BOUND).await),
+        RefusalCode::Reused
+    );
+    let mut altered = tickets(5).0;
+    altered.session = SessionId([6; 16]);
+    assert_eq!(
+        refused(join_tcp(addr, altered, BOUND).await),
+        RefusalCode::BadTicket
+    );
+    // Garbage instead of a hello.
+    let mut junk = TcpStream::connect(addr).await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    within("junk closed", junk.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(!out.is_empty(), "a refusal frame comes back");
+
+    // The first session still works.
+    a.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    within("b reads", b.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    assert_eq!(
+        relay
+            .stats()
+            .refused_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+}
+
+#[tokio::test]
+async fn session_over_its_byte_limit_is_closed() {
+    let relay = relay_with(|c| c.max_bytes_per_session = Some(100 * 1024)).await;
+    let (mut a, mut b) = pair(relay.addr(), 6).await;
+    let (mut c, mut d) = pair(relay.addr(), 7).await;
+    let writer = tokio::spawn(async move {
+        // The relay cuts this off; the write may fail part way.
+        let _ = a.write_all(&pattern(1 << 20, 3)).await;
+    });
+    let mut got = Vec::new();
+    let _ = within("b sees the cut", b.read_to_end(&mut got)).await;
+    assert!(
+        got.len() <= 100 * 1024,
+        "forwarded {} bytes past the limit",
+        got.len()
+    );
+    assert_eq!(got, pattern(1 << 20, 3)[..got.len()], "no altered bytes");
+    within("writer ends", writer).await.unwrap();
+    // The other session is untouched.
+    c.write_all(b"ok").await.unwrap();
+    let mut buf = [0u8; 2];
+    within("d reads", d.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"ok");
+}
+
+#[tokio::test]
+async fn a_lonely_half_times_out_and_an_idle_session_is_closed() {
+    let relay = relay_with(|c| {
+        c.limits.pairing_timeout = Duration::from_millis(200);
+        c.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (alone, _) = tickets(8);
+    assert_eq!(
+        refused(join_tcp(relay.addr(), alone, BOUND).await),
+        RefusalCode::PairTimeout
+    );
+
+    let (mut a, mut b) = pair(relay.addr(), 9).await;
+    let mut buf = [0u8; 1];
+    assert!(matches!(
+        within("idle close a", a.read(&mut buf)).await,
+        Ok(0) | Err(_)
+    ));
+    assert!(matches!(
+        within("idle close b", b.read(&mut buf)).await,
+        Ok(0) | Err(_)
+    ));
+}
+
+#[tokio::test]
+async fn udp_forwards_datagrams_both_ways_keeping_boundaries() {
+    let relay = relay_with(|_| {}).await;
+    let (ta, tb) = tickets(10);
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let every = Duration::from_millis(100);
+    let (ra, rb) = within(
+        "udp pairing",
+        futures_join(
+            join_udp(&a, relay.addr(), ta, every, BOUND),
+            join_udp(&b, relay.addr(), tb, every, BOUND),
+        ),
+    )
+    .await;
+    ra.unwrap();
+    rb.unwrap();
+    for (from, to, len) in [(&a, &b, 1200usize), (&b, &a, 7), (&a, &b, 1)] {
+        let msg = pattern(len, len as u8);
+        from.send_to(&msg, relay.addr()).await.unwrap();
+        let mut buf = [0u8; 2048];
+        // Late status datagrams may still arrive first; skip them.
+        loop {
+            let (n, src) = within("datagram", to.recv_from(&mut buf)).await.unwrap();
+            assert_eq!(src, relay.addr());
+            if relay::proto::decode_udp(&buf[..n]).is_some() {
+                continue;
+            }
+            assert_eq!(&buf[..n], &msg[..], "datagram of {len} bytes");
+            break;
+        }
+    }
+    assert_eq!(
+        relay
+            .stats()
+            .bytes_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1208
+    );
+    // The same ticket from another socket is a replay.
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (ta2, _) = tickets(10);
+    let r = join_udp(&c, relay.addr(), ta2, every, BOUND).await;
+    assert!(
+        matches!(r, Err(JoinError::Refused(ref x)) if x.code == RefusalCode::Reused),
+        "{r:?}"
+    );
+}
