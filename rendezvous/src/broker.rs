@@ -4,8 +4,13 @@
 use std::time::Duration;
 
 use crate::defaults;
+use std::net::SocketAddr;
+
+use relay::ticket::TicketKey;
+
 use crate::proto::{
-    Broker, Candidates, ErrorCode, ErrorFrame, PublicKey, Role, Service, ServiceRef, SessionId,
+    Broker, Candidates, ErrorCode, ErrorFrame, PublicKey, RelayOffer, Role, Service, ServiceRef,
+    SessionId,
 };
 
 /// One side of a session as the broker needs it.
@@ -19,6 +24,19 @@ pub struct Side<'a> {
     pub candidates: Candidates,
     /// Its round trip to the server, if it reported one.
     pub rtt: Option<Duration>,
+}
+
+/// What the broker needs to hand out relay tickets.
+#[derive(Debug, Clone)]
+pub struct RelayIssue<'a> {
+    /// The key shared with the relay.
+    pub key: &'a TicketKey,
+    /// Unix seconds at which the tickets expire.
+    pub expires: u64,
+    /// The relay address as the initiator should dial it.
+    pub addr_for_initiator: SocketAddr,
+    /// The relay address as the responder should dial it.
+    pub addr_for_responder: SocketAddr,
 }
 
 /// Picks the service `wanted` among `offered`, or the only one when `wanted` is `None`.
@@ -84,7 +102,17 @@ pub fn broker(
     initiator: Side<'_>,
     responder: Side<'_>,
     service: Service,
+    relay: Option<RelayIssue<'_>>,
 ) -> (Broker, Broker) {
+    let offer = |role: Role| {
+        relay.as_ref().map(|r| RelayOffer {
+            addr: match role {
+                Role::Initiator => r.addr_for_initiator,
+                Role::Responder => r.addr_for_responder,
+            },
+            ticket: r.key.issue(session, role, r.expires),
+        })
+    };
     let (da, db) = start_delays(initiator.rtt, responder.rtt);
     let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
     let to_initiator = Broker {
@@ -96,6 +124,7 @@ pub fn broker(
         candidates: responder.candidates,
         start_in_ms: ms(da),
         secret,
+        relay: offer(Role::Initiator),
     };
     let to_responder = Broker {
         session,
@@ -106,6 +135,7 @@ pub fn broker(
         candidates: initiator.candidates,
         start_in_ms: ms(db),
         secret,
+        relay: offer(Role::Responder),
     };
     (to_initiator, to_responder)
 }
@@ -162,6 +192,7 @@ mod tests {
 
     #[test]
     fn each_side_gets_the_other_sides_key_and_candidates() {
+        let key = TicketKey::from_bytes([8; 32]);
         let cand = |port| Candidates {
             tcp: Some(std::net::SocketAddr::from(([198, 18, 0, 1], port))),
             udp: None,
@@ -183,8 +214,24 @@ mod tests {
                 rtt: None,
             },
             svc(7274, Proto::Tcp),
+            Some(RelayIssue {
+                key: &key,
+                expires: 1_900_000_000,
+                addr_for_initiator: "198.18.0.1:7001".parse().unwrap(),
+                addr_for_responder: "198.18.9.1:7001".parse().unwrap(),
+            }),
         );
         assert_eq!((i.role, r.role), (Role::Initiator, Role::Responder));
+        // Each side gets a ticket for its own half only, and the relay address it can dial.
+        let (ri, rr) = (i.relay.unwrap(), r.relay.unwrap());
+        assert_eq!(
+            (ri.ticket.side, rr.ticket.side),
+            (Role::Initiator, Role::Responder)
+        );
+        assert_eq!(ri.addr.ip().to_string(), "198.18.0.1");
+        assert_eq!(rr.addr.ip().to_string(), "198.18.9.1");
+        assert_eq!(key.verify(&ri.ticket, 1_800_000_000), Ok(()));
+        assert_eq!(ri.ticket.session, i.session);
         assert_eq!((i.peer.as_str(), r.peer.as_str()), ("pc", "phone"));
         assert_eq!(
             (i.peer_key, r.peer_key),

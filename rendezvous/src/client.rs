@@ -87,7 +87,7 @@ impl Default for ClientConfig {
 #[derive(Debug)]
 pub enum ClientEvent {
     /// Another peer asked to reach one of our services.
-    Broker(Broker),
+    Broker(Box<Broker>),
     /// The connection ended; no more events follow.
     Closed(ClientError),
 }
@@ -334,7 +334,7 @@ async fn run(
                     }
                 }
                 Ok(ServerFrame::Broker(b)) => {
-                    let _ = events.send(ClientEvent::Broker(b)).await;
+                    let _ = events.send(ClientEvent::Broker(Box::new(b))).await;
                 }
                 Ok(ServerFrame::Error(e)) => break ClientError::Closed(Some(e)),
                 Ok(ServerFrame::Welcome(_)) => break ClientError::Protocol("second welcome".into()),

@@ -47,6 +47,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// sides have their sockets ready before the first probe arrives.
 pub const PUNCH_LEAD: Duration = Duration::from_millis(100);
 
+/// How long relay tickets stay valid after brokering: both sides join the relay within
+/// seconds of the broker message; two minutes covers a slow link and a retry, and keeps
+/// the relay's memory of spent tickets short.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(120);
+
 /// Assumed round trip for a peer that has not reported one yet.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(100);
 

@@ -120,11 +120,11 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let (online, names) = shared.with_registry(|r| (r.online(), r.len()));
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(online, names),
-    )
-        .into_response()
+    let mut text = shared.metrics.render(online, names);
+    if let Some(relay) = shared.relay_stats() {
+        text.push_str(&relay.render());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn not_found() -> Response {

@@ -84,6 +84,42 @@ struct Cli {
     #[arg(long, default_value_t = rendezvous::defaults::MAX_CONNECTIONS, value_name = "N")]
     max_connections: usize,
 
+    /// TCP and UDP address of the embedded relay, which carries sessions whose peers
+    /// cannot punch through their NATs.
+    #[arg(long, default_value = "0.0.0.0:7001", value_name = "ADDR:PORT")]
+    relay: SocketAddr,
+
+    /// Run no relay: brokered sessions then get no relay offer.
+    #[arg(long, conflicts_with_all = ["relay_key", "relay_max_sessions", "relay_max_bytes", "relay_rate", "relay_idle_timeout"])]
+    no_relay: bool,
+
+    /// Key (64 hex digits) for signing relay tickets, shared with standalone relays.
+    /// Without it a random key is made at each start, which is right for the embedded relay
+    /// alone.
+    #[arg(
+        long,
+        env = "CHUANTOU_RELAY_KEY",
+        hide_env_values = true,
+        value_name = "HEX"
+    )]
+    relay_key: Option<String>,
+
+    /// Most relay sessions (paired or waiting) at once.
+    #[arg(long, default_value_t = relay::defaults::MAX_SESSIONS, value_name = "N")]
+    relay_max_sessions: usize,
+
+    /// Bytes (both directions) after which a relay session is closed [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    relay_max_bytes: Option<u64>,
+
+    /// Bytes per second each relay session may use [default: no limit].
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    relay_rate: Option<u64>,
+
+    /// Seconds of silence after which a relay session is closed.
+    #[arg(long, default_value_t = relay::defaults::IDLE_TIMEOUT.as_secs(), value_name = "SECS")]
+    relay_idle_timeout: u64,
+
     /// Most connections from one IP address that may be waiting to say hello.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_PENDING_PER_IP, value_name = "N")]
     max_pending_per_ip: usize,
@@ -124,7 +160,23 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     if cli.token.as_deref() == Some("") {
         anyhow::bail!("the token is empty; unset CHUANTOU_TOKEN or give a real one");
     }
+    let relay = if cli.no_relay {
+        None
+    } else {
+        let key = match &cli.relay_key {
+            Some(hex) => relay::ticket::TicketKey::from_hex(hex)
+                .context("--relay-key / CHUANTOU_RELAY_KEY must be 64 hex digits (32 bytes)")?,
+            None => relay::ticket::TicketKey::random(),
+        };
+        let mut rc = relay::server::RelayConfig::new(cli.relay, key);
+        rc.limits.max_sessions = cli.relay_max_sessions;
+        rc.max_bytes_per_session = cli.relay_max_bytes;
+        rc.rate_per_session = cli.relay_rate;
+        rc.idle_timeout = Duration::from_secs(cli.relay_idle_timeout.max(1));
+        Some(rc)
+    };
     let config = ServerConfig {
+        relay,
         listen: cli.listen,
         stun: (!cli.no_stun).then_some(cli.stun),
         alt_ip: cli.alt_ip,

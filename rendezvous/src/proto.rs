@@ -265,15 +265,22 @@ pub struct Broker {
     pub start_in_ms: u32,
     /// Key for authenticating punch probes; known only to the two sides and the server.
     pub secret: [u8; 32],
+    /// A relay this side may use for the session, with its ticket; `None` when the server
+    /// runs no relay.
+    pub relay: Option<RelayOffer>,
 }
 
-/// Which side of a session this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    /// Sent `Connect`.
-    Initiator,
-    /// Was named in someone's `Connect`.
-    Responder,
+/// Which side of a session this is: `Initiator` sent `Connect`, `Responder` was named in
+/// it. The same type tells a relay which half a ticket admits.
+pub use relay::ticket::Side as Role;
+
+/// Where to find a relay for a session and the ticket that admits this side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayOffer {
+    /// The relay's address (TCP and UDP).
+    pub addr: SocketAddr,
+    /// This side's signed admission.
+    pub ticket: relay::ticket::Ticket,
 }
 
 /// Addresses at which a peer may be reachable.
@@ -653,6 +660,7 @@ mod wire_tests {
             },
             start_in_ms: 300,
             secret: [7; 32],
+            relay: None,
         }
     }
 
@@ -805,7 +813,7 @@ mod wire_tests {
         assert_eq!(
             hex_of(&broker),
             concat!(
-                "0000007b",
+                "0000007c",
                 "02",
                 "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
                 "01",
@@ -826,7 +834,8 @@ mod wire_tests {
                 "c6130005",
                 "8827",
                 "ac02",
-                "0707070707070707070707070707070707070707070707070707070707070707"
+                "0707070707070707070707070707070707070707070707070707070707070707",
+                "00"
             )
         );
         let fatal = ServerFrame::Error(ErrorFrame::new(ErrorCode::Timeout, "t"));

@@ -34,6 +34,9 @@ use crate::registry::{
     self, ConnId, Registration, Registry, RegistryError, StunCredential, Timing,
 };
 use crate::stun::{Layout, Received, Responder, Slot};
+use relay::server::{RelayConfig, RelayServer};
+use relay::stats::RelayStats;
+use relay::ticket::TicketKey;
 
 /// How the server is set up.
 #[derive(Debug, Clone)]
@@ -62,6 +65,10 @@ pub struct ServerConfig {
     pub hello_timeout: Duration,
     /// Time a started frame has to complete.
     pub frame_timeout: Duration,
+    /// The embedded relay; `None` runs none (sessions then get no relay offer).
+    pub relay: Option<RelayConfig>,
+    /// How long relay tickets stay valid after brokering.
+    pub ticket_lifetime: Duration,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +86,11 @@ impl Default for ServerConfig {
             max_pending_per_ip: defaults::MAX_PENDING_PER_IP,
             hello_timeout: defaults::HELLO_TIMEOUT,
             frame_timeout: defaults::FRAME_TIMEOUT,
+            relay: Some(RelayConfig::new(
+                SocketAddr::from(([0, 0, 0, 0], 7001)),
+                TicketKey::random(),
+            )),
+            ticket_lifetime: defaults::TICKET_LIFETIME,
         }
     }
 }
@@ -111,11 +123,14 @@ pub struct BoundAddrs {
     pub stun: Option<Layout>,
     /// HTTP API, if on.
     pub http: Option<SocketAddr>,
+    /// The embedded relay (TCP and UDP), if on.
+    pub relay: Option<SocketAddr>,
 }
 
 /// A bound, not yet running server.
 #[derive(Debug)]
 pub struct Server {
+    relay: Option<RelayServer>,
     listener: TcpListener,
     stun: Vec<(Slot, UdpSocket)>,
     http: Option<TcpListener>,
@@ -131,15 +146,33 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     responder: Option<Mutex<Responder>>,
     expiry_changed: Notify,
+    relay: Option<EmbeddedRelay>,
+}
+
+/// What brokering needs to know of the embedded relay.
+#[derive(Debug)]
+struct EmbeddedRelay {
+    addr: SocketAddr,
+    key: TicketKey,
+    stats: Arc<RelayStats>,
 }
 
 #[derive(Debug)]
 struct State {
     registry: Registry,
-    conns: HashMap<ConnId, mpsc::Sender<Push>>,
+    conns: HashMap<ConnId, Conn>,
     next_conn: ConnId,
     /// Connections per source IP that have not said hello yet.
     pending: HashMap<IpAddr, usize>,
+}
+
+/// A signaling connection as other tasks see it.
+#[derive(Debug)]
+struct Conn {
+    /// Pushes to its task.
+    tx: mpsc::Sender<Push>,
+    /// The server address this peer reached: the address it can reach the relay on too.
+    local: SocketAddr,
 }
 
 /// Counts a connection as pending hello until dropped.
@@ -175,6 +208,11 @@ impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere must not take the whole server down with poisoned locks.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The embedded relay's counters, if it runs.
+    pub(crate) fn relay_stats(&self) -> Option<&RelayStats> {
+        self.relay.as_ref().map(|r| r.stats.as_ref())
     }
 
     /// Runs `f` on the registry (for the HTTP API).
@@ -219,6 +257,34 @@ impl Server {
             _ => None,
         };
 
+        let relay = match &config.relay {
+            Some(rc) => Some(RelayServer::bind(rc.clone()).await.map_err(|e| match e {
+                relay::server::RelayError::Bind {
+                    proto,
+                    addr,
+                    source,
+                } => ServerError::Bind {
+                    what: if proto == "tcp" {
+                        "relay tcp"
+                    } else {
+                        "relay udp"
+                    },
+                    addr,
+                    source,
+                },
+                other => ServerError::Config(other.to_string()),
+            })?),
+            None => None,
+        };
+        let embedded = match (&relay, &config.relay) {
+            (Some(r), Some(rc)) => Some(EmbeddedRelay {
+                addr: r.local_addr(),
+                key: rc.key.clone(),
+                stats: r.stats(),
+            }),
+            _ => None,
+        };
+
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 registry: Registry::new(config.timing, config.max_peers),
@@ -229,9 +295,12 @@ impl Server {
             responder: layout.map(|l| Mutex::new(Responder::new(l))),
             metrics: Metrics::default(),
             expiry_changed: Notify::new(),
+            relay: embedded,
             config,
         });
+        let relay_addr = relay.as_ref().map(RelayServer::local_addr);
         Ok(Server {
+            relay,
             listener,
             stun,
             http,
@@ -240,6 +309,7 @@ impl Server {
                 signaling,
                 stun: layout,
                 http: http_addr,
+                relay: relay_addr,
             },
         })
     }
@@ -252,6 +322,7 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then tells every peer and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server {
+            relay,
             listener,
             stun,
             http,
@@ -276,6 +347,9 @@ impl Server {
             tracker.spawn(crate::http::serve(l, shared.clone(), shutdown.clone()));
         }
         tracker.spawn(expiry_task(shared.clone(), shutdown.clone()));
+        if let Some(r) = relay {
+            tracker.spawn(r.run(shutdown.clone()));
+        }
 
         loop {
             let accepted = tokio::select! {
@@ -537,8 +611,8 @@ async fn expiry_task(shared: Arc<Shared>, shutdown: CancellationToken) {
             match ev {
                 registry::Event::Offline { name, conn, .. } => {
                     info!(peer = %name, "went offline: no heartbeat for {expiry:?}");
-                    if let Some(tx) = st.conns.get(&conn) {
-                        let _ = tx.try_send(Push::Close(ErrorFrame::new(
+                    if let Some(c) = st.conns.get(&conn) {
+                        let _ = c.tx.try_send(Push::Close(ErrorFrame::new(
                             ErrorCode::Expired,
                             format!("no heartbeat for {expiry:?}; register again"),
                         )));
@@ -720,11 +794,14 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> End {
     let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
+    let local = wr
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let conn = {
         let mut st = shared.state();
         let id = st.next_conn;
         st.next_conn += 1;
-        st.conns.insert(id, tx);
+        st.conns.insert(id, Conn { tx, local });
         id
     };
     let end = session_loop(shared, reader, wr, remote, nonce, conn, &mut rx, shutdown).await;
@@ -860,9 +937,9 @@ fn handle_request(
                 );
                 if let Ok(reg) = &out
                     && let Some(old) = reg.old_conn
-                    && let Some(tx) = st.conns.get(&old)
+                    && let Some(c) = st.conns.get(&old)
                 {
-                    let _ = tx.try_send(Push::Close(ErrorFrame::new(
+                    let _ = c.tx.try_send(Push::Close(ErrorFrame::new(
                         ErrorCode::Replaced,
                         format!("{name} registered again from another connection"),
                     )));
@@ -979,14 +1056,38 @@ fn connect(
         },
         rtt: e.rtt,
     };
-    let (to_me, to_them) = broker::broker(session, secret, side(me, mine), side(target, them), svc);
-    let tx = st.conns.get(&their_conn).ok_or_else(|| {
+    let their = st.conns.get(&their_conn).ok_or_else(|| {
         ErrorFrame::new(
             ErrorCode::PeerOffline,
             format!("{target} just went offline"),
         )
     })?;
-    tx.try_send(Push::Frame(Box::new(ServerFrame::Broker(to_them))))
+    let my_local = st.conns.get(&conn).map(|c| c.local);
+    let relay = shared.relay.as_ref().map(|r| {
+        // An embedded relay on a wildcard address is reached at the address each peer
+        // reached us on; one on a concrete address, there.
+        let dial = |local: Option<SocketAddr>| match local {
+            Some(l) if r.addr.ip().is_unspecified() => SocketAddr::new(l.ip(), r.addr.port()),
+            _ => r.addr,
+        };
+        broker::RelayIssue {
+            key: &r.key,
+            expires: unix_now() + shared.config.ticket_lifetime.as_secs(),
+            addr_for_initiator: dial(my_local),
+            addr_for_responder: dial(Some(their.local)),
+        }
+    });
+    let (to_me, to_them) = broker::broker(
+        session,
+        secret,
+        side(me, mine),
+        side(target, them),
+        svc,
+        relay,
+    );
+    their
+        .tx
+        .try_send(Push::Frame(Box::new(ServerFrame::Broker(to_them))))
         .map_err(|_| {
             ErrorFrame::new(
                 ErrorCode::Busy,
@@ -1023,6 +1124,12 @@ fn registry_error(e: RegistryError) -> ErrorFrame {
         RegistryError::NotRegistered => ErrorCode::NotRegistered,
     };
     ErrorFrame::new(code, e.to_string())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

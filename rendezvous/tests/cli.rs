@@ -84,6 +84,10 @@ fn help_explains_every_flag() {
         "--token",
         "CHUANTOU_TOKEN",
         "--heartbeat-interval",
+        "--relay",
+        "--no-relay",
+        "CHUANTOU_RELAY_KEY",
+        "0.0.0.0:7001",
         "RFC 5780",
         "0.0.0.0:7000",
         "0.0.0.0:3478",
@@ -124,7 +128,7 @@ fn bad_flags_give_clear_errors() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let out = Command::new(BIN)
-        .args(["--listen", &addr, "--no-stun", "--no-http"])
+        .args(["--listen", &addr, "--no-stun", "--no-http", "--no-relay"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -143,6 +147,8 @@ async fn sigterm_tells_peers_and_exits_cleanly() {
         "--stun",
         "127.0.0.1:0",
         "--http",
+        "127.0.0.1:0",
+        "--relay",
         "127.0.0.1:0",
     ]);
     let signaling = addr_in(&proc.wait_line("signaling listening"), "addr");

@@ -54,7 +54,7 @@ async fn two_peers_register_list_look_up_and_get_brokered() {
 
     let mine = phone.connect_to("pc-home", None).await.unwrap();
     let theirs = match within("broker push", pc.next_event()).await {
-        Some(ClientEvent::Broker(b)) => b,
+        Some(ClientEvent::Broker(b)) => *b,
         other => panic!("pc got {other:?}"),
     };
     assert_eq!((mine.role, theirs.role), (Role::Initiator, Role::Responder));

@@ -30,6 +30,10 @@ pub fn loopback_config() -> ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         stun: Some("127.0.0.1:0".parse().unwrap()),
         http: Some("127.0.0.1:0".parse().unwrap()),
+        relay: Some(relay::server::RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            relay::ticket::TicketKey::random(),
+        )),
         ..ServerConfig::default()
     }
 }
