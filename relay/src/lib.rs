@@ -26,6 +26,7 @@ pub mod server;
 pub mod stats;
 pub mod ticket;
 
-/// What this crate does not do yet, for the `relay` binary.
-pub const STATUS: &str = "the standalone relay server is not built yet: the relay library \
-(tickets, pairing) is, and the forwarding server comes next in issue 4";
+/// What the `relay` binary cannot do yet.
+pub const STATUS: &str = "the standalone relay cannot register with a rendezvous yet (issue 4), \
+so no rendezvous would hand it out; today the relay runs embedded in `rendezvous` \
+(--relay, on by default)";
