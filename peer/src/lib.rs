@@ -1,6 +1,19 @@
-//! chuantou `peer`: the peer (expose / reach, hole punching, tunnels). Not built yet (issues 4, 6 and 7); this crate holds its place in the
-//! workspace and says so plainly instead of pretending.
+//! chuantou peer: exposes a local service under a name, and reaches a named peer's service
+//! through an end-to-end encrypted tunnel (today over the relay; hole punching comes in
+//! later issues).
+//!
+//! # Layout
+//!
+//! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
+//! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys.
+//! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
 #![deny(missing_docs, unreachable_pub)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-/// What this crate will hold, and which issue builds it.
-pub const STATUS: &str = "peer is not implemented yet: the peer (expose / reach, hole punching, tunnels) comes with issues 4, 6 and 7";
+pub mod home;
+pub mod tls;
+pub mod tunnel;
+
+/// What the `peer` binary cannot do yet.
+pub const STATUS: &str = "peer expose/reach are being built (issue 4): identity, pinning and the \
+encrypted tunnel exist as a library, the commands come next";

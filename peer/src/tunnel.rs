@@ -1,0 +1,224 @@
+//! The tunnel between two peers over one byte stream (today a relay session; later a
+//! punched TCP path): TLS 1.3 with pinned keys ([`crate::tls`]), then yamux carrying every
+//! local TCP connection as its own stream.
+//!
+//! yamux's `Connection` must be polled continuously, from one place: a driver task owns it,
+//! takes "open a stream" requests over a channel, hands inbound streams to a handler, and
+//! ends the tunnel (closing [`Tunnel::closed`]) when the connection fails or ends.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+
+use ed25519_dalek::SigningKey;
+use rendezvous::proto::PublicKey;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::tls;
+
+/// A multiplexed stream inside a tunnel, with tokio's I/O traits.
+pub type TunnelStream = Compat<yamux::Stream>;
+
+/// Why a tunnel could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The handshake failed: wrong key, altered bytes, or the stream broke.
+    #[error("tunnel handshake: {0}")]
+    Handshake(io::Error),
+    /// The tunnel is gone.
+    #[error("tunnel closed")]
+    Closed,
+    /// yamux refused to open a stream.
+    #[error("opening a stream: {0}")]
+    Open(yamux::ConnectionError),
+}
+
+/// Byte counters of one tunnel.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Bytes sent to the other peer (payload).
+    pub bytes_out: AtomicU64,
+    /// Bytes received from the other peer (payload).
+    pub bytes_in: AtomicU64,
+    /// Local connections open through it now.
+    pub open: AtomicU64,
+}
+
+type OpenReply = oneshot::Sender<Result<yamux::Stream, TunnelError>>;
+
+/// A live tunnel; cloning shares it. The driver stops when every clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    opener: mpsc::Sender<OpenReply>,
+    closed: CancellationToken,
+    /// Its counters.
+    pub stats: Arc<TunnelStats>,
+}
+
+impl Tunnel {
+    /// Opens a new stream to the other side.
+    pub async fn open(&self) -> Result<TunnelStream, TunnelError> {
+        let (tx, rx) = oneshot::channel();
+        self.opener
+            .send(tx)
+            .await
+            .map_err(|_| TunnelError::Closed)?;
+        Ok(rx.await.map_err(|_| TunnelError::Closed)??.compat())
+    }
+
+    /// Cancelled when the tunnel ends.
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Whether the tunnel has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+}
+
+fn yamux_config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    // Hundreds of concurrent local connections are normal for a browser behind `reach`.
+    c.set_max_num_streams(1024);
+    c
+}
+
+/// The reaching side: TLS client authenticating as `me`, accepting only `peer`.
+pub async fn connect<S>(io: S, me: &SigningKey, peer: PublicKey) -> Result<Tunnel, TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = Arc::new(tls::client_config(me, peer)?);
+    let name = ServerName::try_from(tls::SERVER_NAME)
+        .map_err(|e| TunnelError::Handshake(io::Error::other(e)))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, io)
+        .await
+        .map_err(TunnelError::Handshake)?;
+    let conn = yamux::Connection::new(tls.compat(), yamux_config(), yamux::Mode::Client);
+    Ok(spawn_driver(conn, None))
+}
+
+/// The exposing side: TLS server authenticating as `me`, requiring `peer`; each stream the
+/// other side opens is given to `on_stream`.
+pub async fn accept<S>(
+    io: S,
+    me: &SigningKey,
+    peer: PublicKey,
+    on_stream: mpsc::Sender<TunnelStream>,
+) -> Result<Tunnel, TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = Arc::new(tls::server_config(me, peer)?);
+    let tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(io)
+        .await
+        .map_err(TunnelError::Handshake)?;
+    let conn = yamux::Connection::new(tls.compat(), yamux_config(), yamux::Mode::Server);
+    Ok(spawn_driver(conn, Some(on_stream)))
+}
+
+fn spawn_driver<T>(
+    mut conn: yamux::Connection<T>,
+    inbound: Option<mpsc::Sender<TunnelStream>>,
+) -> Tunnel
+where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
+{
+    let (opener, mut requests) = mpsc::channel::<OpenReply>(64);
+    let closed = CancellationToken::new();
+    let done = closed.clone();
+    tokio::spawn(async move {
+        let mut waiting: VecDeque<OpenReply> = VecDeque::new();
+        let mut requests_open = true;
+        let end = poll_fn(|cx| {
+            while requests_open {
+                match requests.poll_recv(cx) {
+                    Poll::Ready(Some(r)) => waiting.push_back(r),
+                    Poll::Ready(None) => requests_open = false,
+                    Poll::Pending => break,
+                }
+            }
+            while !waiting.is_empty() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(Ok(s)) => {
+                        if let Some(r) = waiting.pop_front() {
+                            let _ = r.send(Ok(s));
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            loop {
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(s))) => match &inbound {
+                        Some(tx) => {
+                            if tx.try_send(s.compat()).is_err() {
+                                debug!("tunnel: inbound stream dropped, handler busy");
+                            }
+                        }
+                        // The reaching side does not serve streams.
+                        None => drop(s),
+                    },
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+            if !requests_open && waiting.is_empty() && inbound.is_none() {
+                // Nobody can open streams any more and none come in: close politely.
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Pending
+        })
+        .await;
+        match &end {
+            Ok(()) => debug!("tunnel ended"),
+            Err(e) => debug!(error = %e, "tunnel failed"),
+        }
+        for r in waiting {
+            let _ = r.send(Err(TunnelError::Closed));
+        }
+        let _ = poll_fn(|cx| conn.poll_close(cx)).await;
+        done.cancel();
+    });
+    Tunnel {
+        opener,
+        closed,
+        stats: Arc::new(TunnelStats::default()),
+    }
+}
+
+/// Copies between a local connection and a tunnel stream until both directions end,
+/// counting bytes into `stats`.
+pub async fn splice<L>(
+    mut local: L,
+    mut stream: TunnelStream,
+    stats: &TunnelStats,
+) -> io::Result<()>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    let r = tokio::io::copy_bidirectional(&mut local, &mut stream).await;
+    stats.open.fetch_sub(1, Ordering::Relaxed);
+    let (out, back) = r?;
+    stats.bytes_out.fetch_add(out, Ordering::Relaxed);
+    stats.bytes_in.fetch_add(back, Ordering::Relaxed);
+    Ok(())
+}
