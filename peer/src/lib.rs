@@ -7,13 +7,14 @@
 //! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
 //! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys.
 //! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
+//! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
+//! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod expose;
 pub mod home;
+pub mod reach;
+pub mod signal;
 pub mod tls;
 pub mod tunnel;
-
-/// What the `peer` binary cannot do yet.
-pub const STATUS: &str = "peer expose/reach are being built (issue 4): identity, pinning and the \
-encrypted tunnel exist as a library, the commands come next";

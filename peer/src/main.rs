@@ -1,6 +1,283 @@
-//! The `peer` binary: not implemented yet; exits with a clear message.
+//! `peer`: expose a local service under a name, or reach a named peer's service through an
+//! end-to-end encrypted tunnel. Parses flags, merges them with the home's config.toml, and
+//! runs the library's commands.
+#![deny(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use peer::expose::{self, Expose};
+use peer::home::Home;
+use peer::reach::{Reach, Reacher};
+use peer::signal::Signaling;
+use rendezvous::client::{Client, ClientConfig};
+use rendezvous::proto::{Proto, PublicKey, Service};
+use tokio_util::sync::CancellationToken;
+
+/// chuantou peer: reach services behind NATs.
+///
+///   on the PC:     peer expose 7274 --name pc-home
+///   on the phone:  peer reach pc-home          # then open http://127.0.0.1:7274/
+///
+/// Every connection is carried end to end encrypted (TLS 1.3, keys pinned on first
+/// contact in known_peers); today through the rendezvous' relay, hole punching comes later.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// Directory with this peer's key, config.toml and known_peers
+    /// [default: $XDG_CONFIG_HOME/chuantou or ~/.config/chuantou].
+    #[arg(long, env = "CHUANTOU_HOME", global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    /// The rendezvous server (also `rendezvous = "HOST:PORT"` in config.toml).
+    #[arg(
+        long,
+        env = "CHUANTOU_RENDEZVOUS",
+        global = true,
+        value_name = "HOST:PORT"
+    )]
+    rendezvous: Option<String>,
+
+    /// The rendezvous token, if it needs one (also `token` in config.toml).
+    #[arg(long, env = "CHUANTOU_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print this peer's public key (what others put in --allow).
+    Id,
+    /// Keep a local service reachable under a name.
+    Expose {
+        /// The service's port.
+        port: u16,
+        /// The name to register [default: this machine's hostname].
+        #[arg(long)]
+        name: Option<String>,
+        /// Expose a UDP service instead of TCP.
+        #[arg(long)]
+        udp: bool,
+        /// The host the service runs on, if not this one.
+        #[arg(long, default_value = "127.0.0.1", value_name = "HOST")]
+        to: String,
+        /// Accept only this peer key (repeat for several) [default: any brokered peer].
+        #[arg(long, value_name = "KEY")]
+        allow: Vec<String>,
+    },
+    /// Open a local port that is a named peer's service.
+    Reach {
+        /// The peer's name.
+        name: String,
+        /// Which of its services (port) [default: its only one].
+        #[arg(long, value_name = "PORT")]
+        service: Option<u16>,
+        /// Local address to listen on [default: 127.0.0.1:<service port>].
+        #[arg(long, value_name = "ADDR:PORT")]
+        local: Option<SocketAddr>,
+        /// Reach a UDP service.
+        #[arg(long)]
+        udp: bool,
+        /// Our own name at the rendezvous [default: reach-<key prefix>].
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// List the peers the rendezvous knows.
+    Ls {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show this peer's tunnels.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| rendezvous::proto::validate_name(h).is_ok())
+        .unwrap_or_else(|| "peer".to_owned())
+}
 
 fn main() -> std::process::ExitCode {
-    eprintln!("{}", peer::STATUS);
-    std::process::ExitCode::from(2)
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("peer: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peer: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let home = Home::open(cli.home.clone())?;
+    let file = home.config()?;
+    let rendezvous = cli.rendezvous.or(file.rendezvous);
+    let token = cli.token.or(file.token);
+    let need_rendezvous = || {
+        rendezvous.clone().context(
+            "no rendezvous configured: pass --rendezvous HOST:PORT, set CHUANTOU_RENDEZVOUS, \
+             or put rendezvous = \"HOST:PORT\" in config.toml",
+        )
+    };
+    let key = home.key()?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_signal.cancel();
+    });
+    match cli.command {
+        Command::Id => {
+            println!("{}", PublicKey(key.verifying_key().to_bytes()));
+            Ok(())
+        }
+        Command::Expose {
+            port,
+            name,
+            udp,
+            to,
+            allow,
+        } => {
+            if udp {
+                bail!("UDP services are not supported yet (issue 4 continues); TCP works");
+            }
+            let allow = allow
+                .iter()
+                .map(|k| {
+                    hex::decode(k.trim())
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .map(PublicKey)
+                        .with_context(|| {
+                            format!("--allow {k}: want a 64-hex-digit key (see `peer id`)")
+                        })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let name = name.unwrap_or_else(hostname);
+            let cfg = Expose {
+                signaling: Signaling {
+                    rendezvous: need_rendezvous()?,
+                    token,
+                    name,
+                    services: vec![Service {
+                        port,
+                        proto: Proto::Tcp,
+                        description: format!(
+                            "exposed by chuantou from {}",
+                            expose::target(&to, port)
+                        ),
+                    }],
+                },
+                target: expose::target(&to, port),
+                allow,
+            };
+            expose::run(cfg, key, shutdown).await
+        }
+        Command::Reach {
+            name,
+            service,
+            local,
+            udp,
+            as_name,
+        } => {
+            if udp {
+                bail!("UDP services are not supported yet (issue 4 continues); TCP works");
+            }
+            let me = as_name.unwrap_or_else(|| {
+                format!(
+                    "reach-{}",
+                    &hex::encode(key.verifying_key().to_bytes())[..12]
+                )
+            });
+            let cfg = Reach {
+                signaling: Signaling {
+                    rendezvous: need_rendezvous()?,
+                    token,
+                    name: me,
+                    services: vec![],
+                },
+                target: name,
+                service,
+                local,
+            };
+            Reacher::bind(cfg, home, key, shutdown).await?.run().await
+        }
+        Command::Ls { json } => {
+            let client = Client::connect(
+                &need_rendezvous()?,
+                ClientConfig {
+                    token,
+                    ..ClientConfig::default()
+                },
+            )
+            .await?;
+            let peers = client.list().await?;
+            if json {
+                let rows: Vec<_> = peers
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "name": p.name,
+                            "key": p.key.to_string(),
+                            "online": p.online,
+                            "services": p.services.iter().map(|s| serde_json::json!({
+                                "port": s.port, "proto": s.proto.to_string(), "description": s.description,
+                            })).collect::<Vec<_>>(),
+                            "tcp_addr": p.tcp_addr.map(|a| a.to_string()),
+                            "udp_addr": p.udp_addr.map(|a| a.to_string()),
+                            "last_seen_ms": p.last_seen_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<24} {:<8} {:<22} SERVICES", "NAME", "STATE", "ADDRESS");
+                for p in peers {
+                    println!(
+                        "{:<24} {:<8} {:<22} {}",
+                        p.name,
+                        if p.online { "online" } else { "offline" },
+                        p.tcp_addr.map_or("-".into(), |a| a.to_string()),
+                        p.services
+                            .iter()
+                            .map(|s| s.reference().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Status { .. } => {
+            bail!(
+                "`peer status` needs the control socket, which is not built yet (issue 4 continues)"
+            )
+        }
+    }
 }

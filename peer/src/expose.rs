@@ -1,0 +1,141 @@
+//! `peer expose PORT`: keep a service reachable under a name. Stays registered (reconnecting
+//! when the rendezvous goes away, while existing tunnels keep serving), and for every
+//! brokered session joins the relay, accepts the tunnel from the reaching peer (its key
+//! pinned by the broker message) and connects each stream to the local service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use rendezvous::client::ClientEvent;
+use rendezvous::proto::{Broker, PublicKey};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::signal::Signaling;
+use crate::tunnel;
+
+/// What to expose.
+#[derive(Debug, Clone)]
+pub struct Expose {
+    /// Registration.
+    pub signaling: Signaling,
+    /// Where the service listens on this machine (or on `--to HOST`).
+    pub target: String,
+    /// Keys allowed to reach us; empty allows every key the rendezvous brokers.
+    pub allow: Vec<PublicKey>,
+}
+
+/// How long to wait for the relay to pair us with the reaching peer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs until `shutdown`, or a refusal no retry can fix (name taken, bad token).
+pub async fn run(cfg: Expose, key: SigningKey, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let key = Arc::new(key);
+    let cfg = Arc::new(cfg);
+    info!(
+        name = %cfg.signaling.name,
+        target = %cfg.target,
+        "exposing {} as {}",
+        cfg.target,
+        cfg.signaling.name
+    );
+    loop {
+        let Some(mut client) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
+            return Ok(());
+        };
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                e = client.next_event() => e,
+            };
+            match event {
+                Some(ClientEvent::Broker(b)) => {
+                    tokio::spawn(session(cfg.clone(), key.clone(), *b, shutdown.clone()));
+                }
+                Some(ClientEvent::Closed(e)) => {
+                    warn!(error = %e, "lost the rendezvous; tunnels keep serving, reconnecting");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+async fn session(cfg: Arc<Expose>, key: Arc<SigningKey>, b: Broker, shutdown: CancellationToken) {
+    let peer = b.peer.clone();
+    if !cfg.allow.is_empty() && !cfg.allow.contains(&b.peer_key) {
+        warn!(%peer, key = %b.peer_key, "refused: key not in --allow");
+        // Join and fail the handshake, so the other side hears "refused" at once instead
+        // of waiting for a relay timeout.
+        if let Some(offer) = b.relay
+            && let Ok(stream) =
+                relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await
+        {
+            let (tx, _rx) = mpsc::channel(1);
+            let _ = tunnel::accept(stream, &key, PublicKey([0; 32]), tx).await;
+        }
+        return;
+    }
+    let Some(offer) = b.relay else {
+        warn!(%peer, "session without a relay offer: no path to {peer} yet (punching comes later)");
+        return;
+    };
+    let stream = match relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%peer, error = %e, "could not join the relay");
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel(256);
+    let t = match tunnel::accept(stream, &key, b.peer_key, tx).await {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%peer, error = %e, "tunnel handshake failed");
+            return;
+        }
+    };
+    info!(%peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = t.closed().cancelled() => break,
+            s = rx.recv() => match s { Some(s) => s, None => break },
+        };
+        let target = cfg.target.clone();
+        let stats = t.stats.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            match TcpStream::connect(&target).await {
+                Ok(local) => {
+                    let _ = local.set_nodelay(true);
+                    if let Err(e) = tunnel::splice(local, stream, &stats).await {
+                        debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                Err(e) => warn!(%peer, %target, error = %e, "cannot reach the exposed service"),
+            }
+        });
+    }
+    info!(
+        %peer,
+        session = %b.session,
+        sent = t.stats.bytes_out.load(Ordering::Relaxed),
+        received = t.stats.bytes_in.load(Ordering::Relaxed),
+        "tunnel closed"
+    );
+}
+
+/// The address `--to HOST` and the port make.
+pub fn target(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
+    }
+}

@@ -1,0 +1,259 @@
+//! `peer reach NAME`: a local port that is the named peer's service. Registers (the
+//! rendezvous brokers only registered peers), pins the peer's key on first contact, listens
+//! locally, and carries each local connection as a stream of one shared tunnel. A tunnel is
+//! made on the first connection and remade, through a new broker exchange, when it dies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use rendezvous::client::{Client, ClientError};
+use rendezvous::proto::{PeerInfo, Proto, ServiceRef};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::home::{Home, Pinned};
+use crate::signal::Signaling;
+use crate::tunnel::{self, Tunnel};
+
+/// What to reach.
+#[derive(Debug, Clone)]
+pub struct Reach {
+    /// Our own registration (no services).
+    pub signaling: Signaling,
+    /// The peer's name.
+    pub target: String,
+    /// Which of its services (TCP port); `None` for its only one.
+    pub service: Option<u16>,
+    /// The local address to listen on; `None` for `127.0.0.1:<service port>`.
+    pub local: Option<SocketAddr>,
+}
+
+/// How long to wait for the relay to pair us with the peer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bound `reach`, ready to run.
+#[derive(Debug)]
+pub struct Reacher {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    cfg: Reach,
+    key: SigningKey,
+    home: Home,
+    service: ServiceRef,
+    shutdown: CancellationToken,
+    client: Mutex<Option<Client>>,
+    tunnel: Mutex<Option<Tunnel>>,
+}
+
+fn pick_service(peer: &PeerInfo, wanted: Option<u16>) -> anyhow::Result<ServiceRef> {
+    let tcp: Vec<ServiceRef> = peer
+        .services
+        .iter()
+        .map(|s| s.reference())
+        .filter(|r| r.proto == Proto::Tcp)
+        .collect();
+    let list = || {
+        peer.services
+            .iter()
+            .map(|s| s.reference().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match wanted {
+        Some(p) => tcp.into_iter().find(|r| r.port == p).with_context(|| {
+            format!(
+                "{} does not offer {p}/tcp; it offers: {}",
+                peer.name,
+                list()
+            )
+        }),
+        None => match tcp.as_slice() {
+            [only] => Ok(*only),
+            [] => bail!("{} offers no TCP service (offers: {})", peer.name, list()),
+            _ => bail!(
+                "{} offers several services ({}); choose one with --service PORT",
+                peer.name,
+                list()
+            ),
+        },
+    }
+}
+
+impl Reacher {
+    /// Registers, looks the peer up, pins its key and binds the local port.
+    pub async fn bind(
+        cfg: Reach,
+        home: Home,
+        key: SigningKey,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Reacher> {
+        let client =
+            cfg.signaling.register(&key).await.with_context(|| {
+                format!("registering with rendezvous {}", cfg.signaling.rendezvous)
+            })?;
+        let peer = client
+            .lookup(&cfg.target)
+            .await
+            .with_context(|| format!("looking up {}", cfg.target))?;
+        if home.pin(&peer.name, peer.key)? == Pinned::New {
+            info!(peer = %peer.name, key = %peer.key, "pinned {}'s key (first contact)", peer.name);
+        }
+        let service = pick_service(&peer, cfg.service)?;
+        let local = cfg
+            .local
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port)));
+        let listener = TcpListener::bind(local).await.with_context(|| {
+            format!("listening on {local} (choose another with --local ADDR:PORT)")
+        })?;
+        info!(
+            peer = %peer.name,
+            local = %listener.local_addr().unwrap_or(local),
+            "reaching {} {} on {}{}",
+            peer.name,
+            service,
+            local,
+            if peer.online { "" } else { " (it is offline now)" }
+        );
+        Ok(Reacher {
+            listener,
+            state: Arc::new(State {
+                cfg,
+                key,
+                home,
+                service,
+                shutdown,
+                client: Mutex::new(Some(client)),
+                tunnel: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The local address connections should go to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The current tunnel's counters and whether one is up, for status.
+    pub async fn tunnel(&self) -> Option<Tunnel> {
+        self.state
+            .tunnel
+            .lock()
+            .await
+            .clone()
+            .filter(|t| !t.is_closed())
+    }
+
+    /// Serves local connections until shutdown.
+    pub async fn run(self) -> anyhow::Result<()> {
+        loop {
+            let (local, from) = tokio::select! {
+                _ = self.state.shutdown.cancelled() => return Ok(()),
+                r = self.listener.accept() => r.context("accepting local connections")?,
+            };
+            let _ = local.set_nodelay(true);
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let t = match state.tunnel().await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(%from, error = %format!("{e:#}"), "no tunnel to {}", state.cfg.target);
+                        return;
+                    }
+                };
+                let stream = match t.open().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%from, error = %e, "opening a stream failed");
+                        return;
+                    }
+                };
+                debug!(%from, path = "relay", "connection carried via relay after {:?}", started.elapsed());
+                if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
+                    debug!(%from, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+impl State {
+    /// The live tunnel, or a new one through a fresh broker exchange.
+    async fn tunnel(&self) -> anyhow::Result<Tunnel> {
+        let mut slot = self.tunnel.lock().await;
+        if let Some(t) = slot.as_ref().filter(|t| !t.is_closed()) {
+            return Ok(t.clone());
+        }
+        let started = Instant::now();
+        let b = self.broker().await?;
+        // The broker names the key; it must be the one pinned for this name.
+        self.home.pin(&b.peer, b.peer_key)?;
+        let offer = b.relay.with_context(
+            || "the rendezvous offered no relay, and punching comes in later issues",
+        )?;
+        let stream = relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT)
+            .await
+            .with_context(|| format!("joining relay {}", offer.addr))?;
+        let t = tunnel::connect(stream, &self.key, b.peer_key)
+            .await
+            .with_context(|| {
+                format!(
+                    "tunnel handshake with {} (is our key in its --allow list?)",
+                    b.peer
+                )
+            })?;
+        info!(
+            peer = %b.peer,
+            session = %b.session,
+            path = "relay",
+            "tunnel up via relay {} in {:.0} ms",
+            offer.addr,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Asks the rendezvous for a session, reconnecting once if our signaling died.
+    async fn broker(&self) -> anyhow::Result<rendezvous::proto::Broker> {
+        let mut client = self.client.lock().await;
+        for attempt in 0..2 {
+            if client.is_none() {
+                *client = Some(self.cfg.signaling.register(&self.key).await.with_context(
+                    || {
+                        format!(
+                            "reconnecting to rendezvous {}",
+                            self.cfg.signaling.rendezvous
+                        )
+                    },
+                )?);
+            }
+            let Some(c) = client.as_ref() else { continue };
+            match c.connect_to(&self.cfg.target, Some(self.service)).await {
+                Ok(b) => return Ok(b),
+                Err(ClientError::Closed(_) | ClientError::Frame(_) | ClientError::Timeout(_))
+                    if attempt == 0 =>
+                {
+                    warn!("lost the rendezvous; reconnecting");
+                    *client = None;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("asking to reach {}", self.cfg.target));
+                }
+            }
+        }
+        bail!(
+            "rendezvous {} keeps dropping us",
+            self.cfg.signaling.rendezvous
+        )
+    }
+}
