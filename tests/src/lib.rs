@@ -1,4 +1,177 @@
-//! End-to-end tests across the chuantou crates: the NAT-lab helpers and the matrix of NAT
-//! pairs arrive with the natprobe and punching issues. The rendezvous' own loopback tests
-//! live in `rendezvous/tests/`, next to the binary they start.
+//! Helpers for the end-to-end tests in `tests/tests/`: a rendezvous with its relay on
+//! loopback, exposing and reaching peers with their own homes, a local echo service, and a
+//! bound on every wait. (The NAT lab arrives with the natprobe and punching issues.)
 #![deny(missing_docs, unreachable_pub)]
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peer::expose::{self, Expose};
+use peer::home::Home;
+use peer::reach::{Reach, Reacher};
+use peer::signal::Signaling;
+use rendezvous::proto::{Proto, PublicKey, Service};
+use rendezvous::server::{Server, ServerConfig, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound on any single wait, so a bug hangs nothing.
+pub const BOUND: Duration = Duration::from_secs(60);
+
+/// Awaits `f`, failing the test after [`BOUND`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {BOUND:?}"))
+}
+
+/// A rendezvous with STUN, HTTP and relay on ephemeral loopback ports.
+pub async fn rendezvous() -> ServerHandle {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        stun: Some("127.0.0.1:0".parse().unwrap()),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        relay: Some(relay::server::RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            relay::ticket::TicketKey::random(),
+        )),
+        ..ServerConfig::default()
+    };
+    Server::bind(config).await.unwrap().spawn()
+}
+
+/// A fresh, empty peer home in the temp directory (removed on drop).
+pub struct TempHome(pub PathBuf);
+
+impl TempHome {
+    /// Makes one.
+    pub fn new() -> TempHome {
+        let dir = std::env::temp_dir().join(format!(
+            "chuantou-test-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        TempHome(dir)
+    }
+
+    /// Opens it.
+    pub fn open(&self) -> Home {
+        Home::open(Some(self.0.clone())).unwrap()
+    }
+}
+
+impl Default for TempHome {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempHome {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP echo service on loopback; returns its address.
+pub async fn echo_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Starts `peer expose` for `service` under `name`; returns the exposing peer's key.
+pub fn expose(
+    server: &ServerHandle,
+    home: &TempHome,
+    name: &str,
+    service: SocketAddr,
+    allow: Vec<PublicKey>,
+    shutdown: &CancellationToken,
+) -> PublicKey {
+    let key = home.open().key().unwrap();
+    let public = PublicKey(key.verifying_key().to_bytes());
+    let cfg = Expose {
+        signaling: Signaling {
+            rendezvous: server.addrs().signaling.to_string(),
+            token: None,
+            name: name.into(),
+            services: vec![Service {
+                port: service.port(),
+                proto: Proto::Tcp,
+                description: "test".into(),
+            }],
+        },
+        target: service.to_string(),
+        allow,
+    };
+    tokio::spawn(expose::run(cfg, key, shutdown.clone()));
+    public
+}
+
+/// Binds `peer reach name` on an ephemeral local port and runs it.
+pub async fn reach(
+    server: &ServerHandle,
+    home: &TempHome,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<SocketAddr, String> {
+    let h = home.open();
+    let key = h.key().unwrap();
+    let cfg = Reach {
+        signaling: Signaling {
+            rendezvous: server.addrs().signaling.to_string(),
+            token: None,
+            name: format!("reach-{}", hex::encode(rand::random::<[u8; 4]>())),
+            services: vec![],
+        },
+        target: name.into(),
+        service: None,
+        local: Some("127.0.0.1:0".parse().unwrap()),
+    };
+    let r = Reacher::bind(cfg, h, key, shutdown.clone())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let addr = r.local_addr().unwrap();
+    tokio::spawn(r.run());
+    Ok(addr)
+}
+
+/// Waits until `name` is online at the rendezvous.
+pub async fn online(server: &ServerHandle, name: &str) {
+    let c = rendezvous::client::Client::connect(
+        &server.addrs().signaling.to_string(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    within("peer online", async {
+        loop {
+            if c.lookup(name).await.is_ok_and(|p| p.online) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}

@@ -1,0 +1,149 @@
+//! `peer expose` and `peer reach` end to end through the embedded relay: a real HTTP client
+//! (curl), 200 concurrent connections each echoing 1 MiB with content checked, a pinned key
+//! that changed, and `--allow` refusing a key.
+
+use std::process::Command;
+
+use chuantou_tests::*;
+use rendezvous::proto::PublicKey;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A tiny HTTP server answering every request with `body`.
+async fn http_service(body: &'static str) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_fetches_the_exposed_page_through_the_tunnel() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let web = http_service("hello from pc-home\n").await;
+    expose(&server, &pc, "pc-home", web, vec![], &stop);
+    online(&server, "pc-home").await;
+    let local = reach(&server, &phone, "pc-home", &stop).await.unwrap();
+    let url = format!("http://{local}/");
+    let out = within(
+        "curl",
+        tokio::task::spawn_blocking(move || {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "30", &url])
+                .output()
+                .expect("curl is installed (scripts/test installs it)")
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from pc-home\n");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_each_echo_one_mebibyte() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let echo = echo_service().await;
+    expose(&server, &pc, "echo", echo, vec![], &stop);
+    online(&server, "echo").await;
+    let local = reach(&server, &phone, "echo", &stop).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(local).await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            let data: Vec<u8> = (0..(1u32 << 20))
+                .map(|j| (j.wrapping_mul(2654435761) >> 13) as u8 ^ i as u8)
+                .collect();
+            let want = Sha256::digest(&data);
+            let writer = tokio::spawn(async move {
+                w.write_all(&data).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let mut back = Vec::with_capacity(1 << 20);
+            r.read_to_end(&mut back).await.unwrap();
+            writer.await.unwrap();
+            assert_eq!(back.len(), 1 << 20, "connection {i} length");
+            assert_eq!(Sha256::digest(&back), want, "connection {i} content");
+        }));
+    }
+    for t in tasks {
+        within("echo connection", t).await.unwrap();
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_key_for_a_pinned_name_is_refused_loudly() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let echo = echo_service().await;
+    expose(&server, &pc, "pc-home", echo, vec![], &stop);
+    online(&server, "pc-home").await;
+    // The phone once pinned another key for pc-home.
+    phone.open().pin("pc-home", PublicKey([7; 32])).unwrap();
+    let err = reach(&server, &phone, "pc-home", &stop).await.unwrap_err();
+    assert!(err.contains("KEY MISMATCH for pc-home"), "{err}");
+    assert!(err.contains(&PublicKey([7; 32]).to_string()), "{err}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_refuses_other_keys_and_admits_listed_ones() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone, friend) = (TempHome::new(), TempHome::new(), TempHome::new());
+    let echo = echo_service().await;
+    let friend_key = PublicKey(friend.open().key().unwrap().verifying_key().to_bytes());
+    expose(&server, &pc, "pc-home", echo, vec![friend_key], &stop);
+    online(&server, "pc-home").await;
+
+    // The phone's key is not on the list: its connection is closed without data.
+    let local = reach(&server, &phone, "pc-home", &stop).await.unwrap();
+    let mut s = TcpStream::connect(local).await.unwrap();
+    let _ = s.write_all(b"ping").await;
+    let mut buf = [0u8; 4];
+    let n = within("refused connection closes", s.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a refused peer must get no data");
+
+    // The friend's is.
+    let local = reach(&server, &friend, "pc-home", &stop).await.unwrap();
+    let mut s = TcpStream::connect(local).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    within("friend echo", s.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    stop.cancel();
+}
