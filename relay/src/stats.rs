@@ -46,13 +46,19 @@ impl RelayStats {
                 get(&self.refused_total),
             ),
         ];
-        let mut out = String::new();
-        for (name, kind, help, value) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        out
+        prometheus(&rows)
     }
+}
+
+/// Renders `(name, type, help, value)` rows in the Prometheus text format (0.0.4); shared
+/// by every chuantou server's `/metrics`.
+pub fn prometheus(rows: &[(&str, &str, &str, u64)]) -> String {
+    let mut out = String::new();
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    out
 }

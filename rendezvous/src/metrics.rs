@@ -1,6 +1,5 @@
 //! Counters the server keeps and their Prometheus text rendering for `GET /metrics`.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Lock-free counters shared by every task of the server.
@@ -101,14 +100,7 @@ impl Metrics {
                 get(&self.stun_dropped),
             ),
         ];
-        let mut out = String::new();
-        for (name, kind, help, value) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        out
+        relay::stats::prometheus(&rows)
     }
 }
 

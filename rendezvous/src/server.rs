@@ -71,6 +71,21 @@ pub struct ServerConfig {
     pub ticket_lifetime: Duration,
 }
 
+impl ServerConfig {
+    /// Every service on an ephemeral port of 127.0.0.1, with a fresh relay key: for tests
+    /// and demos on one machine (ask [`Server::addrs`] for the ports).
+    pub fn loopback() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerConfig {
+            listen: any,
+            stun: Some(any),
+            http: Some(any),
+            relay: Some(RelayConfig::new(any, TicketKey::random())),
+            ..ServerConfig::default()
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {

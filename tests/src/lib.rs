@@ -31,16 +31,7 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 
 /// A rendezvous with STUN, HTTP and relay on ephemeral loopback ports.
 pub async fn rendezvous() -> ServerHandle {
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        stun: Some("127.0.0.1:0".parse().unwrap()),
-        http: Some("127.0.0.1:0".parse().unwrap()),
-        relay: Some(relay::server::RelayConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            relay::ticket::TicketKey::random(),
-        )),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::loopback();
     Server::bind(config).await.unwrap().spawn()
 }
 

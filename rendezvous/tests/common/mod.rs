@@ -26,16 +26,7 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 
 /// A config on loopback with ephemeral ports.
 pub fn loopback_config() -> ServerConfig {
-    ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        stun: Some("127.0.0.1:0".parse().unwrap()),
-        http: Some("127.0.0.1:0".parse().unwrap()),
-        relay: Some(relay::server::RelayConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            relay::ticket::TicketKey::random(),
-        )),
-        ..ServerConfig::default()
-    }
+    ServerConfig::loopback()
 }
 
 /// Starts a server with `config`.
