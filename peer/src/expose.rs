@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::signal::Signaling;
+use crate::status::Board;
 use crate::tunnel;
 
 /// What to expose.
@@ -34,7 +35,12 @@ pub struct Expose {
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`, or a refusal no retry can fix (name taken, bad token).
-pub async fn run(cfg: Expose, key: SigningKey, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Expose,
+    key: SigningKey,
+    board: Board,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let key = Arc::new(key);
     let cfg = Arc::new(cfg);
     info!(
@@ -55,7 +61,13 @@ pub async fn run(cfg: Expose, key: SigningKey, shutdown: CancellationToken) -> a
             };
             match event {
                 Some(ClientEvent::Broker(b)) => {
-                    tokio::spawn(session(cfg.clone(), key.clone(), *b, shutdown.clone()));
+                    tokio::spawn(session(
+                        cfg.clone(),
+                        key.clone(),
+                        *b,
+                        board.clone(),
+                        shutdown.clone(),
+                    ));
                 }
                 Some(ClientEvent::Closed(e)) => {
                     warn!(error = %e, "lost the rendezvous; tunnels keep serving, reconnecting");
@@ -67,7 +79,13 @@ pub async fn run(cfg: Expose, key: SigningKey, shutdown: CancellationToken) -> a
     }
 }
 
-async fn session(cfg: Arc<Expose>, key: Arc<SigningKey>, b: Broker, shutdown: CancellationToken) {
+async fn session(
+    cfg: Arc<Expose>,
+    key: Arc<SigningKey>,
+    b: Broker,
+    board: Board,
+    shutdown: CancellationToken,
+) {
     let peer = b.peer.clone();
     if !cfg.allow.is_empty() && !cfg.allow.contains(&b.peer_key) {
         warn!(%peer, key = %b.peer_key, "refused: key not in --allow");
@@ -102,6 +120,7 @@ async fn session(cfg: Arc<Expose>, key: Arc<SigningKey>, b: Broker, shutdown: Ca
         }
     };
     info!(%peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
+    board.add(&peer, "expose", "relay", &t);
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -9,6 +9,7 @@
 //! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
 //! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
 //! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
+//! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -16,5 +17,6 @@ pub mod expose;
 pub mod home;
 pub mod reach;
 pub mod signal;
+pub mod status;
 pub mod tls;
 pub mod tunnel;

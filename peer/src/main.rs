@@ -12,6 +12,7 @@ use peer::expose::{self, Expose};
 use peer::home::Home;
 use peer::reach::{Reach, Reacher};
 use peer::signal::Signaling;
+use peer::status::{self, Board};
 use rendezvous::client::{Client, ClientConfig};
 use rendezvous::proto::{Proto, PublicKey, Service};
 use tokio_util::sync::CancellationToken;
@@ -98,6 +99,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Serves `peer status` for this process; a failure only costs status, so it is logged.
+async fn serve_status(dir: PathBuf, board: Board, shutdown: CancellationToken) {
+    if let Err(e) = status::serve(&dir, board, shutdown).await {
+        tracing::warn!(error = %e, "status socket unavailable; `peer status` will not see this process");
+    }
 }
 
 fn hostname() -> String {
@@ -197,7 +205,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 target: expose::target(&to, port),
                 allow,
             };
-            expose::run(cfg, key, shutdown).await
+            let board = Board::default();
+            tokio::spawn(serve_status(
+                home.dir().to_owned(),
+                board.clone(),
+                shutdown.clone(),
+            ));
+            expose::run(cfg, key, board, shutdown).await
         }
         Command::Reach {
             name,
@@ -226,7 +240,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 service,
                 local,
             };
-            Reacher::bind(cfg, home, key, shutdown).await?.run().await
+            let board = Board::default();
+            let dir = home.dir().to_owned();
+            let reacher = Reacher::bind(cfg, home, key, board.clone(), shutdown.clone()).await?;
+            tokio::spawn(serve_status(dir, board, shutdown));
+            reacher.run().await
         }
         Command::Ls { json } => {
             let client = Client::connect(

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::home::{Home, Pinned};
 use crate::signal::Signaling;
+use crate::status::Board;
 use crate::tunnel::{self, Tunnel};
 
 /// What to reach.
@@ -52,6 +53,7 @@ struct State {
     shutdown: CancellationToken,
     client: Mutex<Option<Client>>,
     tunnel: Mutex<Option<Tunnel>>,
+    board: Board,
 }
 
 fn pick_service(peer: &PeerInfo, wanted: Option<u16>) -> anyhow::Result<ServiceRef> {
@@ -94,6 +96,7 @@ impl Reacher {
         cfg: Reach,
         home: Home,
         key: SigningKey,
+        board: Board,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Reacher> {
         let client =
@@ -133,6 +136,7 @@ impl Reacher {
                 shutdown,
                 client: Mutex::new(Some(client)),
                 tunnel: Mutex::new(None),
+                board,
             }),
         })
     }
@@ -219,6 +223,7 @@ impl State {
             offer.addr,
             started.elapsed().as_secs_f64() * 1000.0
         );
+        self.board.add(&b.peer, "reach", "relay", &t);
         *slot = Some(t.clone());
         Ok(t)
     }

@@ -116,7 +116,15 @@ pub fn expose(
         target: service.to_string(),
         allow,
     };
-    tokio::spawn(expose::run(cfg, key, shutdown.clone()));
+    let board = peer::status::Board::default();
+    let dir = home.0.clone();
+    let (b, stop) = (board.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        peer::status::serve(&dir, b, stop)
+            .await
+            .expect("status socket")
+    });
+    tokio::spawn(expose::run(cfg, key, board, shutdown.clone()));
     public
 }
 
@@ -140,7 +148,15 @@ pub async fn reach(
         service: None,
         local: Some("127.0.0.1:0".parse().unwrap()),
     };
-    let r = Reacher::bind(cfg, h, key, shutdown.clone())
+    let board = peer::status::Board::default();
+    let dir = home.0.clone();
+    let (b, stop) = (board.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        peer::status::serve(&dir, b, stop)
+            .await
+            .expect("status socket")
+    });
+    let r = Reacher::bind(cfg, h, key, board, shutdown.clone())
         .await
         .map_err(|e| format!("{e:#}"))?;
     let addr = r.local_addr().unwrap();

@@ -65,6 +65,29 @@ async fn curl_fetches_the_exposed_page_through_the_tunnel() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from pc-home\n");
+
+    // `peer status --json` on each side: one tunnel, on the relay path, bytes counted.
+    let mine = peer::status::query(&phone.0).await.unwrap();
+    let listing: Vec<_> = std::fs::read_dir(&phone.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?} {listing:?}");
+    assert_eq!(
+        (
+            mine[0].peer.as_str(),
+            mine[0].role.as_str(),
+            mine[0].path.as_str()
+        ),
+        ("pc-home", "reach", "relay")
+    );
+    assert!(mine[0].bytes_out > 0 && mine[0].bytes_in >= 19, "{mine:?}");
+    let theirs = peer::status::query(&pc.0).await.unwrap();
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    assert_eq!(
+        (theirs[0].role.as_str(), theirs[0].path.as_str()),
+        ("expose", "relay")
+    );
     stop.cancel();
 }
 
