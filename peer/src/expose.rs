@@ -29,6 +29,8 @@ pub struct Expose {
     pub target: String,
     /// Keys allowed to reach us; empty allows every key the rendezvous brokers.
     pub allow: Vec<PublicKey>,
+    /// The service is UDP: every stream is a UDP flow ([`crate::udp`]).
+    pub udp: bool,
 }
 
 /// How long to wait for the relay to pair us with the reaching peer.
@@ -130,6 +132,14 @@ async fn session(
         let target = cfg.target.clone();
         let stats = t.stats.clone();
         let peer = peer.clone();
+        if cfg.udp {
+            tokio::spawn(async move {
+                if let Err(e) = crate::udp::serve_flow(stream, &target).await {
+                    warn!(%peer, %target, error = %e, "udp flow failed");
+                }
+            });
+            continue;
+        }
         tokio::spawn(async move {
             match TcpStream::connect(&target).await {
                 Ok(local) => {

@@ -9,6 +9,7 @@
 //! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
 //! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
 //! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
+//! - [`udp`]: UDP flows as length-framed datagrams in tunnel streams.
 //! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -20,3 +21,4 @@ pub mod signal;
 pub mod status;
 pub mod tls;
 pub mod tunnel;
+pub mod udp;

@@ -172,9 +172,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             allow,
         } => {
-            if udp {
-                bail!("UDP services are not supported yet (issue 4 continues); TCP works");
-            }
             let allow = allow
                 .iter()
                 .map(|k| {
@@ -195,7 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     services: vec![Service {
                         port,
-                        proto: Proto::Tcp,
+                        proto: if udp { Proto::Udp } else { Proto::Tcp },
                         description: format!(
                             "exposed by chuantou from {}",
                             expose::target(&to, port)
@@ -204,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 target: expose::target(&to, port),
                 allow,
+                udp,
             };
             let board = Board::default();
             tokio::spawn(serve_status(
@@ -220,9 +218,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             udp,
             as_name,
         } => {
-            if udp {
-                bail!("UDP services are not supported yet (issue 4 continues); TCP works");
-            }
             let me = as_name.unwrap_or_else(|| {
                 format!(
                     "reach-{}",
@@ -239,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 target: name,
                 service,
                 local,
+                udp,
             };
             let board = Board::default();
             let dir = home.dir().to_owned();

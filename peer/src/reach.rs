@@ -32,6 +32,8 @@ pub struct Reach {
     pub service: Option<u16>,
     /// The local address to listen on; `None` for `127.0.0.1:<service port>`.
     pub local: Option<SocketAddr>,
+    /// Reach a UDP service (datagrams on the local address).
+    pub udp: bool,
 }
 
 /// How long to wait for the relay to pair us with the peer.
@@ -40,8 +42,15 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound `reach`, ready to run.
 #[derive(Debug)]
 pub struct Reacher {
-    listener: TcpListener,
+    local: Local,
     state: Arc<State>,
+}
+
+/// The local end: a TCP listener or a UDP socket.
+#[derive(Debug)]
+enum Local {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
 }
 
 #[derive(Debug)]
@@ -56,12 +65,12 @@ struct State {
     board: Board,
 }
 
-fn pick_service(peer: &PeerInfo, wanted: Option<u16>) -> anyhow::Result<ServiceRef> {
+fn pick_service(peer: &PeerInfo, wanted: Option<u16>, proto: Proto) -> anyhow::Result<ServiceRef> {
     let tcp: Vec<ServiceRef> = peer
         .services
         .iter()
         .map(|s| s.reference())
-        .filter(|r| r.proto == Proto::Tcp)
+        .filter(|r| r.proto == proto)
         .collect();
     let list = || {
         peer.services
@@ -110,16 +119,24 @@ impl Reacher {
         if home.pin(&peer.name, peer.key)? == Pinned::New {
             info!(peer = %peer.name, key = %peer.key, "pinned {}'s key (first contact)", peer.name);
         }
-        let service = pick_service(&peer, cfg.service)?;
+        let proto = if cfg.udp { Proto::Udp } else { Proto::Tcp };
+        let service = pick_service(&peer, cfg.service, proto)?;
         let local = cfg
             .local
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port)));
-        let listener = TcpListener::bind(local).await.with_context(|| {
-            format!("listening on {local} (choose another with --local ADDR:PORT)")
-        })?;
+        let hint = || format!("listening on {local} (choose another with --local ADDR:PORT)");
+        let listener = if cfg.udp {
+            Local::Udp(
+                tokio::net::UdpSocket::bind(local)
+                    .await
+                    .with_context(hint)?,
+            )
+        } else {
+            Local::Tcp(TcpListener::bind(local).await.with_context(hint)?)
+        };
         info!(
             peer = %peer.name,
-            local = %listener.local_addr().unwrap_or(local),
+            local = %listener.addr().unwrap_or(local),
             "reaching {} {} on {}{}",
             peer.name,
             service,
@@ -127,7 +144,7 @@ impl Reacher {
             if peer.online { "" } else { " (it is offline now)" }
         );
         Ok(Reacher {
-            listener,
+            local: listener,
             state: Arc::new(State {
                 cfg,
                 key,
@@ -143,7 +160,7 @@ impl Reacher {
 
     /// The local address connections should go to.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.local.addr()
     }
 
     /// The current tunnel's counters and whether one is up, for status.
@@ -156,12 +173,35 @@ impl Reacher {
             .filter(|t| !t.is_closed())
     }
 
-    /// Serves local connections until shutdown.
+    /// Serves local connections (or UDP flows) until shutdown.
     pub async fn run(self) -> anyhow::Result<()> {
+        let listener = match self.local {
+            Local::Tcp(l) => l,
+            Local::Udp(sock) => {
+                let state = self.state.clone();
+                let open = move || {
+                    let state = state.clone();
+                    async move {
+                        let t = match state.tunnel().await {
+                            Ok(t) => t,
+                            Err(e) => {
+                                warn!(error = %format!("{e:#}"), "no tunnel to {}", state.cfg.target);
+                                return None;
+                            }
+                        };
+                        t.open().await.ok()
+                    }
+                };
+                return tokio::select! {
+                    _ = self.state.shutdown.cancelled() => Ok(()),
+                    r = crate::udp::reach_udp(sock, open) => r.context("local udp socket"),
+                };
+            }
+        };
         loop {
             let (local, from) = tokio::select! {
                 _ = self.state.shutdown.cancelled() => return Ok(()),
-                r = self.listener.accept() => r.context("accepting local connections")?,
+                r = listener.accept() => r.context("accepting local connections")?,
             };
             let _ = local.set_nodelay(true);
             let state = self.state.clone();
@@ -186,6 +226,15 @@ impl Reacher {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
             });
+        }
+    }
+}
+
+impl Local {
+    fn addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Local::Tcp(l) => l.local_addr(),
+            Local::Udp(s) => s.local_addr(),
         }
     }
 }

@@ -100,6 +100,19 @@ pub fn expose(
     allow: Vec<PublicKey>,
     shutdown: &CancellationToken,
 ) -> PublicKey {
+    expose_proto(server, home, name, service, allow, false, shutdown)
+}
+
+/// Like [`expose`], for a UDP service when `udp`.
+pub fn expose_proto(
+    server: &ServerHandle,
+    home: &TempHome,
+    name: &str,
+    service: SocketAddr,
+    allow: Vec<PublicKey>,
+    udp: bool,
+    shutdown: &CancellationToken,
+) -> PublicKey {
     let key = home.open().key().unwrap();
     let public = PublicKey(key.verifying_key().to_bytes());
     let cfg = Expose {
@@ -109,12 +122,13 @@ pub fn expose(
             name: name.into(),
             services: vec![Service {
                 port: service.port(),
-                proto: Proto::Tcp,
+                proto: if udp { Proto::Udp } else { Proto::Tcp },
                 description: "test".into(),
             }],
         },
         target: service.to_string(),
         allow,
+        udp,
     };
     let board = peer::status::Board::default();
     let dir = home.0.clone();
@@ -135,6 +149,17 @@ pub async fn reach(
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, String> {
+    reach_proto(server, home, name, false, shutdown).await
+}
+
+/// Like [`reach`], for a UDP service when `udp`.
+pub async fn reach_proto(
+    server: &ServerHandle,
+    home: &TempHome,
+    name: &str,
+    udp: bool,
+    shutdown: &CancellationToken,
+) -> Result<SocketAddr, String> {
     let h = home.open();
     let key = h.key().unwrap();
     let cfg = Reach {
@@ -147,6 +172,7 @@ pub async fn reach(
         target: name.into(),
         service: None,
         local: Some("127.0.0.1:0".parse().unwrap()),
+        udp,
     };
     let board = peer::status::Board::default();
     let dir = home.0.clone();
