@@ -26,7 +26,7 @@ pub mod server;
 pub mod stats;
 pub mod ticket;
 
-/// What the `relay` binary cannot do yet.
-pub const STATUS: &str = "the standalone relay cannot register with a rendezvous yet (issue 4), \
-so no rendezvous would hand it out; today the relay runs embedded in `rendezvous` \
-(--relay, on by default)";
+/// What the `relay` binary cannot do yet, said at its start.
+pub const STATUS: &str = "this standalone relay cannot register with a rendezvous yet, so no \
+rendezvous hands it out: it serves only holders of tickets signed with its key (the relay \
+embedded in `rendezvous` is the one peers use today)";
