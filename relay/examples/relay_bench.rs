@@ -48,6 +48,9 @@ enum Mode {
     },
 }
 
+/// Copy buffer of the forwarders: large, so they cost the measurement as little as possible.
+const BUF: usize = 256 * 1024;
+
 fn tickets(key: &TicketKey) -> (Ticket, Ticket) {
     let id = SessionId(rand::random());
     let exp = SystemTime::now()
@@ -97,8 +100,8 @@ async fn main() -> anyhow::Result<()> {
                     }
                     // Each copy ends when its side closes; errors just end the connection.
                     let _ = tokio::join!(
-                        tokio::io::copy_bidirectional(&mut local, &mut near),
-                        tokio::io::copy_bidirectional(&mut far, &mut service),
+                        tokio::io::copy_bidirectional_with_sizes(&mut local, &mut near, BUF, BUF),
+                        tokio::io::copy_bidirectional_with_sizes(&mut far, &mut service, BUF, BUF),
                     );
                 });
             }

@@ -24,4 +24,4 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes read per system call when forwarding. Buffers are lent from a pool only while
 /// data flows, so idle sessions hold none.
-pub const CHUNK: usize = 64 * 1024;
+pub const CHUNK: usize = 256 * 1024;
