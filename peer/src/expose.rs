@@ -97,7 +97,7 @@ async fn session(
             && let Ok(stream) =
                 relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await
         {
-            let (tx, _rx) = mpsc::channel(1);
+            let (tx, _rx) = mpsc::unbounded_channel();
             let _ = tunnel::accept(stream, &key, PublicKey([0; 32]), tx).await;
         }
         return;
@@ -113,7 +113,7 @@ async fn session(
             return;
         }
     };
-    let (tx, mut rx) = mpsc::channel(256);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let t = match tunnel::accept(stream, &key, b.peer_key, tx).await {
         Ok(t) => t,
         Err(e) => {

@@ -120,12 +120,12 @@ where
 }
 
 /// The exposing side: TLS server authenticating as `me`, requiring `peer`; each stream the
-/// other side opens is given to `on_stream`.
+/// other side opens is given to `on_stream`, none dropped.
 pub async fn accept<S>(
     io: S,
     me: &SigningKey,
     peer: PublicKey,
-    on_stream: mpsc::Sender<TunnelStream>,
+    on_stream: mpsc::UnboundedSender<TunnelStream>,
 ) -> Result<Tunnel, TunnelError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -141,7 +141,9 @@ where
 
 fn spawn_driver<T>(
     mut conn: yamux::Connection<T>,
-    inbound: Option<mpsc::Sender<TunnelStream>>,
+    // Unbounded, yet bounded: yamux caps the streams open at once (`set_max_num_streams`),
+    // and a stream cannot be refused from inside the poll without losing it.
+    inbound: Option<mpsc::UnboundedSender<TunnelStream>>,
 ) -> Tunnel
 where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
@@ -175,8 +177,8 @@ where
                 match conn.poll_next_inbound(cx) {
                     Poll::Ready(Some(Ok(s))) => match &inbound {
                         Some(tx) => {
-                            if tx.try_send(s.compat()).is_err() {
-                                debug!("tunnel: inbound stream dropped, handler busy");
+                            if tx.send(s.compat()).is_err() {
+                                debug!("tunnel: inbound stream dropped, nobody serves them");
                             }
                         }
                         // The reaching side does not serve streams.
@@ -212,23 +214,69 @@ where
 }
 
 /// Copies between a local connection and a tunnel stream until both directions end,
-/// counting bytes into `stats`.
-pub async fn splice<L>(
-    mut local: L,
-    mut stream: TunnelStream,
-    stats: &TunnelStats,
-) -> io::Result<()>
+/// counting bytes into `stats` as they pass (so `peer status` shows live figures).
+pub async fn splice<L>(mut local: L, stream: TunnelStream, stats: &TunnelStats) -> io::Result<()>
 where
     L: AsyncRead + AsyncWrite + Unpin,
 {
     stats.open.fetch_add(1, Ordering::Relaxed);
+    let mut counted = Counted {
+        inner: stream,
+        stats,
+    };
     // tokio's default 8 KiB buffers cost a system call per 8 KiB; bulk transfers through
     // the tunnel go several times faster with larger ones.
-    let r =
-        tokio::io::copy_bidirectional_with_sizes(&mut local, &mut stream, COPY_BUF, COPY_BUF).await;
+    let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut counted, COPY_BUF, COPY_BUF)
+        .await;
     stats.open.fetch_sub(1, Ordering::Relaxed);
-    let (out, back) = r?;
-    stats.bytes_out.fetch_add(out, Ordering::Relaxed);
-    stats.bytes_in.fetch_add(back, Ordering::Relaxed);
-    Ok(())
+    r.map(|_| ())
+}
+
+/// A tunnel stream that counts what is written to it (sent to the peer) and read from it
+/// (received from the peer).
+struct Counted<'a> {
+    inner: TunnelStream,
+    stats: &'a TunnelStats,
+}
+
+impl AsyncRead for Counted<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.stats.bytes_in.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl AsyncWrite for Counted<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

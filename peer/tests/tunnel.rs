@@ -35,7 +35,7 @@ async fn pipe() -> (TcpStream, TcpStream) {
 }
 
 /// An echo service on the exposing side's inbound streams.
-fn echo(mut rx: mpsc::Receiver<TunnelStream>) {
+fn echo(mut rx: mpsc::UnboundedReceiver<TunnelStream>) {
     tokio::spawn(async move {
         while let Some(mut s) = rx.recv().await {
             tokio::spawn(async move {
@@ -60,7 +60,7 @@ fn echo(mut rx: mpsc::Receiver<TunnelStream>) {
 async fn streams_flow_both_ways_with_the_right_keys() {
     let (reacher, exposer) = (key(1), key(2));
     let (a, b) = pipe().await;
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::unbounded_channel();
     echo(rx);
     let (c, s) = within("handshake", async {
         tokio::join!(
@@ -92,7 +92,7 @@ async fn a_peer_with_another_key_is_refused_on_both_sides() {
     let (reacher, exposer, impostor) = (key(1), key(2), key(3));
     // The reaching side expects `exposer` but meets `impostor`.
     let (a, b) = pipe().await;
-    let (tx, _rx) = mpsc::channel(1);
+    let (tx, _rx) = mpsc::unbounded_channel();
     let (c, s) = within("handshake", async {
         tokio::join!(
             tunnel::connect(a, &reacher, public(&exposer)),
@@ -110,7 +110,7 @@ async fn a_peer_with_another_key_is_refused_on_both_sides() {
 
     // The exposing side expects `reacher` but is reached by `impostor`.
     let (a, b) = pipe().await;
-    let (tx, _rx) = mpsc::channel(1);
+    let (tx, _rx) = mpsc::unbounded_channel();
     let (c, s) = within("handshake", async {
         tokio::join!(
             tunnel::connect(a, &impostor, public(&exposer)),
@@ -166,7 +166,7 @@ async fn flipped_bits_fail_closed_and_are_never_delivered() {
             }
         }
     });
-    let (tx, mut rx) = mpsc::channel(16);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let (c, s) = within("handshake", async {
         tokio::join!(
             tunnel::connect(a, &reacher, public(&exposer)),
