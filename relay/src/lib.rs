@@ -13,10 +13,12 @@
 //! - [`server`]: the tokio shell: TCP and UDP forwarding with limits and accounting;
 //!   [`stats`]: its counters and their Prometheus text.
 //! - [`client`]: joining a session over TCP or UDP.
+//! - [`announce`]: a standalone relay registering with a rendezvous.
 //! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod announce;
 pub mod client;
 pub mod defaults;
 pub mod frame;
@@ -25,8 +27,3 @@ pub mod proto;
 pub mod server;
 pub mod stats;
 pub mod ticket;
-
-/// What the `relay` binary cannot do yet, said at its start.
-pub const STATUS: &str = "this standalone relay cannot register with a rendezvous yet, so no \
-rendezvous hands it out: it serves only holders of tickets signed with its key (the relay \
-embedded in `rendezvous` is the one peers use today)";

@@ -1,7 +1,6 @@
-//! `relay`: a standalone chuantou relay. Admits sessions on tickets signed with the key it
-//! shares with a rendezvous and forwards their bytes, opaque. Registering with a
-//! rendezvous (so that it hands this relay out) is not built yet: today a standalone relay
-//! serves whoever holds tickets for it, e.g. benchmarks; `rendezvous` embeds its own relay.
+//! `relay`: a standalone chuantou relay. Registers with a rendezvous (proving it holds the
+//! shared ticket key), which then hands it out in tickets; admits sessions on those tickets
+//! and forwards their bytes, opaque.
 #![deny(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -19,13 +18,24 @@ use tokio_util::sync::CancellationToken;
 /// rendezvous that issues them) and forwards TCP bytes and UDP datagrams between them,
 /// without seeing plaintext (peers' tunnels are end-to-end encrypted).
 ///
-/// Not yet: registering with a rendezvous so that it hands this relay out in tickets.
+/// With --rendezvous it registers there (the rendezvous must run with the same
+/// --relay-key) and is handed out to peers; without, it serves whoever holds tickets for it.
+///
+///   rendezvous --relay-key "$KEY" ...            # on the rendezvous host
+///   relay --rendezvous rv.example:7000 --key "$KEY"   # on each relay host
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// TCP and UDP address to serve on.
     #[arg(long, default_value = "0.0.0.0:7001", value_name = "ADDR:PORT")]
     listen: SocketAddr,
+    /// The rendezvous to register with (its signaling address).
+    #[arg(long, env = "CHUANTOU_RENDEZVOUS", value_name = "HOST:PORT")]
+    rendezvous: Option<String>,
+    /// The address peers should use, when the rendezvous cannot see it (e.g. behind a load
+    /// balancer) [default: the address the rendezvous sees, with this relay's port].
+    #[arg(long, value_name = "ADDR:PORT", requires = "rendezvous")]
+    public: Option<SocketAddr>,
     /// Ticket key, 64 hex digits (the rendezvous' --relay-key).
     #[arg(
         long,
@@ -78,9 +88,21 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     config.max_bytes_per_session = cli.max_bytes;
     config.rate_per_session = cli.rate;
     config.idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));
-    let server = RelayServer::bind(config).await?;
-    tracing::warn!("{}", relay::STATUS);
+    let server = RelayServer::bind(config.clone()).await?;
     let shutdown = CancellationToken::new();
+    match cli.rendezvous {
+        Some(rv) => {
+            tokio::spawn(relay::announce::announce(
+                rv,
+                config.key,
+                server.local_addr().port(),
+                cli.public,
+                server.stats(),
+                shutdown.clone(),
+            ));
+        }
+        None => tracing::warn!("no --rendezvous: serving only holders of tickets for this relay"),
+    }
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;

@@ -111,10 +111,23 @@ impl TicketKey {
         hex::encode(self.0)
     }
 
-    fn mac(&self, session: &SessionId, side: Side, expires: u64) -> Hmac<Sha256> {
+    /// HMAC-SHA256 with this key over the concatenation of `parts`.
+    pub(crate) fn hmac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = self.mac_core();
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    fn mac_core(&self) -> Hmac<Sha256> {
         // A 32-byte key is always a valid HMAC key; the fallback is unreachable.
-        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new(&Default::default()));
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new(&Default::default()))
+    }
+
+    fn mac(&self, session: &SessionId, side: Side, expires: u64) -> Hmac<Sha256> {
+        let mut m = self.mac_core();
         m.update(b"chuantou relay ticket v1\0");
         m.update(&session.0);
         m.update(&[side.byte()]);

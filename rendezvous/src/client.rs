@@ -338,6 +338,7 @@ async fn run(
                 }
                 Ok(ServerFrame::Error(e)) => break ClientError::Closed(Some(e)),
                 Ok(ServerFrame::Welcome(_)) => break ClientError::Protocol("second welcome".into()),
+                Ok(ServerFrame::Relay(_)) => break ClientError::Protocol("relay message to a peer".into()),
                 Err(FrameError::Closed) => break ClientError::Closed(None),
                 Err(e) => break e.into(),
             },

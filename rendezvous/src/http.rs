@@ -121,6 +121,12 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let (online, names) = shared.with_registry(|r| (r.online(), r.len()));
     let mut text = shared.metrics.render(online, names);
+    text.push_str(&relay::stats::prometheus(&[(
+        "chuantou_relays",
+        "gauge",
+        "Standalone relays registered now.",
+        shared.relay_count() as u64,
+    )]));
     if let Some(relay) = shared.relay_stats() {
         text.push_str(&relay.render());
     }

@@ -89,13 +89,14 @@ struct Cli {
     #[arg(long, default_value = "0.0.0.0:7001", value_name = "ADDR:PORT")]
     relay: SocketAddr,
 
-    /// Run no relay: brokered sessions then get no relay offer.
-    #[arg(long, conflicts_with_all = ["relay_key", "relay_max_sessions", "relay_max_bytes", "relay_rate", "relay_idle_timeout"])]
+    /// Run no embedded relay: sessions then go to registered standalone relays, or get no
+    /// relay offer.
+    #[arg(long, conflicts_with_all = ["relay_max_sessions", "relay_max_bytes", "relay_rate", "relay_idle_timeout"])]
     no_relay: bool,
 
-    /// Key (64 hex digits) for signing relay tickets, shared with standalone relays.
-    /// Without it a random key is made at each start, which is right for the embedded relay
-    /// alone.
+    /// Key (64 hex digits) for signing relay tickets, shared with standalone relays: with it,
+    /// relays started with the same key can register here and carry sessions. Without it a
+    /// random key is made at each start, right for the embedded relay alone.
     #[arg(
         long,
         env = "CHUANTOU_RELAY_KEY",
@@ -160,14 +161,19 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     if cli.token.as_deref() == Some("") {
         anyhow::bail!("the token is empty; unset CHUANTOU_TOKEN or give a real one");
     }
+    let shared_relay_key = match &cli.relay_key {
+        Some(hex) => Some(
+            relay::ticket::TicketKey::from_hex(hex)
+                .context("--relay-key / CHUANTOU_RELAY_KEY must be 64 hex digits (32 bytes)")?,
+        ),
+        None => None,
+    };
     let relay = if cli.no_relay {
         None
     } else {
-        let key = match &cli.relay_key {
-            Some(hex) => relay::ticket::TicketKey::from_hex(hex)
-                .context("--relay-key / CHUANTOU_RELAY_KEY must be 64 hex digits (32 bytes)")?,
-            None => relay::ticket::TicketKey::random(),
-        };
+        let key = shared_relay_key
+            .clone()
+            .unwrap_or_else(relay::ticket::TicketKey::random);
         let mut rc = relay::server::RelayConfig::new(cli.relay, key);
         rc.limits.max_sessions = cli.relay_max_sessions;
         rc.max_bytes_per_session = cli.relay_max_bytes;
@@ -177,6 +183,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     };
     let config = ServerConfig {
         relay,
+        shared_relay_key,
         listen: cli.listen,
         stun: (!cli.no_stun).then_some(cli.stun),
         alt_ip: cli.alt_ip,

@@ -49,6 +49,8 @@ pub enum ClientFrame {
         /// What is asked.
         body: Request,
     },
+    /// A standalone relay registering (see `relay::announce`); variant index 2 there.
+    Relay(relay::announce::RelayMsg),
 }
 
 /// The first frame of every connection.
@@ -175,6 +177,8 @@ pub enum ServerFrame {
     Broker(Broker),
     /// A fatal error; the server closes the connection after sending it.
     Error(ErrorFrame),
+    /// To a standalone relay (see `relay::announce`); variant index 4 there.
+    Relay(relay::announce::RelayReply),
 }
 
 /// The server's greeting.
@@ -387,6 +391,8 @@ error_codes! {
     ShuttingDown = 18, "shutting_down";
     /// A peer may not connect to itself.
     SelfConnect = 19, "self_connect";
+    /// A relay could not prove it holds the ticket key, or none is configured.
+    RelayRefused = 20, "relay_refused";
 }
 
 impl fmt::Display for ErrorCode {
@@ -840,6 +846,35 @@ mod wire_tests {
         );
         let fatal = ServerFrame::Error(ErrorFrame::new(ErrorCode::Timeout, "t"));
         assert_eq!(hex_of(&fatal), "00000004030601 74".replace(' ', ""));
+    }
+
+    /// `relay::announce` writes and reads these variants without naming these types: the
+    /// tags and payload layouts must agree.
+    #[test]
+    fn relay_announce_frames_match_the_signaling_variants() {
+        use relay::announce::{
+            CLIENT_TAG, RelayMsg, RelayReply, SERVER_ERROR_TAG, SERVER_TAG, encode_msg,
+        };
+        let msg = RelayMsg::Hello {
+            version: 1,
+            port: 7001,
+            public: Some("198.18.0.7:7001".parse().unwrap()),
+        };
+        assert_eq!(
+            encode(&ClientFrame::Relay(msg.clone())).unwrap(),
+            encode_msg(&msg).unwrap()
+        );
+        let reply = RelayReply::Challenge { nonce: [3; 32] };
+        assert_eq!(
+            encode(&ServerFrame::Relay(reply.clone())).unwrap(),
+            encode(&(SERVER_TAG, &reply)).unwrap()
+        );
+        let err = ErrorFrame::new(ErrorCode::RelayRefused, "no");
+        assert_eq!(
+            encode(&ServerFrame::Error(err)).unwrap(),
+            encode(&(SERVER_ERROR_TAG, (20u16, "no".to_string()))).unwrap()
+        );
+        assert_eq!(CLIENT_TAG, 2);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::registry::{
     self, ConnId, Registration, Registry, RegistryError, StunCredential, Timing,
 };
 use crate::stun::{Layout, Received, Responder, Slot};
+use relay::announce::{RelayMsg, RelayReply};
 use relay::server::{RelayConfig, RelayServer};
 use relay::stats::RelayStats;
 use relay::ticket::TicketKey;
@@ -69,6 +70,9 @@ pub struct ServerConfig {
     pub relay: Option<RelayConfig>,
     /// How long relay tickets stay valid after brokering.
     pub ticket_lifetime: Duration,
+    /// The ticket key shared with standalone relays (`--relay-key`); without it, relays
+    /// cannot register. The embedded relay should use the same key.
+    pub shared_relay_key: Option<TicketKey>,
 }
 
 impl ServerConfig {
@@ -106,6 +110,7 @@ impl Default for ServerConfig {
                 TicketKey::random(),
             )),
             ticket_lifetime: defaults::TICKET_LIFETIME,
+            shared_relay_key: None,
         }
     }
 }
@@ -162,6 +167,9 @@ pub(crate) struct Shared {
     responder: Option<Mutex<Responder>>,
     expiry_changed: Notify,
     relay: Option<EmbeddedRelay>,
+    /// Standalone relays registered now: id → (address handed out, their sessions).
+    relays: Mutex<HashMap<u64, (SocketAddr, u32)>>,
+    next_relay: std::sync::atomic::AtomicU64,
 }
 
 /// What brokering needs to know of the embedded relay.
@@ -228,6 +236,17 @@ impl Shared {
     /// The embedded relay's counters, if it runs.
     pub(crate) fn relay_stats(&self) -> Option<&RelayStats> {
         self.relay.as_ref().map(|r| r.stats.as_ref())
+    }
+
+    /// Standalone relays registered now.
+    pub(crate) fn relay_count(&self) -> usize {
+        self.relays.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The registered standalone relay with the fewest sessions.
+    fn least_loaded_relay(&self) -> Option<SocketAddr> {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays.values().min_by_key(|(_, n)| *n).map(|(a, _)| *a)
     }
 
     /// Runs `f` on the registry (for the HTTP API).
@@ -311,6 +330,8 @@ impl Server {
             metrics: Metrics::default(),
             expiry_changed: Notify::new(),
             relay: embedded,
+            relays: Mutex::new(HashMap::new()),
+            next_relay: std::sync::atomic::AtomicU64::new(1),
             config,
         });
         let relay_addr = relay.as_ref().map(RelayServer::local_addr);
@@ -666,7 +687,21 @@ async fn serve_conn(
     let greeted = hello(shared, &mut reader, &mut wr, &shutdown).await;
     drop(pending);
     let end = match greeted {
-        Ok(nonce) => session(shared, &mut reader, &mut wr, remote, nonce, &shutdown).await,
+        Ok(Greeting::Peer(nonce)) => {
+            session(shared, &mut reader, &mut wr, remote, nonce, &shutdown).await
+        }
+        Ok(Greeting::Relay { port, public }) => {
+            relay_session(
+                shared,
+                &mut reader,
+                &mut wr,
+                remote,
+                port,
+                public,
+                &shutdown,
+            )
+            .await
+        }
         Err(end) => end,
     };
     match end {
@@ -696,6 +731,104 @@ async fn serve_conn(
     let _ = timeout(defaults::WRITE_TIMEOUT, wr.shutdown()).await;
 }
 
+/// A standalone relay's registration: challenge, proof with the shared ticket key, then
+/// load reports until it leaves or falls silent.
+async fn relay_session(
+    shared: &Arc<Shared>,
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    remote: SocketAddr,
+    port: u16,
+    public: Option<SocketAddr>,
+    shutdown: &CancellationToken,
+) -> End {
+    let Some(key) = shared.config.shared_relay_key.as_ref() else {
+        return End::Error(ErrorFrame::new(
+            ErrorCode::RelayRefused,
+            "this rendezvous has no --relay-key, so standalone relays cannot register",
+        ));
+    };
+    let nonce: [u8; 32] = rand::random();
+    if let Err(end) = write_frame(wr, &ServerFrame::Relay(RelayReply::Challenge { nonce })).await {
+        return end;
+    }
+    match timeout(shared.config.hello_timeout, reader.read::<ClientFrame>()).await {
+        Ok(Ok(ClientFrame::Relay(RelayMsg::Proof { mac }))) => {
+            if !constant_time_eq(&mac, &relay::announce::proof(key, &nonce, port)) {
+                warn!(%remote, "relay refused: its key differs from --relay-key");
+                return End::Error(ErrorFrame::new(
+                    ErrorCode::RelayRefused,
+                    "proof does not verify: the relay's key differs from this rendezvous' --relay-key",
+                ));
+            }
+        }
+        Ok(Ok(_)) => {
+            return End::Error(ErrorFrame::new(
+                ErrorCode::BadRequest,
+                "expected the relay's proof",
+            ));
+        }
+        Ok(Err(e)) => return read_failure(e),
+        Err(_) => {
+            return End::Error(ErrorFrame::new(ErrorCode::Timeout, "no proof in time"));
+        }
+    }
+    let advertised = public.unwrap_or_else(|| SocketAddr::new(remote.ip(), port));
+    let id = shared
+        .next_relay
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .relays
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, (advertised, 0));
+    info!(relay = %advertised, "relay registered");
+    let end = match write_frame(wr, &ServerFrame::Relay(RelayReply::Accepted { advertised })).await
+    {
+        Err(end) => end,
+        Ok(()) => loop {
+            let silent = relay::announce::LOAD_INTERVAL * 3;
+            let msg = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break End::Error(shutting_down()),
+                m = timeout(silent, reader.read::<ClientFrame>()) => m,
+            };
+            match msg {
+                Ok(Ok(ClientFrame::Relay(RelayMsg::Load { sessions }))) => {
+                    if let Some(r) = shared
+                        .relays
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&id)
+                    {
+                        r.1 = sessions;
+                    }
+                }
+                Ok(Ok(_)) => {
+                    break End::Error(ErrorFrame::new(
+                        ErrorCode::BadRequest,
+                        "expected a load report",
+                    ));
+                }
+                Ok(Err(e)) => break read_failure(e),
+                Err(_) => {
+                    break End::Error(ErrorFrame::new(
+                        ErrorCode::Timeout,
+                        format!("relay silent for {silent:?}"),
+                    ));
+                }
+            }
+        },
+    };
+    shared
+        .relays
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    info!(relay = %advertised, "relay left");
+    end
+}
+
 /// Turns a just-accepted connection away with a `Busy` error frame, without waiting on it.
 fn refuse(shared: &Shared, stream: &TcpStream, why: String) {
     metrics::inc(&shared.metrics.connections_refused);
@@ -717,12 +850,23 @@ fn read_failure(e: FrameError) -> End {
     }
 }
 
+/// Who said hello.
+enum Greeting {
+    /// A peer; the nonce it must sign to register.
+    Peer([u8; 32]),
+    /// A standalone relay registering.
+    Relay {
+        port: u16,
+        public: Option<SocketAddr>,
+    },
+}
+
 async fn hello(
     shared: &Shared,
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     wr: &mut OwnedWriteHalf,
     shutdown: &CancellationToken,
-) -> Result<[u8; 32], End> {
+) -> Result<Greeting, End> {
     let cfg = &shared.config;
     let first = tokio::select! {
         biased;
@@ -738,7 +882,23 @@ async fn hello(
         }
         Ok(Err(e)) => return Err(read_failure(e)),
         Ok(Ok(ClientFrame::Hello(h))) => h,
-        Ok(Ok(ClientFrame::Request { .. })) => {
+        Ok(Ok(ClientFrame::Relay(RelayMsg::Hello {
+            version,
+            port,
+            public,
+        }))) => {
+            if version != relay::announce::ANNOUNCE_VERSION {
+                return Err(End::Error(ErrorFrame::new(
+                    ErrorCode::VersionMismatch,
+                    format!(
+                        "this rendezvous speaks relay registration version {}, the relay {version}",
+                        relay::announce::ANNOUNCE_VERSION
+                    ),
+                )));
+            }
+            return Ok(Greeting::Relay { port, public });
+        }
+        Ok(Ok(ClientFrame::Request { .. } | ClientFrame::Relay(_))) => {
             return Err(End::Error(ErrorFrame::new(
                 ErrorCode::HelloExpected,
                 "the first frame must be hello",
@@ -778,7 +938,7 @@ async fn hello(
         software: crate::stun::SOFTWARE.into(),
     });
     write_frame(wr, &welcome).await?;
-    Ok(nonce)
+    Ok(Greeting::Peer(nonce))
 }
 
 async fn write_frame(wr: &mut OwnedWriteHalf, f: &ServerFrame) -> Result<(), End> {
@@ -893,6 +1053,12 @@ async fn session_loop(
                 return End::Error(ErrorFrame::new(
                     ErrorCode::HelloExpected,
                     "hello sent twice",
+                ));
+            }
+            Ok(ClientFrame::Relay(_)) => {
+                return End::Error(ErrorFrame::new(
+                    ErrorCode::BadRequest,
+                    "relay messages belong on a relay registration",
                 ));
             }
             Err(e) => return read_failure(e),
@@ -1078,19 +1244,32 @@ fn connect(
         )
     })?;
     let my_local = st.conns.get(&conn).map(|c| c.local);
-    let relay = shared.relay.as_ref().map(|r| {
-        // An embedded relay on a wildcard address is reached at the address each peer
-        // reached us on; one on a concrete address, there.
-        let dial = |local: Option<SocketAddr>| match local {
-            Some(l) if r.addr.ip().is_unspecified() => SocketAddr::new(l.ip(), r.addr.port()),
-            _ => r.addr,
-        };
-        broker::RelayIssue {
-            key: &r.key,
+    // Standalone relays, when any are registered, carry sessions before the embedded one:
+    // they are what a deployment adds to spare the rendezvous' own bandwidth.
+    let standalone = shared
+        .least_loaded_relay()
+        .zip(shared.config.shared_relay_key.as_ref())
+        .map(|(addr, key)| broker::RelayIssue {
+            key,
             expires: unix_now() + shared.config.ticket_lifetime.as_secs(),
-            addr_for_initiator: dial(my_local),
-            addr_for_responder: dial(Some(their.local)),
-        }
+            addr_for_initiator: addr,
+            addr_for_responder: addr,
+        });
+    let relay = standalone.or_else(|| {
+        shared.relay.as_ref().map(|r| {
+            // An embedded relay on a wildcard address is reached at the address each peer
+            // reached us on; one on a concrete address, there.
+            let dial = |local: Option<SocketAddr>| match local {
+                Some(l) if r.addr.ip().is_unspecified() => SocketAddr::new(l.ip(), r.addr.port()),
+                _ => r.addr,
+            };
+            broker::RelayIssue {
+                key: &r.key,
+                expires: unix_now() + shared.config.ticket_lifetime.as_secs(),
+                addr_for_initiator: dial(my_local),
+                addr_for_responder: dial(Some(their.local)),
+            }
+        })
     });
     let (to_me, to_them) = broker::broker(
         session,
