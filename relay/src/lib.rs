@@ -14,11 +14,13 @@
 //!   [`stats`]: its counters and their Prometheus text.
 //! - [`client`]: joining a session over TCP or UDP.
 //! - [`announce`]: a standalone relay registering with a rendezvous.
+//! - [`cli`]: logging, runtime and error reporting shared by every chuantou binary.
 //! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod announce;
+pub mod cli;
 pub mod client;
 pub mod defaults;
 pub mod frame;

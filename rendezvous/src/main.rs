@@ -128,32 +128,10 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("rendezvous: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One line with the whole chain: "starting rendezvous: cannot bind …: …".
-            eprintln!("rendezvous: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    relay::cli::run("rendezvous", serve(cli))
 }
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     anyhow::ensure!(
         cli.heartbeat_interval > 0 && cli.missed_heartbeats > 0,
         "--heartbeat-interval and --missed-heartbeats must be at least 1"

@@ -130,14 +130,7 @@ pub fn expose_proto(
         allow,
         udp,
     };
-    let board = peer::status::Board::default();
-    let dir = home.0.clone();
-    let (b, stop) = (board.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        peer::status::serve(&dir, b, stop)
-            .await
-            .expect("status socket")
-    });
+    let board = serve_status(home, shutdown);
     tokio::spawn(expose::run(cfg, key, board, shutdown.clone()));
     public
 }
@@ -174,20 +167,25 @@ pub async fn reach_proto(
         local: Some("127.0.0.1:0".parse().unwrap()),
         udp,
     };
-    let board = peer::status::Board::default();
-    let dir = home.0.clone();
-    let (b, stop) = (board.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        peer::status::serve(&dir, b, stop)
-            .await
-            .expect("status socket")
-    });
+    let board = serve_status(home, shutdown);
     let r = Reacher::bind(cfg, h, key, board, shutdown.clone())
         .await
         .map_err(|e| format!("{e:#}"))?;
     let addr = r.local_addr().unwrap();
     tokio::spawn(r.run());
     Ok(addr)
+}
+
+/// A status board for a peer of `home`, served on its control socket as `peer` does.
+fn serve_status(home: &TempHome, shutdown: &CancellationToken) -> peer::status::Board {
+    let board = peer::status::Board::default();
+    let (dir, b, stop) = (home.0.clone(), board.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        peer::status::serve(&dir, b, stop)
+            .await
+            .expect("status socket")
+    });
+    board
 }
 
 /// Waits until `name` is online at the rendezvous.
