@@ -24,7 +24,7 @@ pub struct TunnelStatus {
     pub role: String,
     /// `relay`, `direct-udp` or `direct-tcp`.
     pub path: String,
-    /// Round-trip time through the tunnel, when measured (not yet: null).
+    /// Round-trip time through the tunnel (control-stream ping), null until measured.
     pub rtt_ms: Option<f64>,
     /// Payload bytes sent to the other peer.
     pub bytes_out: u64,
@@ -81,7 +81,10 @@ impl Board {
                     peer: x.peer.clone(),
                     role: x.role.to_owned(),
                     path: x.path.to_owned(),
-                    rtt_ms: None,
+                    rtt_ms: match s.rtt_us.load(Ordering::Relaxed) {
+                        0 => None,
+                        us => Some(us as f64 / 1000.0),
+                    },
                     bytes_out: s.bytes_out.load(Ordering::Relaxed),
                     bytes_in: s.bytes_in.load(Ordering::Relaxed),
                     open_connections: s.open.load(Ordering::Relaxed),

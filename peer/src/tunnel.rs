@@ -16,7 +16,7 @@ use std::task::Poll;
 use ed25519_dalek::SigningKey;
 use rendezvous::proto::PublicKey;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
@@ -54,7 +54,14 @@ pub struct TunnelStats {
     pub bytes_in: AtomicU64,
     /// Local connections open through it now.
     pub open: AtomicU64,
+    /// Last measured round trip through the tunnel, in microseconds (0: not yet).
+    pub rtt_us: AtomicU64,
 }
+
+/// How often the reaching side pings through the tunnel's control stream: the round trip
+/// for `peer status`, and traffic that keeps an idle tunnel's relay session and NAT
+/// mappings alive.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 type OpenReply = oneshot::Sender<Result<yamux::Stream, TunnelError>>;
 
@@ -116,7 +123,69 @@ where
         .await
         .map_err(TunnelError::Handshake)?;
     let conn = yamux::Connection::new(tls.compat(), yamux_config(), yamux::Mode::Client);
-    Ok(spawn_driver(conn, None))
+    let tunnel = spawn_driver(conn, None);
+    // The first stream is the control stream. Its first ping is written before any other
+    // stream can be opened, so it is the first stream the other side sees.
+    let mut control = tunnel.open().await?;
+    let sent = std::time::Instant::now();
+    control
+        .write_all(&0u64.to_be_bytes())
+        .await
+        .map_err(TunnelError::Handshake)?;
+    tokio::spawn(pinger(
+        control,
+        sent,
+        tunnel.stats.clone(),
+        tunnel.closed.clone(),
+    ));
+    Ok(tunnel)
+}
+
+/// Pings through the control stream every [`PING_INTERVAL`], recording the round trip.
+async fn pinger(
+    mut control: TunnelStream,
+    mut sent: std::time::Instant,
+    stats: Arc<TunnelStats>,
+    closed: CancellationToken,
+) {
+    let mut seq = 0u64;
+    loop {
+        let mut pong = [0u8; 8];
+        let got = tokio::select! {
+            _ = closed.cancelled() => return,
+            r = tokio::time::timeout(PING_INTERVAL * 3, control.read_exact(&mut pong)) => r,
+        };
+        match got {
+            Ok(Ok(_)) if pong == seq.to_be_bytes() => {
+                let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stats.rtt_us.store(us.max(1), Ordering::Relaxed);
+            }
+            _ => {
+                debug!("tunnel ping unanswered; round trip unknown");
+                stats.rtt_us.store(0, Ordering::Relaxed);
+                return;
+            }
+        }
+        tokio::select! {
+            _ = closed.cancelled() => return,
+            _ = tokio::time::sleep(PING_INTERVAL) => {}
+        }
+        seq += 1;
+        sent = std::time::Instant::now();
+        if control.write_all(&seq.to_be_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers pings on the control stream (the first stream the reaching side opens).
+async fn ponger(mut control: TunnelStream) {
+    let mut ping = [0u8; 8];
+    while control.read_exact(&mut ping).await.is_ok() {
+        if control.write_all(&ping).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The exposing side: TLS server authenticating as `me`, requiring `peer`; each stream the
@@ -136,7 +205,19 @@ where
         .await
         .map_err(TunnelError::Handshake)?;
     let conn = yamux::Connection::new(tls.compat(), yamux_config(), yamux::Mode::Server);
-    Ok(spawn_driver(conn, Some(on_stream)))
+    // The first inbound stream is the control stream; the rest are the service's.
+    let (tx, mut rx) = mpsc::unbounded_channel::<TunnelStream>();
+    tokio::spawn(async move {
+        if let Some(control) = rx.recv().await {
+            tokio::spawn(ponger(control));
+        }
+        while let Some(s) = rx.recv().await {
+            if on_stream.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(spawn_driver(conn, Some(tx)))
 }
 
 fn spawn_driver<T>(

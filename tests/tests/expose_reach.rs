@@ -82,6 +82,17 @@ async fn curl_fetches_the_exposed_page_through_the_tunnel() {
         ("pc-home", "reach", "relay")
     );
     assert!(mine[0].bytes_out > 0 && mine[0].bytes_in >= 19, "{mine:?}");
+    // The round trip is measured by a ping through the tunnel's control stream.
+    let rtt = within("round trip measured", async {
+        loop {
+            if let Some(ms) = peer::status::query(&phone.0).await.unwrap()[0].rtt_ms {
+                return ms;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(rtt > 0.0 && rtt < 10_000.0, "rtt {rtt} ms");
     let theirs = peer::status::query(&pc.0).await.unwrap();
     assert_eq!(theirs.len(), 1, "{theirs:?}");
     assert_eq!(
