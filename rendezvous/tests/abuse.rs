@@ -157,15 +157,7 @@ async fn hundred_abusive_connections_do_not_disturb_good_clients() {
     .await;
     assert!(open >= 100);
 
-    let mut pc = client(&server).await;
-    pc.register(&key(1), "pc-home", vec![web(7274)], vec![])
-        .await
-        .unwrap();
-    let phone = client(&server).await;
-    phone
-        .register(&key(2), "phone", vec![], vec![])
-        .await
-        .unwrap();
+    let (mut pc, phone) = pc_and_phone(&server, "pc-home", web(7274)).await;
     assert!(phone.lookup("pc-home").await.unwrap().online);
     let b = phone.connect_to("pc-home", None).await.unwrap();
     match within("broker push", pc.next_event()).await {

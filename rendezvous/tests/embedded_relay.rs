@@ -16,15 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn brokered_tickets_pair_at_the_embedded_relay() {
     let server = start(loopback_config()).await;
     let relay_addr = server.addrs().relay.expect("relay on");
-    let mut pc = client(&server).await;
-    pc.register(&key(1), "pc-home", vec![web(7274)], vec![])
-        .await
-        .unwrap();
-    let phone = client(&server).await;
-    phone
-        .register(&key(2), "phone", vec![], vec![])
-        .await
-        .unwrap();
+    let (mut pc, phone) = pc_and_phone(&server, "pc-home", web(7274)).await;
 
     let mine = phone.connect_to("pc-home", None).await.unwrap();
     let theirs = match within("broker push", pc.next_event()).await {
@@ -65,14 +57,6 @@ async fn without_a_relay_sessions_get_no_offer() {
     })
     .await;
     assert!(server.addrs().relay.is_none());
-    let pc = client(&server).await;
-    pc.register(&key(1), "pc", vec![web(80)], vec![])
-        .await
-        .unwrap();
-    let phone = client(&server).await;
-    phone
-        .register(&key(2), "phone", vec![], vec![])
-        .await
-        .unwrap();
+    let (_pc, phone) = pc_and_phone(&server, "pc", web(80)).await;
     assert!(phone.connect_to("pc", None).await.unwrap().relay.is_none());
 }

@@ -109,37 +109,20 @@ async fn relay_with_another_key_or_no_shared_key_is_refused() {
     .await
     .unwrap()
     .spawn();
-    let stop = CancellationToken::new();
-    let stats = RelayStats::default();
-    let err = within(
-        "refusal",
-        announce_once(
-            &server.addrs().signaling.to_string(),
-            &TicketKey::random(),
-            7001,
-            None,
-            &stats,
-            &stop,
-        ),
-    )
-    .await
-    .unwrap_err();
+    // What a relay with a random key hears from `server`.
+    let refusal = |server: rendezvous::server::ServerHandle| async move {
+        let (stop, stats) = (CancellationToken::new(), RelayStats::default());
+        let signaling = server.addrs().signaling.to_string();
+        within(
+            "refusal",
+            announce_once(&signaling, &TicketKey::random(), 7001, None, &stats, &stop),
+        )
+        .await
+        .unwrap_err()
+    };
+    let err = refusal(server).await;
     assert!(matches!(err, AnnounceError::Refused(_)), "{err}");
     assert!(err.to_string().contains("--relay-key"), "{err}");
-
-    let keyless = rendezvous().await;
-    let err = within(
-        "refusal",
-        announce_once(
-            &keyless.addrs().signaling.to_string(),
-            &TicketKey::random(),
-            7001,
-            None,
-            &stats,
-            &stop,
-        ),
-    )
-    .await
-    .unwrap_err();
+    let err = refusal(rendezvous().await).await;
     assert!(err.to_string().contains("no --relay-key"), "{err}");
 }

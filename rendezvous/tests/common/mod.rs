@@ -195,3 +195,17 @@ pub async fn raw_from(server: &ServerHandle, src: std::net::Ipv4Addr) -> TcpStre
         .await
         .expect("raw connect")
 }
+
+/// "pc" (offering `service` under `name`) and "phone", both registered: the usual pair.
+pub async fn pc_and_phone(server: &ServerHandle, name: &str, service: Service) -> (Client, Client) {
+    let pc = client(server).await;
+    pc.register(&key(1), name, vec![service], vec![])
+        .await
+        .expect("pc registers");
+    let phone = client(server).await;
+    phone
+        .register(&key(2), "phone", vec![], vec![])
+        .await
+        .expect("phone registers");
+    (pc, phone)
+}
