@@ -1,8 +1,10 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: a rendezvous with its relay on
 //! loopback, exposing and reaching peers with their own homes, a local echo service, and a
-//! bound on every wait. (The NAT lab arrives with the natprobe and punching issues.)
+//! bound on every wait; and the NAT lab ([`natlab`]).
 #![deny(missing_docs, unreachable_pub)]
 #![allow(clippy::unwrap_used)]
+
+pub mod natlab;
 
 use std::future::Future;
 use std::net::SocketAddr;
