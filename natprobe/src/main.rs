@@ -1,6 +1,117 @@
-//! The `natprobe` binary: not implemented yet; exits with a clear message.
+//! The `natprobe` binary: parses the command line, runs the probes, prints the report.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use natprobe::defaults::{self, Timing};
+use natprobe::probe::{self, Config};
+
+/// What NAT is this machine behind, and what can it expect?
+///
+/// Runs the RFC 5780 behaviour discovery tests against a STUN server with two IP addresses
+/// (a chuantou rendezvous started with --alt-ip, or coturn with two listening IPs):
+/// mapping and filtering (RFC 4787), the classic NAT name, port allocation, hairpinning,
+/// and with --lifetime how long an idle UDP mapping lives. Against plain STUN servers give
+/// two --server to learn whether the mapping depends on the destination.
+///
+///   natprobe --server stun.example.org
+///   natprobe --server 203.0.113.1:3478 --tcp --lifetime --json
+#[derive(Parser)]
+#[command(name = "natprobe", version, verbatim_doc_comment)]
+struct Cli {
+    /// STUN server HOST[:PORT] (port 3478 by default); give it twice for two plain
+    /// servers. Default: the host of $CHUANTOU_RENDEZVOUS, port 3478.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    server: Vec<String>,
+    /// Also probe TCP: the mapping from one local port (SO_REUSEADDR/SO_REUSEPORT) to two
+    /// server endpoints, and TCP port allocation. Needs STUN over TCP on the server.
+    #[arg(long)]
+    tcp: bool,
+    /// Measure the UDP mapping lifetime (RFC 5780 §4.6); takes about as long as the
+    /// lifetime itself, at most --lifetime-max.
+    #[arg(long)]
+    lifetime: bool,
+    /// Longest mapping lifetime searched for, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = defaults::LIFETIME_MAX.as_secs())]
+    lifetime_max: u64,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    json: bool,
+    /// First STUN retransmission timeout in milliseconds (RFC 8489 RTO; doubles per retry).
+    #[arg(long, value_name = "MS", default_value_t = defaults::RTO.as_millis() as u64)]
+    rto: u64,
+}
 
 fn main() -> std::process::ExitCode {
-    eprintln!("{}", natprobe::STATUS);
-    std::process::ExitCode::from(2)
+    relay::cli::run("natprobe", async {
+        let cli = Cli::parse();
+        let mut names = cli.server.clone();
+        if names.is_empty() {
+            let rv = std::env::var("CHUANTOU_RENDEZVOUS")
+                .context("no STUN server: give --server HOST[:PORT] or set CHUANTOU_RENDEZVOUS")?;
+            names.push(host_of(&rv).to_owned());
+        }
+        if names.len() > 2 {
+            anyhow::bail!("at most two --server (one RFC 5780 server, or two plain ones)");
+        }
+        let mut servers = Vec::new();
+        for n in &names {
+            servers.push(resolve(n).await?);
+        }
+        if cli.rto == 0 {
+            anyhow::bail!("--rto must be at least 1 ms");
+        }
+        let cfg = Config {
+            servers,
+            tcp: cli.tcp,
+            lifetime: cli
+                .lifetime
+                .then(|| Duration::from_secs(cli.lifetime_max.max(1))),
+            timing: Timing {
+                rto: Duration::from_millis(cli.rto),
+                ..Timing::default()
+            },
+        };
+        let report = probe::run(&cfg).await.context("probing")?;
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.text());
+        }
+        Ok(())
+    })
+}
+
+/// `HOST:PORT` → `HOST` (brackets kept off IPv6 literals).
+fn host_of(hostport: &str) -> &str {
+    match hostport.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_start_matches('[').trim_end_matches(']'),
+        _ => hostport,
+    }
+}
+
+/// `HOST[:PORT]` → an address, port 3478 by default, IPv4 preferred.
+async fn resolve(name: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = name.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse() {
+        return Ok(SocketAddr::new(ip, defaults::STUN_PORT));
+    }
+    let with_port = match name.rsplit_once(':') {
+        Some((_, p)) if p.parse::<u16>().is_ok() => name.to_owned(),
+        _ => format!("{name}:{}", defaults::STUN_PORT),
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("resolving STUN server {name}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .with_context(|| format!("STUN server {name} has no address"))
 }

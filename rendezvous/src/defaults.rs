@@ -77,3 +77,10 @@ pub const STUN_MAX_RESPONSE: usize = 256;
 /// Largest STUN request read; larger datagrams are dropped unparsed. Room for an RFC 5780
 /// PADDING probe of a 1500-byte MTU.
 pub const STUN_MAX_REQUEST: usize = 2048;
+
+/// Simultaneous STUN-over-TCP connections (RFC 8489 §6.2.2; natprobe `--tcp` uses them to
+/// see TCP mappings). Each is short-lived; beyond this, new ones wait in the backlog.
+pub const STUN_TCP_MAX_CONNECTIONS: usize = 256;
+
+/// How long a STUN-over-TCP connection may sit without completing a request.
+pub const STUN_TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signature as DalekSignature, VerifyingKey};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc};
@@ -153,6 +153,7 @@ pub struct Server {
     relay: Option<RelayServer>,
     listener: TcpListener,
     stun: Vec<(Slot, UdpSocket)>,
+    stun_tcp: Vec<(Slot, TcpListener)>,
     http: Option<TcpListener>,
     shared: Arc<Shared>,
     addrs: BoundAddrs,
@@ -267,10 +268,13 @@ impl Server {
             .map_err(bind_err("signaling", config.listen))?;
 
         let mut stun = Vec::new();
+        let mut stun_tcp = Vec::new();
         let mut layout = None;
         if let Some(primary) = config.stun {
-            let (sockets, l) = bind_stun(primary, config.alt_ip, config.alt_port).await?;
+            let (sockets, listeners, l) =
+                bind_stun(primary, config.alt_ip, config.alt_port).await?;
             stun = sockets;
+            stun_tcp = listeners;
             layout = Some(l);
         } else if config.alt_ip.is_some() {
             return Err(ServerError::Config(
@@ -339,6 +343,7 @@ impl Server {
             relay,
             listener,
             stun,
+            stun_tcp,
             http,
             shared,
             addrs: BoundAddrs {
@@ -361,6 +366,7 @@ impl Server {
             relay,
             listener,
             stun,
+            stun_tcp,
             http,
             shared,
             addrs,
@@ -377,6 +383,19 @@ impl Server {
         let stun = Arc::new(stun);
         for i in 0..stun.len() {
             tracker.spawn(stun_task(shared.clone(), stun.clone(), i, shutdown.clone()));
+        }
+        let tcp_slots = Arc::new(tokio::sync::Semaphore::new(
+            defaults::STUN_TCP_MAX_CONNECTIONS,
+        ));
+        for (slot, listener) in stun_tcp {
+            tracker.spawn(stun_tcp_task(
+                shared.clone(),
+                slot,
+                listener,
+                tcp_slots.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            ));
         }
         if let Some(l) = http {
             info!(addr = %addrs.http.unwrap_or(addrs.signaling), "http api listening");
@@ -499,11 +518,15 @@ impl Drop for ServerHandle {
     }
 }
 
+/// The STUN responder's UDP sockets, TCP listeners and layout.
+type StunSockets = (Vec<(Slot, UdpSocket)>, Vec<(Slot, TcpListener)>, Layout);
+
+/// Binds the STUN responder: UDP and TCP (RFC 8489 §6.2.2) on each slot's address.
 async fn bind_stun(
     primary: SocketAddr,
     alt_ip: Option<IpAddr>,
     alt_port: Option<u16>,
-) -> Result<(Vec<(Slot, UdpSocket)>, Layout), ServerError> {
+) -> Result<StunSockets, ServerError> {
     let bind = |addr: SocketAddr| async move {
         UdpSocket::bind(addr)
             .await
@@ -513,20 +536,42 @@ async fn bind_stun(
                 source,
             })
     };
+    let bind_tcp = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "stun (tcp)",
+                addr,
+                source,
+            })
+    };
     let Some(alt_ip) = alt_ip else {
-        let sock = bind(primary).await?;
-        let primary = sock.local_addr().map_err(|source| ServerError::Bind {
-            what: "stun",
-            addr: primary,
-            source,
-        })?;
-        return Ok((
-            vec![(Slot::PRIMARY, sock)],
-            Layout {
-                primary,
-                alternate: None,
-            },
-        ));
+        // With port 0 the UDP socket picks the port and TCP must get the same one; a
+        // port free for UDP can be taken for TCP, so try a few.
+        let mut attempts = if primary.port() == 0 { 8 } else { 1 };
+        loop {
+            attempts -= 1;
+            let sock = bind(primary).await?;
+            let bound = sock.local_addr().map_err(|source| ServerError::Bind {
+                what: "stun",
+                addr: primary,
+                source,
+            })?;
+            match bind_tcp(bound).await {
+                Ok(l) => {
+                    return Ok((
+                        vec![(Slot::PRIMARY, sock)],
+                        vec![(Slot::PRIMARY, l)],
+                        Layout {
+                            primary: bound,
+                            alternate: None,
+                        },
+                    ));
+                }
+                Err(e) if attempts == 0 => return Err(e),
+                Err(_) => continue,
+            }
+        }
     };
     if primary.ip().is_unspecified() {
         return Err(ServerError::Config(format!(
@@ -558,10 +603,100 @@ async fn bind_stun(
         alternate: Some(SocketAddr::new(alt_ip, alt_port)),
     };
     let mut socks = Vec::new();
+    let mut listeners = Vec::new();
     for slot in layout.slots() {
         socks.push((slot, bind(layout.addr(slot)).await?));
+        listeners.push((slot, bind_tcp(layout.addr(slot)).await?));
     }
-    Ok((socks, layout))
+    Ok((socks, listeners, layout))
+}
+
+/// STUN over TCP on one slot: Binding requests on the stream, answered on the stream.
+/// CHANGE-REQUEST and RESPONSE-PORT cannot be honoured over a connection, so such requests
+/// end it (RFC 5780 defines them for UDP only).
+async fn stun_tcp_task(
+    shared: Arc<Shared>,
+    slot: Slot,
+    listener: TcpListener,
+    limit: Arc<tokio::sync::Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (mut stream, src) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => { debug!(error = %e, "stun tcp accept"); continue; }
+            },
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let serve = async {
+                loop {
+                    let mut msg = vec![0u8; 20];
+                    let read = tokio::time::timeout(defaults::STUN_TCP_IDLE, async {
+                        stream.read_exact(&mut msg).await?;
+                        let len = usize::from(u16::from_be_bytes([msg[2], msg[3]]));
+                        if 20 + len > defaults::STUN_MAX_REQUEST {
+                            return Err(std::io::Error::other("oversized stun message"));
+                        }
+                        msg.resize(20 + len, 0);
+                        stream.read_exact(&mut msg[20..]).await?;
+                        Ok::<_, std::io::Error>(())
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return debug!(%src, error = %e, "stun tcp closed"),
+                        Err(_) => return debug!(%src, "stun tcp idle, closed"),
+                    }
+                    let reply = shared
+                        .responder
+                        .as_ref()
+                        .map(|r| {
+                            r.lock().unwrap_or_else(|p| p.into_inner()).handle(
+                                Instant::now(),
+                                Received { slot, src, data: &msg },
+                                |user| {
+                                    shared
+                                        .state()
+                                        .registry
+                                        .stun_password(user)
+                                        .map(str::to_owned)
+                                },
+                            )
+                        });
+                    let reply = match reply {
+                        Some(Ok(r)) if r.from == slot && r.to == src => r,
+                        Some(Ok(_)) => {
+                            return debug!(%src, "stun tcp: CHANGE-REQUEST or RESPONSE-PORT, closed");
+                        }
+                        Some(Err(why)) => {
+                            metrics::inc(&shared.metrics.stun_dropped);
+                            return debug!(%src, %why, "stun tcp message dropped, closed");
+                        }
+                        None => return,
+                    };
+                    if stream.write_all(&reply.bytes).await.is_err() {
+                        return;
+                    }
+                    metrics::inc(&shared.metrics.stun_responses);
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                _ = serve => {}
+            }
+        });
+    }
 }
 
 async fn stun_task(

@@ -556,6 +556,31 @@ pub fn binding_request(
     credential: Option<(&str, &str)>,
     change: Option<(bool, bool)>,
 ) -> Result<BindingRequest, BindingError> {
+    binding_request_with(RequestOptions {
+        credential,
+        change,
+        response_port: None,
+    })
+}
+
+/// What a Binding request carries beyond the question "where do you see me?".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestOptions<'a> {
+    /// `(username, password)`: USERNAME and MESSAGE-INTEGRITY (short-term).
+    pub credential: Option<(&'a str, &'a str)>,
+    /// `(ip, port)`: CHANGE-REQUEST (RFC 5780 §7.2), answer from the other IP and/or port.
+    pub change: Option<(bool, bool)>,
+    /// RESPONSE-PORT (RFC 5780 §7.5): answer to this port of our IP instead.
+    pub response_port: Option<u16>,
+}
+
+/// A Binding request with `opts`.
+pub fn binding_request_with(opts: RequestOptions<'_>) -> Result<BindingRequest, BindingError> {
+    let RequestOptions {
+        credential,
+        change,
+        response_port,
+    } = opts;
     let tid = TransactionId::default();
     let build = |e: stun_rs::StunError| BindingError::Build(e.to_string());
     let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(tid);
@@ -567,6 +592,9 @@ pub fn binding_request(
             (false, true) => Some(ChangePort.into()),
             (true, true) => Some(ChangeIp | ChangePort),
         }));
+    }
+    if let Some(port) = response_port {
+        b = b.with_attribute(ResponsePort::from(port));
     }
     if let Some((user, pass)) = credential {
         b = b

@@ -353,7 +353,7 @@ impl Spec {
         let inet = self.ns("server");
         let third = self.ns("third");
         for ns in [&inet, &third] {
-            p.push(Step::netns(ns));
+            p.extend(Step::netns(ns));
         }
         p.push(Step::ip(&inet, "link add br0 type bridge"));
         p.push(Step::ip(&inet, "link set br0 up"));
@@ -409,7 +409,7 @@ impl Spec {
                 .collect();
             if r.kind == Kind::None {
                 for h in &hosts {
-                    p.push(Step::netns(&h.ns));
+                    p.extend(Step::netns(&h.ns));
                     plug(&mut p, &h.ns, "eth0");
                     p.push(Step::ip(
                         &h.ns,
@@ -420,7 +420,7 @@ impl Spec {
             }
             let rns = self.ns(&r.name);
             let wan = router_wan(i);
-            p.push(Step::netns(&rns));
+            p.extend(Step::netns(&rns));
             plug(&mut p, &rns, "wan0");
             p.push(Step::ip(
                 &rns,
@@ -458,7 +458,7 @@ impl Spec {
                 script: nft_script(r, wan, i),
             });
             for (j, h) in hosts.iter().enumerate() {
-                p.push(Step::netns(&h.ns));
+                p.extend(Step::netns(&h.ns));
                 p.push(Step::Ip(
                     [
                         "link", "add", "eth0", "netns", &h.ns, "type", "veth", "peer", "name",
@@ -630,8 +630,12 @@ pub enum Step {
 }
 
 impl Step {
-    fn netns(ns: &str) -> Step {
-        Step::Ip(vec!["netns".into(), "add".into(), ns.into()])
+    /// A namespace with its loopback up (local delivery, to one's own address too, needs it).
+    fn netns(ns: &str) -> [Step; 2] {
+        [
+            Step::Ip(vec!["netns".into(), "add".into(), ns.into()]),
+            Step::ip(ns, "link set lo up"),
+        ]
     }
 
     fn ip(ns: &str, args: &str) -> Step {
