@@ -426,7 +426,7 @@ async fn tcp_binding(
     local: SocketAddr,
     server: SocketAddr,
     timing: Timing,
-) -> Result<Option<(SocketAddr, SocketAddr, TcpStream)>, ProbeError> {
+) -> Result<Option<(SocketAddr, BindingResponse, TcpStream)>, ProbeError> {
     let socket = if local.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -462,7 +462,7 @@ async fn tcp_binding(
     };
     match tokio::time::timeout(timing.give_up_after(), exchange).await {
         Ok(Ok((msg, stream))) => match parse_response(&msg, &req.tid, None) {
-            Ok(r) => Ok(Some((bound, r.mapped, stream))),
+            Ok(r) => Ok(Some((bound, r, stream))),
             Err(e) => {
                 debug!(%server, error = %e, "tcp stun answer unusable");
                 Ok(None)
@@ -485,12 +485,17 @@ async fn probe_tcp(
 ) -> Result<TcpReport, ProbeError> {
     let primary = cfg.servers[0];
     let timing = cfg.timing;
-    let Some((local, m1, keep1)) = tcp_binding(SocketAddr::new(ip, 0), primary, timing).await?
+    let Some((local, first, keep1)) = tcp_binding(SocketAddr::new(ip, 0), primary, timing).await?
     else {
         return Ok(TcpReport::unanswered(format!(
             "no STUN answer over TCP from {primary}"
         )));
     };
+    let m1 = first.mapped;
+    // Without a UDP answer the TCP one names the server's other address.
+    let other = other.or(first
+        .other
+        .filter(|o| o.ip() != primary.ip() && o.port() != primary.port()));
     let mut obs = MappingObservations {
         local: Some(local),
         primary: Some(m1),
@@ -498,9 +503,9 @@ async fn probe_tcp(
     };
     let mut keep = vec![keep1];
     let mut ask = async |dest: SocketAddr| -> Result<Option<SocketAddr>, ProbeError> {
-        Ok(tcp_binding(local, dest, timing).await?.map(|(_, m, s)| {
+        Ok(tcp_binding(local, dest, timing).await?.map(|(_, r, s)| {
             keep.push(s);
-            m
+            r.mapped
         }))
     };
     if let Some(o) = other {
@@ -513,8 +518,8 @@ async fn probe_tcp(
     }
     let mut fresh = Vec::new();
     for _ in 0..defaults::FRESH_MAPPINGS {
-        if let Some((l, m, s)) = tcp_binding(SocketAddr::new(ip, 0), primary, timing).await? {
-            fresh.push((l.port(), m.port()));
+        if let Some((l, r, s)) = tcp_binding(SocketAddr::new(ip, 0), primary, timing).await? {
+            fresh.push((l.port(), r.mapped.port()));
             keep.push(s);
         }
     }

@@ -208,3 +208,23 @@ pub async fn online(server: &ServerHandle, name: &str) {
     })
     .await;
 }
+
+/// The path of a workspace binary, built first (a no-op when it is up to date), so tests
+/// that run binaries inside the NAT lab always run the current code.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    // This test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let path = dir.join(bin);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}

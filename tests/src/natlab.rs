@@ -892,6 +892,22 @@ impl Lab {
         .map_err(io_err)
     }
 
+    /// Loads more nftables rules on `host` (a router, usually), e.g. to drop all UDP.
+    pub fn nft(&self, host: &str, script: &str) -> Result<(), LabError> {
+        Step::Nft {
+            ns: self.host_or_router_ns(host),
+            script: script.to_owned(),
+        }
+        .run()
+    }
+
+    fn host_or_router_ns(&self, name: &str) -> String {
+        match self.spec.routers.iter().find(|r| r.name == name) {
+            Some(_) => self.spec.ns(name),
+            None => self.host(name).ns,
+        }
+    }
+
     /// A UDP socket on `host` bound to `addr`.
     pub fn udp(&self, host: &str, addr: SocketAddr) -> Result<UdpSocket, LabError> {
         self.inside(host, || UdpSocket::bind(addr))
