@@ -243,3 +243,40 @@ fn natprobe_says_udp_is_blocked_and_still_sees_tcp() {
     assert!(r["tcp"]["public_addr"].is_string(), "{r}");
     assert_eq!(r["direct"]["open"], "unlikely", "{r}");
 }
+
+#[test]
+fn two_plain_servers_tell_whether_the_mapping_varies() {
+    let Some(lab) = Lab::for_test(&["fc=full-cone", "syms=symmetric-sequential"]) else {
+        return;
+    };
+    // Two plain STUN servers (no --alt-ip, so no OTHER-ADDRESS), one per server IP.
+    let rendezvous = workspace_bin("rendezvous", "rendezvous");
+    for (i, ip) in [SERVER_IP, SERVER_ALT_IP].into_iter().enumerate() {
+        let mut cmd = lab.command("server", &rendezvous);
+        cmd.args(["--listen", &format!("{ip}:{}", 7000 + i), "--stun"])
+            .arg(format!("{ip}:5000"))
+            .args(["--no-http", "--no-relay"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        lab.spawn(cmd).unwrap();
+        await_stun(&lab, SocketAddr::from((ip, 5000)));
+    }
+    let bin = workspace_bin("natprobe", "natprobe");
+    let args = vec![
+        "--server".to_string(),
+        format!("{SERVER_IP}:5000"),
+        "--server".into(),
+        format!("{SERVER_ALT_IP}:5000"),
+    ];
+    let cone = report(natprobe(&lab, &bin, "fc-1", &args), "fc-1");
+    assert_eq!(cone["udp"]["mapping"], "endpoint-independent", "{cone}");
+    assert_eq!(cone["udp"]["filtering"], Value::Null, "{cone}");
+    assert_eq!(cone["udp"]["nat_type"], Value::Null, "{cone}");
+    let sym = report(natprobe(&lab, &bin, "syms-1", &args), "syms-1");
+    assert_eq!(sym["udp"]["nat_type"], "symmetric", "{sym}");
+    assert_eq!(sym["udp"]["mapping"], Value::Null, "{sym}");
+    assert!(
+        sym["notes"].to_string().contains("varies by destination"),
+        "{sym}"
+    );
+}
