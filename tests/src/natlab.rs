@@ -803,7 +803,9 @@ impl Lab {
     /// no longer exist are removed first. `None` (after saying so on stderr) when this
     /// machine cannot make namespaces; with `CHUANTOU_REQUIRE_LAB=1` (CI) that is a panic.
     pub fn for_test(routers: &[&str]) -> Option<Lab> {
-        if let Err(why) = namespaces_allowed() {
+        // Checked once per process: tests run in parallel threads.
+        static ALLOWED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        if let Err(why) = ALLOWED.get_or_init(namespaces_allowed) {
             if std::env::var_os("CHUANTOU_REQUIRE_LAB").is_some_and(|v| v == "1") {
                 panic!("the NAT lab is required (CHUANTOU_REQUIRE_LAB=1) but: {why}");
             }
@@ -954,7 +956,11 @@ impl Drop for Lab {
 
 /// Whether this process may make network namespaces, and if not, why.
 pub fn namespaces_allowed() -> Result<(), String> {
-    let probe = format!("{NS_PREFIX}probe{}", std::process::id());
+    let probe = format!(
+        "{NS_PREFIX}probe{}x{}",
+        std::process::id(),
+        LABS.fetch_add(1, Ordering::Relaxed)
+    );
     let out = Command::new("ip")
         .args(["netns", "add", &probe])
         .output()
