@@ -209,18 +209,39 @@ pub async fn online(server: &ServerHandle, name: &str) {
     .await;
 }
 
-/// The path of a workspace binary, built first (a no-op when it is up to date), so tests
-/// that run binaries inside the NAT lab always run the current code.
-pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "-q", "-p", package, "--bin", bin])
-        .status()
-        .unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
-    assert!(
-        status.success(),
-        "cargo build -p {package} --bin {bin} failed"
-    );
+/// The path of a workspace binary, built first, so tests that run binaries inside the NAT
+/// lab always run the current code. The build is `cargo build --workspace --all-targets`,
+/// the same feature set `cargo test --workspace` compiles, so it is a no-op there instead
+/// of rebuilding dependencies with other features.
+pub fn workspace_bin(bin: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-q", "--workspace", "--all-targets"]);
+        // What cargo set for this test binary must not leak into the build: build scripts
+        // that watch CARGO_MANIFEST_DIR (ring's does) would rebuild on every run.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            let leaked = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || k == "CARGO_TARGET_TMPDIR";
+            if leaked {
+                cmd.env_remove(&key);
+            }
+        }
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("running cargo build: {e}"));
+        assert!(status.success(), "cargo build --workspace failed");
+    });
     // This test binary lives in target/<profile>/deps/.
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|d| d.parent()).unwrap();

@@ -17,7 +17,7 @@ const OURS: u16 = 3478;
 const COTURN: u16 = 4478;
 
 fn start_servers(lab: &Lab) {
-    let rendezvous = workspace_bin("rendezvous", "rendezvous");
+    let rendezvous = workspace_bin("rendezvous");
     let mut cmd = lab.command("server", &rendezvous);
     cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
         .arg(format!("{SERVER_IP}:{OURS}"))
@@ -121,7 +121,7 @@ fn natprobe_names_every_router_kind_like_coturn_does() {
         return;
     };
     start_servers(&lab);
-    let bin = workspace_bin("natprobe", "natprobe");
+    let bin = workspace_bin("natprobe");
     // (host, nat_type, mapping, filtering, port_allocation, hairpin)
     let ei = "endpoint-independent";
     let ad = "address-dependent";
@@ -191,7 +191,7 @@ fn natprobe_finds_a_five_second_mapping_lifetime() {
         return;
     };
     start_servers(&lab);
-    let bin = workspace_bin("natprobe", "natprobe");
+    let bin = workspace_bin("natprobe");
     for port in [OURS, COTURN] {
         let args = vec![
             "--server".to_string(),
@@ -224,7 +224,7 @@ fn natprobe_says_udp_is_blocked_and_still_sees_tcp() {
     .unwrap();
     // Readiness is checked from `third`, whose UDP is not blocked.
     start_servers(&lab);
-    let bin = workspace_bin("natprobe", "natprobe");
+    let bin = workspace_bin("natprobe");
     let args = vec![
         "--server".to_string(),
         format!("{SERVER_IP}:{OURS}"),
@@ -250,7 +250,7 @@ fn two_plain_servers_tell_whether_the_mapping_varies() {
         return;
     };
     // Two plain STUN servers (no --alt-ip, so no OTHER-ADDRESS), one per server IP.
-    let rendezvous = workspace_bin("rendezvous", "rendezvous");
+    let rendezvous = workspace_bin("rendezvous");
     for (i, ip) in [SERVER_IP, SERVER_ALT_IP].into_iter().enumerate() {
         let mut cmd = lab.command("server", &rendezvous);
         cmd.args(["--listen", &format!("{ip}:{}", 7000 + i), "--stun"])
@@ -261,7 +261,7 @@ fn two_plain_servers_tell_whether_the_mapping_varies() {
         lab.spawn(cmd).unwrap();
         await_stun(&lab, SocketAddr::from((ip, 5000)));
     }
-    let bin = workspace_bin("natprobe", "natprobe");
+    let bin = workspace_bin("natprobe");
     let args = vec![
         "--server".to_string(),
         format!("{SERVER_IP}:5000"),
