@@ -630,10 +630,19 @@ pub enum Step {
 }
 
 impl Step {
-    /// A namespace with its loopback up (local delivery, to one's own address too, needs it).
-    fn netns(ns: &str) -> [Step; 2] {
+    /// A namespace with its loopback up (local delivery, to one's own address too, needs
+    /// it) and IPv6 off, so not even a link-local address exists outside 198.18.0.0/15.
+    fn netns(ns: &str) -> [Step; 4] {
+        let v6 = |key: &str| Step::Sysctl {
+            ns: ns.into(),
+            key: format!("net.ipv6.conf.{key}.disable_ipv6"),
+            value: "1".into(),
+            optional: true,
+        };
         [
             Step::Ip(vec!["netns".into(), "add".into(), ns.into()]),
+            v6("all"),
+            v6("default"),
             Step::ip(ns, "link set lo up"),
         ]
     }
