@@ -11,14 +11,22 @@
 //! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
 //! - [`udp`]: UDP flows as length-framed datagrams in tunnel streams.
 //! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
+//! - [`probe`]: punch probes on the wire, authenticated by the session secret.
+//! - [`punch`]: the UDP punch agent, sans-IO (drive loop in its docs).
+//! - [`strategy`]: how to punch (or not) from both sides' NAT profiles.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod expose;
 pub mod home;
+#[cfg(test)]
+mod natsim;
+pub mod probe;
+pub mod punch;
 pub mod reach;
 pub mod signal;
 pub mod status;
+pub mod strategy;
 pub mod tls;
 pub mod tunnel;
 pub mod udp;

@@ -113,11 +113,7 @@ impl TicketKey {
 
     /// HMAC-SHA256 with this key over the concatenation of `parts`.
     pub(crate) fn hmac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        let mut m = self.mac_core();
-        for p in parts {
-            m.update(p);
-        }
-        m.finalize().into_bytes().into()
+        hmac_sha256(&self.0, parts)
     }
 
     fn mac_core(&self) -> Hmac<Sha256> {
@@ -156,6 +152,24 @@ impl TicketKey {
         }
         Ok(())
     }
+}
+
+/// HMAC-SHA256 of the concatenated `parts` under a 32-byte key: tickets use it, and so
+/// do punch probes (keyed by the session secret).
+pub fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    // A 32-byte key is always a valid HMAC key; the fallback is unreachable.
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new(&Default::default()));
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// Compares two byte strings in time that depends only on their lengths, so a forger
+/// learns nothing from how fast a wrong MAC is refused.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

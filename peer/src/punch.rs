@@ -1,0 +1,707 @@
+//! The UDP punch agent, sans-IO: candidate pairs, authenticated probes, a common start
+//! time, paced retransmission, birthday spraying, nomination of the first working pair,
+//! failure after a bounded time. It owns no socket and never reads the clock.
+//!
+//! # Drive loop
+//!
+//! 1. Make the agent from a [`Config`] (the shell opened `sockets` UDP sockets; socket 0
+//!    is the one whose mapping the rendezvous observed).
+//! 2. Feed it with [`Punch::handle_input`]: a datagram that arrived (with the socket it
+//!    came in on), or a timeout.
+//! 3. After every input, drain [`Punch::poll_output`] until it returns
+//!    [`Output::Timeout`]: send each [`Output::Transmit`], act on each [`Output::Event`].
+//! 4. Wait for the next datagram or the returned deadline, whichever is first; go to 2.
+//! 5. On [`Event::Connected`] run the tunnel on that socket towards that address; a
+//!    responder keeps feeding probes that still arrive, so late nominations get their ack.
+//!
+//! Both sides send `Request`s on every pair (socket × remote candidate) from the common
+//! start time. A request is answered from the socket it reached, to wherever it came from,
+//! and that source becomes a pair of its own (a peer-reflexive candidate): against a
+//! symmetric NAT the other side's probes arrive from a port nobody could have told us.
+//! The initiator nominates the first pair whose request was answered; the responder's ack
+//! ends the punch on both sides.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use relay::ticket::Side;
+
+use crate::probe::{self, Kind, Probe, ProbeKey};
+
+/// Timings of a punch; defaults in [`Timing::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How often one pair is probed again: often enough that a hole opened by the other
+    /// side is found within a round trip or two, rarely enough to stay light.
+    pub interval: Duration,
+    /// The least gap between two probes of different pairs (pacing): 1 ms lets the 256
+    /// sockets of birthday mode all open their holes within a quarter second.
+    pub pace: Duration,
+    /// The punch fails this long after the start: 5 s covers birthday mode's spray and
+    /// many retransmissions on a lossy path; the relay carries traffic meanwhile.
+    pub give_up: Duration,
+    /// How often a nomination is repeated until acknowledged.
+    pub nominate_every: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            interval: Duration::from_millis(100),
+            pace: Duration::from_millis(1),
+            give_up: Duration::from_secs(5),
+            nominate_every: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Birthday mode, easy side: requests to random ports of the hard side's IP, in the hope
+/// of hitting one of the holes its many sockets opened towards us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spray {
+    /// The hard side's public IP.
+    pub ip: Ipv4Addr,
+    /// Requests sent at most, each to a different port.
+    pub probes: u32,
+    /// The gap between two of them.
+    pub every: Duration,
+}
+
+/// Birthday spray defaults: with the hard side's 256 holes among 64,512 ports, 3,072
+/// distinct probes all miss with probability (1 − 256/64512)^3072 ≈ 5·10⁻⁶; at one per
+/// millisecond they take 3.1 s, inside [`Timing::give_up`].
+pub const SPRAY_PROBES: u32 = 3072;
+/// One spray probe per millisecond (≈ 650 kbit/s of 81-byte packets).
+pub const SPRAY_EVERY: Duration = Duration::from_millis(1);
+/// Sockets the hard side opens in birthday mode.
+pub const BIRTHDAY_SOCKETS: usize = 256;
+
+/// Everything one punch needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The initiator nominates; the responder acknowledges.
+    pub role: Side,
+    /// Authenticates probes.
+    pub key: ProbeKey,
+    /// UDP sockets the shell opened for this punch (at least 1).
+    pub sockets: usize,
+    /// The other side's candidates, in the order to try them.
+    pub remote: Vec<SocketAddr>,
+    /// Birthday spray, on the easy side.
+    pub spray: Option<Spray>,
+    /// When both sides start (from the rendezvous).
+    pub start: Instant,
+    /// Timings.
+    pub timing: Timing,
+    /// Seeds transaction ids and spray ports (random in the shell, fixed in tests).
+    pub seed: u64,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// From this socket.
+    pub socket: usize,
+    /// To this address.
+    pub to: SocketAddr,
+    /// The probe.
+    pub payload: [u8; probe::LEN],
+}
+
+/// The pair both sides agreed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    /// The local socket.
+    pub socket: usize,
+    /// The other side's address as seen from it.
+    pub remote: SocketAddr,
+    /// Round trip of the probe that proved the pair (initiator) or `None` (responder).
+    pub rtt: Option<Duration>,
+    /// Time from the start to the agreement.
+    pub elapsed: Duration,
+}
+
+/// What the agent tells the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A direct path works: run the tunnel on it.
+    Connected(Path),
+    /// No pair worked within [`Timing::give_up`].
+    Failed {
+        /// Requests sent, for the log line.
+        probes: u32,
+    },
+}
+
+/// One input.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// Time has passed.
+    Timeout(Instant),
+    /// A datagram arrived.
+    Receive {
+        /// When.
+        now: Instant,
+        /// On which socket.
+        socket: usize,
+        /// From where.
+        from: SocketAddr,
+        /// Its bytes (anything: non-probes and forgeries are ignored).
+        data: &'a [u8],
+    },
+}
+
+/// One output; [`Output::Timeout`] ends a drain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send this.
+    Transmit(Transmit),
+    /// Act on this.
+    Event(Event),
+    /// Call again by then (or when a datagram arrives).
+    Timeout(Instant),
+}
+
+#[derive(Debug, Clone)]
+struct Pair {
+    socket: usize,
+    remote: SocketAddr,
+    next: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Punching,
+    Nominating {
+        socket: usize,
+        remote: SocketAddr,
+        transaction: u64,
+        rtt: Duration,
+        next: Instant,
+    },
+    Done,
+}
+
+/// Requests remembered for matching responses; beyond this the oldest are forgotten, so
+/// the table stays bounded whatever arrives.
+const MAX_PENDING: usize = 8192;
+/// Pairs at most: peer-reflexive pairs are added per source, so a flood of valid requests
+/// (only the other side can make them) still cannot grow the agent without bound.
+const MAX_PAIRS: usize = 4096;
+
+/// The agent. After every [`Punch::handle_input`], drain [`Punch::poll_output`] until it
+/// yields [`Output::Timeout`].
+#[derive(Debug)]
+pub struct Punch {
+    cfg: Config,
+    now: Instant,
+    pairs: Vec<Pair>,
+    cursor: usize,
+    next_slot: Instant,
+    urgent: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    pending: HashMap<u64, (usize, SocketAddr, Instant)>,
+    pending_order: VecDeque<u64>,
+    next_transaction: u64,
+    state: State,
+    sent: u32,
+    spray_sent: u32,
+    spray_next: Instant,
+    spray_step: u32,
+    spray_offset: u32,
+}
+
+/// Ports a spray draws from: 1024–65535.
+const SPRAY_RANGE: u32 = 65536 - 1024;
+
+impl Punch {
+    /// A punch that starts at `cfg.start`.
+    pub fn new(cfg: Config) -> Punch {
+        let start = cfg.start;
+        let mut pairs = Vec::new();
+        // Remote candidates first, then sockets: the first probe of every candidate goes
+        // out from socket 0 in the given order, which port prediction relies on.
+        for &remote in &cfg.remote {
+            for socket in 0..cfg.sockets.max(1) {
+                pairs.push(Pair {
+                    socket,
+                    remote,
+                    next: start,
+                });
+            }
+        }
+        pairs.truncate(MAX_PAIRS);
+        // A step coprime with 64,512 = 2^10·3^2·7 walks every port exactly once.
+        let mut step = (splitmix(cfg.seed ^ 0x5eed) % u64::from(SPRAY_RANGE)) as u32 | 1;
+        while step % 3 == 0 || step % 7 == 0 {
+            step += 2;
+        }
+        Punch {
+            now: start,
+            next_slot: start,
+            spray_next: start,
+            spray_step: step,
+            spray_offset: (splitmix(cfg.seed ^ 0x0ff5e7) % u64::from(SPRAY_RANGE)) as u32,
+            next_transaction: splitmix(cfg.seed),
+            cfg,
+            pairs,
+            cursor: 0,
+            urgent: VecDeque::new(),
+            events: VecDeque::new(),
+            pending: HashMap::new(),
+            pending_order: VecDeque::new(),
+            state: State::Punching,
+            sent: 0,
+            spray_sent: 0,
+        }
+    }
+
+    /// Feeds one input; the first one tells the agent the time (the shell's clock is
+    /// monotonic, so `now` never goes back).
+    pub fn handle_input(&mut self, input: Input<'_>) {
+        match input {
+            Input::Timeout(now) => self.now = now,
+            Input::Receive {
+                now,
+                socket,
+                from,
+                data,
+            } => {
+                self.now = now;
+                self.receive(socket, from, data);
+            }
+        }
+    }
+
+    fn receive(&mut self, socket: usize, from: SocketAddr, data: &[u8]) {
+        let Some(p) = self.cfg.key.decode(data) else {
+            return;
+        };
+        // Our own probe, come back through a hairpinning NAT or a reflector: not the peer.
+        if p.from == self.cfg.role || socket >= self.cfg.sockets.max(1) {
+            return;
+        }
+        match p.kind {
+            Kind::Request => {
+                self.urgent.push_back(self.transmit(
+                    socket,
+                    from,
+                    Kind::Response,
+                    p.transaction,
+                    probe::v4(from),
+                ));
+                if self.state == State::Punching
+                    && !self
+                        .pairs
+                        .iter()
+                        .any(|q| q.socket == socket && q.remote == from)
+                    && self.pairs.len() < MAX_PAIRS
+                {
+                    // Probe the source at once: its hole towards us is open right now.
+                    self.pairs.insert(
+                        self.cursor.min(self.pairs.len()),
+                        Pair {
+                            socket,
+                            remote: from,
+                            next: self.now,
+                        },
+                    );
+                }
+            }
+            Kind::Response => {
+                let Some((s, _, sent)) = self.pending.remove(&p.transaction) else {
+                    return;
+                };
+                if s != socket || self.state != State::Punching {
+                    return;
+                }
+                if self.cfg.role == Side::Initiator {
+                    let transaction = self.transaction();
+                    self.state = State::Nominating {
+                        socket,
+                        remote: from,
+                        transaction,
+                        rtt: self.now.saturating_duration_since(sent),
+                        next: self.now,
+                    };
+                }
+            }
+            Kind::Nominate => {
+                if self.cfg.role != Side::Responder {
+                    return;
+                }
+                self.urgent.push_back(self.transmit(
+                    socket,
+                    from,
+                    Kind::NominateAck,
+                    p.transaction,
+                    None,
+                ));
+                if self.state != State::Done {
+                    self.state = State::Done;
+                    self.events.push_back(Event::Connected(Path {
+                        socket,
+                        remote: from,
+                        rtt: None,
+                        elapsed: self.now.saturating_duration_since(self.cfg.start),
+                    }));
+                }
+            }
+            Kind::NominateAck => {
+                if let State::Nominating {
+                    socket: s,
+                    remote,
+                    transaction,
+                    rtt,
+                    ..
+                } = self.state
+                {
+                    if s == socket && remote == from && transaction == p.transaction {
+                        self.state = State::Done;
+                        self.events.push_back(Event::Connected(Path {
+                            socket,
+                            remote,
+                            rtt: Some(rtt),
+                            elapsed: self.now.saturating_duration_since(self.cfg.start),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next thing to do; [`Output::Timeout`] when there is nothing until then.
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(e) = self.events.pop_front() {
+            return Output::Event(e);
+        }
+        if let Some(t) = self.urgent.pop_front() {
+            return Output::Transmit(t);
+        }
+        let now = self.now;
+        let idle = now + Duration::from_secs(3600);
+        if self.state == State::Done {
+            return Output::Timeout(idle);
+        }
+        let give_up = self.cfg.start + self.cfg.timing.give_up;
+        if now >= give_up {
+            self.state = State::Done;
+            return Output::Event(Event::Failed {
+                probes: self.sent + self.spray_sent,
+            });
+        }
+        if now < self.cfg.start {
+            return Output::Timeout(self.cfg.start);
+        }
+        if let State::Nominating {
+            socket,
+            remote,
+            transaction,
+            next,
+            rtt,
+        } = self.state
+        {
+            if now >= next {
+                self.state = State::Nominating {
+                    socket,
+                    remote,
+                    transaction,
+                    rtt,
+                    next: now + self.cfg.timing.nominate_every,
+                };
+                return Output::Transmit(self.transmit(
+                    socket,
+                    remote,
+                    Kind::Nominate,
+                    transaction,
+                    None,
+                ));
+            }
+            return Output::Timeout(next.min(give_up));
+        }
+        // Spray first when due: its schedule is the tighter one.
+        if let Some(spray) = self.cfg.spray {
+            if self.spray_sent < spray.probes && now >= self.spray_next {
+                let k = self.spray_sent;
+                self.spray_sent += 1;
+                self.spray_next = now + spray.every;
+                let port = 1024
+                    + ((u64::from(k) * u64::from(self.spray_step) + u64::from(self.spray_offset))
+                        % u64::from(SPRAY_RANGE)) as u16;
+                let to = SocketAddr::from((spray.ip, port));
+                return Output::Transmit(self.request(0, to));
+            }
+        }
+        let mut deadline = give_up;
+        if let Some(spray) = self.cfg.spray {
+            if self.spray_sent < spray.probes {
+                deadline = deadline.min(self.spray_next);
+            }
+        }
+        if now >= self.next_slot {
+            // Round robin from the cursor: the first pair that is due.
+            let n = self.pairs.len();
+            for i in 0..n {
+                let idx = (self.cursor + i) % n;
+                if self.pairs[idx].next <= now {
+                    self.cursor = (idx + 1) % n;
+                    self.pairs[idx].next = now + self.cfg.timing.interval;
+                    self.next_slot = now + self.cfg.timing.pace;
+                    self.sent += 1;
+                    let (socket, remote) = (self.pairs[idx].socket, self.pairs[idx].remote);
+                    return Output::Transmit(self.request(socket, remote));
+                }
+            }
+        }
+        if let Some(earliest) = self.pairs.iter().map(|p| p.next).min() {
+            deadline = deadline.min(earliest.max(self.next_slot));
+        }
+        Output::Timeout(deadline)
+    }
+
+    /// Whether the punch is over (connected or failed).
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn transaction(&mut self) -> u64 {
+        self.next_transaction = self.next_transaction.wrapping_add(1);
+        self.next_transaction
+    }
+
+    fn request(&mut self, socket: usize, to: SocketAddr) -> Transmit {
+        let transaction = self.transaction();
+        self.pending.insert(transaction, (socket, to, self.now));
+        self.pending_order.push_back(transaction);
+        while self.pending_order.len() > MAX_PENDING {
+            if let Some(old) = self.pending_order.pop_front() {
+                self.pending.remove(&old);
+            }
+        }
+        self.transmit(socket, to, Kind::Request, transaction, None)
+    }
+
+    fn transmit(
+        &self,
+        socket: usize,
+        to: SocketAddr,
+        kind: Kind,
+        transaction: u64,
+        observed: Option<std::net::SocketAddrV4>,
+    ) -> Transmit {
+        Transmit {
+            socket,
+            to,
+            payload: self.cfg.key.encode(&Probe {
+                kind,
+                from: self.cfg.role,
+                transaction,
+                observed,
+            }),
+        }
+    }
+}
+
+/// A well-mixed 64-bit value from a seed (SplitMix64), so ids and spray ports are
+/// unpredictable in the shell and reproducible in tests.
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::natsim::{Kind as Nat, run};
+
+    const LATENCY: Duration = Duration::from_millis(10);
+
+    fn must_relay(a: Nat, b: Nat) -> bool {
+        use Nat::*;
+        matches!(
+            (a, b),
+            (SymmetricRandom, SymmetricRandom)
+                | (SymmetricRandom, SymmetricSequential)
+                | (SymmetricSequential, SymmetricRandom)
+        )
+    }
+
+    #[test]
+    fn every_pair_of_nat_kinds_punches_or_plans_the_relay() {
+        let mut table = String::new();
+        for a in Nat::ALL {
+            for b in Nat::ALL {
+                let o = run(a, b, LATENCY, 0, 7);
+                if must_relay(a, b) {
+                    assert!(o.relay, "{a:?} ↔ {b:?} should go to the relay: {o:?}");
+                    continue;
+                }
+                let (pa, pb) = o
+                    .paths()
+                    .unwrap_or_else(|| panic!("{a:?} ↔ {b:?} did not punch: {o:?}"));
+                // Both ends name the same path, seen from either side.
+                assert!(pa.rtt.is_some() && pb.rtt.is_none());
+                table += &format!("{a:?} ↔ {b:?}: {:?} ({})\n", pa.elapsed, o.plans[0]);
+            }
+        }
+        println!("{table}");
+    }
+
+    #[test]
+    fn punches_survive_a_lossy_path() {
+        use Nat::*;
+        for (a, b) in [
+            (PortRestricted, PortRestricted),
+            (AddressRestricted, SymmetricRandom),
+            (SymmetricSequential, SymmetricSequential),
+            (PortRestricted, SymmetricSequential),
+        ] {
+            for seed in 0..20 {
+                let o = run(a, b, LATENCY, 20, seed);
+                assert!(
+                    o.paths().is_some(),
+                    "{a:?} ↔ {b:?}, seed {seed}, 20 % loss: {o:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn birthday_punching_is_reliable_by_design() {
+        // The design's miss rate is about 5·10⁻⁶ per punch; 300 seeds in each direction
+        // must all connect, each within the 5 s bound.
+        for seed in 0..300 {
+            for (a, b) in [
+                (Nat::PortRestricted, Nat::SymmetricRandom),
+                (Nat::SymmetricRandom, Nat::PortRestricted),
+            ] {
+                let o = run(a, b, LATENCY, 0, seed);
+                let (pa, _) = o
+                    .paths()
+                    .unwrap_or_else(|| panic!("{a:?} ↔ {b:?}, seed {seed}: {o:?}"));
+                assert!(pa.elapsed < Duration::from_secs(5));
+            }
+        }
+    }
+
+    fn agent(role: Side, remote: Vec<SocketAddr>, start: Instant) -> Punch {
+        Punch::new(Config {
+            role,
+            key: ProbeKey::new([1; 16], [2; 32]),
+            sockets: 1,
+            remote,
+            spray: None,
+            start,
+            timing: Timing::default(),
+            seed: 1,
+        })
+    }
+
+    fn drain(p: &mut Punch) -> (Vec<Transmit>, Vec<Event>, Instant) {
+        let (mut t, mut e) = (Vec::new(), Vec::new());
+        loop {
+            match p.poll_output() {
+                Output::Transmit(x) => t.push(x),
+                Output::Event(x) => e.push(x),
+                Output::Timeout(at) => return (t, e, at),
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_goes_out_before_the_start_and_silence_fails_in_bounded_time() {
+        let t0 = Instant::now();
+        let start = t0 + Duration::from_millis(30);
+        let peer: SocketAddr = "198.18.2.1:40000".parse().unwrap();
+        let mut p = agent(Side::Initiator, vec![peer], start);
+        p.handle_input(Input::Timeout(t0));
+        let (t, e, at) = drain(&mut p);
+        assert!(t.is_empty() && e.is_empty());
+        assert_eq!(at, start);
+        // Run in virtual time with nobody answering.
+        let mut now = at;
+        let mut sent = 0;
+        loop {
+            p.handle_input(Input::Timeout(now));
+            let (t, e, at) = drain(&mut p);
+            sent += t.len();
+            if let Some(Event::Failed { probes }) = e.first() {
+                assert_eq!(*probes as usize, sent);
+                assert_eq!(now, start + Timing::default().give_up);
+                break;
+            }
+            assert!(at > now, "the deadline moves on");
+            now = at;
+        }
+        // One pair, probed every 100 ms for 5 s.
+        assert_eq!(sent, 50);
+        assert!(p.is_done());
+    }
+
+    #[test]
+    fn forged_stray_and_reflected_probes_never_complete_a_punch() {
+        let t0 = Instant::now();
+        let peer: SocketAddr = "198.18.2.1:40000".parse().unwrap();
+        let mut p = agent(Side::Initiator, vec![peer], t0);
+        p.handle_input(Input::Timeout(t0));
+        let (t, _, _) = drain(&mut p);
+        let request = &t[0];
+        let txn = ProbeKey::new([1; 16], [2; 32])
+            .decode(&request.payload)
+            .unwrap();
+        let forge = |key: ProbeKey, from: Side, kind: Kind| {
+            key.encode(&Probe {
+                kind,
+                from,
+                transaction: txn.transaction,
+                observed: None,
+            })
+        };
+        let wrong_secret = ProbeKey::new([1; 16], [3; 32]);
+        let wrong_session = ProbeKey::new([9; 16], [2; 32]);
+        let right = ProbeKey::new([1; 16], [2; 32]);
+        for data in [
+            forge(wrong_secret, Side::Responder, Kind::Response).to_vec(),
+            forge(wrong_session, Side::Responder, Kind::Response).to_vec(),
+            // Our own request, hairpinned back: same role, so not the peer.
+            request.payload.to_vec(),
+            forge(right.clone(), Side::Initiator, Kind::Response).to_vec(),
+            b"garbage".to_vec(),
+            vec![],
+        ] {
+            p.handle_input(Input::Receive {
+                now: t0,
+                socket: 0,
+                from: peer,
+                data: &data,
+            });
+            let (t, e, _) = drain(&mut p);
+            assert!(e.is_empty());
+            assert!(
+                t.iter()
+                    .all(|x| right.decode(&x.payload).unwrap().kind == Kind::Request)
+            );
+        }
+        // A response on another socket index than the request went out on is ignored too.
+        p.handle_input(Input::Receive {
+            now: t0,
+            socket: 5,
+            from: peer,
+            data: &forge(right.clone(), Side::Responder, Kind::Response),
+        });
+        let (_, e, _) = drain(&mut p);
+        assert!(e.is_empty());
+        // The genuine response starts the nomination.
+        p.handle_input(Input::Receive {
+            now: t0 + Duration::from_millis(20),
+            socket: 0,
+            from: peer,
+            data: &forge(right.clone(), Side::Responder, Kind::Response),
+        });
+        let (t, _, _) = drain(&mut p);
+        assert_eq!(right.decode(&t[0].payload).unwrap().kind, Kind::Nominate);
+    }
+}

@@ -1,0 +1,200 @@
+//! How to punch, from what each side knows of its NAT (natprobe's classification, carried
+//! in the broker message): the sockets to open, the remote candidates in the order to try
+//! them (predicted ports first), birthday spraying, or straight to the relay when no
+//! direct path can work. Pure: the matrix of every NAT pair is unit tested.
+
+use std::net::{IpAddr, SocketAddr};
+
+use natprobe::classify::{Allocation, NatType};
+
+use crate::punch::{BIRTHDAY_SOCKETS, SPRAY_EVERY, SPRAY_PROBES, Spray};
+
+/// Ports predicted past a sequential NAT's observed one. Prediction pairs the k-th new
+/// mapping of each side, so a few spare guesses absorb mappings other programs made
+/// meanwhile.
+pub const PREDICTED_PORTS: i32 = 8;
+
+/// What one side knows of its NAT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatProfile {
+    /// The classic name; `None` when unknown (treated as a port-restricted cone).
+    pub nat_type: Option<NatType>,
+    /// How its ports are allocated.
+    pub allocation: Option<Allocation>,
+    /// The step of a sequential allocation.
+    pub delta: Option<i32>,
+}
+
+impl NatProfile {
+    fn kind(&self) -> NatType {
+        self.nat_type.unwrap_or(NatType::PortRestrictedCone)
+    }
+
+    fn random_symmetric(&self) -> bool {
+        self.kind() == NatType::Symmetric && !self.sequential()
+    }
+
+    fn sequential(&self) -> bool {
+        self.kind() == NatType::Symmetric
+            && self.allocation == Some(Allocation::Sequential)
+            && self.delta.is_some_and(|d| d != 0)
+    }
+}
+
+/// The plan for one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    /// Punch.
+    Direct {
+        /// UDP sockets to open (more than 1 only on the hard side of birthday mode).
+        sockets: usize,
+        /// The other side's candidates, in order.
+        remote: Vec<SocketAddr>,
+        /// Birthday spraying towards the other side's IP (the easy side).
+        spray: Option<Spray>,
+        /// Why this way, for the log.
+        why: String,
+    },
+    /// No direct path can work; use the relay.
+    Relay {
+        /// Why, for the log ("symmetric ↔ symmetric").
+        why: String,
+    },
+}
+
+fn name(p: &NatProfile) -> &'static str {
+    match p.nat_type {
+        None => "unknown NAT",
+        Some(NatType::Symmetric) if p.sequential() => "sequential symmetric",
+        Some(NatType::Symmetric) => "random symmetric",
+        Some(t) => t.name(),
+    }
+}
+
+/// Plans this side's punch. `peer_observed` is the other side's UDP address as the
+/// rendezvous saw it, `peer_lan` its LAN addresses.
+pub fn plan(
+    me: &NatProfile,
+    peer: &NatProfile,
+    peer_observed: Option<SocketAddr>,
+    peer_lan: &[SocketAddr],
+) -> Strategy {
+    let pair = format!("{} ↔ {}", name(me), name(peer));
+    if me.kind() == NatType::UdpBlocked || peer.kind() == NatType::UdpBlocked {
+        return Strategy::Relay {
+            why: format!("UDP blocked ({pair})"),
+        };
+    }
+    // Two symmetric NATs of which one is random: each side's probes leave from a port
+    // the other cannot know, and neither lets in an unknown one.
+    if me.kind() == NatType::Symmetric
+        && peer.kind() == NatType::Symmetric
+        && (me.random_symmetric() || peer.random_symmetric())
+    {
+        return Strategy::Relay { why: pair };
+    }
+    let mut remote = Vec::new();
+    if let Some(obs) = peer_observed {
+        if let (true, Some(d)) = (peer.sequential(), peer.delta) {
+            // The k-th new mapping of the peer lands k·delta past the observed port.
+            for k in 1..=PREDICTED_PORTS {
+                let port = i32::from(obs.port()) + k * d;
+                if let Ok(port) = u16::try_from(port) {
+                    if port >= 1024 {
+                        remote.push(SocketAddr::new(obs.ip(), port));
+                    }
+                }
+            }
+        }
+        remote.push(obs);
+    }
+    // LAN candidates last: they matter only when both sit behind the same NAT, and on a
+    // sequential NAT a packet to a foreign private address could take a mapping.
+    for a in peer_lan {
+        if !remote.contains(a) {
+            remote.push(*a);
+        }
+    }
+    let filters_ports = matches!(me.kind(), NatType::PortRestrictedCone);
+    let peer_filters_ports = matches!(peer.kind(), NatType::PortRestrictedCone);
+    let (sockets, spray, why) = if me.random_symmetric() && peer_filters_ports {
+        (
+            BIRTHDAY_SOCKETS,
+            None,
+            format!("birthday, {BIRTHDAY_SOCKETS} sockets ({pair})"),
+        )
+    } else if filters_ports && peer.random_symmetric() {
+        let spray = match peer_observed.map(|a| a.ip()) {
+            Some(IpAddr::V4(ip)) => Some(Spray {
+                ip,
+                probes: SPRAY_PROBES,
+                every: SPRAY_EVERY,
+            }),
+            _ => None,
+        };
+        (1, spray, format!("birthday, spraying ({pair})"))
+    } else if peer.sequential() || me.sequential() {
+        (1, None, format!("port prediction ({pair})"))
+    } else {
+        (1, None, pair)
+    };
+    Strategy::Direct {
+        sockets,
+        remote,
+        spray,
+        why,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(t: NatType, a: Allocation, d: Option<i32>) -> NatProfile {
+        NatProfile {
+            nat_type: Some(t),
+            allocation: Some(a),
+            delta: d,
+        }
+    }
+
+    #[test]
+    fn predicted_ports_come_first_and_lan_last() {
+        let me = p(NatType::PortRestrictedCone, Allocation::Preserved, None);
+        let peer = p(NatType::Symmetric, Allocation::Sequential, Some(3));
+        let obs: SocketAddr = "198.18.1.6:20000".parse().unwrap();
+        let lan: SocketAddr = "198.19.6.2:40000".parse().unwrap();
+        let Strategy::Direct {
+            remote,
+            sockets,
+            spray,
+            ..
+        } = plan(&me, &peer, Some(obs), &[lan])
+        else {
+            panic!("should punch");
+        };
+        assert_eq!((sockets, spray), (1, None));
+        let ports: Vec<u16> = remote.iter().map(|a| a.port()).collect();
+        assert_eq!(ports[..3], [20003, 20006, 20009]);
+        assert_eq!(remote[PREDICTED_PORTS as usize], obs);
+        assert_eq!(remote.last(), Some(&lan));
+    }
+
+    #[test]
+    fn hopeless_pairs_go_to_the_relay_with_a_reason() {
+        let random = p(NatType::Symmetric, Allocation::Random, None);
+        let seq = p(NatType::Symmetric, Allocation::Sequential, Some(1));
+        let blocked = p(NatType::UdpBlocked, Allocation::Preserved, None);
+        let cone = p(NatType::FullCone, Allocation::Preserved, None);
+        for (a, b, why) in [
+            (&random, &random, "random symmetric ↔ random symmetric"),
+            (&seq, &random, "sequential symmetric ↔ random symmetric"),
+            (&blocked, &cone, "UDP blocked"),
+        ] {
+            match plan(a, b, None, &[]) {
+                Strategy::Relay { why: w } => assert!(w.contains(why), "{w}"),
+                s => panic!("{s:?}"),
+            }
+        }
+    }
+}
