@@ -13,6 +13,7 @@
 //! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
 //! - [`probe`]: punch probes on the wire, authenticated by the session secret.
 //! - [`punch`]: the UDP punch agent, sans-IO (drive loop in its docs).
+//! - [`quic`]: the direct tunnel, QUIC on the punched socket.
 //! - [`strategy`]: how to punch (or not) from both sides' NAT profiles.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -23,6 +24,7 @@ pub mod home;
 mod natsim;
 pub mod probe;
 pub mod punch;
+pub mod quic;
 pub mod reach;
 pub mod signal;
 pub mod status;
