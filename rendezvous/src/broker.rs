@@ -197,6 +197,7 @@ mod tests {
             tcp: Some(std::net::SocketAddr::from(([198, 18, 0, 1], port))),
             udp: None,
             lan: vec![],
+            nat: None,
         };
         let (i, r) = broker(
             SessionId([1; 16]),

@@ -18,8 +18,8 @@ use tokio::time::timeout;
 
 use crate::frame::{self, FrameError, FrameReader};
 use crate::proto::{
-    Broker, ClientFrame, ErrorFrame, Hello, PROTOCOL_VERSION, PeerInfo, PublicKey, Register,
-    Registered, Reply, Request, ServerFrame, Service, ServiceRef, Signature, Welcome,
+    Broker, ClientFrame, ErrorFrame, Hello, NatInfo, PROTOCOL_VERSION, PeerInfo, PublicKey,
+    Register, Registered, Reply, Request, ServerFrame, Service, ServiceRef, Signature, Welcome,
     register_payload,
 };
 use crate::stun::{self, BindingError, BindingResponse};
@@ -193,6 +193,11 @@ impl Client {
             .map_err(|_| ClientError::Closed(None))?
     }
 
+    /// The server's STUN address as reachable over this connection, if it runs STUN.
+    pub fn stun_server(&self) -> Option<SocketAddr> {
+        self.welcome.stun
+    }
+
     /// Registers `name` with `key`, offering `services`; heartbeats start by themselves.
     pub async fn register(
         &self,
@@ -201,6 +206,19 @@ impl Client {
         services: Vec<Service>,
         lan_addrs: Vec<SocketAddr>,
     ) -> Result<Registered, ClientError> {
+        self.register_with(key, name, services, lan_addrs, None)
+            .await
+    }
+
+    /// [`Client::register`], also telling the server what we measured of our NAT.
+    pub async fn register_with(
+        &self,
+        key: &SigningKey,
+        name: &str,
+        services: Vec<Service>,
+        lan_addrs: Vec<SocketAddr>,
+        nat: Option<NatInfo>,
+    ) -> Result<Registered, ClientError> {
         let sig = key.sign(&register_payload(&self.welcome.nonce, name));
         let reg = Register {
             name: name.to_owned(),
@@ -208,6 +226,7 @@ impl Client {
             services,
             lan_addrs,
             signature: Signature(sig.to_bytes()),
+            nat,
         };
         match self.request(Request::Register(reg)).await? {
             Reply::Registered(r) => Ok(r),

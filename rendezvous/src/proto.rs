@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// The signaling protocol version carried in `Hello`; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Longest peer name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -105,6 +105,47 @@ pub struct Register {
     pub lan_addrs: Vec<SocketAddr>,
     /// Ed25519 signature of [`register_payload`]`(nonce, name)`.
     pub signature: Signature,
+    /// What the peer measured of its NAT (mapping, port allocation), for punch planning;
+    /// `None` when it could not tell (no STUN answer).
+    pub nat: Option<NatInfo>,
+}
+
+/// What a peer measured of its NAT with STUN before registering: enough to plan a punch
+/// (who sprays, who predicts), not a full natprobe report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatInfo {
+    /// Whether the public mapping depends on the destination.
+    pub mapping: NatMapping,
+    /// How new mappings get their public port.
+    pub allocation: NatAllocation,
+    /// The step between consecutive new mappings, for `Sequential`.
+    pub delta: i32,
+}
+
+/// Mapping behaviour (RFC 4787).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatMapping {
+    /// Not measured (the STUN server has no second address).
+    Unknown,
+    /// No NAT at all: the public address is the local one.
+    None,
+    /// The same public address for every destination.
+    EndpointIndependent,
+    /// A new public address per destination (a symmetric NAT).
+    Varies,
+}
+
+/// Port allocation of new mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatAllocation {
+    /// Not measured.
+    Unknown,
+    /// The public port is the local port.
+    Preserved,
+    /// Each new mapping's port is the previous one plus `delta`.
+    Sequential,
+    /// No pattern.
+    Random,
 }
 
 /// A service a peer offers.
@@ -192,6 +233,9 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u32,
     /// Server software and version, for logs.
     pub software: String,
+    /// The STUN responder's primary address as reachable over this connection, so
+    /// peers observe their UDP mapping there; `None` when STUN is off.
+    pub stun: Option<SocketAddr>,
 }
 
 /// Successful answers.
@@ -296,6 +340,8 @@ pub struct Candidates {
     pub udp: Option<SocketAddr>,
     /// LAN addresses it reported.
     pub lan: Vec<SocketAddr>,
+    /// What it measured of its NAT.
+    pub nat: Option<NatInfo>,
 }
 
 /// An error answer: a machine-readable code and a sentence for humans.
@@ -594,6 +640,7 @@ mod tests {
             services: vec![],
             lan_addrs: vec![],
             signature: Signature([0; 64]),
+            nat: None,
         };
         assert!(base.validate().is_ok());
         let svc = |port, d: usize| Service {
@@ -663,6 +710,7 @@ mod wire_tests {
                 tcp: Some("198.18.1.2:40000".parse().unwrap()),
                 udp: Some("198.18.1.2:40001".parse().unwrap()),
                 lan: vec!["198.19.0.5:5000".parse().unwrap()],
+                nat: None,
             },
             start_in_ms: 300,
             secret: [7; 32],
@@ -687,12 +735,17 @@ mod wire_tests {
                 services: vec![sample_service()],
                 lan_addrs: vec!["198.18.0.9:7000".parse().unwrap()],
                 signature: Signature([3; 64]),
+                nat: Some(NatInfo {
+                    mapping: NatMapping::Varies,
+                    allocation: NatAllocation::Sequential,
+                    delta: 2,
+                }),
             }),
         };
         assert_eq!(
             hex_of(&register),
             concat!(
-                "00000076",
+                "0000007a",
                 "01",
                 "01",
                 "00",
@@ -708,7 +761,8 @@ mod wire_tests {
                 "00",
                 "c6120009",
                 "d836",
-                "03030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303"
+                "03030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303030303",
+                "01030204"
             )
         );
         let requests = [
@@ -744,17 +798,22 @@ mod wire_tests {
             nonce: [9; 32],
             heartbeat_interval_ms: 15000,
             software: "ct".into(),
+            stun: Some("198.18.0.1:3478".parse().unwrap()),
         });
         assert_eq!(
             hex_of(&welcome),
             concat!(
-                "00000027",
+                "0000002f",
                 "00",
                 "01",
                 "0909090909090909090909090909090909090909090909090909090909090909",
                 "9875",
                 "02",
-                "6374"
+                "6374",
+                "01",
+                "00",
+                "c6120001",
+                "961b"
             )
         );
         let registered = ServerFrame::Response {
@@ -819,7 +878,7 @@ mod wire_tests {
         assert_eq!(
             hex_of(&broker),
             concat!(
-                "0000007c",
+                "0000007d",
                 "02",
                 "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
                 "01",
@@ -839,6 +898,7 @@ mod wire_tests {
                 "00",
                 "c6130005",
                 "8827",
+                "00",
                 "ac02",
                 "0707070707070707070707070707070707070707070707070707070707070707",
                 "00"

@@ -98,6 +98,8 @@ pub struct Registration {
     pub conn: ConnId,
     /// STUN credential for this registration (chosen by the shell, random).
     pub stun: StunCredential,
+    /// What the peer measured of its NAT.
+    pub nat: Option<crate::proto::NatInfo>,
 }
 
 /// A STUN short-term credential linking Binding requests to a registration.
@@ -138,6 +140,8 @@ pub struct Entry {
     /// Its last reported round trip to the server.
     pub rtt: Option<Duration>,
     stun: StunCredential,
+    /// What the peer measured of its NAT.
+    pub nat: Option<crate::proto::NatInfo>,
 }
 
 impl Entry {
@@ -242,6 +246,7 @@ impl Registry {
             last_seen: now,
             rtt: None,
             stun: reg.stun,
+            nat: reg.nat,
         };
         self.by_stun
             .insert(entry.stun.username.clone(), reg.name.clone());
@@ -454,6 +459,7 @@ mod tests {
                 username: format!("u{conn}"),
                 password: format!("p{conn}"),
             },
+            nat: None,
         }
     }
 

@@ -1071,6 +1071,14 @@ async fn hello(
         heartbeat_interval_ms: u32::try_from(cfg.timing.heartbeat_interval.as_millis())
             .unwrap_or(u32::MAX),
         software: crate::stun::SOFTWARE.into(),
+        stun: shared.responder.as_ref().map(|r| {
+            let primary = r.lock().unwrap_or_else(|p| p.into_inner()).layout().primary;
+            // Bound to every address: tell the client the one it reached us on.
+            match wr.local_addr() {
+                Ok(l) if primary.ip().is_unspecified() => SocketAddr::new(l.ip(), primary.port()),
+                _ => primary,
+            }
+        }),
     });
     write_frame(wr, &welcome).await?;
     Ok(Greeting::Peer(nonce))
@@ -1249,6 +1257,7 @@ fn handle_request(
                         tcp_addr: remote,
                         conn,
                         stun: stun.clone(),
+                        nat: r.nat,
                     },
                 );
                 if let Ok(reg) = &out
@@ -1369,6 +1378,7 @@ fn connect(
             tcp: Some(e.tcp_addr),
             udp: e.udp_addr,
             lan: e.lan_addrs.clone(),
+            nat: e.nat,
         },
         rtt: e.rtt,
     };

@@ -176,6 +176,7 @@ pub async fn raw_register(
             services: vec![],
             lan_addrs: vec![],
             signature: Signature(sig.to_bytes()),
+            nat: None,
         }),
     };
     r.get_mut()
