@@ -538,3 +538,97 @@ async fn probe_tcp(
             .then(|| "TCP mapping unknown: the server has no second address over TCP".to_string()),
     })
 }
+
+/// What a peer measures before registering: mapping behaviour and port allocation, from
+/// answers only (nothing waits for silence), so it takes a few round trips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuickProfile {
+    /// Mapping behaviour, as far as the server allows telling.
+    pub mapping: Mapping,
+    /// Whether the main socket's public address is its own (no NAT).
+    pub translated: bool,
+    /// Port allocation of new mappings.
+    pub allocation: Option<classify::Allocation>,
+    /// The step of a sequential allocation.
+    pub delta: Option<i32>,
+    /// The main socket's public address: the newest mapping made, so a sequential NAT's
+    /// next one is this port plus the delta.
+    pub public: SocketAddr,
+}
+
+/// Timing for [`quick`]: a server that answers at all answers within a second.
+pub const QUICK_TIMING: Timing = Timing {
+    rto: Duration::from_millis(200),
+    rc: 3,
+    rm: 2,
+};
+
+/// Measures the NAT in front of `main` against `server`: fresh mappings one after another
+/// (port allocation), one of them also to the server's other address (mapping), and last
+/// `main`'s own Test I. `None` when the server never answers.
+pub async fn quick(
+    main: &UdpSocket,
+    server: SocketAddr,
+    timing: Timing,
+) -> Result<Option<QuickProfile>, ProbeError> {
+    let local = main
+        .local_addr()
+        .map_err(sock_err("reading a local address"))?;
+    let ip = if local.ip().is_unspecified() {
+        route_ip(server)?
+    } else {
+        local.ip()
+    };
+    let mut fresh = Vec::new();
+    let mut obs = MappingObservations::default();
+    for i in 0..defaults::FRESH_MAPPINGS {
+        let s = bind_udp(ip).await?;
+        let req = request(RequestOptions::default())?;
+        let Outcome::Answer(r, _) = exchange(&s, &s, server, &req, false, timing).await else {
+            if i == 0 {
+                return Ok(None);
+            }
+            continue;
+        };
+        let port = s
+            .local_addr()
+            .map_err(sock_err("reading a local address"))?
+            .port();
+        fresh.push((port, r.mapped.port()));
+        let other = r
+            .other
+            .filter(|o| o.ip() != server.ip() && o.port() != server.port());
+        if i + 1 == defaults::FRESH_MAPPINGS {
+            obs.local = Some(SocketAddr::new(ip, port));
+            obs.primary = Some(r.mapped);
+            if let Some(o) = other {
+                let req = request(RequestOptions::default())?;
+                let dest = SocketAddr::new(o.ip(), server.port());
+                if let Outcome::Answer(r2, _) = exchange(&s, &s, dest, &req, false, timing).await {
+                    obs.alt_ip = Some(r2.mapped);
+                    let req = request(RequestOptions::default())?;
+                    if r2.mapped != r.mapped {
+                        if let Outcome::Answer(r3, _) =
+                            exchange(&s, &s, o, &req, false, timing).await
+                        {
+                            obs.alt_ip_port = Some(r3.mapped);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let req = request(RequestOptions::default())?;
+    let Outcome::Answer(r, _) = exchange(main, main, server, &req, false, timing).await else {
+        return Ok(None);
+    };
+    let (allocation, delta) = classify::allocation(&fresh);
+    let main_local = SocketAddr::new(ip, local.port());
+    Ok(Some(QuickProfile {
+        mapping: classify::mapping(&obs),
+        translated: r.mapped != main_local,
+        allocation,
+        delta,
+        public: r.mapped,
+    }))
+}

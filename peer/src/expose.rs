@@ -53,9 +53,12 @@ pub async fn run(
         cfg.signaling.name
     );
     loop {
-        let Some(mut client) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
+        let Some(registration) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
             return Ok(());
         };
+        // The UDP presence lives as long as this registration: its refreshes keep the
+        // observed mapping the one the rendezvous hands out.
+        let (mut client, _udp) = (registration.client, registration.udp);
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

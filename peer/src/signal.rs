@@ -1,11 +1,15 @@
-//! Staying registered with the rendezvous: connect, register, and on any loss reconnect
-//! with backoff. Shared by `expose` and `reach`.
+//! Staying registered with the rendezvous: connect, measure the NAT and register, keep the
+//! UDP mapping observed, and on any loss reconnect with backoff. Shared by `expose` and
+//! `reach`.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::{Client, ClientConfig, ClientError};
-use rendezvous::proto::{ErrorCode, Service};
+use rendezvous::proto::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
+use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -38,9 +42,67 @@ pub fn is_fatal(e: &ClientError) -> bool {
     ))
 }
 
+/// How often the UDP mapping is observed again: under half of common 30–60 s NAT
+/// timeouts, so the mapping the rendezvous hands out stays the live one.
+pub const UDP_REFRESH: Duration = Duration::from_secs(12);
+
+/// The peer's UDP presence: the socket whose NAT mapping the rendezvous observed (the
+/// one punching starts from), and what we measured of that NAT. Dropping it stops the
+/// refreshes.
+#[derive(Debug)]
+pub struct Udp {
+    /// The socket.
+    pub socket: Arc<UdpSocket>,
+    /// Its public address as the rendezvous saw it.
+    pub observed: Option<SocketAddr>,
+    /// The NAT in front of it.
+    pub nat: Option<NatInfo>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Udp {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
+/// A registration: the signaling client and, when the server runs STUN, the UDP side.
+#[derive(Debug)]
+pub struct Registration {
+    /// The signaling connection.
+    pub client: Client,
+    /// The UDP presence, if STUN answered.
+    pub udp: Option<Udp>,
+}
+
+fn nat_info(q: &natprobe::probe::QuickProfile) -> NatInfo {
+    use natprobe::classify::{Allocation, Behaviour, Mapping};
+    NatInfo {
+        mapping: match q.mapping {
+            _ if !q.translated => NatMapping::None,
+            Mapping::Known(Behaviour::EndpointIndependent) => NatMapping::EndpointIndependent,
+            Mapping::Known(_) | Mapping::Varies => NatMapping::Varies,
+            Mapping::Unknown => NatMapping::Unknown,
+        },
+        allocation: match q.allocation {
+            Some(Allocation::Preserved) => NatAllocation::Preserved,
+            Some(Allocation::Sequential) => NatAllocation::Sequential,
+            Some(Allocation::Random) => NatAllocation::Random,
+            None => NatAllocation::Unknown,
+        },
+        delta: q.delta.unwrap_or(0),
+    }
+}
+
 impl Signaling {
     /// Connects and registers once.
     pub async fn register(&self, key: &SigningKey) -> Result<Client, ClientError> {
+        Ok(self.register_udp(key).await?.client)
+    }
+
+    /// Connects, measures the NAT in front of a fresh UDP socket (when the server runs
+    /// STUN), registers with that, and has the rendezvous observe the socket's mapping.
+    pub async fn register_udp(&self, key: &SigningKey) -> Result<Registration, ClientError> {
         let client = Client::connect(
             &self.rendezvous,
             ClientConfig {
@@ -49,8 +111,31 @@ impl Signaling {
             },
         )
         .await?;
+        let mut udp = None;
+        let mut nat = None;
+        let mut lan = Vec::new();
+        if let Some(stun) = client.stun_server() {
+            match UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).await {
+                Ok(sock) => {
+                    match natprobe::probe::quick(&sock, stun, natprobe::probe::QUICK_TIMING).await {
+                        Ok(Some(q)) => {
+                            nat = Some(nat_info(&q));
+                            if let (Ok(l), Some(ip)) = (sock.local_addr(), route_ip(stun)) {
+                                lan.push(SocketAddr::new(ip, l.port()));
+                            }
+                        }
+                        Ok(None) => {
+                            warn!(%stun, "no STUN answer over UDP: only the relay will work")
+                        }
+                        Err(e) => warn!(%stun, error = %e, "measuring the NAT failed"),
+                    }
+                    udp = Some((Arc::new(sock), stun));
+                }
+                Err(e) => warn!(error = %e, "cannot open a UDP socket: only the relay will work"),
+            }
+        }
         let reg = client
-            .register(key, &self.name, self.services.clone(), vec![])
+            .register_with(key, &self.name, self.services.clone(), lan, nat)
             .await?;
         info!(
             name = %self.name,
@@ -59,7 +144,46 @@ impl Signaling {
             "{}",
             if reg.replaced { "re-registered" } else { "registered" }
         );
-        Ok(client)
+        let udp = match udp {
+            Some((socket, stun)) if nat.is_some() => {
+                let cred = (reg.stun_username.clone(), reg.stun_password.clone());
+                let observed = rendezvous::client::stun_binding(
+                    &socket,
+                    stun,
+                    Some((&cred.0, &cred.1)),
+                    rendezvous::client::StunRetry::default(),
+                )
+                .await
+                .map(|r| r.mapped)
+                .ok();
+                if let (Some(o), Some(n)) = (observed, nat) {
+                    info!(udp = %o, mapping = ?n.mapping, allocation = ?n.allocation,
+                        delta = n.delta, "udp mapping observed");
+                }
+                let s = socket.clone();
+                let refresher = tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(UDP_REFRESH).await;
+                        // Same socket, same destination: the mapping is refreshed, not renewed.
+                        let _ = rendezvous::client::stun_binding(
+                            &s,
+                            stun,
+                            Some((&cred.0, &cred.1)),
+                            rendezvous::client::StunRetry::default(),
+                        )
+                        .await;
+                    }
+                });
+                Some(Udp {
+                    socket,
+                    observed,
+                    nat,
+                    refresher,
+                })
+            }
+            _ => None,
+        };
+        Ok(Registration { client, udp })
     }
 
     /// Registers, retrying with backoff until it works, a fatal refusal, or shutdown
@@ -68,10 +192,10 @@ impl Signaling {
         &self,
         key: &SigningKey,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Client>, ClientError> {
+    ) -> Result<Option<Registration>, ClientError> {
         let mut wait = BACKOFF_MIN;
         loop {
-            match self.register(key).await {
+            match self.register_udp(key).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(e) => {
@@ -85,4 +209,11 @@ impl Signaling {
             }
         }
     }
+}
+
+/// The local IP the system routes towards `to` from.
+fn route_ip(to: SocketAddr) -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    s.connect(to).ok()?;
+    Some(s.local_addr().ok()?.ip())
 }
