@@ -28,7 +28,7 @@
 //! | `address-restricted` | endpoint-independent | address-dependent (a set of mapped port . remote IP) |
 //! | `port-restricted` | endpoint-independent | address-and-port-dependent (conntrack) |
 //! | `symmetric-random` | address-and-port-dependent, random ports | address-and-port-dependent |
-//! | `symmetric-sequential` | address-and-port-dependent, port + delta per mapping | address-and-port-dependent |
+//! | `symmetric-sequential` | address-and-port-dependent, port + delta per mapping (UDP and TCP counted apart) | address-and-port-dependent |
 //!
 //! Options per router: `hairpin` (LAN packets to the WAN address are sent back in through
 //! the map), `timeout=S` (UDP conntrack and map entries), `loss=PCT` (dropped at random in
@@ -556,11 +556,15 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
                     format!("{k} : {port}")
                 })
                 .collect();
-            s += &format!(
-                "    oifname \"wan0\" meta l4proto {{ udp, tcp }} snat ip to {wan} : \
-                 numgen inc mod {SEQUENTIAL_SLOTS} map {{ {} }}\n",
-                ports.join(", ")
-            );
+            // One counter per protocol, as most sequential NATs keep: a TCP connection
+            // does not move the next UDP port.
+            for proto in ["udp", "tcp"] {
+                s += &format!(
+                    "    oifname \"wan0\" meta l4proto {proto} snat ip to {wan} : \
+                     numgen inc mod {SEQUENTIAL_SLOTS} map {{ {} }}\n",
+                    ports.join(", ")
+                );
+            }
             s += &format!("    oifname \"wan0\" snat ip to {wan}\n");
         }
         Kind::None => {}
