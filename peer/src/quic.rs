@@ -63,6 +63,26 @@ fn transport(keepalive: Duration) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// QUIC client configuration: our identity, accepting only `peer`'s key.
+pub fn client_config(me: &SigningKey, peer: PublicKey) -> Result<quinn::ClientConfig, QuicError> {
+    let mut tls = tls::client_config(me, peer)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(KEEPALIVE));
+    Ok(config)
+}
+
+/// QUIC server configuration: our identity, requiring `peer`'s key from the client.
+pub fn server_config(me: &SigningKey, peer: PublicKey) -> Result<quinn::ServerConfig, QuicError> {
+    let mut tls = tls::server_config(me, peer)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport(KEEPALIVE));
+    Ok(config)
+}
+
 /// One direct tunnel: the endpoint on the punched socket and its single connection.
 #[derive(Debug)]
 pub struct QuicTunnel {
@@ -80,11 +100,7 @@ impl QuicTunnel {
         peer: PublicKey,
         keepalive: Duration,
     ) -> Result<QuicTunnel, QuicError> {
-        let mut tls = tls::client_config(me, peer)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto =
-            QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut config = client_config(me, peer)?;
         config.transport_config(transport(keepalive));
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -104,11 +120,7 @@ impl QuicTunnel {
         peer: PublicKey,
         keepalive: Duration,
     ) -> Result<QuicTunnel, QuicError> {
-        let mut tls = tls::server_config(me, peer)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto =
-            QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut config = server_config(me, peer)?;
         config.transport_config(transport(keepalive));
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
