@@ -190,7 +190,7 @@ impl UdpEndpoint {
             routes: routes.clone(),
         });
         let quic = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            crate::quic::endpoint_config(),
             None,
             demux,
             runtime,

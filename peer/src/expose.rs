@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::ClientEvent;
-use rendezvous::proto::{Broker, PublicKey};
+use rendezvous::proto::{Broker, NatInfo, PublicKey};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::direct;
+use crate::endpoint::UdpEndpoint;
 use crate::signal::Signaling;
 use crate::status::Board;
 use crate::tunnel;
@@ -58,7 +60,8 @@ pub async fn run(
         };
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
-        let (mut client, _udp) = (registration.client, registration.udp);
+        let (mut client, udp) = (registration.client, registration.udp);
+        let direct_from = udp.as_ref().map(|u| (u.endpoint.clone(), u.nat));
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -70,6 +73,7 @@ pub async fn run(
                         cfg.clone(),
                         key.clone(),
                         *b,
+                        direct_from.clone(),
                         board.clone(),
                         shutdown.clone(),
                     ));
@@ -88,6 +92,7 @@ async fn session(
     cfg: Arc<Expose>,
     key: Arc<SigningKey>,
     b: Broker,
+    direct_from: Option<(UdpEndpoint, Option<NatInfo>)>,
     board: Board,
     shutdown: CancellationToken,
 ) {
@@ -105,7 +110,7 @@ async fn session(
         }
         return;
     }
-    let Some(offer) = b.relay else {
+    let Some(offer) = b.relay.clone() else {
         warn!(%peer, "session without a relay offer: no path to {peer} yet (punching comes later)");
         return;
     };
@@ -126,6 +131,59 @@ async fn session(
     };
     info!(%peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
     board.add(&peer, "expose", "relay", &t);
+    if let Some((endpoint, nat)) = direct_from {
+        // Punch beside the relay; streams the other side opens on the direct path are
+        // served like those from the relay.
+        let (cfg, key, board, stats, b) = (
+            cfg.clone(),
+            key.clone(),
+            board.clone(),
+            t.stats.clone(),
+            b.clone(),
+        );
+        let closed = t.closed().clone();
+        tokio::spawn(async move {
+            let d = match direct::establish(&endpoint, nat, &b, &key).await {
+                Ok(d) => d,
+                Err(e) => {
+                    info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
+                    return;
+                }
+            };
+            info!(peer = %b.peer, session = %b.session, path = "direct-udp",
+                "direct path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
+            board.set_path(&b.peer, "expose", "direct-udp");
+            loop {
+                let (send, recv) = tokio::select! {
+                    _ = closed.cancelled() => break,
+                    r = d.conn.accept_bi() => match r {
+                        Ok(s) => s,
+                        Err(e) => {
+                            info!(peer = %b.peer, "direct path lost ({e}); back to the relay");
+                            break;
+                        }
+                    },
+                };
+                let (target, stats, peer) = (cfg.target.clone(), stats.clone(), b.peer.clone());
+                tokio::spawn(async move {
+                    match TcpStream::connect(&target).await {
+                        Ok(local) => {
+                            let _ = local.set_nodelay(true);
+                            let stream = tokio::io::join(recv, send);
+                            if let Err(e) = tunnel::splice(local, stream, &stats).await {
+                                debug!(%peer, error = %e, "connection ended with an error");
+                            }
+                        }
+                        Err(e) => {
+                            warn!(%peer, %target, error = %e, "cannot reach the exposed service")
+                        }
+                    }
+                });
+            }
+            d.conn.close(0u32.into(), b"relay tunnel closed");
+            board.set_path(&b.peer, "expose", "relay");
+        });
+    }
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -11,6 +11,7 @@
 //! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
 //! - [`udp`]: UDP flows as length-framed datagrams in tunnel streams.
 //! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
+//! - [`direct`]: the punch shell and the direct QUIC path it brings up.
 //! - [`endpoint`]: the one UDP socket shared by STUN, punch probes and direct QUIC tunnels.
 //! - [`probe`]: punch probes on the wire, authenticated by the session secret.
 //! - [`punch`]: the UDP punch agent, sans-IO (drive loop in its docs).
@@ -19,6 +20,7 @@
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod direct;
 pub mod endpoint;
 pub mod expose;
 pub mod home;

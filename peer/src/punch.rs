@@ -373,11 +373,13 @@ impl Punch {
 
     /// The next thing to do; [`Output::Timeout`] when there is nothing until then.
     pub fn poll_output(&mut self) -> Output {
-        if let Some(e) = self.events.pop_front() {
-            return Output::Event(e);
-        }
+        // Answers first: the ack of a nomination must go out before the shell, told it is
+        // connected, stops driving the agent.
         if let Some(t) = self.urgent.pop_front() {
             return Output::Transmit(t);
+        }
+        if let Some(e) = self.events.pop_front() {
+            return Output::Event(e);
         }
         let now = self.now;
         let idle = now + Duration::from_secs(3600);

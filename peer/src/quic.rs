@@ -63,6 +63,15 @@ fn transport(keepalive: Duration) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Endpoint configuration for every direct tunnel. The QUIC bit stays set (RFC 9287
+/// greasing off): the shared socket tells QUIC from STUN and punch probes by the first
+/// byte (RFC 9443), and a greased packet would look like one of those.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    c.grease_quic_bit(false);
+    c
+}
+
 /// QUIC client configuration: our identity, accepting only `peer`'s key.
 pub fn client_config(me: &SigningKey, peer: PublicKey) -> Result<quinn::ClientConfig, QuicError> {
     let mut tls = tls::client_config(me, peer)?;
@@ -103,7 +112,7 @@ impl QuicTunnel {
         let mut config = client_config(me, peer)?;
         config.transport_config(transport(keepalive));
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -123,7 +132,7 @@ impl QuicTunnel {
         let mut config = server_config(me, peer)?;
         config.transport_config(transport(keepalive));
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(),
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -16,8 +16,9 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::direct::{self, Direct};
 use crate::home::{Home, Pinned};
-use crate::signal::Signaling;
+use crate::signal::{Signaling, Udp};
 use crate::status::Board;
 use crate::tunnel::{self, Tunnel};
 
@@ -62,6 +63,10 @@ struct State {
     shutdown: CancellationToken,
     client: Mutex<Option<Client>>,
     tunnel: Mutex<Option<Tunnel>>,
+    /// The UDP endpoint punching starts from, while registered with STUN.
+    udp: Mutex<Option<Udp>>,
+    /// The direct path, while it lives.
+    direct: Mutex<Option<Direct>>,
     board: Board,
 }
 
@@ -108,16 +113,22 @@ impl Reacher {
         board: Board,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Reacher> {
-        let client =
-            cfg.signaling.register(&key).await.with_context(|| {
+        let registration =
+            cfg.signaling.register_udp(&key).await.with_context(|| {
                 format!("registering with rendezvous {}", cfg.signaling.rendezvous)
             })?;
+        let client = registration.client;
         let peer = client
             .lookup(&cfg.target)
             .await
             .with_context(|| format!("looking up {}", cfg.target))?;
         if home.pin(&peer.name, peer.key)? == Pinned::New {
             info!(peer = %peer.name, key = %peer.key, "pinned {}'s key (first contact)", peer.name);
+        }
+        if let Some(u) = &registration.udp {
+            // We reach exactly one peer: our endpoint accepts its direct connections only.
+            u.endpoint
+                .set_server(crate::quic::server_config(&key, peer.key)?);
         }
         let proto = if cfg.udp { Proto::Udp } else { Proto::Tcp };
         let service = pick_service(&peer, cfg.service, proto)?;
@@ -153,6 +164,8 @@ impl Reacher {
                 shutdown,
                 client: Mutex::new(Some(client)),
                 tunnel: Mutex::new(None),
+                udp: Mutex::new(registration.udp),
+                direct: Mutex::new(None),
                 board,
             }),
         })
@@ -214,6 +227,19 @@ impl Reacher {
                         return;
                     }
                 };
+                if let Some(conn) = state.direct_conn().await {
+                    match conn.open_bi().await {
+                        Ok((send, recv)) => {
+                            info!(%from, path = "direct-udp", "connection via the direct path after {:?}", started.elapsed());
+                            let stream = tokio::io::join(recv, send);
+                            if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
+                                debug!(%from, error = %e, "connection ended with an error");
+                            }
+                            return;
+                        }
+                        Err(e) => warn!(%from, error = %e, "direct path failed; using the relay"),
+                    }
+                }
                 let stream = match t.open().await {
                     Ok(s) => s,
                     Err(e) => {
@@ -221,7 +247,7 @@ impl Reacher {
                         return;
                     }
                 };
-                debug!(%from, path = "relay", "connection carried via relay after {:?}", started.elapsed());
+                info!(%from, path = "relay", "connection via the relay after {:?}", started.elapsed());
                 if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
@@ -240,8 +266,57 @@ impl Local {
 }
 
 impl State {
+    /// The direct connection, if one is up.
+    async fn direct_conn(&self) -> Option<quinn::Connection> {
+        self.direct
+            .lock()
+            .await
+            .as_ref()
+            .map(|d| d.conn.clone())
+            .filter(|c| c.close_reason().is_none())
+    }
+
+    /// Punches beside the relay; when it works, new connections take the direct path
+    /// until it dies.
+    fn start_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let (endpoint, nat) = {
+                let udp = state.udp.lock().await;
+                match udp.as_ref() {
+                    Some(u) => (u.endpoint.clone(), u.nat),
+                    None => {
+                        info!(peer = %b.peer, "relay only: no UDP endpoint (no STUN answer)");
+                        return;
+                    }
+                }
+            };
+            let d = match direct::establish(&endpoint, nat, &b, &state.key).await {
+                Ok(d) => d,
+                Err(e) => {
+                    info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
+                    return;
+                }
+            };
+            info!(
+                peer = %b.peer,
+                session = %b.session,
+                path = "direct-udp",
+                "direct path up in {:.0} ms ({}); new connections take it",
+                d.elapsed.as_secs_f64() * 1000.0,
+                d.why
+            );
+            let conn = d.conn.clone();
+            *state.direct.lock().await = Some(d);
+            state.board.set_path(&b.peer, "reach", "direct-udp");
+            let why = conn.closed().await;
+            info!(peer = %b.peer, "direct path lost ({why}); new connections go back to the relay");
+            state.board.set_path(&b.peer, "reach", "relay");
+        });
+    }
+
     /// The live tunnel, or a new one through a fresh broker exchange.
-    async fn tunnel(&self) -> anyhow::Result<Tunnel> {
+    async fn tunnel(self: &Arc<Self>) -> anyhow::Result<Tunnel> {
         let mut slot = self.tunnel.lock().await;
         if let Some(t) = slot.as_ref().filter(|t| !t.is_closed()) {
             return Ok(t.clone());
@@ -250,6 +325,7 @@ impl State {
         let b = self.broker().await?;
         // The broker names the key; it must be the one pinned for this name.
         self.home.pin(&b.peer, b.peer_key)?;
+        self.start_punch(b.clone());
         let offer = b.relay.with_context(
             || "the rendezvous offered no relay, and punching comes in later issues",
         )?;

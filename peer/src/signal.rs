@@ -3,13 +3,14 @@
 //! `reach`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::{Client, ClientConfig, ClientError};
 use rendezvous::proto::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 use tokio::net::UdpSocket;
+
+use crate::endpoint::UdpEndpoint;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -46,13 +47,13 @@ pub fn is_fatal(e: &ClientError) -> bool {
 /// timeouts, so the mapping the rendezvous hands out stays the live one.
 pub const UDP_REFRESH: Duration = Duration::from_secs(12);
 
-/// The peer's UDP presence: the socket whose NAT mapping the rendezvous observed (the
-/// one punching starts from), and what we measured of that NAT. Dropping it stops the
-/// refreshes.
+/// The peer's UDP presence: the endpoint on the socket whose NAT mapping the rendezvous
+/// observed (the one punching starts from and direct tunnels run on), and what we
+/// measured of that NAT. Dropping it stops the refreshes.
 #[derive(Debug)]
 pub struct Udp {
-    /// The socket.
-    pub socket: Arc<UdpSocket>,
+    /// The shared endpoint.
+    pub endpoint: UdpEndpoint,
     /// Its public address as the rendezvous saw it.
     pub observed: Option<SocketAddr>,
     /// The NAT in front of it.
@@ -63,6 +64,39 @@ pub struct Udp {
 impl Drop for Udp {
     fn drop(&mut self) {
         self.refresher.abort();
+    }
+}
+
+/// Keeps the mapping observed: a credentialed Binding request every [`UDP_REFRESH`],
+/// retried a few times, answers read from the endpoint's STUN route.
+async fn refresh(
+    endpoint: UdpEndpoint,
+    mut stun_rx: tokio::sync::mpsc::Receiver<crate::endpoint::Datagram>,
+    stun: SocketAddr,
+    cred: (String, String),
+) {
+    loop {
+        tokio::time::sleep(UDP_REFRESH).await;
+        let Ok(req) = rendezvous::stun::binding_request(Some((&cred.0, &cred.1)), None) else {
+            return;
+        };
+        for _ in 0..3 {
+            if endpoint.send_to(&req.bytes, stun).await.is_err() {
+                break;
+            }
+            let answered = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some((_, data)) = stun_rx.recv().await {
+                    if rendezvous::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if answered == Ok(true) {
+                break;
+            }
+        }
     }
 }
 
@@ -129,7 +163,7 @@ impl Signaling {
                         }
                         Err(e) => warn!(%stun, error = %e, "measuring the NAT failed"),
                     }
-                    udp = Some((Arc::new(sock), stun));
+                    udp = Some((sock, stun));
                 }
                 Err(e) => warn!(error = %e, "cannot open a UDP socket: only the relay will work"),
             }
@@ -160,26 +194,18 @@ impl Signaling {
                     info!(udp = %o, mapping = ?n.mapping, allocation = ?n.allocation,
                         delta = n.delta, "udp mapping observed");
                 }
-                let s = socket.clone();
-                let refresher = tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(UDP_REFRESH).await;
-                        // Same socket, same destination: the mapping is refreshed, not renewed.
-                        let _ = rendezvous::client::stun_binding(
-                            &s,
-                            stun,
-                            Some((&cred.0, &cred.1)),
-                            rendezvous::client::StunRetry::default(),
-                        )
-                        .await;
+                match socket.into_std().and_then(UdpEndpoint::new) {
+                    Ok((endpoint, stun_rx)) => Some(Udp {
+                        refresher: tokio::spawn(refresh(endpoint.clone(), stun_rx, stun, cred)),
+                        endpoint,
+                        observed,
+                        nat,
+                    }),
+                    Err(e) => {
+                        warn!(error = %e, "cannot make the UDP endpoint: only the relay will work");
+                        None
                     }
-                });
-                Some(Udp {
-                    socket,
-                    observed,
-                    nat,
-                    refresher,
-                })
+                }
             }
             _ => None,
         };

@@ -51,6 +51,7 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct Board {
     entries: Arc<Mutex<Vec<Entry>>>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Board {
@@ -68,6 +69,35 @@ impl Board {
             since,
             tunnel: tunnel.clone(),
         });
+        drop(e);
+        self.changed.notify_waiters();
+    }
+
+    /// Changes the path shown for `peer`'s tunnel in `role` (direct when punched, back to
+    /// the relay when the direct path dies).
+    pub fn set_path(&self, peer: &str, role: &'static str, path: &'static str) {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        for x in e.iter_mut().filter(|x| x.peer == peer && x.role == role) {
+            x.path = path;
+        }
+        drop(e);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until a live tunnel to `peer` shows `path`.
+    pub async fn wait_path(&self, peer: &str, path: &str) {
+        loop {
+            // Made before looking, so a change between the look and the wait still wakes us.
+            let changed = self.changed.notified();
+            if self
+                .snapshot()
+                .iter()
+                .any(|t| t.peer == peer && t.path == path)
+            {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// The live tunnels now.

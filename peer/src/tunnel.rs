@@ -296,9 +296,10 @@ where
 
 /// Copies between a local connection and a tunnel stream until both directions end,
 /// counting bytes into `stats` as they pass (so `peer status` shows live figures).
-pub async fn splice<L>(mut local: L, stream: TunnelStream, stats: &TunnelStats) -> io::Result<()>
+pub async fn splice<L, S>(mut local: L, stream: S, stats: &TunnelStats) -> io::Result<()>
 where
     L: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     stats.open.fetch_add(1, Ordering::Relaxed);
     let mut counted = Counted {
@@ -315,12 +316,12 @@ where
 
 /// A tunnel stream that counts what is written to it (sent to the peer) and read from it
 /// (received from the peer).
-struct Counted<'a> {
-    inner: TunnelStream,
+struct Counted<'a, S> {
+    inner: S,
     stats: &'a TunnelStats,
 }
 
-impl AsyncRead for Counted<'_> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -334,7 +335,7 @@ impl AsyncRead for Counted<'_> {
     }
 }
 
-impl AsyncWrite for Counted<'_> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -155,6 +155,17 @@ pub async fn reach_proto(
     udp: bool,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, String> {
+    Ok(reach_board(server, home, name, udp, shutdown).await?.0)
+}
+
+/// Like [`reach_proto`], also returning the reaching peer's status board.
+pub async fn reach_board(
+    server: &ServerHandle,
+    home: &TempHome,
+    name: &str,
+    udp: bool,
+    shutdown: &CancellationToken,
+) -> Result<(SocketAddr, peer::status::Board), String> {
     let h = home.open();
     let key = h.key().unwrap();
     let cfg = Reach {
@@ -170,12 +181,12 @@ pub async fn reach_proto(
         udp,
     };
     let board = serve_status(home, shutdown);
-    let r = Reacher::bind(cfg, h, key, board, shutdown.clone())
+    let r = Reacher::bind(cfg, h, key, board.clone(), shutdown.clone())
         .await
         .map_err(|e| format!("{e:#}"))?;
     let addr = r.local_addr().unwrap();
     tokio::spawn(r.run());
-    Ok(addr)
+    Ok((addr, board))
 }
 
 /// A status board for a peer of `home`, served on its control socket as `peer` does.

@@ -1,0 +1,72 @@
+//! The direct path on this machine: after the first connection (carried by the relay
+//! while the punch runs), new connections take the punched QUIC path, `peer status`
+//! says `direct-udp`, and a transfer on it does not touch the relay.
+
+use chuantou_tests::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Sends `data` through `local` to the echo service and returns what came back.
+async fn echo(local: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(local).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let recv = r.read_to_end(&mut back);
+    let (_, n) = tokio::join!(send, recv);
+    n.unwrap();
+    back
+}
+
+/// The relay's byte counter, from the rendezvous's Prometheus metrics.
+async fn relay_bytes(server: &rendezvous::server::ServerHandle) -> u64 {
+    let http = server.addrs().http.unwrap();
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("chuantou_relay_bytes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_take_the_punched_path_and_skip_the_relay() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let service = echo_service().await;
+    expose(&server, &pc, "pc-home", service, vec![], &stop);
+    online(&server, "pc-home").await;
+    let (local, board) = reach_board(&server, &phone, "pc-home", false, &stop)
+        .await
+        .unwrap();
+
+    // The first connection brings the tunnels up.
+    assert_eq!(echo(local, b"hello").await, b"hello");
+    within("the direct path", board.wait_path("pc-home", "direct-udp")).await;
+
+    let before = relay_bytes(&server).await;
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let back = within("4 MiB echo", echo(local, &data)).await;
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
+    let after = relay_bytes(&server).await;
+    // Pings on the relay's control stream are all it may carry meanwhile.
+    assert!(
+        after - before < 64 * 1024,
+        "the relay carried {} bytes of a direct transfer",
+        after - before
+    );
+    let status = board.snapshot();
+    assert_eq!(status[0].path, "direct-udp", "{status:?}");
+    assert!(status[0].bytes_out >= data.len() as u64);
+    stop.cancel();
+}
