@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use peer::expose::{self, Expose};
 use peer::home::Home;
@@ -267,10 +267,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { .. } => {
-            bail!(
-                "`peer status` needs the control socket, which is not built yet (issue 4 continues)"
-            )
+        Command::Status { json } => {
+            let tunnels = status::query(home.dir())
+                .await
+                .with_context(|| format!("reading control sockets in {}", home.dir().display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tunnels)?);
+            } else if tunnels.is_empty() {
+                println!(
+                    "no tunnels: no `peer expose` or `peer reach` with a tunnel up uses {}",
+                    home.dir().display()
+                );
+            } else {
+                println!(
+                    "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
+                    "PEER", "ROLE", "PATH", "RTT", "SENT", "RECEIVED", "OPEN"
+                );
+                for t in tunnels {
+                    let rtt = t.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
+                    println!(
+                        "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
+                        t.peer, t.role, t.path, rtt, t.bytes_out, t.bytes_in, t.open_connections
+                    );
+                }
+            }
+            Ok(())
         }
     }
 }

@@ -596,6 +596,15 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
         );
     }
     s += "  }\n";
+    // An unsolicited packet to the WAN address that no rule let in is refused (port
+    // unreachable, or a RST) before conntrack confirms an entry for it. Otherwise that
+    // entry would hold the mapped port towards its sender, so a later outbound packet to
+    // the same sender could not use its own mapping: Linux would drop or re-map it, which
+    // is not how an RFC 4787 NAT behaves and would break hole punching in the lab only.
+    s += "  chain input { type filter hook input priority filter; policy accept;\n";
+    s += "    iifname \"wan0\" ct state new meta l4proto udp reject\n";
+    s += "    iifname \"wan0\" ct state new meta l4proto tcp reject with tcp reset\n";
+    s += "  }\n";
     if r.loss_pct > 0 {
         s += &format!(
             "  chain loss {{ type filter hook forward priority filter; policy accept;\n    \
