@@ -135,6 +135,66 @@ fn status_path(peer: &Path, home: &Path) -> String {
     v[0]["path"].as_str().unwrap_or("none").to_owned()
 }
 
+fn start_rendezvous(lab: &Lab) -> Proc {
+    let rendezvous = workspace_bin("rendezvous");
+    let mut cmd = lab.command("server", &rendezvous);
+    cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
+        .arg(format!("{SERVER_IP}:3478"))
+        .args(["--alt-ip", &SERVER_ALT_IP.to_string(), "--no-http"])
+        .args(["--relay", "198.18.0.1:7001"]);
+    let mut server = Proc::start(cmd);
+    server.wait_for(&["relay listening"]);
+    server
+}
+
+/// `peer expose` of an echo service on `host_a` as `name`, `peer reach name` on `host_b`;
+/// echoes through it, waits for the punch's verdict, echoes 256 KiB on whichever path new
+/// connections then take. Returns (punched, the verdict line, the status path, reach's log).
+fn run_pair(
+    lab: &Lab,
+    peer: &Path,
+    host_a: &str,
+    host_b: &str,
+    name: &str,
+) -> (bool, String, String, String) {
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(lab, host_a);
+    let mut cmd = lab.command(host_a, peer);
+    cmd.arg("--home").arg(&home_a.0).args([
+        "--rendezvous",
+        "198.18.0.1:7000",
+        "expose",
+        &service.to_string(),
+        "--name",
+        name,
+    ]);
+    let mut expose = Proc::start(cmd);
+    expose.wait_for(&["registered"]);
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let mut cmd = lab.command(host_b, peer);
+    cmd.arg("--home").arg(&home_b.0).args([
+        "--rendezvous",
+        "198.18.0.1:7000",
+        "reach",
+        name,
+        "--local",
+        &local.to_string(),
+    ]);
+    let mut reach = Proc::start(cmd);
+    reach.wait_for(&["reaching"]);
+    // The first connection brokers the session: relay at once, punching beside it.
+    echo(lab, host_b, local, b"first");
+    let outcome = reach.wait_for(&["direct path up", "staying on the relay", "relay only"]);
+    let direct = outcome.contains("direct path up");
+    // Then a bigger exchange, both ways, on whichever path new connections take.
+    let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();
+    echo(lab, host_b, local, &data);
+    let path = status_path(peer, &home_b.0);
+    let log = reach.seen.join("\n");
+    drop((expose, reach));
+    (direct, outcome, path, log)
+}
+
 #[test]
 fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
     let routers: Vec<String> = KINDS
@@ -146,14 +206,7 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
         return;
     };
     let peer = workspace_bin("peer");
-    let rendezvous = workspace_bin("rendezvous");
-    let mut cmd = lab.command("server", &rendezvous);
-    cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
-        .arg(format!("{SERVER_IP}:3478"))
-        .args(["--alt-ip", &SERVER_ALT_IP.to_string(), "--no-http"])
-        .args(["--relay", "198.18.0.1:7001"]);
-    let mut server = Proc::start(cmd);
-    server.wait_for(&["relay listening"]);
+    let _server = start_rendezvous(&lab);
 
     let mut table = Vec::new();
     let mut failures = Vec::new();
@@ -161,39 +214,7 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
         for (j, (b, _)) in KINDS.iter().enumerate() {
             let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
             let name = format!("pc{i}{j}");
-            let (home_a, home_b) = (TempHome::new(), TempHome::new());
-            let service = echo_service(&lab, &host_a);
-            let mut cmd = lab.command(&host_a, &peer);
-            cmd.arg("--home").arg(&home_a.0).args([
-                "--rendezvous",
-                "198.18.0.1:7000",
-                "expose",
-                &service.to_string(),
-                "--name",
-                &name,
-            ]);
-            let mut expose = Proc::start(cmd);
-            expose.wait_for(&["registered"]);
-            let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
-            let mut cmd = lab.command(&host_b, &peer);
-            cmd.arg("--home").arg(&home_b.0).args([
-                "--rendezvous",
-                "198.18.0.1:7000",
-                "reach",
-                &name,
-                "--local",
-                &local.to_string(),
-            ]);
-            let mut reach = Proc::start(cmd);
-            reach.wait_for(&["reaching"]);
-            // The first connection brokers the session: relay at once, punching beside it.
-            echo(&lab, &host_b, local, b"first");
-            let outcome = reach.wait_for(&["direct path up", "staying on the relay", "relay only"]);
-            let direct = outcome.contains("direct path up");
-            // Then a bigger exchange, both ways, on whichever path new connections take.
-            let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();
-            echo(&lab, &host_b, local, &data);
-            let path = status_path(&peer, &home_b.0);
+            let (direct, outcome, path, log) = run_pair(&lab, &peer, &host_a, &host_b, &name);
             let want_direct = !must_relay(a, b);
             let ms = outcome
                 .split("direct path up in ")
@@ -205,11 +226,27 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
                 failures.push(format!(
                     "{a} -> {b}: got {path} ({outcome}), want {}\n{}",
                     if want_direct { "direct-udp" } else { "relay" },
-                    reach.seen.join("\n")
+                    log
                 ));
             }
         }
     }
     println!("{}", table.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn two_peers_behind_one_nat_without_hairpin_connect_over_the_lan() {
+    let Some(lab) = Lab::for_test(&["home=port-restricted,hosts=2"]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let _server = start_rendezvous(&lab);
+    let (direct, outcome, path, log) = run_pair(&lab, &peer, "home-1", "home-2", "pc");
+    assert!(direct && path == "direct-udp", "{outcome}\n{log}");
+    // The pair found is the LAN one: the hosts' own addresses, not the router's.
+    assert!(
+        outcome.contains("remote=198.19.") || log.contains("remote=198.19."),
+        "{log}"
+    );
 }
