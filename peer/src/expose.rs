@@ -153,6 +153,9 @@ async fn session(
             info!(peer = %b.peer, session = %b.session, path = "direct-udp",
                 "direct path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
             board.set_path(&b.peer, "expose", "direct-udp");
+            if cfg.udp {
+                tokio::spawn(crate::udp_direct::serve(d.conn.clone(), cfg.target.clone()));
+            }
             loop {
                 let (send, recv) = tokio::select! {
                     _ = closed.cancelled() => break,

@@ -10,6 +10,7 @@
 //! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
 //! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
 //! - [`udp`]: UDP flows as length-framed datagrams in tunnel streams.
+//! - [`udp_direct`]: UDP flows as QUIC datagrams on the direct path.
 //! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
 //! - [`direct`]: the punch shell and the direct QUIC path it brings up.
 //! - [`endpoint`]: the one UDP socket shared by STUN, punch probes and direct QUIC tunnels.
@@ -36,3 +37,4 @@ pub mod strategy;
 pub mod tls;
 pub mod tunnel;
 pub mod udp;
+pub mod udp_direct;

@@ -205,9 +205,14 @@ impl Reacher {
                         t.open().await.ok()
                     }
                 };
+                let state = self.state.clone();
+                let direct = move || {
+                    let state = state.clone();
+                    async move { state.direct_conn().await }
+                };
                 return tokio::select! {
                     _ = self.state.shutdown.cancelled() => Ok(()),
-                    r = crate::udp::reach_udp(sock, open) => r.context("local udp socket"),
+                    r = crate::udp::reach_udp(sock, open, direct) => r.context("local udp socket"),
                 };
             }
         };

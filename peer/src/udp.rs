@@ -73,17 +73,31 @@ pub async fn serve_flow(stream: TunnelStream, target: &str) -> std::io::Result<(
 
 /// Reaching side: serves UDP on `local`, each source address as a flow through a stream
 /// from `open`. Runs until `local`'s socket fails.
-pub async fn reach_udp<F, Fut>(sock: UdpSocket, open: F) -> std::io::Result<()>
+/// When `direct` yields a connection, datagrams take the direct path as QUIC datagrams
+/// ([`crate::udp_direct`]) instead.
+pub async fn reach_udp<F, Fut, D, DFut>(sock: UdpSocket, open: F, direct: D) -> std::io::Result<()>
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Option<TunnelStream>> + Send,
+    D: Fn() -> DFut,
+    DFut: std::future::Future<Output = Option<quinn::Connection>>,
 {
     let sock = Arc::new(sock);
     let flows: Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>> = Arc::default();
+    let direct_flows = Arc::new(crate::udp_direct::Flows::default());
+    let mut delivering: Option<usize> = None;
     let open = Arc::new(open);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, from) = sock.recv_from(&mut buf).await?;
+        if let Some(conn) = direct().await {
+            if delivering != Some(conn.stable_id()) {
+                delivering = Some(conn.stable_id());
+                crate::udp_direct::deliver_back(conn.clone(), sock.clone(), direct_flows.clone());
+            }
+            crate::udp_direct::send(&conn, direct_flows.id(from), &buf[..n]).await;
+            continue;
+        }
         let datagram = buf[..n].to_vec();
         let mut map = flows.lock().await;
         if let Some(tx) = map.get(&from)
