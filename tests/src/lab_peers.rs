@@ -1,0 +1,221 @@
+//! Peers in the NAT lab as real processes: a rendezvous on the server host, `peer expose`
+//! of an echo service behind one NAT and `peer reach` behind another, with their logs read
+//! line by line so a test waits for events ("direct path up"), never for time. Used by the
+//! punching matrix test and by `scripts/bench/punch`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::natlab::{Lab, SERVER_ALT_IP, SERVER_IP};
+use crate::{BOUND, TempHome};
+
+/// Every NAT kind of the lab: (short router name, kind).
+pub const KINDS: [(&str, &str); 6] = [
+    ("pub", "none"),
+    ("fc", "full-cone"),
+    ("ar", "address-restricted"),
+    ("pr", "port-restricted"),
+    ("symr", "symmetric-random"),
+    ("syms", "symmetric-sequential"),
+];
+
+/// Whether the pair (by short names) must use the relay: random symmetric with any
+/// symmetric NAT.
+pub fn must_relay(a: &str, b: &str) -> bool {
+    let sym = |k: &str| k.starts_with("sym");
+    sym(a) && sym(b) && (a == "symr" || b == "symr")
+}
+
+/// A process whose stderr lines arrive on a channel; killed on drop.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Starts `cmd` with its stderr read line by line.
+    pub fn start(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line containing any of `what`; panics with the log after [`BOUND`].
+    pub fn wait_for(&mut self, what: &[&str]) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if what.iter().any(|w| line.contains(w)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("none of {what:?} in:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Echoes `data` through a connection to `to` made on `host`, checking what comes back.
+pub fn echo(lab: &Lab, host: &str, to: SocketAddr, data: &[u8]) {
+    let mut s = lab.tcp_connect(host, None, to).unwrap();
+    s.set_read_timeout(Some(BOUND)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let out = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&out).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(
+        back == data,
+        "echo came back different ({} bytes)",
+        back.len()
+    );
+}
+
+/// A TCP echo service on `host`'s loopback; returns its port.
+pub fn echo_service(lab: &Lab, host: &str) -> u16 {
+    let l = lab
+        .tcp_listener(host, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+/// `peer status --json` of the processes using `home`.
+pub fn status_path(peer: &Path, home: &Path) -> String {
+    let out = Command::new(peer)
+        .arg("--home")
+        .arg(home)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    v[0]["path"].as_str().unwrap_or("none").to_owned()
+}
+
+/// The rendezvous (RFC 5780 STUN, relay) on the lab's server host.
+pub fn start_rendezvous(lab: &Lab, rendezvous: &Path) -> Proc {
+    let mut cmd = lab.command("server", rendezvous);
+    cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
+        .arg(format!("{SERVER_IP}:3478"))
+        .args(["--alt-ip", &SERVER_ALT_IP.to_string(), "--no-http"])
+        .args(["--relay", "198.18.0.1:7001"]);
+    let mut server = Proc::start(cmd);
+    server.wait_for(&["relay listening"]);
+    server
+}
+
+/// `peer expose` of an echo service on `host_a` as `name`, `peer reach name` on `host_b`;
+/// echoes through it, waits for the punch's verdict, echoes 256 KiB on whichever path new
+/// connections then take. Returns (punched, the verdict line, the status path, reach's log).
+pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) -> PairRun {
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(lab, host_a);
+    let mut cmd = lab.command(host_a, peer);
+    cmd.arg("--home").arg(&home_a.0).args([
+        "--rendezvous",
+        "198.18.0.1:7000",
+        "expose",
+        &service.to_string(),
+        "--name",
+        name,
+    ]);
+    let mut expose = Proc::start(cmd);
+    expose.wait_for(&["registered"]);
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let mut cmd = lab.command(host_b, peer);
+    cmd.arg("--home").arg(&home_b.0).args([
+        "--rendezvous",
+        "198.18.0.1:7000",
+        "reach",
+        name,
+        "--local",
+        &local.to_string(),
+    ]);
+    let started = Instant::now();
+    let mut reach = Proc::start(cmd);
+    reach.wait_for(&["reaching"]);
+    // The first connection brokers the session: relay at once, punching beside it.
+    echo(lab, host_b, local, b"first");
+    let first_byte = started.elapsed();
+    let outcome = reach.wait_for(&["direct path up", "staying on the relay", "relay only"]);
+    let direct = outcome.contains("direct path up");
+    let to_direct = direct.then(|| started.elapsed());
+    // Then a bigger exchange, both ways, on whichever path new connections take.
+    let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();
+    echo(lab, host_b, local, &data);
+    let path = status_path(peer, &home_b.0);
+    let log = reach.seen.join("\n");
+    drop((expose, reach));
+    PairRun {
+        direct,
+        outcome,
+        path,
+        log,
+        first_byte,
+        to_direct,
+    }
+}
+
+/// What one expose/reach pair did.
+#[derive(Debug, Clone)]
+pub struct PairRun {
+    /// Whether the punch worked.
+    pub direct: bool,
+    /// reach's log line with the punch's verdict.
+    pub outcome: String,
+    /// The path `peer status` showed after the transfers.
+    pub path: String,
+    /// reach's whole log.
+    pub log: String,
+    /// From starting `reach` to the first echoed byte (through the relay, at once).
+    pub first_byte: Duration,
+    /// From starting `reach` to the direct path being up.
+    pub to_direct: Option<Duration>,
+}
