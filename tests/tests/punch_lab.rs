@@ -64,3 +64,55 @@ fn two_peers_behind_one_nat_without_hairpin_connect_over_the_lan() {
         "{log}"
     );
 }
+
+#[test]
+fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
+    use chuantou_tests::TempHome;
+    use chuantou_tests::lab_peers::{Proc, echo, echo_service};
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    let Some(lab) = Lab::for_test(&["a=port-restricted", "b=port-restricted"]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(&lab, "a-1");
+    let mut cmd = lab.command("a-1", &peer);
+    cmd.arg("--home").arg(&home_a.0).args([
+        "--rendezvous",
+        "198.18.0.1:7000",
+        "expose",
+        &service.to_string(),
+        "--name",
+        "pc",
+    ]);
+    let mut expose = Proc::start(cmd);
+    expose.wait_for(&["registered"]);
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let mut cmd = lab.command("b-1", &peer);
+    cmd.arg("--home")
+        .arg(&home_b.0)
+        .args(["--rendezvous", "198.18.0.1:7000", "reach", "pc", "--local"])
+        .arg(local.to_string());
+    let mut reach = Proc::start(cmd);
+    reach.wait_for(&["reaching"]);
+    echo(&lab, "b-1", local, b"first");
+    reach.wait_for(&["direct path up"]);
+    echo(&lab, "b-1", local, b"direct");
+    reach.wait_for(&["connection via the direct path"]);
+
+    // The NAT starts dropping all UDP: keep-alives are lost, QUIC's idle timeout ends the
+    // direct connection, and the next connection takes the relay (TCP).
+    lab.nft(
+        "a",
+        "table ip cut {\n  chain f { type filter hook forward priority filter - 10; \
+         policy accept;\n    meta l4proto udp drop\n  }\n}\n",
+    )
+    .unwrap();
+    reach.wait_for(&["direct path lost"]);
+    echo(&lab, "b-1", local, b"after");
+    let line = reach.wait_for(&["connection via the"]);
+    assert!(line.contains("via the relay"), "{line}");
+    drop(expose);
+}
