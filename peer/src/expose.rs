@@ -111,7 +111,7 @@ async fn session(
         return;
     }
     let Some(offer) = b.relay.clone() else {
-        warn!(%peer, "session without a relay offer: no path to {peer} yet (punching comes later)");
+        warn!(%peer, "session without a relay offer: this version needs the relay beside the direct path");
         return;
     };
     let stream = match relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await {

@@ -1,6 +1,6 @@
 //! chuantou peer: exposes a local service under a name, and reaches a named peer's service
-//! through an end-to-end encrypted tunnel (today over the relay; hole punching comes in
-//! later issues).
+//! through an end-to-end encrypted tunnel: over the relay at once, and over a punched
+//! direct UDP path (QUIC) as soon as one works.
 //!
 //! # Layout
 //!

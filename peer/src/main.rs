@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 ///   on the phone:  peer reach pc-home          # then open http://127.0.0.1:7274/
 ///
 /// Every connection is carried end to end encrypted (TLS 1.3, keys pinned on first
-/// contact in known_peers); today through the rendezvous' relay, hole punching comes later.
+/// contact in known_peers): through the rendezvous' relay at once, and over a punched
+/// direct UDP path (QUIC) as soon as one works. `peer status` shows which.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {

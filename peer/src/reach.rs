@@ -332,7 +332,7 @@ impl State {
         self.home.pin(&b.peer, b.peer_key)?;
         self.start_punch(b.clone());
         let offer = b.relay.with_context(
-            || "the rendezvous offered no relay, and punching comes in later issues",
+            || "the rendezvous offered no relay (started with --no-relay?); this version needs one beside the direct path",
         )?;
         let stream = relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT)
             .await
