@@ -197,6 +197,11 @@ async fn filtering_test(
     })
 }
 
+/// OTHER-ADDRESS, when it is useful: both IP and port must differ (RFC 5780 §4.1).
+fn usable_other(other: Option<SocketAddr>, primary: SocketAddr) -> Option<SocketAddr> {
+    other.filter(|o| o.ip() != primary.ip() && o.port() != primary.port())
+}
+
 /// Runs every probe `cfg` asks for.
 pub async fn run(cfg: &Config) -> Result<Report, ProbeError> {
     let primary = *cfg.servers.first().ok_or(ProbeError::NoServer)?;
@@ -232,9 +237,7 @@ pub async fn run(cfg: &Config) -> Result<Report, ProbeError> {
     };
     let m1 = first.mapped;
     // OTHER-ADDRESS is only useful when both IP and port differ (RFC 5780 §4.1).
-    let other = first
-        .other
-        .filter(|o| o.ip() != primary.ip() && o.port() != primary.port());
+    let other = usable_other(first.other, primary);
     if other.is_none() {
         let n = &mut notes.lock().unwrap_or_else(|e| e.into_inner());
         n.push(if first.other.is_some() {
@@ -493,9 +496,7 @@ async fn probe_tcp(
     };
     let m1 = first.mapped;
     // Without a UDP answer the TCP one names the server's other address.
-    let other = other.or(first
-        .other
-        .filter(|o| o.ip() != primary.ip() && o.port() != primary.port()));
+    let other = other.or(usable_other(first.other, primary));
     let mut obs = MappingObservations {
         local: Some(local),
         primary: Some(m1),
@@ -595,9 +596,7 @@ pub async fn quick(
             .map_err(sock_err("reading a local address"))?
             .port();
         fresh.push((port, r.mapped.port()));
-        let other = r
-            .other
-            .filter(|o| o.ip() != server.ip() && o.port() != server.port());
+        let other = usable_other(r.other, server);
         if i + 1 == defaults::FRESH_MAPPINGS {
             obs.local = Some(SocketAddr::new(ip, port));
             obs.primary = Some(r.mapped);

@@ -151,14 +151,17 @@ pub fn start_rendezvous(lab: &Lab, rendezvous: &Path) -> Proc {
     server
 }
 
-/// `peer expose` of an echo service on `host_a` as `name`, `peer reach name` on `host_b`;
-/// echoes through it, waits for the punch's verdict, echoes 256 KiB on whichever path new
-/// connections then take. Returns (punched, the verdict line, the status path, reach's log).
-pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) -> PairRun {
-    let (home_a, home_b) = (TempHome::new(), TempHome::new());
-    let service = echo_service(lab, host_a);
-    let mut cmd = lab.command(host_a, peer);
-    cmd.arg("--home").arg(&home_a.0).args([
+/// `peer expose SERVICE --name NAME` on `host`, registered when this returns.
+pub fn start_expose(
+    lab: &Lab,
+    peer: &Path,
+    host: &str,
+    home: &Path,
+    service: u16,
+    name: &str,
+) -> Proc {
+    let mut cmd = lab.command(host, peer);
+    cmd.arg("--home").arg(home).args([
         "--rendezvous",
         "198.18.0.1:7000",
         "expose",
@@ -166,11 +169,22 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
         "--name",
         name,
     ]);
-    let mut expose = Proc::start(cmd);
-    expose.wait_for(&["registered"]);
-    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
-    let mut cmd = lab.command(host_b, peer);
-    cmd.arg("--home").arg(&home_b.0).args([
+    let mut p = Proc::start(cmd);
+    p.wait_for(&["registered"]);
+    p
+}
+
+/// `peer reach NAME --local LOCAL` on `host`, listening when this returns.
+pub fn start_reach(
+    lab: &Lab,
+    peer: &Path,
+    host: &str,
+    home: &Path,
+    name: &str,
+    local: SocketAddr,
+) -> Proc {
+    let mut cmd = lab.command(host, peer);
+    cmd.arg("--home").arg(home).args([
         "--rendezvous",
         "198.18.0.1:7000",
         "reach",
@@ -178,9 +192,21 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
         "--local",
         &local.to_string(),
     ]);
+    let mut p = Proc::start(cmd);
+    p.wait_for(&["reaching"]);
+    p
+}
+
+/// `peer expose` of an echo service on `host_a` as `name`, `peer reach name` on `host_b`;
+/// echoes through it, waits for the punch's verdict, echoes 256 KiB on whichever path new
+/// connections then take. Returns (punched, the verdict line, the status path, reach's log).
+pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) -> PairRun {
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(lab, host_a);
+    let expose = start_expose(lab, peer, host_a, &home_a.0, service, name);
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
     let started = Instant::now();
-    let mut reach = Proc::start(cmd);
-    reach.wait_for(&["reaching"]);
+    let mut reach = start_reach(lab, peer, host_b, &home_b.0, name, local);
     // The first connection brokers the session: relay at once, punching beside it.
     echo(lab, host_b, local, b"first");
     let first_byte = started.elapsed();

@@ -94,6 +94,19 @@ pub async fn echo_service() -> SocketAddr {
     addr
 }
 
+/// A UDP echo service on loopback; returns its address.
+pub async fn udp_echo_service() -> SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
 /// Starts `peer expose` for `service` under `name`; returns the exposing peer's key.
 pub fn expose(
     server: &ServerHandle,

@@ -50,6 +50,18 @@ pub const SERVER_ALT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// A third public endpoint, in the `third` namespace.
 pub const THIRD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 
+/// One router of every kind, plus a second port-restricted one with hairpinning and a
+/// sequential NAT with delta 3: what the lab's self-test and natprobe's lab test classify.
+pub const EVERY_KIND_ROUTERS: [&str; 7] = [
+    "pub=none",
+    "fc=full-cone",
+    "ar=address-restricted",
+    "pr=port-restricted,hairpin",
+    "pr0=port-restricted",
+    "symr=symmetric-random",
+    "syms=symmetric-sequential,delta=3",
+];
+
 /// Prefix of every namespace the lab makes: `natlab-<lab>-<host>`.
 const NS_PREFIX: &str = "natlab-";
 /// The "internet" is one /16 on the bridge: servers in 198.18.0.x, router WANs in

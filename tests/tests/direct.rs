@@ -71,25 +71,12 @@ async fn new_connections_take_the_punched_path_and_skip_the_relay() {
     stop.cancel();
 }
 
-/// A UDP echo service; returns its address.
-async fn udp_echo() -> std::net::SocketAddr {
-    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = s.recv_from(&mut buf).await {
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
-    let service = udp_echo().await;
+    let service = udp_echo_service().await;
     expose_proto(&server, &pc, "game", service, vec![], true, &stop);
     online(&server, "game").await;
     let (local, board) = reach_board(&server, &phone, "game", true, &stop)

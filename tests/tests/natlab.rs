@@ -7,7 +7,7 @@
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use chuantou_tests::natlab::{Lab, SERVER_ALT_IP, SERVER_IP, THIRD_IP};
+use chuantou_tests::natlab::{EVERY_KIND_ROUTERS, Lab, SERVER_ALT_IP, SERVER_IP, THIRD_IP};
 use chuantou_tests::within;
 use tokio::net::UdpSocket;
 
@@ -132,15 +132,7 @@ async fn fresh_ports(lab: &Lab, servers: &Servers, host: &str, n: usize) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_router_kind_maps_and_filters_udp_as_built() {
-    let Some(lab) = Lab::for_test(&[
-        "pub=none",
-        "fc=full-cone",
-        "ar=address-restricted",
-        "pr=port-restricted,hairpin",
-        "pr0=port-restricted",
-        "symr=symmetric-random",
-        "syms=symmetric-sequential,delta=3",
-    ]) else {
+    let Some(lab) = Lab::for_test(&EVERY_KIND_ROUTERS) else {
         return;
     };
     let servers = Servers {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chuantou_tests::natlab::{Lab, SERVER_ALT_IP, SERVER_IP};
+use chuantou_tests::natlab::{EVERY_KIND_ROUTERS, Lab, SERVER_ALT_IP, SERVER_IP};
 use chuantou_tests::workspace_bin;
 use serde_json::Value;
 
@@ -109,15 +109,7 @@ fn report(child: std::process::Child, what: &str) -> Value {
 
 #[test]
 fn natprobe_names_every_router_kind_like_coturn_does() {
-    let Some(lab) = Lab::for_test(&[
-        "pub=none",
-        "fc=full-cone",
-        "ar=address-restricted",
-        "pr=port-restricted,hairpin",
-        "pr0=port-restricted",
-        "symr=symmetric-random",
-        "syms=symmetric-sequential,delta=3",
-    ]) else {
+    let Some(lab) = Lab::for_test(&EVERY_KIND_ROUTERS) else {
         return;
     };
     start_servers(&lab);

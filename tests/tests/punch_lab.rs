@@ -68,7 +68,7 @@ fn two_peers_behind_one_nat_without_hairpin_connect_over_the_lan() {
 #[test]
 fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
     use chuantou_tests::TempHome;
-    use chuantou_tests::lab_peers::{Proc, echo, echo_service};
+    use chuantou_tests::lab_peers::{echo, echo_service, start_expose, start_reach};
     use std::net::{Ipv4Addr, SocketAddr};
 
     let Some(lab) = Lab::for_test(&["a=port-restricted", "b=port-restricted"]) else {
@@ -78,25 +78,9 @@ fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
     let (home_a, home_b) = (TempHome::new(), TempHome::new());
     let service = echo_service(&lab, "a-1");
-    let mut cmd = lab.command("a-1", &peer);
-    cmd.arg("--home").arg(&home_a.0).args([
-        "--rendezvous",
-        "198.18.0.1:7000",
-        "expose",
-        &service.to_string(),
-        "--name",
-        "pc",
-    ]);
-    let mut expose = Proc::start(cmd);
-    expose.wait_for(&["registered"]);
+    let expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc");
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
-    let mut cmd = lab.command("b-1", &peer);
-    cmd.arg("--home")
-        .arg(&home_b.0)
-        .args(["--rendezvous", "198.18.0.1:7000", "reach", "pc", "--local"])
-        .arg(local.to_string());
-    let mut reach = Proc::start(cmd);
-    reach.wait_for(&["reaching"]);
+    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local);
     echo(&lab, "b-1", local, b"first");
     reach.wait_for(&["direct path up"]);
     echo(&lab, "b-1", local, b"direct");

@@ -5,25 +5,12 @@ use chuantou_tests::*;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-/// A UDP echo service; returns its address.
-async fn udp_echo() -> std::net::SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = s.recv_from(&mut buf).await {
-            let _ = s.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_echo_keeps_datagram_boundaries_per_flow() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
-    let echo = udp_echo().await;
+    let echo = udp_echo_service().await;
     expose_proto(&server, &pc, "dns-ish", echo, vec![], true, &stop);
     online(&server, "dns-ish").await;
     let local = reach_proto(&server, &phone, "dns-ish", true, &stop)
