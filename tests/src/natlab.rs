@@ -1109,7 +1109,13 @@ mod tests {
             r.hairpin = hairpin;
             nft_script(&r, router_wan(0), 0)
         };
-        let inbound = |s: &str| s.contains("iifname \"wan0\"");
+        // Inbound DNAT (the filtering) versus the input chain every kind has.
+        let inbound = |s: &str| s.contains("iifname \"wan0\" meta l4proto { udp, tcp }");
+        for k in Kind::ALL {
+            if k != Kind::None {
+                assert!(script(k, false).contains("ct state new meta l4proto udp reject"));
+            }
+        }
         assert!(inbound(&script(Kind::FullCone, false)));
         assert!(script(Kind::AddressRestricted, false).contains("@peers dnat"));
         assert!(!inbound(&script(Kind::PortRestricted, false)));
