@@ -80,6 +80,27 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Every line so far, including those not waited for yet.
+    pub fn log(&mut self) -> String {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+
+    /// Ends the process and returns its whole log (for a failure report).
+    pub fn finish(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader thread ends when the pipe closes.
+        while let Ok(l) = self.lines.recv_timeout(BOUND) {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -89,22 +110,34 @@ impl Drop for Proc {
 
 /// Echoes `data` through a connection to `to` made on `host`, checking what comes back.
 pub fn echo(lab: &Lab, host: &str, to: SocketAddr, data: &[u8]) {
-    let mut s = lab.tcp_connect(host, None, to).unwrap();
-    s.set_read_timeout(Some(BOUND)).unwrap();
-    let mut w = s.try_clone().unwrap();
+    try_echo(lab, host, to, data).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// [`echo`], saying what went wrong instead of panicking.
+pub fn try_echo(lab: &Lab, host: &str, to: SocketAddr, data: &[u8]) -> Result<(), String> {
+    let mut s = lab
+        .tcp_connect(host, None, to)
+        .map_err(|e| format!("connecting to {to}: {e}"))?;
+    s.set_read_timeout(Some(BOUND)).map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
     let out = data.to_vec();
     let writer = std::thread::spawn(move || {
-        w.write_all(&out).unwrap();
-        w.shutdown(std::net::Shutdown::Write).unwrap();
+        w.write_all(&out)?;
+        w.shutdown(std::net::Shutdown::Write)
     });
     let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    assert!(
-        back == data,
-        "echo came back different ({} bytes)",
-        back.len()
-    );
+    let read = s.read_to_end(&mut back);
+    let wrote = writer.join().map_err(|_| "writer panicked".to_string())?;
+    read.map_err(|e| format!("reading the echo of {} bytes: {e}", data.len()))?;
+    wrote.map_err(|e| format!("writing {} bytes: {e}", data.len()))?;
+    if back != data {
+        return Err(format!(
+            "echo came back different ({} of {} bytes)",
+            back.len(),
+            data.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A TCP echo service on `host`'s loopback; returns its port.
@@ -208,14 +241,26 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
     let started = Instant::now();
     let mut reach = start_reach(lab, peer, host_b, &home_b.0, name, local);
     // The first connection brokers the session: relay at once, punching beside it.
-    echo(lab, host_b, local, b"first");
+    let fail = |e: String, reach: &mut Proc, expose: &mut Proc| -> ! {
+        panic!(
+            "{host_a} -> {host_b}: {e}\n--- reach:\n{}\n--- expose:\n{}",
+            reach.finish(),
+            expose.finish()
+        )
+    };
+    let mut expose = expose;
+    if let Err(e) = try_echo(lab, host_b, local, b"first") {
+        fail(e, &mut reach, &mut expose);
+    }
     let first_byte = started.elapsed();
     let outcome = reach.wait_for(&["direct path up", "staying on the relay", "relay only"]);
     let direct = outcome.contains("direct path up");
     let to_direct = direct.then(|| started.elapsed());
     // Then a bigger exchange, both ways, on whichever path new connections take.
     let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();
-    echo(lab, host_b, local, &data);
+    if let Err(e) = try_echo(lab, host_b, local, &data) {
+        fail(e, &mut reach, &mut expose);
+    }
     let path = status_path(peer, &home_b.0);
     let log = reach.seen.join("\n");
     drop((expose, reach));
