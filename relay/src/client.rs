@@ -38,39 +38,78 @@ pub enum JoinError {
     Timeout(SocketAddr, Duration),
 }
 
+/// Connection attempts when the relay connection breaks before it said anything: the
+/// ticket was not used yet, so a fresh connection may present it again.
+const JOIN_ATTEMPTS: u32 = 3;
+
+/// Pause before another attempt (times the attempt number).
+const JOIN_RETRY: Duration = Duration::from_millis(50);
+
 /// Connects to `relay`, presents `ticket`, and returns the stream once both halves are in.
+/// A connection that fails or closes before the relay answered is tried again (a fresh
+/// connection, the same unused ticket), up to three times within `within`.
 pub async fn join_tcp(
     relay: SocketAddr,
     ticket: Ticket,
     within: Duration,
 ) -> Result<TcpStream, JoinError> {
     let work = async {
-        let mut stream = TcpStream::connect(relay)
-            .await
-            .map_err(|source| JoinError::Connect {
-                addr: relay,
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let hello = Hello {
-            version: RELAY_VERSION,
-            ticket,
-        };
-        frame::write(&mut stream, &hello).await?;
-        // The reader never reads past a frame, so no session byte is lost when the stream
-        // is handed back.
-        let mut reader = FrameReader::new(stream);
+        let mut attempt = 1;
         loop {
-            match reader.read::<Status>().await? {
-                Status::Waiting => continue,
-                Status::Paired => return Ok(reader.into_inner()),
-                Status::Refused(r) => return Err(JoinError::Refused(r)),
+            match join_once(relay, ticket.clone()).await {
+                Ok(s) => return Ok(s),
+                Err((e, answered)) => {
+                    let transient = matches!(e, JoinError::Connect { .. } | JoinError::Frame(_));
+                    if answered || !transient || attempt >= JOIN_ATTEMPTS {
+                        return Err(e);
+                    }
+                    tracing::info!(%relay, error = %e, attempt, "relay join broke early; trying again");
+                    tokio::time::sleep(JOIN_RETRY * attempt).await;
+                    attempt += 1;
+                }
             }
         }
     };
     timeout(within, work)
         .await
         .map_err(|_| JoinError::Timeout(relay, within))?
+}
+
+/// One attempt; on failure also says whether the relay had answered (then the ticket is
+/// spent and trying again is pointless).
+async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, (JoinError, bool)> {
+    let mut stream = TcpStream::connect(relay).await.map_err(|source| {
+        (
+            JoinError::Connect {
+                addr: relay,
+                source,
+            },
+            false,
+        )
+    })?;
+    let _ = stream.set_nodelay(true);
+    let hello = Hello {
+        version: RELAY_VERSION,
+        ticket,
+    };
+    frame::write(&mut stream, &hello)
+        .await
+        .map_err(|e| (e.into(), false))?;
+    // The reader never reads past a frame, so no session byte is lost when the stream
+    // is handed back.
+    let mut reader = FrameReader::new(stream);
+    let mut answered = false;
+    loop {
+        match reader
+            .read::<Status>()
+            .await
+            .map_err(|e| (e.into(), answered))?
+        {
+            Status::Waiting => answered = true,
+            Status::Paired => return Ok(reader.into_inner()),
+            Status::Refused(r) => return Err((JoinError::Refused(r), true)),
+        }
+    }
 }
 
 /// Presents `ticket` from `sock` to `relay` over UDP, repeating every `every` until the

@@ -379,7 +379,10 @@ async fn serve_tcp(
                     }
                 },
                 // Nothing may arrive before `Paired`: bytes or EOF both end the wait.
-                _ = stream.peek(&mut probe) => gone(&shared, conn),
+                r = stream.peek(&mut probe) => {
+                    debug!(%session, %remote, result = ?r, "relay half left while waiting");
+                    gone(&shared, conn)
+                }
             }
         }
     }

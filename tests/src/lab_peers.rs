@@ -179,6 +179,7 @@ pub fn start_rendezvous(lab: &Lab, rendezvous: &Path) -> Proc {
         .arg(format!("{SERVER_IP}:3478"))
         .args(["--alt-ip", &SERVER_ALT_IP.to_string(), "--no-http"])
         .args(["--relay", "198.18.0.1:7001"]);
+    cmd.env("RUST_LOG", "info,relay=debug");
     let mut server = Proc::start(cmd);
     server.wait_for(&["relay listening"]);
     server
@@ -241,16 +242,22 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
     let started = Instant::now();
     let mut reach = start_reach(lab, peer, host_b, &home_b.0, name, local);
     // The first connection brokers the session: relay at once, punching beside it.
-    let fail = |e: String, reach: &mut Proc, expose: &mut Proc| -> ! {
-        panic!(
+    let mut expose = expose;
+    let fail = |e: String, reach: &mut Proc, expose: &mut Proc| PairRun {
+        direct: false,
+        outcome: String::new(),
+        path: String::new(),
+        log: String::new(),
+        first_byte: Duration::ZERO,
+        to_direct: None,
+        error: Some(format!(
             "{host_a} -> {host_b}: {e}\n--- reach:\n{}\n--- expose:\n{}",
             reach.finish(),
             expose.finish()
-        )
+        )),
     };
-    let mut expose = expose;
     if let Err(e) = try_echo(lab, host_b, local, b"first") {
-        fail(e, &mut reach, &mut expose);
+        return fail(e, &mut reach, &mut expose);
     }
     let first_byte = started.elapsed();
     let outcome = reach.wait_for(&["direct path up", "staying on the relay", "relay only"]);
@@ -259,7 +266,7 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
     // Then a bigger exchange, both ways, on whichever path new connections take.
     let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();
     if let Err(e) = try_echo(lab, host_b, local, &data) {
-        fail(e, &mut reach, &mut expose);
+        return fail(e, &mut reach, &mut expose);
     }
     let path = status_path(peer, &home_b.0);
     let log = reach.seen.join("\n");
@@ -271,6 +278,7 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
         log,
         first_byte,
         to_direct,
+        error: None,
     }
 }
 
@@ -289,4 +297,6 @@ pub struct PairRun {
     pub first_byte: Duration,
     /// From starting `reach` to the direct path being up.
     pub to_direct: Option<Duration>,
+    /// Why an echo failed, with both peers' logs.
+    pub error: Option<String>,
 }

@@ -552,8 +552,11 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
     }
     match r.kind {
         Kind::FullCone | Kind::AddressRestricted | Kind::PortRestricted => {
+            // UDP keeps its mapping through the table. TCP keeps it too while the port is
+            // free (plain source NAT preserves it); forcing the recorded port on TCP could
+            // collide with a closing connection's conntrack entry and kill the new one.
             s += &format!(
-                "    oifname \"wan0\" meta l4proto {{ udp, tcp }} snat ip to {wan} : \
+                "    oifname \"wan0\" meta l4proto udp snat ip to {wan} : \
                  meta l4proto . ip saddr . th sport map @reverse\n"
             );
             s += &format!("    oifname \"wan0\" snat ip to {wan}\n");

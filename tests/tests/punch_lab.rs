@@ -18,7 +18,7 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
         return;
     };
     let peer = workspace_bin("peer");
-    let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let mut server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
 
     let mut table = Vec::new();
     let mut failures = Vec::new();
@@ -27,6 +27,9 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
             let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
             let name = format!("pc{i}{j}");
             let run = run_pair(&lab, &peer, &host_a, &host_b, &name);
+            if let Some(e) = run.error {
+                panic!("{e}\n--- rendezvous and relay:\n{}", server.finish());
+            }
             let (direct, outcome, path, log) = (run.direct, run.outcome, run.path, run.log);
             let want_direct = !must_relay(a, b);
             let ms = outcome
@@ -56,6 +59,7 @@ fn two_peers_behind_one_nat_without_hairpin_connect_over_the_lan() {
     let peer = workspace_bin("peer");
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
     let run = run_pair(&lab, &peer, "home-1", "home-2", "pc");
+    assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
     let (direct, outcome, path, log) = (run.direct, run.outcome, run.path, run.log);
     assert!(direct && path == "direct-udp", "{outcome}\n{log}");
     // The pair found is the LAN one: the hosts' own addresses, not the router's.

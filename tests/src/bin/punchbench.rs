@@ -83,6 +83,9 @@ fn main() -> anyhow::Result<()> {
                 &format!("{b}y-1"),
                 &format!("b{a}{b}{r}"),
             );
+            if let Some(e) = run.error {
+                anyhow::bail!("{e}");
+            }
             first.push(run.first_byte);
             if let Some(d) = run.to_direct {
                 direct.push(d);
