@@ -229,6 +229,22 @@ enum Push {
 const PUSH_QUEUE: usize = 8;
 
 impl Shared {
+    /// The STUN responder's answer to one message, over UDP or TCP; `None` without STUN.
+    fn stun_answer(
+        &self,
+        slot: Slot,
+        src: SocketAddr,
+        data: &[u8],
+    ) -> Option<Result<crate::stun::Reply, crate::stun::Dropped>> {
+        let responder = self.responder.as_ref()?;
+        let mut r = responder.lock().unwrap_or_else(|p| p.into_inner());
+        Some(
+            r.handle(Instant::now(), Received { slot, src, data }, |user| {
+                self.state().registry.stun_password(user).map(str::to_owned)
+            }),
+        )
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere must not take the whole server down with poisoned locks.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -657,22 +673,7 @@ async fn stun_tcp_task(
                         Ok(Err(e)) => return debug!(%src, error = %e, "stun tcp closed"),
                         Err(_) => return debug!(%src, "stun tcp idle, closed"),
                     }
-                    let reply = shared
-                        .responder
-                        .as_ref()
-                        .map(|r| {
-                            r.lock().unwrap_or_else(|p| p.into_inner()).handle(
-                                Instant::now(),
-                                Received { slot, src, data: &msg },
-                                |user| {
-                                    shared
-                                        .state()
-                                        .registry
-                                        .stun_password(user)
-                                        .map(str::to_owned)
-                                },
-                            )
-                        });
+                    let reply = shared.stun_answer(slot, src, &msg);
                     let reply = match reply {
                         Some(Ok(r)) if r.from == slot && r.to == src => r,
                         Some(Ok(_)) => {
@@ -706,9 +707,9 @@ async fn stun_task(
     shutdown: CancellationToken,
 ) {
     let (slot, sock) = &sockets[index];
-    let Some(responder) = shared.responder.as_ref() else {
+    if shared.responder.is_none() {
         return;
-    };
+    }
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, src) = tokio::select! {
@@ -720,22 +721,9 @@ async fn stun_task(
                 Err(e) => { debug!(error = %e, "stun recv"); continue; }
             },
         };
-        let now = Instant::now();
-        let reply = responder.lock().unwrap_or_else(|p| p.into_inner()).handle(
-            now,
-            Received {
-                slot: *slot,
-                src,
-                data: &buf[..n],
-            },
-            |user| {
-                shared
-                    .state()
-                    .registry
-                    .stun_password(user)
-                    .map(str::to_owned)
-            },
-        );
+        let Some(reply) = shared.stun_answer(*slot, src, &buf[..n]) else {
+            return;
+        };
         let reply = match reply {
             Ok(r) => r,
             Err(why) => {
