@@ -185,32 +185,23 @@ const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 347
 pub(crate) fn run(a: Kind, b: Kind, latency: Duration, loss_pct: u64, seed: u64) -> Outcome {
     let t0 = Instant::now();
     let delta = 2;
-    let mut sides = [
+    // Side n sits behind a NAT at 198.18.n.1 (or is that public host) with LAN 198.19.n.0/24.
+    let side = |n: u8, kind: Kind, salt: u64| {
+        let wan = Ipv4Addr::new(198, 18, n, 1);
         Side_ {
-            nat: Nat::new(a, Ipv4Addr::new(198, 18, 1, 1), delta, seed ^ 0xa),
-            lan: if a == Kind::None {
-                Ipv4Addr::new(198, 18, 1, 1)
+            nat: Nat::new(kind, wan, delta, seed ^ salt),
+            lan: if kind == Kind::None {
+                wan
             } else {
-                Ipv4Addr::new(198, 19, 1, 2)
+                Ipv4Addr::new(198, 19, n, 2)
             },
             sockets: 1,
             punch: None,
             deadline: t0,
             result: None,
-        },
-        Side_ {
-            nat: Nat::new(b, Ipv4Addr::new(198, 18, 2, 1), delta, seed ^ 0xb),
-            lan: if b == Kind::None {
-                Ipv4Addr::new(198, 18, 2, 1)
-            } else {
-                Ipv4Addr::new(198, 19, 2, 2)
-            },
-            sockets: 1,
-            punch: None,
-            deadline: t0,
-            result: None,
-        },
-    ];
+        }
+    };
+    let mut sides = [side(1, a, 0xa), side(2, b, 0xb)];
     // The rendezvous observes each side's socket 0.
     let observed: Vec<SocketAddrV4> = sides
         .iter_mut()
