@@ -38,16 +38,18 @@ pub enum JoinError {
     Timeout(SocketAddr, Duration),
 }
 
-/// Connection attempts when the relay connection breaks before it said anything: the
-/// ticket was not used yet, so a fresh connection may present it again.
+/// Connection attempts when the relay connection breaks before the session was paired.
+/// The relay keeps an unpaired ticket good for its holder (it forgets a half that left,
+/// and lets a half that comes back take over from its dead connection), so a fresh
+/// connection may present the same ticket again.
 const JOIN_ATTEMPTS: u32 = 3;
 
 /// Pause before another attempt (times the attempt number).
 const JOIN_RETRY: Duration = Duration::from_millis(50);
 
 /// Connects to `relay`, presents `ticket`, and returns the stream once both halves are in.
-/// A connection that fails or closes before the relay answered is tried again (a fresh
-/// connection, the same unused ticket), up to three times within `within`.
+/// A connection that fails or breaks before pairing is tried again (a fresh connection,
+/// the same ticket), up to three times within `within`; a refusal is final.
 pub async fn join_tcp(
     relay: SocketAddr,
     ticket: Ticket,
@@ -58,9 +60,9 @@ pub async fn join_tcp(
         loop {
             match join_once(relay, ticket.clone()).await {
                 Ok(s) => return Ok(s),
-                Err((e, answered)) => {
+                Err(e) => {
                     let transient = matches!(e, JoinError::Connect { .. } | JoinError::Frame(_));
-                    if answered || !transient || attempt >= JOIN_ATTEMPTS {
+                    if !transient || attempt >= JOIN_ATTEMPTS {
                         return Err(e);
                     }
                     tracing::info!(%relay, error = %e, attempt, "relay join broke early; trying again");
@@ -75,39 +77,27 @@ pub async fn join_tcp(
         .map_err(|_| JoinError::Timeout(relay, within))?
 }
 
-/// One attempt; on failure also says whether the relay had answered (then the ticket is
-/// spent and trying again is pointless).
-async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, (JoinError, bool)> {
-    let mut stream = TcpStream::connect(relay).await.map_err(|source| {
-        (
-            JoinError::Connect {
-                addr: relay,
-                source,
-            },
-            false,
-        )
-    })?;
+async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, JoinError> {
+    let mut stream = TcpStream::connect(relay)
+        .await
+        .map_err(|source| JoinError::Connect {
+            addr: relay,
+            source,
+        })?;
     let _ = stream.set_nodelay(true);
     let hello = Hello {
         version: RELAY_VERSION,
         ticket,
     };
-    frame::write(&mut stream, &hello)
-        .await
-        .map_err(|e| (e.into(), false))?;
+    frame::write(&mut stream, &hello).await?;
     // The reader never reads past a frame, so no session byte is lost when the stream
     // is handed back.
     let mut reader = FrameReader::new(stream);
-    let mut answered = false;
     loop {
-        match reader
-            .read::<Status>()
-            .await
-            .map_err(|e| (e.into(), answered))?
-        {
-            Status::Waiting => answered = true,
+        match reader.read::<Status>().await? {
+            Status::Waiting => {}
             Status::Paired => return Ok(reader.into_inner()),
-            Status::Refused(r) => return Err((JoinError::Refused(r), true)),
+            Status::Refused(r) => return Err(JoinError::Refused(r)),
         }
     }
 }

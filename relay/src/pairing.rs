@@ -56,6 +56,13 @@ pub enum Admit {
         /// The half that was waiting.
         other: ConnId,
     },
+    /// Hold it in place of `old`, which presented the same ticket and has not been
+    /// paired: the client's earlier connection broke (or its NAT rebound it) and it came
+    /// back. Close `old`.
+    Replace {
+        /// The half this one takes over from.
+        old: ConnId,
+    },
 }
 
 /// Things decided on a timeout.
@@ -136,6 +143,17 @@ impl Pairing {
             ));
         }
         let key = (ticket.session, ticket.side);
+        if let Some(w) = self.waiting.get_mut(&ticket.session)
+            && w.side == ticket.side
+        {
+            // Only the holder of the ticket can be here, and no byte has passed yet, so
+            // the newer connection is the one to keep. The deadline stays: coming back
+            // does not buy more waiting.
+            let old = std::mem::replace(&mut w.conn, conn);
+            self.by_conn.remove(&old);
+            self.by_conn.insert(conn, ticket.session);
+            return Ok(Admit::Replace { old });
+        }
         if self.used.contains_key(&key) {
             return Err(Refusal::new(
                 RefusalCode::Reused,
@@ -174,10 +192,13 @@ impl Pairing {
         Ok(Admit::Wait)
     }
 
-    /// A waiting half left before its partner came.
+    /// A waiting half left before its partner came. Its ticket is good again: nothing
+    /// was relayed on it, and its holder may be retrying over a fresh connection.
     pub fn handle_gone(&mut self, conn: ConnId) {
-        if let Some(session) = self.by_conn.remove(&conn) {
-            self.waiting.remove(&session);
+        if let Some(session) = self.by_conn.remove(&conn)
+            && let Some(w) = self.waiting.remove(&session)
+        {
+            self.used.remove(&(session, w.side));
         }
     }
 
@@ -272,15 +293,15 @@ mod tests {
         );
         let a = ticket(&k, 1, Side::Initiator);
         assert_eq!(p.handle_hello(t0, NOW_UNIX, 1, &a), Ok(Admit::Wait));
-        // The same ticket again, while waiting and after pairing, is a replay.
-        assert_eq!(
-            p.handle_hello(t0, NOW_UNIX, 2, &a).unwrap_err().code,
-            RefusalCode::Reused
-        );
         let b = ticket(&k, 1, Side::Responder);
         assert_eq!(
             p.handle_hello(t0, NOW_UNIX, 3, &b),
             Ok(Admit::Pair { other: 1 })
+        );
+        // Once paired, either ticket again is a replay.
+        assert_eq!(
+            p.handle_hello(t0, NOW_UNIX, 2, &a).unwrap_err().code,
+            RefusalCode::Reused
         );
         assert_eq!(
             p.handle_hello(t0, NOW_UNIX, 4, &b).unwrap_err().code,
@@ -330,6 +351,36 @@ mod tests {
             p.handle_hello(t0, NOW_UNIX, 2, &ticket(&k, 1, Side::Responder)),
             Ok(Admit::Wait)
         );
+        // The half that left may come back with its unspent ticket, and pairs.
+        assert_eq!(
+            p.handle_hello(t0, NOW_UNIX, 3, &ticket(&k, 1, Side::Initiator)),
+            Ok(Admit::Pair { other: 2 })
+        );
+    }
+
+    #[test]
+    fn a_half_that_comes_back_while_still_waiting_takes_over() {
+        let (mut p, k, t0) = setup();
+        let a = ticket(&k, 1, Side::Initiator);
+        assert_eq!(p.handle_hello(t0, NOW_UNIX, 1, &a), Ok(Admit::Wait));
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            p.handle_hello(later, NOW_UNIX, 2, &a),
+            Ok(Admit::Replace { old: 1 })
+        );
+        assert_eq!(p.waiting(), 1);
+        // Coming back keeps the first deadline.
+        assert_eq!(
+            p.poll_timeout(),
+            Some(t0 + Limits::default().pairing_timeout)
+        );
+        // The replaced connection closing does not disturb the new one.
+        p.handle_gone(1);
+        assert_eq!(p.waiting(), 1);
+        assert_eq!(
+            p.handle_hello(later, NOW_UNIX, 3, &ticket(&k, 1, Side::Responder)),
+            Ok(Admit::Pair { other: 2 })
+        );
     }
 
     #[test]
@@ -363,11 +414,14 @@ mod tests {
     fn spent_tickets_are_forgotten_after_they_expire() {
         let (mut p, k, t0) = setup();
         for s in 0..100u8 {
-            p.handle_hello(t0, NOW_UNIX, u64::from(s), &ticket(&k, s, Side::Initiator))
+            let conn = 2 * u64::from(s);
+            p.handle_hello(t0, NOW_UNIX, conn, &ticket(&k, s, Side::Initiator))
                 .unwrap();
-            p.handle_gone(u64::from(s));
+            p.handle_hello(t0, NOW_UNIX, conn + 1, &ticket(&k, s, Side::Responder))
+                .unwrap();
+            p.session_ended();
         }
-        assert_eq!(p.used.len(), 100);
+        assert_eq!(p.used.len(), 200);
         p.handle_timeout(t0, NOW_UNIX + 61);
         assert!(p.used.is_empty());
     }

@@ -350,11 +350,17 @@ async fn serve_tcp(
                 .await;
             }
         }
-        Ok(Admit::Wait) => {
+        Ok(admit @ (Admit::Wait | Admit::Replace { .. })) => {
+            if let Admit::Replace { old } = admit {
+                // Dropping the old half's sender wakes it, and it closes.
+                lock(&shared.parked).remove(&old);
+                info!(%session, %remote, "relay half came back on a new connection");
+            }
             let (tx, rx) = oneshot::channel();
             lock(&shared.parked).insert(conn, tx);
             shared.deadlines.notify_one();
-            if write_status(&mut stream, &Status::Waiting).await.is_err() {
+            if let Err(e) = write_status(&mut stream, &Status::Waiting).await {
+                debug!(%session, %remote, error = %e, "relay half left before it heard it waits");
                 return gone(&shared, conn);
             }
             debug!(%session, side = ?hello.ticket.side, %remote, "relay half waiting");
@@ -373,7 +379,8 @@ async fn serve_tcp(
                     Err(_) => {
                         refuse(stream, Refusal::new(
                             RefusalCode::PairTimeout,
-                            format!("the other half did not arrive within {:?}",
+                            format!("the other half did not arrive within {:?} \
+                                (or this ticket was presented again on a newer connection)",
                                 shared.config.limits.pairing_timeout),
                         )).await;
                     }
@@ -759,7 +766,15 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
             shared.refused(src, &r);
             vec![(src, Status::Refused(r))]
         }
-        Ok(Admit::Wait) => {
+        Ok(admit @ (Admit::Wait | Admit::Replace { .. })) => {
+            if let Admit::Replace { old } = admit
+                && let Some(old_addr) = udp.waiting.remove(&old)
+            {
+                // The client's NAT gave it a new mapping; the old address is dead.
+                udp.by_addr.remove(&old_addr);
+                info!(session = %h.ticket.session, from = %old_addr, to = %src,
+                    "relay udp half came back from a new address");
+            }
             udp.waiting.insert(conn, src);
             udp.by_addr
                 .insert(src, (conn, h.ticket.session, h.ticket.side));

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay::client::{JoinError, join_tcp, join_udp};
-use relay::proto::RefusalCode;
+use relay::frame::{self, FrameReader};
+use relay::proto::{Hello, RELAY_VERSION, RefusalCode, Status};
 use relay::server::{RelayConfig, RelayHandle, RelayServer};
 use relay::ticket::{SessionId, Side, Ticket, TicketKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -289,4 +290,59 @@ async fn udp_forwards_datagrams_both_ways_keeping_boundaries() {
         matches!(r, Err(JoinError::Refused(ref x)) if x.code == RefusalCode::Reused),
         "{r:?}"
     );
+}
+
+/// Presents `ticket` on a raw connection and returns it once the relay says it waits.
+async fn waiting_half(relay: SocketAddr, ticket: Ticket) -> FrameReader<TcpStream> {
+    let mut s = TcpStream::connect(relay).await.unwrap();
+    frame::write(
+        &mut s,
+        &Hello {
+            version: RELAY_VERSION,
+            ticket,
+        },
+    )
+    .await
+    .unwrap();
+    let mut r = FrameReader::new(s);
+    let status = within("waiting", r.read::<Status>()).await.unwrap();
+    assert!(matches!(status, Status::Waiting), "{status:?}");
+    r
+}
+
+/// Pairs `b` with the raw half `a` that waits, and checks bytes pass.
+async fn completes(relay: SocketAddr, mut a: FrameReader<TcpStream>, b: Ticket) {
+    let mut y = within("b joins", join_tcp(relay, b, BOUND)).await.unwrap();
+    let status = within("a hears paired", a.read::<Status>()).await.unwrap();
+    assert!(matches!(status, Status::Paired), "{status:?}");
+    let mut x = a.into_inner();
+    x.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    within("b reads", y.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"hi");
+}
+
+#[tokio::test]
+async fn a_half_whose_connection_broke_before_pairing_joins_again_with_its_ticket() {
+    let relay = relay_with(|_| {}).await;
+    let addr = relay.addr();
+
+    // The first connection closed (whether or not the relay noticed yet): the ticket is
+    // good again.
+    let (a, b) = tickets(20);
+    drop(waiting_half(addr, a.clone()).await);
+    completes(addr, waiting_half(addr, a).await, b).await;
+
+    // The first connection still looks open to the relay (a NAT dropped it silently):
+    // the new one takes over and the stale one is refused.
+    let (a, b) = tickets(21);
+    let mut stale = waiting_half(addr, a.clone()).await;
+    completes(addr, waiting_half(addr, a.clone()).await, b).await;
+    match within("stale refused", stale.read::<Status>()).await {
+        Ok(Status::Refused(r)) => assert_eq!(r.code, RefusalCode::PairTimeout),
+        other => panic!("the stale half got {other:?}"),
+    }
+
+    // Once paired, the ticket is spent for good.
+    assert_eq!(refused(join_tcp(addr, a, BOUND).await), RefusalCode::Reused);
 }
