@@ -613,14 +613,19 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
         );
     }
     s += "  }\n";
-    // An unsolicited packet to the WAN address that no rule let in is refused (port
-    // unreachable, or a RST) before conntrack confirms an entry for it. Otherwise that
-    // entry would hold the mapped port towards its sender, so a later outbound packet to
-    // the same sender could not use its own mapping: Linux would drop or re-map it, which
-    // is not how an RFC 4787 NAT behaves and would break hole punching in the lab only.
+    // An unsolicited packet to the WAN address that no rule let in is refused or dropped
+    // before conntrack confirms an entry for it. Otherwise that entry would hold the
+    // mapped port towards its sender, so a later outbound packet to the same sender could
+    // not use its own mapping: Linux would drop or re-map it, which is not how an RFC 4787
+    // NAT behaves and would break hole punching in the lab only.
+    //
+    // UDP gets a port unreachable, so tests see a refusal at once. An unsolicited SYN is
+    // dropped silently, as RFC 5382 REQ-4 demands (no answer for at least 6 s): a RST
+    // would put the sender's own NAT entry in CLOSE, where the other side's crossing SYN
+    // is invalid and drawn a RST in turn, and TCP simultaneous open would never converge.
     s += "  chain input { type filter hook input priority filter; policy accept;\n";
     s += "    iifname \"wan0\" ct state new meta l4proto udp reject\n";
-    s += "    iifname \"wan0\" ct state new meta l4proto tcp reject with tcp reset\n";
+    s += "    iifname \"wan0\" ct state new meta l4proto tcp drop\n";
     s += "  }\n";
     if r.loss_pct > 0 {
         s += &format!(
@@ -967,6 +972,18 @@ impl Lab {
         from: Option<SocketAddr>,
         to: SocketAddr,
     ) -> Result<TcpStream, LabError> {
+        self.tcp_connect_within(host, from, to, std::time::Duration::from_secs(10))
+    }
+
+    /// [`Lab::tcp_connect`] giving up (`TimedOut`) after `within`: a NAT drops an
+    /// unsolicited SYN silently.
+    pub fn tcp_connect_within(
+        &self,
+        host: &str,
+        from: Option<SocketAddr>,
+        to: SocketAddr,
+        within: std::time::Duration,
+    ) -> Result<TcpStream, LabError> {
         self.inside(host, || {
             let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             if let Some(from) = from {
@@ -974,7 +991,7 @@ impl Lab {
                 s.set_reuse_port(true)?;
                 s.bind(&from.into())?;
             }
-            s.connect_timeout(&to.into(), std::time::Duration::from_secs(10))?;
+            s.connect_timeout(&to.into(), within)?;
             Ok(s.into())
         })
     }
