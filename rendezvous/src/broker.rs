@@ -198,6 +198,7 @@ mod tests {
             udp: None,
             lan: vec![],
             nat: None,
+            tcp_nat: None,
         };
         let (i, r) = broker(
             SessionId([1; 16]),

@@ -434,3 +434,38 @@ pub async fn stun_binding(
     }
     Err(ClientError::StunTimeout(server))
 }
+
+/// One Binding transaction over a TCP stream to a STUN server (RFC 8489 §6.2.2: the
+/// message itself is the framing; TCP retransmits, so one request, bounded by `within`).
+/// With a `credential` the server links the mapping of the stream's local port to our
+/// registration: that is how it learns the current public address of our TCP port.
+pub async fn stun_binding_tcp(
+    stream: &mut TcpStream,
+    credential: Option<(&str, &str)>,
+    within: Duration,
+) -> Result<BindingResponse, ClientError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = stream.peer_addr().map_err(ClientError::StunIo)?;
+    let req = stun::binding_request(credential, None)?;
+    let exchange = async {
+        stream.write_all(&req.bytes).await?;
+        let mut msg = vec![0u8; 20];
+        stream.read_exact(&mut msg).await?;
+        let len = usize::from(u16::from_be_bytes([msg[2], msg[3]]));
+        if len > 1024 {
+            return Err(std::io::Error::other("oversized STUN answer"));
+        }
+        msg.resize(20 + len, 0);
+        stream.read_exact(&mut msg[20..]).await?;
+        Ok(msg)
+    };
+    let msg = timeout(within, exchange)
+        .await
+        .map_err(|_| ClientError::StunTimeout(server))?
+        .map_err(ClientError::StunIo)?;
+    Ok(stun::parse_response(
+        &msg,
+        &req.tid,
+        credential.map(|c| c.1),
+    )?)
+}

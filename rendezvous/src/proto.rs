@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// The signaling protocol version carried in `Hello`; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Longest peer name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -120,6 +120,38 @@ pub struct NatInfo {
     pub allocation: NatAllocation,
     /// The step between consecutive new mappings, for `Sequential`.
     pub delta: i32,
+}
+
+/// A step between two mappings at most this large (and not zero) is taken for a
+/// sequential allocator; a random one lands this close once in ~500 tries.
+pub const MAX_SEQUENTIAL_STEP: i32 = 64;
+
+impl NatInfo {
+    /// What two TCP mappings of one local port tell: `first` towards the signaling port,
+    /// `second` (made after it) towards the STUN port. Equal means endpoint-independent;
+    /// a small step, a sequential allocator with that delta; anything else, random. Two
+    /// points cannot tell sequential from random for certain, but a wrong guess only costs
+    /// a punch that falls back to the relay.
+    pub fn from_tcp_mappings(first: SocketAddr, second: SocketAddr) -> NatInfo {
+        if first == second {
+            return NatInfo {
+                mapping: NatMapping::EndpointIndependent,
+                allocation: NatAllocation::Unknown,
+                delta: 0,
+            };
+        }
+        let step = i32::from(second.port()) - i32::from(first.port());
+        let sequential = first.ip() == second.ip() && step.abs() <= MAX_SEQUENTIAL_STEP;
+        NatInfo {
+            mapping: NatMapping::Varies,
+            allocation: if sequential {
+                NatAllocation::Sequential
+            } else {
+                NatAllocation::Random
+            },
+            delta: if sequential { step } else { 0 },
+        }
+    }
 }
 
 /// Mapping behaviour (RFC 4787).
@@ -334,7 +366,9 @@ pub struct RelayOffer {
 /// Addresses at which a peer may be reachable.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Candidates {
-    /// Observed remote address of its signaling connection.
+    /// Its TCP port's public address: the latest mapping the server saw of the port its
+    /// signaling connection comes from (a credentialed STUN Binding over TCP from that
+    /// port, else the signaling connection itself). The peer listens on that port too.
     pub tcp: Option<SocketAddr>,
     /// Observed address of its STUN socket (credentialed Binding request).
     pub udp: Option<SocketAddr>,
@@ -342,6 +376,8 @@ pub struct Candidates {
     pub lan: Vec<SocketAddr>,
     /// What it measured of its NAT.
     pub nat: Option<NatInfo>,
+    /// Its NAT's TCP behaviour, from the server's two observations of its TCP port.
+    pub tcp_nat: Option<NatInfo>,
 }
 
 /// An error answer: a machine-readable code and a sentence for humans.
@@ -610,6 +646,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn two_tcp_mappings_tell_cone_sequential_and_random() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let n = NatInfo::from_tcp_mappings(a("198.18.1.2:40000"), a("198.18.1.2:40000"));
+        assert_eq!(n.mapping, NatMapping::EndpointIndependent);
+        let n = NatInfo::from_tcp_mappings(a("198.18.1.2:20003"), a("198.18.1.2:20006"));
+        assert_eq!(
+            (n.mapping, n.allocation, n.delta),
+            (NatMapping::Varies, NatAllocation::Sequential, 3)
+        );
+        let n = NatInfo::from_tcp_mappings(a("198.18.1.2:20006"), a("198.18.1.2:20004"));
+        assert_eq!((n.allocation, n.delta), (NatAllocation::Sequential, -2));
+        for (x, y) in [
+            ("198.18.1.2:20000", "198.18.1.2:31337"),
+            ("198.18.1.2:20000", "198.18.1.3:20001"),
+        ] {
+            let n = NatInfo::from_tcp_mappings(a(x), a(y));
+            assert_eq!(
+                (n.mapping, n.allocation, n.delta),
+                (NatMapping::Varies, NatAllocation::Random, 0)
+            );
+        }
+    }
+
+    #[test]
     fn names() {
         assert!(validate_name("pc-home").is_ok());
         assert!(validate_name("a.b_c-9").is_ok());
@@ -711,6 +771,11 @@ mod wire_tests {
                 udp: Some("198.18.1.2:40001".parse().unwrap()),
                 lan: vec!["198.19.0.5:5000".parse().unwrap()],
                 nat: None,
+                tcp_nat: Some(NatInfo {
+                    mapping: NatMapping::Varies,
+                    allocation: NatAllocation::Sequential,
+                    delta: -2,
+                }),
             },
             start_in_ms: 300,
             secret: [7; 32],
@@ -878,7 +943,7 @@ mod wire_tests {
         assert_eq!(
             hex_of(&broker),
             concat!(
-                "0000007d",
+                "00000081",
                 "02",
                 "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
                 "01",
@@ -899,6 +964,10 @@ mod wire_tests {
                 "c6130005",
                 "8827",
                 "00",
+                "01",
+                "03",
+                "02",
+                "03",
                 "ac02",
                 "0707070707070707070707070707070707070707070707070707070707070707",
                 "00"

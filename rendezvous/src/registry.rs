@@ -142,9 +142,18 @@ pub struct Entry {
     stun: StunCredential,
     /// What the peer measured of its NAT.
     pub nat: Option<crate::proto::NatInfo>,
+    /// The TCP port's latest mapping, from a credentialed STUN Binding over TCP.
+    pub tcp_seen: Option<SocketAddr>,
+    /// TCP behaviour, from `tcp_addr` and `tcp_seen`.
+    pub tcp_nat: Option<crate::proto::NatInfo>,
 }
 
 impl Entry {
+    /// Where its TCP port is reachable now: the latest mapping seen.
+    pub fn tcp_candidate(&self) -> SocketAddr {
+        self.tcp_seen.unwrap_or(self.tcp_addr)
+    }
+
     /// Online means connected and heartbeating.
     pub fn online(&self) -> bool {
         self.conn.is_some()
@@ -247,6 +256,8 @@ impl Registry {
             rtt: None,
             stun: reg.stun,
             nat: reg.nat,
+            tcp_seen: None,
+            tcp_nat: None,
         };
         self.by_stun
             .insert(entry.stun.username.clone(), reg.name.clone());
@@ -292,6 +303,24 @@ impl Registry {
         let changed = entry.udp_addr != Some(addr);
         entry.udp_addr = Some(addr);
         Some((name.as_str(), changed))
+    }
+
+    /// Records the address a credentialed STUN request over TCP came from: the latest
+    /// mapping of the peer's TCP port. Only the first one after registering measures the
+    /// NAT (the signaling connection's mapping and this one, in that order); later ones
+    /// only move the candidate. Returns the peer's name and its TCP NAT.
+    pub fn observe_tcp(
+        &mut self,
+        username: &str,
+        addr: SocketAddr,
+    ) -> Option<(&str, crate::proto::NatInfo)> {
+        let name = self.by_stun.get(username)?;
+        let entry = self.peers.get_mut(name)?;
+        let nat = *entry
+            .tcp_nat
+            .get_or_insert_with(|| crate::proto::NatInfo::from_tcp_mappings(entry.tcp_addr, addr));
+        entry.tcp_seen = Some(addr);
+        Some((name.as_str(), nat))
     }
 
     /// The connection closed: its peer goes offline (its name stays bound). Returns the name.

@@ -685,6 +685,14 @@ async fn stun_tcp_task(
                         }
                         None => return,
                     };
+                    if let Some(user) = &reply.authenticated {
+                        let mut st = shared.state();
+                        if let Some((name, nat)) = st.registry.observe_tcp(user, src) {
+                            info!(peer = %name, tcp = %src, mapping = ?nat.mapping,
+                                allocation = ?nat.allocation, delta = nat.delta,
+                                "observed tcp mapping");
+                        }
+                    }
                     if stream.write_all(&reply.bytes).await.is_err() {
                         return;
                     }
@@ -1363,10 +1371,11 @@ fn connect(
         name,
         key: e.key,
         candidates: Candidates {
-            tcp: Some(e.tcp_addr),
+            tcp: Some(e.tcp_candidate()),
             udp: e.udp_addr,
             lan: e.lan_addrs.clone(),
             nat: e.nat,
+            tcp_nat: e.tcp_nat,
         },
         rtt: e.rtt,
     };

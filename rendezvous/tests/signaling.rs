@@ -390,3 +390,68 @@ async fn listing_pages_through_peers_of_maximal_size() {
     assert_eq!(names, want);
     assert!(all.iter().all(|p| p.services == big));
 }
+
+#[tokio::test]
+async fn a_credentialed_stun_binding_over_tcp_gives_the_tcp_candidate_and_nat() {
+    use rendezvous::client::stun_binding_tcp;
+    use rendezvous::proto::{NatAllocation, NatInfo, NatMapping};
+    let server = start(loopback_config()).await;
+    let pc = client(&server).await;
+    let phone = client(&server).await;
+    let reg = pc
+        .register(&key(1), "pc", vec![web(80)], vec![])
+        .await
+        .unwrap();
+    phone
+        .register(&key(2), "phone", vec![], vec![])
+        .await
+        .unwrap();
+    let stun = server.addrs().stun.unwrap().primary;
+    let cred = (reg.stun_username.as_str(), reg.stun_password.as_str());
+
+    // To the server, a connection from a port a few past the signaling one is what a
+    // sequential NAT's next mapping looks like.
+    let p0 = pc.local_addr().port();
+    let (step, mut from_next) = 'found: {
+        for step in 1..=8u16 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            if sock.bind(([127, 0, 0, 1], p0 + step).into()).is_ok() {
+                break 'found (step, sock.connect(stun).await.unwrap());
+            }
+        }
+        panic!("no free port just past {p0}");
+    };
+    let err = stun_binding_tcp(&mut from_next, Some((cred.0, "guess")), BOUND)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    let mut s = tokio::net::TcpStream::connect(stun).await.unwrap();
+    let anon = stun_binding_tcp(&mut s, None, BOUND).await.unwrap();
+    assert_eq!(anon.mapped, s.local_addr().unwrap());
+    // Neither the refused nor the anonymous one moved anything.
+    let b = phone.connect_to("pc", None).await.unwrap();
+    assert_eq!(b.candidates.tcp, Some(pc.local_addr()));
+    assert_eq!(b.candidates.tcp_nat, None);
+
+    // The same stream again, now with the right password.
+    let r = stun_binding_tcp(&mut from_next, Some(cred), BOUND)
+        .await
+        .unwrap();
+    assert_eq!(r.mapped, from_next.local_addr().unwrap());
+    let b = phone.connect_to("pc", None).await.unwrap();
+    assert_eq!(b.candidates.tcp, Some(from_next.local_addr().unwrap()));
+    assert_eq!(
+        b.candidates.tcp_nat,
+        Some(NatInfo {
+            mapping: NatMapping::Varies,
+            allocation: NatAllocation::Sequential,
+            delta: i32::from(step),
+        })
+    );
+    // Later observations move the candidate; the measurement stays.
+    let mut s = tokio::net::TcpStream::connect(stun).await.unwrap();
+    stun_binding_tcp(&mut s, Some(cred), BOUND).await.unwrap();
+    let b = phone.connect_to("pc", None).await.unwrap();
+    assert_eq!(b.candidates.tcp, Some(s.local_addr().unwrap()));
+    assert_eq!(b.candidates.tcp_nat.unwrap().delta, i32::from(step));
+}
