@@ -16,6 +16,7 @@
 //! - [`endpoint`]: the one UDP socket shared by STUN, punch probes and direct QUIC tunnels.
 //! - [`probe`]: punch probes on the wire, authenticated by the session secret.
 //! - [`punch`]: the UDP punch agent, sans-IO (drive loop in its docs).
+//! - [`punch_tcp`]: the TCP simultaneous-open agent, sans-IO (drive loop in its docs).
 //! - [`quic`]: the direct tunnel, QUIC on the punched socket.
 //! - [`strategy`]: how to punch (or not) from both sides' NAT profiles.
 #![deny(missing_docs, unreachable_pub)]
@@ -29,6 +30,7 @@ pub mod home;
 mod natsim;
 pub mod probe;
 pub mod punch;
+pub mod punch_tcp;
 pub mod quic;
 pub mod reach;
 pub mod signal;
