@@ -40,9 +40,7 @@ fn is_stun(data: &[u8]) -> bool {
 impl Routes {
     /// Takes `data` if it is not QUIC; true when it did.
     fn divert(&self, from: SocketAddr, data: &[u8]) -> bool {
-        if probe::is_probe(data) {
-            let mut session = [0u8; 16];
-            session.copy_from_slice(&data[6..22]);
+        if let Some(session) = probe::session_of(data) {
             let punches = self.punches.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(tx) = punches.get(&session) {
                 let _ = tx.try_send((from, data.to_vec()));

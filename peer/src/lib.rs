@@ -5,6 +5,7 @@
 //! # Layout
 //!
 //! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
+//! - [`tcp_port`]: the one TCP port that signaling, the listener and TCP punching share.
 //! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys.
 //! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
 //! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
@@ -36,6 +37,7 @@ pub mod reach;
 pub mod signal;
 pub mod status;
 pub mod strategy;
+pub mod tcp_port;
 pub mod tls;
 pub mod tunnel;
 pub mod udp;

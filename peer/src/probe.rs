@@ -161,6 +161,17 @@ pub fn is_probe(data: &[u8]) -> bool {
     data.len() == LEN && data[..4] == MAGIC
 }
 
+/// The session a probe claims to belong to (unauthenticated: only for routing it to the
+/// session's agent, which checks the MAC).
+pub fn session_of(data: &[u8]) -> Option<[u8; 16]> {
+    if !is_probe(data) {
+        return None;
+    }
+    let mut session = [0u8; 16];
+    session.copy_from_slice(&data[6..22]);
+    Some(session)
+}
+
 /// An IPv4 socket address, if `a` is one.
 pub fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     match a {

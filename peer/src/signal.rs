@@ -11,6 +11,8 @@ use rendezvous::proto::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 use tokio::net::UdpSocket;
 
 use crate::endpoint::UdpEndpoint;
+use crate::tcp_port::TcpPort;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -100,6 +102,19 @@ async fn refresh(
     }
 }
 
+/// The peer's TCP presence: the port P its signaling connection leaves from and that it
+/// listens on, P's latest public mapping, and what two mappings told of the NAT's TCP
+/// side. Dropping it stops listening.
+#[derive(Debug)]
+pub struct Tcp {
+    /// The port.
+    pub port: TcpPort,
+    /// Its public address as the rendezvous last saw it.
+    pub observed: SocketAddr,
+    /// The NAT's TCP behaviour, when the server runs STUN (which gives the second mapping).
+    pub nat: Option<NatInfo>,
+}
+
 /// A registration: the signaling client and, when the server runs STUN, the UDP side.
 #[derive(Debug)]
 pub struct Registration {
@@ -107,6 +122,41 @@ pub struct Registration {
     pub client: Client,
     /// The UDP presence, if STUN answered.
     pub udp: Option<Udp>,
+    /// The TCP presence, if the signaling connection could leave from a shared port.
+    pub tcp: Option<Arc<Tcp>>,
+}
+
+/// How long the STUN Binding over TCP that observes P's latest mapping may take.
+const TCP_STUN_WITHIN: Duration = Duration::from_secs(3);
+
+/// Connects to the rendezvous from P.
+async fn connect_from(
+    port: &TcpPort,
+    rendezvous: &str,
+    config: &ClientConfig,
+) -> Result<tokio::net::TcpStream, ClientError> {
+    let err = |source| ClientError::Connect {
+        addr: rendezvous.to_owned(),
+        source,
+    };
+    let work = async {
+        let addrs = tokio::net::lookup_host(rendezvous).await?;
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            "no IPv4 address (the shared TCP port is IPv4)",
+        );
+        for a in addrs.filter(SocketAddr::is_ipv4) {
+            match port.connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    };
+    tokio::time::timeout(config.connect_timeout, work)
+        .await
+        .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(err)
 }
 
 fn nat_info(q: &natprobe::probe::QuickProfile) -> NatInfo {
@@ -137,14 +187,25 @@ impl Signaling {
     /// Connects, measures the NAT in front of a fresh UDP socket (when the server runs
     /// STUN), registers with that, and has the rendezvous observe the socket's mapping.
     pub async fn register_udp(&self, key: &SigningKey) -> Result<Registration, ClientError> {
-        let client = Client::connect(
-            &self.rendezvous,
-            ClientConfig {
-                token: self.token.clone(),
-                ..ClientConfig::default()
+        let config = ClientConfig {
+            token: self.token.clone(),
+            ..ClientConfig::default()
+        };
+        // The signaling connection leaves from the shared TCP port when it can: then the
+        // rendezvous observes the mapping TCP punching will use.
+        let port = TcpPort::bind()
+            .inspect_err(|e| warn!(error = %e, "no shared TCP port: TCP punching is off"))
+            .ok();
+        let (client, port) = match port {
+            Some(p) => match connect_from(&p, &self.rendezvous, &config).await {
+                Ok(stream) => (Client::over(stream, config).await?, Some(p)),
+                Err(e) => {
+                    warn!(error = %e, "signaling from the shared TCP port failed; TCP punching is off");
+                    (Client::connect(&self.rendezvous, config).await?, None)
+                }
             },
-        )
-        .await?;
+            None => (Client::connect(&self.rendezvous, config).await?, None),
+        };
         let mut udp = None;
         let mut nat = None;
         let mut lan = Vec::new();
@@ -178,6 +239,13 @@ impl Signaling {
             "{}",
             if reg.replaced { "re-registered" } else { "registered" }
         );
+        let tcp = match port {
+            Some(port) => Some(Arc::new(
+                self.observe_tcp(port, &client, &reg, Some(client.local_addr().ip()))
+                    .await,
+            )),
+            None => None,
+        };
         let udp = match udp {
             Some((socket, stun)) if nat.is_some() => {
                 let cred = (reg.stun_username.clone(), reg.stun_password.clone());
@@ -209,7 +277,63 @@ impl Signaling {
             }
             _ => None,
         };
-        Ok(Registration { client, udp })
+        Ok(Registration { client, udp, tcp })
+    }
+
+    /// A credentialed STUN Binding over TCP from P: the rendezvous records P's latest
+    /// mapping (the one peers will connect to), and it and the signaling connection's
+    /// mapping tell how the NAT maps TCP.
+    async fn observe_tcp(
+        &self,
+        port: TcpPort,
+        client: &Client,
+        reg: &rendezvous::proto::Registered,
+        local_ip: Option<std::net::IpAddr>,
+    ) -> Tcp {
+        let first = reg.observed_tcp;
+        let Some(stun) = client.stun_server() else {
+            return Tcp {
+                port,
+                observed: first,
+                nat: None,
+            };
+        };
+        let cred = (reg.stun_username.as_str(), reg.stun_password.as_str());
+        let second = async {
+            let mut s = port.connect(stun).await.map_err(ClientError::StunIo)?;
+            rendezvous::client::stun_binding_tcp(&mut s, Some(cred), TCP_STUN_WITHIN).await
+        };
+        match tokio::time::timeout(TCP_STUN_WITHIN, second).await {
+            Ok(Ok(r)) => {
+                let mut nat = NatInfo::from_tcp_mappings(first, r.mapped);
+                if Some(r.mapped) == local_ip.map(|ip| SocketAddr::new(ip, port.port())) {
+                    nat.mapping = NatMapping::None;
+                }
+                info!(tcp = %r.mapped, port = port.port(), mapping = ?nat.mapping,
+                    allocation = ?nat.allocation, delta = nat.delta, "tcp mapping observed");
+                Tcp {
+                    port,
+                    observed: r.mapped,
+                    nat: Some(nat),
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(%stun, error = %e, "no STUN answer over TCP; TCP punching goes by the signaling mapping");
+                Tcp {
+                    port,
+                    observed: first,
+                    nat: None,
+                }
+            }
+            Err(_) => {
+                warn!(%stun, "no STUN answer over TCP in {TCP_STUN_WITHIN:?}; TCP punching goes by the signaling mapping");
+                Tcp {
+                    port,
+                    observed: first,
+                    nat: None,
+                }
+            }
+        }
     }
 
     /// Registers, retrying with backoff until it works, a fatal refusal, or shutdown

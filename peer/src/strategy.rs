@@ -95,17 +95,8 @@ pub fn plan(
     }
     let mut remote = Vec::new();
     if let Some(obs) = peer_observed {
-        if let (true, Some(d)) = (peer.sequential(), peer.delta) {
-            // The k-th new mapping of the peer lands k·delta past the observed port.
-            for k in 1..=PREDICTED_PORTS {
-                let port = i32::from(obs.port()) + k * d;
-                if let Ok(port) = u16::try_from(port) {
-                    if port >= 1024 {
-                        remote.push(SocketAddr::new(obs.ip(), port));
-                    }
-                }
-            }
-        }
+        // The k-th new mapping of the peer lands k·delta past the observed port.
+        remote = predicted(peer, obs);
         remote.push(obs);
     }
     // LAN candidates last: they matter only when both sit behind the same NAT, and on a
@@ -146,9 +137,83 @@ pub fn plan(
     }
 }
 
+/// Plans this side's TCP punch: simultaneous open from the one TCP port towards the other
+/// side's TCP candidates (its latest mapping, predicted ones first past a sequential NAT).
+/// TCP has no birthday mode, so a random symmetric NAT facing another symmetric one goes
+/// to the relay; facing a cone it is tried, and works where that cone does not filter by
+/// port (full cone, address-restricted) — filtering is not measured, so it is tried.
+pub fn plan_tcp(me: &NatProfile, peer: &NatProfile, peer_observed: Option<SocketAddr>) -> Strategy {
+    let pair = format!("{} ↔ {}", name(me), name(peer));
+    let Some(obs) = peer_observed else {
+        return Strategy::Relay {
+            why: format!("no TCP address known for the other side ({pair})"),
+        };
+    };
+    if me.kind() == NatType::Symmetric
+        && peer.kind() == NatType::Symmetric
+        && (me.random_symmetric() || peer.random_symmetric())
+    {
+        return Strategy::Relay { why: pair };
+    }
+    let mut remote = predicted(peer, obs);
+    remote.push(obs);
+    let why = if peer.sequential() || me.sequential() {
+        format!("port prediction ({pair})")
+    } else {
+        pair
+    };
+    Strategy::Direct {
+        sockets: 1,
+        remote,
+        spray: None,
+        why,
+    }
+}
+
+/// The ports a sequential NAT will hand out next, past `obs`.
+fn predicted(peer: &NatProfile, obs: SocketAddr) -> Vec<SocketAddr> {
+    let mut v = Vec::new();
+    if let (true, Some(d)) = (peer.sequential(), peer.delta) {
+        for k in 1..=PREDICTED_PORTS {
+            if let Ok(port) = u16::try_from(i32::from(obs.port()) + k * d)
+                && port >= 1024
+            {
+                v.push(SocketAddr::new(obs.ip(), port));
+            }
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_plans_predict_past_sequential_nats_and_leave_random_pairs_to_the_relay() {
+        let cone = p(NatType::PortRestrictedCone, Allocation::Preserved, None);
+        let seq = p(NatType::Symmetric, Allocation::Sequential, Some(2));
+        let random = p(NatType::Symmetric, Allocation::Random, None);
+        let obs: SocketAddr = "198.18.1.6:20010".parse().unwrap();
+        let Strategy::Direct { remote, why, .. } = plan_tcp(&cone, &seq, Some(obs)) else {
+            panic!("cone ↔ sequential punches");
+        };
+        assert_eq!(remote.len(), PREDICTED_PORTS as usize + 1);
+        assert_eq!((remote[0].port(), remote[1].port()), (20012, 20014));
+        assert_eq!(remote.last(), Some(&obs));
+        assert!(why.starts_with("port prediction"), "{why}");
+        let Strategy::Direct { remote, .. } = plan_tcp(&random, &cone, Some(obs)) else {
+            panic!("random ↔ cone is worth a try");
+        };
+        assert_eq!(remote, [obs]);
+        for (a, b) in [(&random, &seq), (&seq, &random), (&random, &random)] {
+            assert!(matches!(plan_tcp(a, b, Some(obs)), Strategy::Relay { .. }));
+        }
+        assert!(matches!(
+            plan_tcp(&cone, &cone, None),
+            Strategy::Relay { .. }
+        ));
+    }
 
     fn p(t: NatType, a: Allocation, d: Option<i32>) -> NatProfile {
         NatProfile {
