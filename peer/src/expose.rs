@@ -18,8 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::direct;
 use crate::endpoint::UdpEndpoint;
-use crate::signal::Signaling;
+use crate::signal::{Signaling, Tcp};
 use crate::status::Board;
+use crate::transport::{Transport, best_path};
 use crate::tunnel;
 
 /// What to expose.
@@ -33,6 +34,8 @@ pub struct Expose {
     pub allow: Vec<PublicKey>,
     /// The service is UDP: every stream is a UDP flow ([`crate::udp`]).
     pub udp: bool,
+    /// Which direct paths to punch.
+    pub transport: Transport,
 }
 
 /// How long to wait for the relay to pair us with the reaching peer.
@@ -61,7 +64,11 @@ pub async fn run(
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
         let (mut client, udp) = (registration.client, registration.udp);
-        let direct_from = udp.as_ref().map(|u| (u.endpoint.clone(), u.nat));
+        let direct_from = udp
+            .as_ref()
+            .filter(|_| cfg.transport.udp())
+            .map(|u| (u.endpoint.clone(), u.nat));
+        let tcp = registration.tcp.filter(|_| cfg.transport.tcp());
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -73,7 +80,10 @@ pub async fn run(
                         cfg.clone(),
                         key.clone(),
                         *b,
-                        direct_from.clone(),
+                        Direct {
+                            udp: direct_from.clone(),
+                            tcp: tcp.clone(),
+                        },
                         board.clone(),
                         shutdown.clone(),
                     ));
@@ -88,14 +98,41 @@ pub async fn run(
     }
 }
 
+/// Where direct paths may be punched from.
+struct Direct {
+    udp: Option<(UdpEndpoint, Option<NatInfo>)>,
+    tcp: Option<Arc<Tcp>>,
+}
+
+/// Which direct paths are up, for the board.
+#[derive(Default)]
+struct Up {
+    udp: std::sync::atomic::AtomicBool,
+    tcp: std::sync::atomic::AtomicBool,
+}
+
+impl Up {
+    fn show(&self, board: &Board, peer: &str) {
+        board.set_path(
+            peer,
+            "expose",
+            best_path(
+                self.udp.load(Ordering::Relaxed),
+                self.tcp.load(Ordering::Relaxed),
+            ),
+        );
+    }
+}
+
 async fn session(
     cfg: Arc<Expose>,
     key: Arc<SigningKey>,
     b: Broker,
-    direct_from: Option<(UdpEndpoint, Option<NatInfo>)>,
+    direct: Direct,
     board: Board,
     shutdown: CancellationToken,
 ) {
+    let direct_from = direct.udp;
     let peer = b.peer.clone();
     if !cfg.allow.is_empty() && !cfg.allow.contains(&b.peer_key) {
         warn!(%peer, key = %b.peer_key, "refused: key not in --allow");
@@ -122,7 +159,7 @@ async fn session(
         }
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let t = match tunnel::accept(stream, &key, b.peer_key, tx).await {
+    let t = match tunnel::accept(stream, &key, b.peer_key, tx.clone()).await {
         Ok(t) => t,
         Err(e) => {
             warn!(%peer, error = %e, "tunnel handshake failed");
@@ -131,15 +168,57 @@ async fn session(
     };
     info!(%peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
     board.add(&peer, "expose", "relay", &t);
+    let up = Arc::new(Up::default());
+    if let Some(tcp) = direct.tcp {
+        // Punch TCP beside the relay; the reaching side opens streams on that tunnel as on
+        // the relay's, and they are served from the same queue.
+        let (key, board, b, tx, up) = (
+            key.clone(),
+            board.clone(),
+            b.clone(),
+            tx.clone(),
+            up.clone(),
+        );
+        let closed = t.closed().clone();
+        tokio::spawn(async move {
+            let d = match crate::direct_tcp::establish_tcp(&tcp, &b).await {
+                Ok(d) => d,
+                Err(e) => {
+                    info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
+                    return;
+                }
+            };
+            let tt = match tunnel::accept(d.stream, &key, b.peer_key, tx).await {
+                Ok(tt) => tt,
+                Err(e) => {
+                    info!(peer = %b.peer, error = %e, "tunnel handshake on the punched tcp connection failed");
+                    return;
+                }
+            };
+            info!(peer = %b.peer, session = %b.session, path = "direct-tcp", remote = %d.remote,
+                "direct tcp path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
+            up.tcp.store(true, Ordering::Relaxed);
+            up.show(&board, &b.peer);
+            tokio::select! {
+                _ = closed.cancelled() => {}
+                _ = tt.closed().cancelled() => {
+                    info!(peer = %b.peer, "direct tcp path lost; back to the next best path");
+                }
+            }
+            up.tcp.store(false, Ordering::Relaxed);
+            up.show(&board, &b.peer);
+        });
+    }
     if let Some((endpoint, nat)) = direct_from {
         // Punch beside the relay; streams the other side opens on the direct path are
         // served like those from the relay.
-        let (cfg, key, board, stats, b) = (
+        let (cfg, key, board, stats, b, up) = (
             cfg.clone(),
             key.clone(),
             board.clone(),
             t.stats.clone(),
             b.clone(),
+            up.clone(),
         );
         let closed = t.closed().clone();
         tokio::spawn(async move {
@@ -152,7 +231,8 @@ async fn session(
             };
             info!(peer = %b.peer, session = %b.session, path = "direct-udp",
                 "direct path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
-            board.set_path(&b.peer, "expose", "direct-udp");
+            up.udp.store(true, Ordering::Relaxed);
+            up.show(&board, &b.peer);
             if cfg.udp {
                 tokio::spawn(crate::udp_direct::serve(d.conn.clone(), cfg.target.clone()));
             }
@@ -184,7 +264,8 @@ async fn session(
                 });
             }
             d.conn.close(0u32.into(), b"relay tunnel closed");
-            board.set_path(&b.peer, "expose", "relay");
+            up.udp.store(false, Ordering::Relaxed);
+            up.show(&board, &b.peer);
         });
     }
     loop {

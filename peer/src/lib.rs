@@ -7,6 +7,7 @@
 //! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
 //! - [`tcp_port`]: the one TCP port that signaling, the listener and TCP punching share.
 //! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys.
+//! - [`transport`]: `--transport auto|udp|tcp|relay` and the order paths are preferred in.
 //! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
 //! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
 //! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
@@ -14,6 +15,7 @@
 //! - [`udp_direct`]: UDP flows as QUIC datagrams on the direct path.
 //! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
 //! - [`direct`]: the punch shell and the direct QUIC path it brings up.
+//! - [`direct_tcp`]: the TCP punch shell; the tunnel then runs on the connection it agreed.
 //! - [`endpoint`]: the one UDP socket shared by STUN, punch probes and direct QUIC tunnels.
 //! - [`probe`]: punch probes on the wire, authenticated by the session secret.
 //! - [`punch`]: the UDP punch agent, sans-IO (drive loop in its docs).
@@ -24,6 +26,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod direct;
+pub mod direct_tcp;
 pub mod endpoint;
 pub mod expose;
 pub mod home;
@@ -39,6 +42,7 @@ pub mod status;
 pub mod strategy;
 pub mod tcp_port;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
 pub mod udp;
 pub mod udp_direct;

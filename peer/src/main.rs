@@ -13,6 +13,7 @@ use peer::home::Home;
 use peer::reach::{Reach, Reacher};
 use peer::signal::Signaling;
 use peer::status::{self, Board};
+use peer::transport::Transport;
 use rendezvous::client::{Client, ClientConfig};
 use rendezvous::proto::{Proto, PublicKey, Service};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 ///
 /// Every connection is carried end to end encrypted (TLS 1.3, keys pinned on first
 /// contact in known_peers): through the rendezvous' relay at once, and over a punched
-/// direct UDP path (QUIC) as soon as one works. `peer status` shows which.
+/// direct path as soon as one works: UDP (QUIC) or TCP simultaneous open (TLS + yamux),
+/// chosen by --transport. `peer status` shows which.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -70,6 +72,10 @@ enum Command {
         /// Accept only this peer key (repeat for several) [default: any brokered peer].
         #[arg(long, value_name = "KEY")]
         allow: Vec<String>,
+        /// Which direct paths to punch for reaching peers: auto (UDP and TCP), udp, tcp,
+        /// or relay (none). The relay is always there as the fallback.
+        #[arg(long, value_enum, default_value_t = Transport::Auto)]
+        transport: Transport,
     },
     /// Open a local port that is a named peer's service.
     Reach {
@@ -87,6 +93,11 @@ enum Command {
         /// Our own name at the rendezvous [default: reach-<key prefix>].
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
+        /// Paths for new connections: auto takes direct UDP (QUIC) if punched, else direct
+        /// TCP (simultaneous open) if punched, else the relay; udp or tcp punch only that
+        /// one; relay punches nothing. The relay is always there as the fallback.
+        #[arg(long, value_enum, default_value_t = Transport::Auto)]
+        transport: Transport,
     },
     /// List the peers the rendezvous knows.
     Ls {
@@ -151,6 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             udp,
             to,
             allow,
+            transport,
         } => {
             let allow = allow
                 .iter()
@@ -182,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 target: expose::target(&to, port),
                 allow,
                 udp,
+                transport,
             };
             let board = Board::default();
             tokio::spawn(serve_status(
@@ -197,6 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             local,
             udp,
             as_name,
+            transport,
         } => {
             let me = as_name.unwrap_or_else(|| {
                 format!(
@@ -215,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 service,
                 local,
                 udp,
+                transport,
             };
             let board = Board::default();
             let dir = home.dir().to_owned();

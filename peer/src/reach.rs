@@ -18,8 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::direct::{self, Direct};
 use crate::home::{Home, Pinned};
-use crate::signal::{Signaling, Udp};
+use crate::signal::{Signaling, Tcp, Udp};
 use crate::status::Board;
+use crate::transport::{Transport, best_path};
 use crate::tunnel::{self, Tunnel};
 
 /// What to reach.
@@ -35,6 +36,8 @@ pub struct Reach {
     pub local: Option<SocketAddr>,
     /// Reach a UDP service (datagrams on the local address).
     pub udp: bool,
+    /// Which direct paths to punch.
+    pub transport: Transport,
 }
 
 /// How long to wait for the relay to pair us with the peer.
@@ -65,8 +68,12 @@ struct State {
     tunnel: Mutex<Option<Tunnel>>,
     /// The UDP endpoint punching starts from, while registered with STUN.
     udp: Mutex<Option<Udp>>,
+    /// The shared TCP port punching starts from.
+    tcp: Mutex<Option<Arc<Tcp>>>,
     /// The direct path, while it lives.
     direct: Mutex<Option<Direct>>,
+    /// The tunnel over a punched TCP connection, while it lives.
+    direct_tcp: Mutex<Option<Tunnel>>,
     board: Board,
 }
 
@@ -165,7 +172,9 @@ impl Reacher {
                 client: Mutex::new(Some(client)),
                 tunnel: Mutex::new(None),
                 udp: Mutex::new(registration.udp),
+                tcp: Mutex::new(registration.tcp),
                 direct: Mutex::new(None),
+                direct_tcp: Mutex::new(None),
                 board,
             }),
         })
@@ -242,7 +251,23 @@ impl Reacher {
                             }
                             return;
                         }
-                        Err(e) => warn!(%from, error = %e, "direct path failed; using the relay"),
+                        Err(e) => {
+                            warn!(%from, error = %e, "direct udp path failed; trying the next")
+                        }
+                    }
+                }
+                if let Some(tt) = state.direct_tcp_tunnel().await {
+                    match tt.open().await {
+                        Ok(stream) => {
+                            info!(%from, path = "direct-tcp", "connection via the direct tcp path after {:?}", started.elapsed());
+                            if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
+                                debug!(%from, error = %e, "connection ended with an error");
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            warn!(%from, error = %e, "direct tcp path failed; using the relay")
+                        }
                     }
                 }
                 let stream = match t.open().await {
@@ -281,9 +306,76 @@ impl State {
             .filter(|c| c.close_reason().is_none())
     }
 
-    /// Punches beside the relay; when it works, new connections take the direct path
-    /// until it dies.
+    /// The tunnel over the punched TCP connection, if one is up.
+    async fn direct_tcp_tunnel(&self) -> Option<Tunnel> {
+        self.direct_tcp
+            .lock()
+            .await
+            .clone()
+            .filter(|t| !t.is_closed())
+    }
+
+    /// Shows the path new connections take now.
+    async fn show_path(&self, peer: &str) {
+        let udp = self.direct_conn().await.is_some();
+        let tcp = self.direct_tcp_tunnel().await.is_some();
+        self.board.set_path(peer, "reach", best_path(udp, tcp));
+    }
+
+    /// Punches whatever `--transport` allows beside the relay; each direct path that
+    /// works is taken by new connections until it dies.
     fn start_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
+        if self.cfg.transport.udp() {
+            self.start_udp_punch(b.clone());
+        }
+        if self.cfg.transport.tcp() {
+            self.start_tcp_punch(b);
+        }
+    }
+
+    /// TCP simultaneous open; on the agreed connection the same TLS + yamux tunnel as
+    /// over the relay, we being its client.
+    fn start_tcp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let Some(tcp) = state.tcp.lock().await.clone() else {
+                info!(peer = %b.peer, "no direct tcp: no shared TCP port");
+                return;
+            };
+            let d = match crate::direct_tcp::establish_tcp(&tcp, &b).await {
+                Ok(d) => d,
+                Err(e) => {
+                    info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
+                    return;
+                }
+            };
+            let t = match tunnel::connect(d.stream, &state.key, b.peer_key).await {
+                Ok(t) => t,
+                Err(e) => {
+                    info!(peer = %b.peer, error = %e, "tunnel handshake on the punched tcp connection failed");
+                    return;
+                }
+            };
+            info!(
+                peer = %b.peer,
+                session = %b.session,
+                path = "direct-tcp",
+                remote = %d.remote,
+                "direct tcp path up in {:.0} ms ({}); new connections take it{}",
+                d.elapsed.as_secs_f64() * 1000.0,
+                d.why,
+                if state.direct_conn().await.is_some() { " when the udp path is gone" } else { "" }
+            );
+            let closed = t.closed().clone();
+            *state.direct_tcp.lock().await = Some(t);
+            state.show_path(&b.peer).await;
+            closed.cancelled().await;
+            info!(peer = %b.peer, "direct tcp path lost; new connections take the next best path");
+            state.show_path(&b.peer).await;
+        });
+    }
+
+    fn start_udp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
         let state = self.clone();
         tokio::spawn(async move {
             let (endpoint, nat) = {
@@ -313,10 +405,10 @@ impl State {
             );
             let conn = d.conn.clone();
             *state.direct.lock().await = Some(d);
-            state.board.set_path(&b.peer, "reach", "direct-udp");
+            state.show_path(&b.peer).await;
             let why = conn.closed().await;
-            info!(peer = %b.peer, "direct path lost ({why}); new connections go back to the relay");
-            state.board.set_path(&b.peer, "reach", "relay");
+            info!(peer = %b.peer, "direct udp path lost ({why}); new connections take the next best path");
+            state.show_path(&b.peer).await;
         });
     }
 

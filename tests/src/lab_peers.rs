@@ -30,6 +30,25 @@ pub fn must_relay(a: &str, b: &str) -> bool {
     sym(a) && sym(b) && (a == "symr" || b == "symr")
 }
 
+/// Whether the pair must use the relay when punching TCP: random symmetric with any
+/// symmetric NAT (as for UDP), and random symmetric with a port-restricted cone (TCP has no
+/// birthday mode, and the cone lets in only the port it connected to, which the random
+/// NAT never uses towards it).
+pub fn must_relay_tcp(a: &str, b: &str) -> bool {
+    must_relay(a, b) || matches!((a, b), ("symr", "pr") | ("pr", "symr"))
+}
+
+/// The log lines that end a punch of `transport` on the reaching side: up, or not.
+pub fn verdicts(transport: &str) -> (&'static str, &'static [&'static str]) {
+    match transport {
+        "tcp" => (
+            "direct tcp path up",
+            &["no direct tcp path", "no direct tcp:"],
+        ),
+        _ => ("direct path up", &["staying on the relay", "relay only"]),
+    }
+}
+
 /// A process whose stderr lines arrive on a channel; killed on drop.
 pub struct Proc {
     child: Child,
@@ -193,6 +212,7 @@ pub fn start_expose(
     home: &Path,
     service: u16,
     name: &str,
+    transport: &str,
 ) -> Proc {
     let mut cmd = lab.command(host, peer);
     cmd.arg("--home").arg(home).args([
@@ -202,6 +222,8 @@ pub fn start_expose(
         &service.to_string(),
         "--name",
         name,
+        "--transport",
+        transport,
     ]);
     let mut p = Proc::start(cmd);
     p.wait_for(&["registered"]);
@@ -216,6 +238,7 @@ pub fn start_reach(
     home: &Path,
     name: &str,
     local: SocketAddr,
+    transport: &str,
 ) -> Proc {
     let mut cmd = lab.command(host, peer);
     cmd.arg("--home").arg(home).args([
@@ -225,6 +248,8 @@ pub fn start_reach(
         name,
         "--local",
         &local.to_string(),
+        "--transport",
+        transport,
     ]);
     let mut p = Proc::start(cmd);
     p.wait_for(&["reaching"]);
@@ -234,13 +259,20 @@ pub fn start_reach(
 /// `peer expose` of an echo service on `host_a` as `name`, `peer reach name` on `host_b`;
 /// echoes through it, waits for the punch's verdict, echoes 256 KiB on whichever path new
 /// connections then take. Returns (punched, the verdict line, the status path, reach's log).
-pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) -> PairRun {
+pub fn run_pair(
+    lab: &Lab,
+    peer: &Path,
+    host_a: &str,
+    host_b: &str,
+    name: &str,
+    transport: &str,
+) -> PairRun {
     let (home_a, home_b) = (TempHome::new(), TempHome::new());
     let service = echo_service(lab, host_a);
-    let expose = start_expose(lab, peer, host_a, &home_a.0, service, name);
+    let expose = start_expose(lab, peer, host_a, &home_a.0, service, name, transport);
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
     let started = Instant::now();
-    let mut reach = start_reach(lab, peer, host_b, &home_b.0, name, local);
+    let mut reach = start_reach(lab, peer, host_b, &home_b.0, name, local, transport);
     // The first connection brokers the session: relay at once, punching beside it.
     let mut expose = expose;
     let fail = |e: String, reach: &mut Proc, expose: &mut Proc| PairRun {
@@ -260,8 +292,11 @@ pub fn run_pair(lab: &Lab, peer: &Path, host_a: &str, host_b: &str, name: &str) 
         return fail(e, &mut reach, &mut expose);
     }
     let first_byte = started.elapsed();
-    let outcome = reach.wait_for(&["direct path up", "staying on the relay", "relay only"]);
-    let direct = outcome.contains("direct path up");
+    let (up, down) = verdicts(transport);
+    let mut ends = vec![up];
+    ends.extend_from_slice(down);
+    let outcome = reach.wait_for(&ends);
+    let direct = outcome.contains(up);
     let to_direct = direct.then(|| started.elapsed());
     // Then a bigger exchange, both ways, on whichever path new connections take.
     let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();

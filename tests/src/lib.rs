@@ -16,6 +16,7 @@ use peer::expose::{self, Expose};
 use peer::home::Home;
 use peer::reach::{Reach, Reacher};
 use peer::signal::Signaling;
+pub use peer::transport::Transport;
 use rendezvous::proto::{Proto, PublicKey, Service};
 use rendezvous::server::{Server, ServerConfig, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,19 +117,44 @@ pub fn expose(
     allow: Vec<PublicKey>,
     shutdown: &CancellationToken,
 ) -> PublicKey {
-    expose_proto(server, home, name, service, allow, false, shutdown)
+    expose_proto(
+        server,
+        home,
+        name,
+        service,
+        ExposeOpts {
+            allow,
+            ..ExposeOpts::default()
+        },
+        shutdown,
+    )
 }
 
-/// Like [`expose`], for a UDP service when `udp`.
+/// How [`expose_proto`] exposes.
+#[derive(Debug, Clone, Default)]
+pub struct ExposeOpts {
+    /// Keys allowed in (empty: any).
+    pub allow: Vec<PublicKey>,
+    /// A UDP service.
+    pub udp: bool,
+    /// Which direct paths to punch.
+    pub transport: Transport,
+}
+
+/// Like [`expose`], with options.
 pub fn expose_proto(
     server: &ServerHandle,
     home: &TempHome,
     name: &str,
     service: SocketAddr,
-    allow: Vec<PublicKey>,
-    udp: bool,
+    opts: ExposeOpts,
     shutdown: &CancellationToken,
 ) -> PublicKey {
+    let ExposeOpts {
+        allow,
+        udp,
+        transport,
+    } = opts;
     let key = home.open().key().unwrap();
     let public = PublicKey(key.verifying_key().to_bytes());
     let cfg = Expose {
@@ -145,6 +171,7 @@ pub fn expose_proto(
         target: service.to_string(),
         allow,
         udp,
+        transport,
     };
     let board = serve_status(home, shutdown);
     tokio::spawn(expose::run(cfg, key, board, shutdown.clone()));
@@ -169,7 +196,11 @@ pub async fn reach_proto(
     udp: bool,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, String> {
-    Ok(reach_board(server, home, name, udp, shutdown).await?.0)
+    Ok(
+        reach_board(server, home, name, udp, Transport::Auto, shutdown)
+            .await?
+            .0,
+    )
 }
 
 /// Like [`reach_proto`], also returning the reaching peer's status board.
@@ -178,6 +209,7 @@ pub async fn reach_board(
     home: &TempHome,
     name: &str,
     udp: bool,
+    transport: Transport,
     shutdown: &CancellationToken,
 ) -> Result<(SocketAddr, peer::status::Board), String> {
     let h = home.open();
@@ -193,6 +225,7 @@ pub async fn reach_board(
         service: None,
         local: Some("127.0.0.1:0".parse().unwrap()),
         udp,
+        transport,
     };
     let board = serve_status(home, shutdown);
     let r = Reacher::bind(cfg, h, key, board.clone(), shutdown.clone())

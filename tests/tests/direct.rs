@@ -1,6 +1,7 @@
 //! The direct path on this machine: after the first connection (carried by the relay
 //! while the punch runs), new connections take the punched QUIC path, `peer status`
-//! says `direct-udp`, and a transfer on it does not touch the relay.
+//! says `direct-udp` (or `direct-tcp` with `--transport tcp`), and a transfer on it does not
+//! touch the relay.
 
 use chuantou_tests::*;
 use sha2::{Digest, Sha256};
@@ -46,7 +47,7 @@ async fn new_connections_take_the_punched_path_and_skip_the_relay() {
     let service = echo_service().await;
     expose(&server, &pc, "pc-home", service, vec![], &stop);
     online(&server, "pc-home").await;
-    let (local, board) = reach_board(&server, &phone, "pc-home", false, &stop)
+    let (local, board) = reach_board(&server, &phone, "pc-home", false, Transport::Auto, &stop)
         .await
         .unwrap();
 
@@ -72,14 +73,67 @@ async fn new_connections_take_the_punched_path_and_skip_the_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_transport_tcp_new_connections_take_the_punched_tcp_path() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let service = echo_service().await;
+    expose_proto(
+        &server,
+        &pc,
+        "pc-home",
+        service,
+        ExposeOpts {
+            transport: Transport::Tcp,
+            ..ExposeOpts::default()
+        },
+        &stop,
+    );
+    online(&server, "pc-home").await;
+    let (local, board) = reach_board(&server, &phone, "pc-home", false, Transport::Tcp, &stop)
+        .await
+        .unwrap();
+    assert_eq!(echo(local, b"hello").await, b"hello");
+    within(
+        "the direct tcp path",
+        board.wait_path("pc-home", "direct-tcp"),
+    )
+    .await;
+
+    let before = relay_bytes(&server).await;
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 13 % 251) as u8).collect();
+    let back = within("4 MiB echo", echo(local, &data)).await;
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
+    let after = relay_bytes(&server).await;
+    assert!(
+        after - before < 64 * 1024,
+        "the relay carried {} bytes of a direct transfer",
+        after - before
+    );
+    let status = board.snapshot();
+    assert_eq!(status[0].path, "direct-tcp", "{status:?}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
     let service = udp_echo_service().await;
-    expose_proto(&server, &pc, "game", service, vec![], true, &stop);
+    expose_proto(
+        &server,
+        &pc,
+        "game",
+        service,
+        ExposeOpts {
+            udp: true,
+            ..ExposeOpts::default()
+        },
+        &stop,
+    );
     online(&server, "game").await;
-    let (local, board) = reach_board(&server, &phone, "game", true, &stop)
+    let (local, board) = reach_board(&server, &phone, "game", true, Transport::Auto, &stop)
         .await
         .unwrap();
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

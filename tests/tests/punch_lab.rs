@@ -1,4 +1,4 @@
-//! The NAT-lab matrix for UDP punching: for every ordered pair of NAT kinds, `peer expose`
+//! The NAT-lab matrix for UDP punching (`--transport udp`): for every ordered pair of NAT kinds, `peer expose`
 //! behind one and `peer reach` behind the other (real processes, real kernel NATs), data
 //! flows both ways through `reach`, and the path is the one the pair must get: direct for
 //! every pair except random symmetric with any symmetric NAT, which use the relay.
@@ -26,7 +26,7 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
         for (j, (b, _)) in KINDS.iter().enumerate() {
             let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
             let name = format!("pc{i}{j}");
-            let run = run_pair(&lab, &peer, &host_a, &host_b, &name);
+            let run = run_pair(&lab, &peer, &host_a, &host_b, &name, "udp");
             if let Some(e) = run.error {
                 panic!("{e}\n--- rendezvous and relay:\n{}", server.finish());
             }
@@ -58,7 +58,7 @@ fn two_peers_behind_one_nat_without_hairpin_connect_over_the_lan() {
     };
     let peer = workspace_bin("peer");
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
-    let run = run_pair(&lab, &peer, "home-1", "home-2", "pc");
+    let run = run_pair(&lab, &peer, "home-1", "home-2", "pc", "udp");
     assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
     let (direct, outcome, path, log) = (run.direct, run.outcome, run.path, run.log);
     assert!(direct && path == "direct-udp", "{outcome}\n{log}");
@@ -82,9 +82,9 @@ fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
     let (home_a, home_b) = (TempHome::new(), TempHome::new());
     let service = echo_service(&lab, "a-1");
-    let expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc");
+    let expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc", "udp");
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
-    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local);
+    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local, "udp");
     echo(&lab, "b-1", local, b"first");
     reach.wait_for(&["direct path up"]);
     echo(&lab, "b-1", local, b"direct");
@@ -98,7 +98,7 @@ fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
          policy accept;\n    meta l4proto udp drop\n  }\n}\n",
     )
     .unwrap();
-    reach.wait_for(&["direct path lost"]);
+    reach.wait_for(&["direct udp path lost"]);
     echo(&lab, "b-1", local, b"after");
     let line = reach.wait_for(&["connection via the"]);
     assert!(line.contains("via the relay"), "{line}");

@@ -11,7 +11,17 @@ async fn udp_echo_keeps_datagram_boundaries_per_flow() {
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
     let echo = udp_echo_service().await;
-    expose_proto(&server, &pc, "dns-ish", echo, vec![], true, &stop);
+    expose_proto(
+        &server,
+        &pc,
+        "dns-ish",
+        echo,
+        ExposeOpts {
+            udp: true,
+            ..ExposeOpts::default()
+        },
+        &stop,
+    );
     online(&server, "dns-ish").await;
     let local = reach_proto(&server, &phone, "dns-ish", true, &stop)
         .await

@@ -1,11 +1,12 @@
 //! `punchbench`: per NAT pair, over N runs in the NAT lab, the time from starting
 //! `peer reach` to the first byte (through the relay, at once) and to the direct path,
-//! and how often the direct path comes up. Run through `scripts/bench/punch` (root).
+//! and how often the direct path comes up, for UDP or TCP punching (`--transport`). Run
+//! through `scripts/bench/punch` (root).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chuantou_tests::lab_peers::{KINDS, must_relay, run_pair, start_rendezvous};
+use chuantou_tests::lab_peers::{KINDS, must_relay, must_relay_tcp, run_pair, start_rendezvous};
 use chuantou_tests::natlab::{Lab, Router, Spec};
 use clap::Parser;
 
@@ -24,6 +25,9 @@ struct Cli {
         default_value = "pr:pr,fc:pr,ar:pr,pub:pr,pr:syms,syms:syms,pr:symr,symr:pr,symr:symr"
     )]
     pairs: String,
+    /// What to punch: udp (QUIC) or tcp (simultaneous open).
+    #[arg(long, default_value = "udp", value_parser = ["udp", "tcp"])]
+    transport: String,
 }
 
 fn pct(v: &mut [Duration], p: f64) -> String {
@@ -81,7 +85,8 @@ fn main() -> anyhow::Result<()> {
                 &peer,
                 &format!("{a}x-1"),
                 &format!("{b}y-1"),
-                &format!("b{a}{b}{r}"),
+                &format!("b{}{a}{b}{r}", cli.transport),
+                &cli.transport,
             );
             if let Some(e) = run.error {
                 anyhow::bail!("{e}");
@@ -93,8 +98,14 @@ fn main() -> anyhow::Result<()> {
         }
         let rate = direct.len() as f64 / cli.runs as f64;
         let cone = |k: &str| matches!(k, "pub" | "fc" | "ar" | "pr");
-        let birthday = (a == "pr" && b == "symr") || (a == "symr" && b == "pr");
-        let goal = if must_relay(a, b) {
+        let tcp = cli.transport == "tcp";
+        let birthday = !tcp && ((a == "pr" && b == "symr") || (a == "symr" && b == "pr"));
+        let relay = if tcp {
+            must_relay_tcp(a, b)
+        } else {
+            must_relay(a, b)
+        };
+        let goal = if relay {
             format!(
                 "relay expected: {}",
                 if direct.is_empty() { "ok" } else { "DIRECT?" }
