@@ -52,10 +52,13 @@ pub async fn establish_tcp(
     b: &Broker,
 ) -> Result<TcpDirect, DirectError> {
     let started = Instant::now();
+    // Both sides open their relay connection (a TCP mapping of its own) before punching.
+    let between = i32::from(b.relay.is_some());
     let strategy = plan_tcp(
         &profile(tcp.nat),
         &profile(b.candidates.tcp_nat),
         b.candidates.tcp,
+        between,
     );
     let (remote, why) = match strategy {
         Strategy::Direct { remote, why, .. } => (remote, why),

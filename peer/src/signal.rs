@@ -220,7 +220,7 @@ impl Signaling {
                             }
                         }
                         Ok(None) => {
-                            warn!(%stun, "no STUN answer over UDP: only the relay will work")
+                            warn!(%stun, "no STUN answer over UDP: no direct UDP path (TCP and the relay remain)")
                         }
                         Err(e) => warn!(%stun, error = %e, "measuring the NAT failed"),
                     }

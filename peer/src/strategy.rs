@@ -96,7 +96,7 @@ pub fn plan(
     let mut remote = Vec::new();
     if let Some(obs) = peer_observed {
         // The k-th new mapping of the peer lands k·delta past the observed port.
-        remote = predicted(peer, obs);
+        remote = predicted(peer, obs, 0);
         remote.push(obs);
     }
     // LAN candidates last: they matter only when both sit behind the same NAT, and on a
@@ -142,7 +142,17 @@ pub fn plan(
 /// TCP has no birthday mode, so a random symmetric NAT facing another symmetric one goes
 /// to the relay; facing a cone it is tried, and works where that cone does not filter by
 /// port (full cone, address-restricted) — filtering is not measured, so it is tried.
-pub fn plan_tcp(me: &NatProfile, peer: &NatProfile, peer_observed: Option<SocketAddr>) -> Strategy {
+///
+/// `peer_between` is how many TCP mappings the other side makes between its observed one
+/// and its first punch connect: 1 when the session has a relay, whose connection both
+/// sides open before punching. Past a sequential NAT those mappings take the ports next in
+/// line, so prediction starts after them (and tries them last).
+pub fn plan_tcp(
+    me: &NatProfile,
+    peer: &NatProfile,
+    peer_observed: Option<SocketAddr>,
+    peer_between: i32,
+) -> Strategy {
     let pair = format!("{} ↔ {}", name(me), name(peer));
     let Some(obs) = peer_observed else {
         return Strategy::Relay {
@@ -155,7 +165,15 @@ pub fn plan_tcp(me: &NatProfile, peer: &NatProfile, peer_observed: Option<Socket
     {
         return Strategy::Relay { why: pair };
     }
-    let mut remote = predicted(peer, obs);
+    let mut remote = predicted(peer, obs, peer_between);
+    for a in predicted(peer, obs, 0)
+        .into_iter()
+        .take(usize::try_from(peer_between).unwrap_or(0))
+    {
+        if !remote.contains(&a) {
+            remote.push(a);
+        }
+    }
     remote.push(obs);
     let why = if peer.sequential() || me.sequential() {
         format!("port prediction ({pair})")
@@ -170,11 +188,11 @@ pub fn plan_tcp(me: &NatProfile, peer: &NatProfile, peer_observed: Option<Socket
     }
 }
 
-/// The ports a sequential NAT will hand out next, past `obs`.
-fn predicted(peer: &NatProfile, obs: SocketAddr) -> Vec<SocketAddr> {
+/// The ports a sequential NAT will hand out next, past `obs` and `skip` more mappings.
+fn predicted(peer: &NatProfile, obs: SocketAddr, skip: i32) -> Vec<SocketAddr> {
     let mut v = Vec::new();
     if let (true, Some(d)) = (peer.sequential(), peer.delta) {
-        for k in 1..=PREDICTED_PORTS {
+        for k in (1 + skip)..=(PREDICTED_PORTS + skip) {
             if let Ok(port) = u16::try_from(i32::from(obs.port()) + k * d)
                 && port >= 1024
             {
@@ -195,22 +213,32 @@ mod tests {
         let seq = p(NatType::Symmetric, Allocation::Sequential, Some(2));
         let random = p(NatType::Symmetric, Allocation::Random, None);
         let obs: SocketAddr = "198.18.1.6:20010".parse().unwrap();
-        let Strategy::Direct { remote, why, .. } = plan_tcp(&cone, &seq, Some(obs)) else {
+        let Strategy::Direct { remote, why, .. } = plan_tcp(&cone, &seq, Some(obs), 0) else {
             panic!("cone ↔ sequential punches");
         };
         assert_eq!(remote.len(), PREDICTED_PORTS as usize + 1);
         assert_eq!((remote[0].port(), remote[1].port()), (20012, 20014));
         assert_eq!(remote.last(), Some(&obs));
         assert!(why.starts_with("port prediction"), "{why}");
-        let Strategy::Direct { remote, .. } = plan_tcp(&random, &cone, Some(obs)) else {
+        // The peer's relay connection takes 20012 first: prediction starts after it.
+        let Strategy::Direct { remote, .. } = plan_tcp(&cone, &seq, Some(obs), 1) else {
+            panic!("cone ↔ sequential punches");
+        };
+        let ports: Vec<u16> = remote.iter().map(|a| a.port()).collect();
+        assert_eq!(ports[..2], [20014, 20016]);
+        assert_eq!(ports[ports.len() - 2..], [20012, 20010]);
+        let Strategy::Direct { remote, .. } = plan_tcp(&random, &cone, Some(obs), 1) else {
             panic!("random ↔ cone is worth a try");
         };
         assert_eq!(remote, [obs]);
         for (a, b) in [(&random, &seq), (&seq, &random), (&random, &random)] {
-            assert!(matches!(plan_tcp(a, b, Some(obs)), Strategy::Relay { .. }));
+            assert!(matches!(
+                plan_tcp(a, b, Some(obs), 0),
+                Strategy::Relay { .. }
+            ));
         }
         assert!(matches!(
-            plan_tcp(&cone, &cone, None),
+            plan_tcp(&cone, &cone, None, 0),
             Strategy::Relay { .. }
         ));
     }

@@ -1,0 +1,104 @@
+//! The NAT-lab matrix for TCP simultaneous open (`--transport tcp`): for every ordered pair
+//! of NAT kinds, `peer expose` behind one and `peer reach` behind the other, data both ways
+//! through `reach`, and the path each pair must get: direct TCP except where the NATs make
+//! it hopeless (random symmetric with any symmetric NAT or with a port-restricted cone),
+//! which use the relay. And with UDP dropped at one NAT, `--transport auto` ends on direct
+//! TCP.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use chuantou_tests::TempHome;
+use chuantou_tests::lab_peers::{
+    KINDS, echo, echo_service, must_relay_tcp, run_pair, start_expose, start_reach,
+    start_rendezvous, status_path,
+};
+use chuantou_tests::natlab::Lab;
+use chuantou_tests::workspace_bin;
+
+#[test]
+fn every_pair_of_nat_kinds_connects_over_direct_tcp_or_through_the_relay() {
+    let routers: Vec<String> = KINDS
+        .iter()
+        .flat_map(|(s, k)| [format!("{s}x={k}"), format!("{s}y={k}")])
+        .collect();
+    let refs: Vec<&str> = routers.iter().map(String::as_str).collect();
+    let Some(lab) = Lab::for_test(&refs) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let mut server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+
+    let mut table = Vec::new();
+    let mut failures = Vec::new();
+    for (i, (a, _)) in KINDS.iter().enumerate() {
+        for (j, (b, _)) in KINDS.iter().enumerate() {
+            let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
+            let run = run_pair(&lab, &peer, &host_a, &host_b, &format!("tc{i}{j}"), "tcp");
+            if let Some(e) = run.error {
+                panic!("{e}\n--- rendezvous and relay:\n{}", server.finish());
+            }
+            let want = if must_relay_tcp(a, b) {
+                "relay"
+            } else {
+                "direct-tcp"
+            };
+            let ms = run
+                .outcome
+                .split("direct tcp path up in ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .unwrap_or("-");
+            table.push(format!("{a:>5} -> {b:<5} {:<11} {ms:>6} ms", run.path));
+            if run.direct != (want == "direct-tcp") || run.path != want {
+                failures.push(format!(
+                    "{a} -> {b}: got {} ({}), want {want}\n{}",
+                    run.path, run.outcome, run.log
+                ));
+            }
+        }
+    }
+    println!("{}", table.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn with_udp_dropped_at_one_nat_auto_ends_on_direct_tcp() {
+    let Some(lab) = Lab::for_test(&["a=port-restricted", "b=port-restricted"]) else {
+        return;
+    };
+    // Router a forwards no UDP at all, from the start.
+    lab.nft(
+        "a",
+        "table ip noudp {\n  chain f { type filter hook forward priority filter - 10; \
+         policy accept;\n    meta l4proto udp drop\n  }\n}\n",
+    )
+    .unwrap();
+    let peer = workspace_bin("peer");
+    let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(&lab, "a-1");
+    let mut expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc", "auto");
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local, "auto");
+    echo(&lab, "b-1", local, b"first");
+    let up = reach.wait_for(&["direct tcp path up", "no direct tcp path"]);
+    assert!(up.contains("direct tcp path up"), "{up}\n{}", reach.log());
+    let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 253) as u8).collect();
+    echo(&lab, "b-1", local, &data);
+    let line = reach.wait_for(&["connection via the"]);
+    let line = if line.contains("direct tcp") {
+        line
+    } else {
+        // The first connection went through the relay before the punch was done.
+        reach.wait_for(&["connection via the"])
+    };
+    assert!(
+        line.contains("path=\"direct-tcp\""),
+        "{line}\n{}",
+        reach.log()
+    );
+    assert_eq!(status_path(&peer, &home_b.0), "direct-tcp");
+    // The UDP side never had a chance: the exposing peer saw no STUN answer over UDP.
+    let log = expose.finish();
+    assert!(log.contains("no STUN answer over UDP"), "{log}");
+}
