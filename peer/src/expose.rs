@@ -5,12 +5,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::ClientEvent;
-use rendezvous::proto::{Broker, NatInfo, PublicKey};
+use rendezvous::proto::{Broker, NatInfo, PublicKey, RelayOffer};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ use crate::endpoint::UdpEndpoint;
 use crate::signal::{Signaling, Tcp};
 use crate::status::Board;
 use crate::transport::{Transport, best_path};
-use crate::tunnel;
+use crate::tunnel::{self, TunnelStats, TunnelStream};
 
 /// What to expose.
 #[derive(Debug, Clone)]
@@ -36,6 +36,8 @@ pub struct Expose {
     pub udp: bool,
     /// Which direct paths to punch.
     pub transport: Transport,
+    /// Never join the relay: sessions live on direct paths only.
+    pub no_relay: bool,
 }
 
 /// How long to wait for the relay to pair us with the reaching peer.
@@ -104,26 +106,44 @@ struct Direct {
     tcp: Option<Arc<Tcp>>,
 }
 
-/// Which direct paths are up, for the board.
+/// Which paths are up, for the board.
 #[derive(Default)]
 struct Up {
-    udp: std::sync::atomic::AtomicBool,
-    tcp: std::sync::atomic::AtomicBool,
+    relay: AtomicBool,
+    udp: AtomicBool,
+    tcp: AtomicBool,
 }
 
 impl Up {
-    fn show(&self, board: &Board, peer: &str) {
+    fn set(&self, which: &AtomicBool, on: bool, board: &Board, peer: &str) {
+        which.store(on, Ordering::Relaxed);
         board.set_path(
             peer,
             "expose",
             best_path(
                 self.udp.load(Ordering::Relaxed),
                 self.tcp.load(Ordering::Relaxed),
+                self.relay.load(Ordering::Relaxed),
             ),
         );
     }
 }
 
+/// What every path task of one session shares.
+#[derive(Clone)]
+struct Ctx {
+    cfg: Arc<Expose>,
+    key: Arc<SigningKey>,
+    b: Arc<Broker>,
+    board: Board,
+    up: Arc<Up>,
+    stats: Arc<TunnelStats>,
+    /// Streams the other side opens in a TLS + yamux tunnel (relay or direct TCP).
+    streams: mpsc::UnboundedSender<TunnelStream>,
+}
+
+/// Serves one brokered session: the relay tunnel (unless `--no-relay`) and the direct paths
+/// punched beside it, each a task; the session lasts while any of them does.
 async fn session(
     cfg: Arc<Expose>,
     key: Arc<SigningKey>,
@@ -132,7 +152,6 @@ async fn session(
     board: Board,
     shutdown: CancellationToken,
 ) {
-    let direct_from = direct.udp;
     let peer = b.peer.clone();
     if !cfg.allow.is_empty() && !cfg.allow.contains(&b.peer_key) {
         warn!(%peer, key = %b.peer_key, "refused: key not in --allow");
@@ -147,135 +166,47 @@ async fn session(
         }
         return;
     }
-    let Some(offer) = b.relay.clone() else {
-        warn!(%peer, "session without a relay offer: this version needs the relay beside the direct path");
-        return;
-    };
-    let stream = match relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(%peer, error = %e, "could not join the relay");
-            return;
-        }
-    };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let t = match tunnel::accept(stream, &key, b.peer_key, tx.clone()).await {
-        Ok(t) => t,
-        Err(e) => {
-            warn!(%peer, error = %e, "tunnel handshake failed");
-            return;
-        }
+    let ctx = Ctx {
+        cfg: cfg.clone(),
+        key,
+        b: Arc::new(b),
+        board: board.clone(),
+        up: Arc::default(),
+        stats: Arc::default(),
+        streams: tx,
     };
-    info!(%peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
-    board.add(&peer, "expose", "relay", &t);
-    let up = Arc::new(Up::default());
+    let ended = CancellationToken::new();
+    // On the board before any path can come up and set its name.
+    board.add_parts(&peer, "expose", "none", &ctx.stats, &ended);
+    let mut paths = tokio::task::JoinSet::new();
+    if cfg.no_relay {
+        info!(%peer, "not joining the relay (--no-relay)");
+    } else if let Some(offer) = ctx.b.relay.clone() {
+        paths.spawn(relay_path(ctx.clone(), offer));
+    } else {
+        info!(%peer, "the rendezvous offered no relay; direct paths only");
+    }
     if let Some(tcp) = direct.tcp {
-        // Punch TCP beside the relay; the reaching side opens streams on that tunnel as on
-        // the relay's, and they are served from the same queue.
-        let (key, board, b, tx, up) = (
-            key.clone(),
-            board.clone(),
-            b.clone(),
-            tx.clone(),
-            up.clone(),
-        );
-        let closed = t.closed().clone();
-        tokio::spawn(async move {
-            let d = match crate::direct_tcp::establish_tcp(&tcp, &b).await {
-                Ok(d) => d,
-                Err(e) => {
-                    info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
-                    return;
-                }
-            };
-            let tt = match tunnel::accept(d.stream, &key, b.peer_key, tx).await {
-                Ok(tt) => tt,
-                Err(e) => {
-                    info!(peer = %b.peer, error = %e, "tunnel handshake on the punched tcp connection failed");
-                    return;
-                }
-            };
-            info!(peer = %b.peer, session = %b.session, path = "direct-tcp", remote = %d.remote,
-                "direct tcp path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
-            up.tcp.store(true, Ordering::Relaxed);
-            up.show(&board, &b.peer);
-            tokio::select! {
-                _ = closed.cancelled() => {}
-                _ = tt.closed().cancelled() => {
-                    info!(peer = %b.peer, "direct tcp path lost; back to the next best path");
-                }
-            }
-            up.tcp.store(false, Ordering::Relaxed);
-            up.show(&board, &b.peer);
-        });
+        paths.spawn(tcp_path(ctx.clone(), tcp));
     }
-    if let Some((endpoint, nat)) = direct_from {
-        // Punch beside the relay; streams the other side opens on the direct path are
-        // served like those from the relay.
-        let (cfg, key, board, stats, b, up) = (
-            cfg.clone(),
-            key.clone(),
-            board.clone(),
-            t.stats.clone(),
-            b.clone(),
-            up.clone(),
-        );
-        let closed = t.closed().clone();
-        tokio::spawn(async move {
-            let d = match direct::establish(&endpoint, nat, &b, &key).await {
-                Ok(d) => d,
-                Err(e) => {
-                    info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
-                    return;
-                }
-            };
-            info!(peer = %b.peer, session = %b.session, path = "direct-udp",
-                "direct path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
-            up.udp.store(true, Ordering::Relaxed);
-            up.show(&board, &b.peer);
-            if cfg.udp {
-                tokio::spawn(crate::udp_direct::serve(d.conn.clone(), cfg.target.clone()));
-            }
-            loop {
-                let (send, recv) = tokio::select! {
-                    _ = closed.cancelled() => break,
-                    r = d.conn.accept_bi() => match r {
-                        Ok(s) => s,
-                        Err(e) => {
-                            info!(peer = %b.peer, "direct path lost ({e}); back to the relay");
-                            break;
-                        }
-                    },
-                };
-                let (target, stats, peer) = (cfg.target.clone(), stats.clone(), b.peer.clone());
-                tokio::spawn(async move {
-                    match TcpStream::connect(&target).await {
-                        Ok(local) => {
-                            let _ = local.set_nodelay(true);
-                            let stream = tokio::io::join(recv, send);
-                            if let Err(e) = tunnel::splice(local, stream, &stats).await {
-                                debug!(%peer, error = %e, "connection ended with an error");
-                            }
-                        }
-                        Err(e) => {
-                            warn!(%peer, %target, error = %e, "cannot reach the exposed service")
-                        }
-                    }
-                });
-            }
-            d.conn.close(0u32.into(), b"relay tunnel closed");
-            up.udp.store(false, Ordering::Relaxed);
-            up.show(&board, &b.peer);
-        });
+    if let Some((endpoint, nat)) = direct.udp {
+        paths.spawn(udp_path(ctx.clone(), endpoint, nat));
     }
+    let stats = ctx.stats.clone();
+    let session_id = ctx.b.session;
+    drop(ctx);
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = t.closed().cancelled() => break,
+            done = paths.join_next() => match done {
+                Some(_) => continue,
+                None => break,
+            },
             s = rx.recv() => match s { Some(s) => s, None => break },
         };
         let target = cfg.target.clone();
-        let stats = t.stats.clone();
+        let stats = stats.clone();
         let peer = peer.clone();
         if cfg.udp {
             tokio::spawn(async move {
@@ -285,25 +216,112 @@ async fn session(
             });
             continue;
         }
-        tokio::spawn(async move {
-            match TcpStream::connect(&target).await {
-                Ok(local) => {
-                    let _ = local.set_nodelay(true);
-                    if let Err(e) = tunnel::splice(local, stream, &stats).await {
-                        debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                Err(e) => warn!(%peer, %target, error = %e, "cannot reach the exposed service"),
-            }
-        });
+        tokio::spawn(serve_stream(stream, target, stats, peer));
     }
+    ended.cancel();
+    paths.abort_all();
     info!(
         %peer,
-        session = %b.session,
-        sent = t.stats.bytes_out.load(Ordering::Relaxed),
-        received = t.stats.bytes_in.load(Ordering::Relaxed),
-        "tunnel closed"
+        session = %session_id,
+        sent = stats.bytes_out.load(Ordering::Relaxed),
+        received = stats.bytes_in.load(Ordering::Relaxed),
+        "session closed"
     );
+}
+
+/// Connects one stream to the local service.
+async fn serve_stream<S>(stream: S, target: String, stats: Arc<TunnelStats>, peer: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match TcpStream::connect(&target).await {
+        Ok(local) => {
+            let _ = local.set_nodelay(true);
+            if let Err(e) = tunnel::splice(local, stream, &stats).await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        Err(e) => warn!(%peer, %target, error = %e, "cannot reach the exposed service"),
+    }
+}
+
+/// The relay tunnel, until it closes.
+async fn relay_path(ctx: Ctx, offer: RelayOffer) {
+    let b = &ctx.b;
+    let stream = match relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
+            return warn!(peer = %b.peer, error = %e, "could not join the relay");
+        }
+    };
+    let t = match tunnel::accept(stream, &ctx.key, b.peer_key, ctx.streams.clone()).await {
+        Ok(t) => t,
+        Err(e) => return warn!(peer = %b.peer, error = %e, "tunnel handshake failed"),
+    };
+    info!(peer = %b.peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
+    ctx.up.set(&ctx.up.relay, true, &ctx.board, &b.peer);
+    t.closed().cancelled().await;
+    info!(peer = %b.peer, session = %b.session, "relay tunnel closed");
+    ctx.up.set(&ctx.up.relay, false, &ctx.board, &b.peer);
+}
+
+/// TCP simultaneous open, then the same TLS + yamux tunnel as over the relay; the reaching
+/// side opens streams on it, served from the same queue.
+async fn tcp_path(ctx: Ctx, tcp: Arc<Tcp>) {
+    let b = &ctx.b;
+    let d = match crate::direct_tcp::establish_tcp(&tcp, b).await {
+        Ok(d) => d,
+        Err(e) => return info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}"),
+    };
+    let tt = match tunnel::accept(d.stream, &ctx.key, b.peer_key, ctx.streams.clone()).await {
+        Ok(tt) => tt,
+        Err(e) => {
+            return info!(peer = %b.peer, error = %e,
+                "tunnel handshake on the punched tcp connection failed");
+        }
+    };
+    info!(peer = %b.peer, session = %b.session, path = "direct-tcp", remote = %d.remote,
+        "direct tcp path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
+    ctx.up.set(&ctx.up.tcp, true, &ctx.board, &b.peer);
+    tt.closed().cancelled().await;
+    info!(peer = %b.peer, "direct tcp path lost");
+    ctx.up.set(&ctx.up.tcp, false, &ctx.board, &b.peer);
+}
+
+/// UDP punching and QUIC; streams the other side opens on it are served like the others.
+async fn udp_path(ctx: Ctx, endpoint: UdpEndpoint, nat: Option<NatInfo>) {
+    let b = &ctx.b;
+    let d = match direct::establish(&endpoint, nat, b, &ctx.key).await {
+        Ok(d) => d,
+        Err(e) => {
+            return info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
+        }
+    };
+    info!(peer = %b.peer, session = %b.session, path = "direct-udp",
+        "direct path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
+    ctx.up.set(&ctx.up.udp, true, &ctx.board, &b.peer);
+    if ctx.cfg.udp {
+        tokio::spawn(crate::udp_direct::serve(
+            d.conn.clone(),
+            ctx.cfg.target.clone(),
+        ));
+    }
+    loop {
+        let (send, recv) = match d.conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(peer = %b.peer, "direct udp path lost ({e})");
+                break;
+            }
+        };
+        tokio::spawn(serve_stream(
+            tokio::io::join(recv, send),
+            ctx.cfg.target.clone(),
+            ctx.stats.clone(),
+            b.peer.clone(),
+        ));
+    }
+    ctx.up.set(&ctx.up.udp, false, &ctx.board, &b.peer);
 }
 
 /// The address `--to HOST` and the port make.

@@ -73,9 +73,13 @@ enum Command {
         #[arg(long, value_name = "KEY")]
         allow: Vec<String>,
         /// Which direct paths to punch for reaching peers: auto (UDP and TCP), udp, tcp,
-        /// or relay (none). The relay is always there as the fallback.
+        /// or relay (none). The relay is the fallback unless --no-relay.
         #[arg(long, value_enum, default_value_t = Transport::Auto)]
         transport: Transport,
+        /// Never use the relay: sessions live on punched paths only (and reaching peers
+        /// whose NATs allow none get nothing).
+        #[arg(long)]
+        no_relay: bool,
     },
     /// Open a local port that is a named peer's service.
     Reach {
@@ -95,9 +99,13 @@ enum Command {
         as_name: Option<String>,
         /// Paths for new connections: auto takes direct UDP (QUIC) if punched, else direct
         /// TCP (simultaneous open) if punched, else the relay; udp or tcp punch only that
-        /// one; relay punches nothing. The relay is always there as the fallback.
+        /// one; relay punches nothing. The relay is the fallback unless --no-relay.
         #[arg(long, value_enum, default_value_t = Transport::Auto)]
         transport: Transport,
+        /// Never use the relay: connections wait for a punched path (up to ~10 s) and are
+        /// closed when none works.
+        #[arg(long)]
+        no_relay: bool,
     },
     /// List the peers the rendezvous knows.
     Ls {
@@ -163,7 +171,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             allow,
             transport,
+            no_relay,
         } => {
+            if no_relay && transport == Transport::Relay {
+                anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
+            }
             let allow = allow
                 .iter()
                 .map(|k| {
@@ -195,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 allow,
                 udp,
                 transport,
+                no_relay,
             };
             let board = Board::default();
             tokio::spawn(serve_status(
@@ -211,7 +224,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             udp,
             as_name,
             transport,
+            no_relay,
         } => {
+            if no_relay && transport == Transport::Relay {
+                anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
+            }
             let me = as_name.unwrap_or_else(|| {
                 format!(
                     "reach-{}",
@@ -230,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 local,
                 udp,
                 transport,
+                no_relay,
             };
             let board = Board::default();
             let dir = home.dir().to_owned();

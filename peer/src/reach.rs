@@ -38,6 +38,34 @@ pub struct Reach {
     pub udp: bool,
     /// Which direct paths to punch.
     pub transport: Transport,
+    /// Never use the relay: connections wait for a direct path, and fail without one.
+    pub no_relay: bool,
+}
+
+/// One brokered session: the relay tunnel (unless `--no-relay`) and the counters every
+/// connection of the session adds to, whatever path carries it. It is over when the relay
+/// tunnel closes, or, without a relay, when every punch has failed or its path died.
+#[derive(Debug, Clone)]
+struct Session {
+    relay: Option<Tunnel>,
+    stats: Arc<crate::tunnel::TunnelStats>,
+    closed: CancellationToken,
+}
+
+/// Held by each punch task of a session without a relay; the last one dropped ends it.
+struct PathGuard {
+    left: Arc<std::sync::atomic::AtomicUsize>,
+    closed: CancellationToken,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.closed.cancel();
+        }
+        self.changed.notify_waiters();
+    }
 }
 
 /// How long to wait for the relay to pair us with the peer.
@@ -65,7 +93,9 @@ struct State {
     service: ServiceRef,
     shutdown: CancellationToken,
     client: Mutex<Option<Client>>,
-    tunnel: Mutex<Option<Tunnel>>,
+    session: Mutex<Option<Session>>,
+    /// Woken when a direct path comes up or goes.
+    path_changed: Arc<tokio::sync::Notify>,
     /// The UDP endpoint punching starts from, while registered with STUN.
     udp: Mutex<Option<Udp>>,
     /// The shared TCP port punching starts from.
@@ -170,7 +200,8 @@ impl Reacher {
                 service,
                 shutdown,
                 client: Mutex::new(Some(client)),
-                tunnel: Mutex::new(None),
+                session: Mutex::new(None),
+                path_changed: Arc::default(),
                 udp: Mutex::new(registration.udp),
                 tcp: Mutex::new(registration.tcp),
                 direct: Mutex::new(None),
@@ -185,16 +216,6 @@ impl Reacher {
         self.local.addr()
     }
 
-    /// The current tunnel's counters and whether one is up, for status.
-    pub async fn tunnel(&self) -> Option<Tunnel> {
-        self.state
-            .tunnel
-            .lock()
-            .await
-            .clone()
-            .filter(|t| !t.is_closed())
-    }
-
     /// Serves local connections (or UDP flows) until shutdown.
     pub async fn run(self) -> anyhow::Result<()> {
         let listener = match self.local {
@@ -204,14 +225,24 @@ impl Reacher {
                 let open = move || {
                     let state = state.clone();
                     async move {
-                        let t = match state.tunnel().await {
-                            Ok(t) => t,
+                        let s = match state.session().await {
+                            Ok(s) => s,
                             Err(e) => {
                                 warn!(error = %format!("{e:#}"), "no tunnel to {}", state.cfg.target);
                                 return None;
                             }
                         };
-                        t.open().await.ok()
+                        // A flow too big for a QUIC datagram, or no UDP path: a stream on
+                        // the direct TCP tunnel, else on the relay's.
+                        if s.relay.is_none() {
+                            state.wait_direct(&s).await;
+                        }
+                        if let Some(tt) = state.direct_tcp_tunnel().await
+                            && let Ok(stream) = tt.open().await
+                        {
+                            return Some(stream);
+                        }
+                        s.relay.as_ref()?.open().await.ok()
                     }
                 };
                 let state = self.state.clone();
@@ -234,19 +265,24 @@ impl Reacher {
             let state = self.state.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
-                let t = match state.tunnel().await {
-                    Ok(t) => t,
+                let s = match state.session().await {
+                    Ok(s) => s,
                     Err(e) => {
                         warn!(%from, error = %format!("{e:#}"), "no tunnel to {}", state.cfg.target);
                         return;
                     }
                 };
+                if s.relay.is_none() && !state.wait_direct(&s).await {
+                    warn!(%from, "no direct path to {} and --no-relay: connection closed", state.cfg.target);
+                    return;
+                }
+                let stats = s.stats.clone();
                 if let Some(conn) = state.direct_conn().await {
                     match conn.open_bi().await {
                         Ok((send, recv)) => {
                             info!(%from, path = "direct-udp", "connection via the direct path after {:?}", started.elapsed());
                             let stream = tokio::io::join(recv, send);
-                            if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
+                            if let Err(e) = tunnel::splice(local, stream, &stats).await {
                                 debug!(%from, error = %e, "connection ended with an error");
                             }
                             return;
@@ -260,7 +296,7 @@ impl Reacher {
                     match tt.open().await {
                         Ok(stream) => {
                             info!(%from, path = "direct-tcp", "connection via the direct tcp path after {:?}", started.elapsed());
-                            if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
+                            if let Err(e) = tunnel::splice(local, stream, &stats).await {
                                 debug!(%from, error = %e, "connection ended with an error");
                             }
                             return;
@@ -270,6 +306,10 @@ impl Reacher {
                         }
                     }
                 }
+                let Some(t) = s.relay.as_ref() else {
+                    warn!(%from, "the direct paths to {} failed and --no-relay: connection closed", state.cfg.target);
+                    return;
+                };
                 let stream = match t.open().await {
                     Ok(s) => s,
                     Err(e) => {
@@ -278,7 +318,7 @@ impl Reacher {
                     }
                 };
                 info!(%from, path = "relay", "connection via the relay after {:?}", started.elapsed());
-                if let Err(e) = tunnel::splice(local, stream, &t.stats).await {
+                if let Err(e) = tunnel::splice(local, stream, &stats).await {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
             });
@@ -315,29 +355,62 @@ impl State {
             .filter(|t| !t.is_closed())
     }
 
-    /// Shows the path new connections take now.
+    /// Shows the path new connections take now, and wakes connections waiting for one.
     async fn show_path(&self, peer: &str) {
         let udp = self.direct_conn().await.is_some();
         let tcp = self.direct_tcp_tunnel().await.is_some();
-        self.board.set_path(peer, "reach", best_path(udp, tcp));
+        self.board
+            .set_path(peer, "reach", best_path(udp, tcp, !self.cfg.no_relay));
+        self.path_changed.notify_waiters();
     }
 
-    /// Punches whatever `--transport` allows beside the relay; each direct path that
-    /// works is taken by new connections until it dies.
-    fn start_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
-        if self.cfg.transport.udp() {
-            self.start_udp_punch(b.clone());
+    /// Without a relay: waits until a direct path is up (true) or the session is over.
+    async fn wait_direct(&self, s: &Session) -> bool {
+        loop {
+            // Made before looking, so a change between the look and the wait still wakes us.
+            let changed = self.path_changed.notified();
+            if self.direct_conn().await.is_some() || self.direct_tcp_tunnel().await.is_some() {
+                return true;
+            }
+            if s.closed.is_cancelled() {
+                return false;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = s.closed.cancelled() => {}
+            }
         }
-        if self.cfg.transport.tcp() {
-            self.start_tcp_punch(b);
+    }
+
+    /// Punches whatever `--transport` allows beside the relay (or, with `--no-relay`,
+    /// alone: `guard` ends the session when the last punch is over); each direct path that
+    /// works is taken by new connections until it dies. Returns how many punches started.
+    fn start_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, s: Option<&Session>) -> usize {
+        let kinds = [self.cfg.transport.udp(), self.cfg.transport.tcp()];
+        let n = kinds.iter().filter(|k| **k).count();
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(n));
+        let guard = || {
+            s.map(|s| PathGuard {
+                left: left.clone(),
+                closed: s.closed.clone(),
+                changed: self.path_changed.clone(),
+            })
+        };
+        if kinds[0] {
+            self.start_udp_punch(b.clone(), guard());
         }
+        if kinds[1] {
+            self.start_tcp_punch(b, guard());
+        }
+        n
     }
 
     /// TCP simultaneous open; on the agreed connection the same TLS + yamux tunnel as
     /// over the relay, we being its client.
-    fn start_tcp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
+    fn start_tcp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, guard: Option<PathGuard>) {
         let state = self.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             let Some(tcp) = state.tcp.lock().await.clone() else {
                 info!(peer = %b.peer, "no direct tcp: no shared TCP port");
                 return;
@@ -375,9 +448,10 @@ impl State {
         });
     }
 
-    fn start_udp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker) {
+    fn start_udp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, guard: Option<PathGuard>) {
         let state = self.clone();
         tokio::spawn(async move {
+            let _guard = guard;
             let (endpoint, nat) = {
                 let udp = state.udp.lock().await;
                 match udp.as_ref() {
@@ -412,17 +486,33 @@ impl State {
         });
     }
 
-    /// The live tunnel, or a new one through a fresh broker exchange.
-    async fn tunnel(self: &Arc<Self>) -> anyhow::Result<Tunnel> {
-        let mut slot = self.tunnel.lock().await;
-        if let Some(t) = slot.as_ref().filter(|t| !t.is_closed()) {
-            return Ok(t.clone());
+    /// The live session, or a new one through a fresh broker exchange.
+    async fn session(self: &Arc<Self>) -> anyhow::Result<Session> {
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.closed.is_cancelled()) {
+            return Ok(s.clone());
         }
         let started = Instant::now();
         let b = self.broker().await?;
         // The broker names the key; it must be the one pinned for this name.
         self.home.pin(&b.peer, b.peer_key)?;
-        self.start_punch(b.clone());
+        if self.cfg.no_relay {
+            let s = Session {
+                relay: None,
+                stats: Arc::default(),
+                closed: CancellationToken::new(),
+            };
+            if self.start_punch(b.clone(), Some(&s)) == 0 {
+                bail!("--no-relay with --transport relay leaves no path");
+            }
+            info!(peer = %b.peer, session = %b.session, "punching without a relay (--no-relay)");
+            self.board
+                .add_parts(&b.peer, "reach", "none", &s.stats, &s.closed);
+            self.show_path(&b.peer).await;
+            *slot = Some(s.clone());
+            return Ok(s);
+        }
+        self.start_punch(b.clone(), None);
         let offer = b.relay.with_context(
             || "the rendezvous offered no relay (started with --no-relay?); this version needs one beside the direct path",
         )?;
@@ -446,8 +536,15 @@ impl State {
             started.elapsed().as_secs_f64() * 1000.0
         );
         self.board.add(&b.peer, "reach", "relay", &t);
-        *slot = Some(t.clone());
-        Ok(t)
+        // A direct path may have come up before the relay tunnel did.
+        self.show_path(&b.peer).await;
+        let s = Session {
+            stats: t.stats.clone(),
+            closed: t.closed().clone(),
+            relay: Some(t),
+        };
+        *slot = Some(s.clone());
+        Ok(s)
     }
 
     /// Asks the rendezvous for a session, reconnecting once if our signaling died.

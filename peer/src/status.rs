@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::Tunnel;
+use crate::tunnel::{Tunnel, TunnelStats};
 
 /// One tunnel as `peer status --json` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,7 +44,8 @@ struct Entry {
     role: &'static str,
     path: &'static str,
     since: u64,
-    tunnel: Tunnel,
+    stats: Arc<TunnelStats>,
+    closed: CancellationToken,
 }
 
 /// The tunnels of this process.
@@ -57,17 +58,31 @@ pub struct Board {
 impl Board {
     /// Records a tunnel; it leaves the board when it closes.
     pub fn add(&self, peer: &str, role: &'static str, path: &'static str, tunnel: &Tunnel) {
+        self.add_parts(peer, role, path, &tunnel.stats, tunnel.closed());
+    }
+
+    /// Records a session counted in `stats` that ends when `closed` is cancelled (one
+    /// without a relay tunnel: its paths are direct ones).
+    pub fn add_parts(
+        &self,
+        peer: &str,
+        role: &'static str,
+        path: &'static str,
+        stats: &Arc<TunnelStats>,
+        closed: &CancellationToken,
+    ) {
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        e.retain(|x| !x.tunnel.is_closed());
+        e.retain(|x| !x.closed.is_cancelled());
         e.push(Entry {
             peer: peer.to_owned(),
             role,
             path,
             since,
-            tunnel: tunnel.clone(),
+            stats: stats.clone(),
+            closed: closed.clone(),
         });
         drop(e);
         self.changed.notify_waiters();
@@ -103,10 +118,10 @@ impl Board {
     /// The live tunnels now.
     pub fn snapshot(&self) -> Vec<TunnelStatus> {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        e.retain(|x| !x.tunnel.is_closed());
+        e.retain(|x| !x.closed.is_cancelled());
         e.iter()
             .map(|x| {
-                let s = &x.tunnel.stats;
+                let s = &x.stats;
                 TunnelStatus {
                     peer: x.peer.clone(),
                     role: x.role.to_owned(),

@@ -139,6 +139,8 @@ pub struct ExposeOpts {
     pub udp: bool,
     /// Which direct paths to punch.
     pub transport: Transport,
+    /// Never join the relay.
+    pub no_relay: bool,
 }
 
 /// Like [`expose`], with options.
@@ -154,6 +156,7 @@ pub fn expose_proto(
         allow,
         udp,
         transport,
+        no_relay,
     } = opts;
     let key = home.open().key().unwrap();
     let public = PublicKey(key.verifying_key().to_bytes());
@@ -172,6 +175,7 @@ pub fn expose_proto(
         allow,
         udp,
         transport,
+        no_relay,
     };
     let board = serve_status(home, shutdown);
     tokio::spawn(expose::run(cfg, key, board, shutdown.clone()));
@@ -196,22 +200,44 @@ pub async fn reach_proto(
     udp: bool,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, String> {
-    Ok(
-        reach_board(server, home, name, udp, Transport::Auto, shutdown)
-            .await?
-            .0,
+    Ok(reach_board(
+        server,
+        home,
+        name,
+        ReachOpts {
+            udp,
+            ..ReachOpts::default()
+        },
+        shutdown,
     )
+    .await?
+    .0)
 }
 
-/// Like [`reach_proto`], also returning the reaching peer's status board.
+/// How [`reach_board`] reaches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReachOpts {
+    /// A UDP service.
+    pub udp: bool,
+    /// Which direct paths to punch.
+    pub transport: Transport,
+    /// Never use the relay.
+    pub no_relay: bool,
+}
+
+/// Like [`reach_proto`], with options, also returning the reaching peer's status board.
 pub async fn reach_board(
     server: &ServerHandle,
     home: &TempHome,
     name: &str,
-    udp: bool,
-    transport: Transport,
+    opts: ReachOpts,
     shutdown: &CancellationToken,
 ) -> Result<(SocketAddr, peer::status::Board), String> {
+    let ReachOpts {
+        udp,
+        transport,
+        no_relay,
+    } = opts;
     let h = home.open();
     let key = h.key().unwrap();
     let cfg = Reach {
@@ -226,6 +252,7 @@ pub async fn reach_board(
         local: Some("127.0.0.1:0".parse().unwrap()),
         udp,
         transport,
+        no_relay,
     };
     let board = serve_status(home, shutdown);
     let r = Reacher::bind(cfg, h, key, board.clone(), shutdown.clone())

@@ -26,6 +26,11 @@ async fn echo(local: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
 
 /// The relay's byte counter, from the rendezvous's Prometheus metrics.
 async fn relay_bytes(server: &rendezvous::server::ServerHandle) -> u64 {
+    relay_metric(server, "chuantou_relay_bytes_total").await
+}
+
+/// One of the relay's counters (summed over its labels).
+async fn relay_metric(server: &rendezvous::server::ServerHandle, name: &str) -> u64 {
     let http = server.addrs().http.unwrap();
     let mut s = TcpStream::connect(http).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -34,7 +39,7 @@ async fn relay_bytes(server: &rendezvous::server::ServerHandle) -> u64 {
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
     body.lines()
-        .filter(|l| l.starts_with("chuantou_relay_bytes_total"))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -47,7 +52,7 @@ async fn new_connections_take_the_punched_path_and_skip_the_relay() {
     let service = echo_service().await;
     expose(&server, &pc, "pc-home", service, vec![], &stop);
     online(&server, "pc-home").await;
-    let (local, board) = reach_board(&server, &phone, "pc-home", false, Transport::Auto, &stop)
+    let (local, board) = reach_board(&server, &phone, "pc-home", ReachOpts::default(), &stop)
         .await
         .unwrap();
 
@@ -90,9 +95,18 @@ async fn with_transport_tcp_new_connections_take_the_punched_tcp_path() {
         &stop,
     );
     online(&server, "pc-home").await;
-    let (local, board) = reach_board(&server, &phone, "pc-home", false, Transport::Tcp, &stop)
-        .await
-        .unwrap();
+    let (local, board) = reach_board(
+        &server,
+        &phone,
+        "pc-home",
+        ReachOpts {
+            transport: Transport::Tcp,
+            ..ReachOpts::default()
+        },
+        &stop,
+    )
+    .await
+    .unwrap();
     assert_eq!(echo(local, b"hello").await, b"hello");
     within(
         "the direct tcp path",
@@ -116,6 +130,54 @@ async fn with_transport_tcp_new_connections_take_the_punched_tcp_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_relay_connections_wait_for_a_direct_path_and_the_relay_carries_nothing() {
+    for transport in [Transport::Tcp, Transport::Auto] {
+        let server = rendezvous().await;
+        let stop = CancellationToken::new();
+        let (pc, phone) = (TempHome::new(), TempHome::new());
+        let service = echo_service().await;
+        expose_proto(
+            &server,
+            &pc,
+            "pc-home",
+            service,
+            ExposeOpts {
+                transport,
+                no_relay: true,
+                ..ExposeOpts::default()
+            },
+            &stop,
+        );
+        online(&server, "pc-home").await;
+        let opts = ReachOpts {
+            transport,
+            no_relay: true,
+            ..ReachOpts::default()
+        };
+        let (local, board) = reach_board(&server, &phone, "pc-home", opts, &stop)
+            .await
+            .unwrap();
+        // The very first connection waits for the punch instead of taking the relay.
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 3 % 251) as u8).collect();
+        let back = within("1 MiB echo", echo(local, &data)).await;
+        assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
+        let want = if transport == Transport::Tcp {
+            "direct-tcp"
+        } else {
+            "direct-udp"
+        };
+        within("the direct path", board.wait_path("pc-home", want)).await;
+        assert_eq!(relay_bytes(&server).await, 0, "{transport:?}");
+        assert_eq!(
+            relay_metric(&server, "chuantou_relay_sessions_total").await,
+            0,
+            "{transport:?}"
+        );
+        stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
@@ -133,9 +195,18 @@ async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
         &stop,
     );
     online(&server, "game").await;
-    let (local, board) = reach_board(&server, &phone, "game", true, Transport::Auto, &stop)
-        .await
-        .unwrap();
+    let (local, board) = reach_board(
+        &server,
+        &phone,
+        "game",
+        ReachOpts {
+            udp: true,
+            ..ReachOpts::default()
+        },
+        &stop,
+    )
+    .await
+    .unwrap();
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(local).await.unwrap();
     let mut buf = vec![0u8; 65_536];

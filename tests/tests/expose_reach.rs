@@ -44,9 +44,27 @@ async fn curl_fetches_the_exposed_page_through_the_tunnel() {
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
     let web = http_service("hello from pc-home\n").await;
-    expose(&server, &pc, "pc-home", web, vec![], &stop);
+    // Relay only, so that the path `peer status` shows below is the relay's for sure.
+    let relay_only = Transport::Relay;
+    expose_proto(
+        &server,
+        &pc,
+        "pc-home",
+        web,
+        ExposeOpts {
+            transport: relay_only,
+            ..ExposeOpts::default()
+        },
+        &stop,
+    );
     online(&server, "pc-home").await;
-    let local = reach(&server, &phone, "pc-home", &stop).await.unwrap();
+    let opts = ReachOpts {
+        transport: relay_only,
+        ..ReachOpts::default()
+    };
+    let (local, _) = reach_board(&server, &phone, "pc-home", opts, &stop)
+        .await
+        .unwrap();
     let url = format!("http://{local}/");
     let out = within(
         "curl",

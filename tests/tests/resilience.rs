@@ -26,9 +26,28 @@ async fn relay_dies_mid_transfer_then_a_restarted_rendezvous_serves_again() {
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
     let echo = echo_service().await;
-    expose(&first, &pc, "pc-home", echo, vec![], &stop);
+    // Relay only: a punched path would rightly outlive the rendezvous, and this is about
+    // the relay going away.
+    let relay_only = Transport::Relay;
+    expose_proto(
+        &first,
+        &pc,
+        "pc-home",
+        echo,
+        ExposeOpts {
+            transport: relay_only,
+            ..ExposeOpts::default()
+        },
+        &stop,
+    );
     online(&first, "pc-home").await;
-    let local = reach(&first, &phone, "pc-home", &stop).await.unwrap();
+    let opts = ReachOpts {
+        transport: relay_only,
+        ..ReachOpts::default()
+    };
+    let (local, _) = reach_board(&first, &phone, "pc-home", opts, &stop)
+        .await
+        .unwrap();
     assert_eq!(echo_once(local, b"before").await.unwrap(), b"before");
 
     // A transfer in flight when the relay goes away.
