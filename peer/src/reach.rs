@@ -280,7 +280,7 @@ impl Reacher {
                 if let Some(conn) = state.direct_conn().await {
                     match conn.open_bi().await {
                         Ok((send, recv)) => {
-                            info!(%from, path = "direct-udp", "connection via the direct path after {:?}", started.elapsed());
+                            info!(%from, path = "direct-udp", "connection via the direct path after {:?} (the best one up)", started.elapsed());
                             let stream = tokio::io::join(recv, send);
                             if let Err(e) = tunnel::splice(local, stream, &stats).await {
                                 debug!(%from, error = %e, "connection ended with an error");
@@ -295,7 +295,7 @@ impl Reacher {
                 if let Some(tt) = state.direct_tcp_tunnel().await {
                     match tt.open().await {
                         Ok(stream) => {
-                            info!(%from, path = "direct-tcp", "connection via the direct tcp path after {:?}", started.elapsed());
+                            info!(%from, path = "direct-tcp", "connection via the direct tcp path after {:?} (no direct udp path up)", started.elapsed());
                             if let Err(e) = tunnel::splice(local, stream, &stats).await {
                                 debug!(%from, error = %e, "connection ended with an error");
                             }
@@ -317,7 +317,12 @@ impl Reacher {
                         return;
                     }
                 };
-                info!(%from, path = "relay", "connection via the relay after {:?}", started.elapsed());
+                let why = if state.cfg.transport == Transport::Relay {
+                    "--transport relay"
+                } else {
+                    "no direct path is up"
+                };
+                info!(%from, path = "relay", "connection via the relay after {:?} ({why})", started.elapsed());
                 if let Err(e) = tunnel::splice(local, stream, &stats).await {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
