@@ -91,6 +91,8 @@ struct State {
     key: SigningKey,
     home: Home,
     service: ServiceRef,
+    /// The target's key, pinned.
+    peer_key: rendezvous::proto::PublicKey,
     shutdown: CancellationToken,
     client: Mutex<Option<Client>>,
     session: Mutex<Option<Session>>,
@@ -198,6 +200,7 @@ impl Reacher {
                 key,
                 home,
                 service,
+                peer_key: peer.key,
                 shutdown,
                 client: Mutex::new(Some(client)),
                 session: Mutex::new(None),
@@ -557,14 +560,26 @@ impl State {
         let mut client = self.client.lock().await;
         for attempt in 0..2 {
             if client.is_none() {
-                *client = Some(self.cfg.signaling.register(&self.key).await.with_context(
-                    || {
+                let reg = self
+                    .cfg
+                    .signaling
+                    .register_udp(&self.key)
+                    .await
+                    .with_context(|| {
                         format!(
                             "reconnecting to rendezvous {}",
                             self.cfg.signaling.rendezvous
                         )
-                    },
-                )?);
+                    })?;
+                // The new registration's sockets are the ones whose mappings the rendezvous
+                // now hands out: punching must start from them, not the old ones.
+                if let Some(u) = &reg.udp {
+                    u.endpoint
+                        .set_server(crate::quic::server_config(&self.key, self.peer_key)?);
+                }
+                *self.udp.lock().await = reg.udp;
+                *self.tcp.lock().await = reg.tcp;
+                *client = Some(reg.client);
             }
             let Some(c) = client.as_ref() else { continue };
             match c.connect_to(&self.cfg.target, Some(self.service)).await {
