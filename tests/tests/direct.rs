@@ -242,3 +242,63 @@ async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_transport_tcp_new_udp_flows_take_the_direct_tcp_tunnel() {
+    let server = rendezvous().await;
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let service = udp_echo_service().await;
+    let transport = Transport::Tcp;
+    let opts = ExposeOpts {
+        udp: true,
+        transport,
+        ..ExposeOpts::default()
+    };
+    expose_proto(&server, &pc, "game", service, opts, &stop);
+    online(&server, "game").await;
+    let opts = ReachOpts {
+        udp: true,
+        transport,
+        ..ReachOpts::default()
+    };
+    let (local, board) = reach_board(&server, &phone, "game", opts, &stop)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let first = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    first.connect(local).await.unwrap();
+    // The first flow brings the tunnels up (its first datagram may be lost: UDP).
+    within("first echo", async {
+        loop {
+            first.send(b"ping").await.unwrap();
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(std::time::Duration::from_millis(200), first.recv(&mut buf))
+                    .await
+            {
+                assert_eq!(&buf[..n], b"ping");
+                return;
+            }
+        }
+    })
+    .await;
+    within("the direct tcp path", board.wait_path("game", "direct-tcp")).await;
+    // A new flow (another source port) is carried by the direct TCP tunnel: a stream of
+    // length-framed datagrams, boundaries kept, nothing through the relay.
+    let before = relay_bytes(&server).await;
+    let flow = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    flow.connect(local).await.unwrap();
+    for size in [1usize, 100, 1200, 9000, 60_000] {
+        let d: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+        flow.send(&d).await.unwrap();
+        let n = within("echo", flow.recv(&mut buf)).await.unwrap();
+        assert_eq!(&buf[..n], &d[..], "{size} bytes");
+    }
+    let after = relay_bytes(&server).await;
+    assert!(
+        after - before < 4 * 1024,
+        "the relay carried {} bytes of a direct flow",
+        after - before
+    );
+    stop.cancel();
+}
