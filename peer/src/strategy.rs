@@ -71,6 +71,14 @@ fn name(p: &NatProfile) -> &'static str {
     }
 }
 
+/// Two symmetric NATs of which one is random: each side's packets leave from a port the
+/// other cannot know, and neither lets in an unknown one.
+fn hopeless(me: &NatProfile, peer: &NatProfile) -> bool {
+    me.kind() == NatType::Symmetric
+        && peer.kind() == NatType::Symmetric
+        && (me.random_symmetric() || peer.random_symmetric())
+}
+
 /// Plans this side's punch. `peer_observed` is the other side's UDP address as the
 /// rendezvous saw it, `peer_lan` its LAN addresses.
 pub fn plan(
@@ -85,12 +93,7 @@ pub fn plan(
             why: format!("UDP blocked ({pair})"),
         };
     }
-    // Two symmetric NATs of which one is random: each side's probes leave from a port
-    // the other cannot know, and neither lets in an unknown one.
-    if me.kind() == NatType::Symmetric
-        && peer.kind() == NatType::Symmetric
-        && (me.random_symmetric() || peer.random_symmetric())
-    {
+    if hopeless(me, peer) {
         return Strategy::Relay { why: pair };
     }
     let mut remote = Vec::new();
@@ -159,10 +162,7 @@ pub fn plan_tcp(
             why: format!("no TCP address known for the other side ({pair})"),
         };
     };
-    if me.kind() == NatType::Symmetric
-        && peer.kind() == NatType::Symmetric
-        && (me.random_symmetric() || peer.random_symmetric())
-    {
+    if hopeless(me, peer) {
         return Strategy::Relay { why: pair };
     }
     let mut remote = predicted(peer, obs, peer_between);

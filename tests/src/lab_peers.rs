@@ -30,6 +30,57 @@ pub fn must_relay(a: &str, b: &str) -> bool {
     sym(a) && sym(b) && (a == "symr" || b == "symr")
 }
 
+/// Routers for a matrix of every ordered pair of kinds: two of each kind, `{short}x` for
+/// the exposing side and `{short}y` for the reaching one, hosts `{short}x-1`, `{short}y-1`.
+pub fn matrix_routers() -> Vec<String> {
+    KINDS
+        .iter()
+        .flat_map(|(s, k)| [format!("{s}x={k}"), format!("{s}y={k}")])
+        .collect()
+}
+
+/// Runs [`run_pair`] for every ordered pair of kinds (routers from [`matrix_routers`]) with
+/// `transport`, and compares each path with the one it must get: `direct` unless
+/// `must_relay(expose, reach)`. Prints the table; panics with every mismatch and its log.
+pub fn run_matrix(
+    lab: &Lab,
+    peer: &Path,
+    server: &mut Proc,
+    transport: &str,
+    direct: &str,
+    must_relay: fn(&str, &str) -> bool,
+) {
+    let (up, _) = verdicts(transport);
+    let mut table = Vec::new();
+    let mut failures = Vec::new();
+    for (i, (a, _)) in KINDS.iter().enumerate() {
+        for (j, (b, _)) in KINDS.iter().enumerate() {
+            let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
+            let name = format!("{}{i}{j}", &transport[..1]);
+            let run = run_pair(lab, peer, &host_a, &host_b, &name, transport);
+            if let Some(e) = run.error {
+                panic!("{e}\n--- rendezvous and relay:\n{}", server.finish());
+            }
+            let want = if must_relay(a, b) { "relay" } else { direct };
+            let ms = run
+                .outcome
+                .split(&format!("{up} in "))
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .unwrap_or("-");
+            table.push(format!("{a:>5} -> {b:<5} {:<11} {ms:>6} ms", run.path));
+            if run.direct != (want == direct) || run.path != want {
+                failures.push(format!(
+                    "{a} -> {b}: got {} ({}), want {want}\n{}",
+                    run.path, run.outcome, run.log
+                ));
+            }
+        }
+    }
+    println!("{}", table.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
 /// Whether the pair must use the relay when punching TCP: random symmetric with any
 /// symmetric NAT (as for UDP), and random symmetric with a port-restricted cone (TCP has no
 /// birthday mode, and the cone lets in only the port it connected to, which the random

@@ -214,6 +214,24 @@ pub async fn reach_proto(
     .0)
 }
 
+/// A pair on loopback: `expose` of `service` as `name` with `expose`, then `reach name`
+/// with `reach`. Returns both homes (keep them), the local address and reach's board.
+pub async fn expose_and_reach(
+    server: &ServerHandle,
+    name: &str,
+    service: SocketAddr,
+    (expose, reach): (ExposeOpts, ReachOpts),
+    shutdown: &CancellationToken,
+) -> ((TempHome, TempHome), SocketAddr, peer::status::Board) {
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    expose_proto(server, &pc, name, service, expose, shutdown);
+    online(server, name).await;
+    let (local, board) = reach_board(server, &phone, name, reach, shutdown)
+        .await
+        .unwrap();
+    ((pc, phone), local, board)
+}
+
 /// How [`reach_board`] reaches.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReachOpts {

@@ -24,6 +24,60 @@ async fn echo(local: std::net::SocketAddr, data: &[u8]) -> Vec<u8> {
     back
 }
 
+/// 4 MiB echoed through `local` on `path`, checked by SHA-256: the relay carries none of it
+/// (pings on its control stream are all it may carry meanwhile), and status counts it.
+async fn direct_transfer(
+    server: &rendezvous::server::ServerHandle,
+    local: std::net::SocketAddr,
+    board: &peer::status::Board,
+    path: &str,
+) {
+    let before = relay_bytes(server).await;
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let back = within("4 MiB echo", echo(local, &data)).await;
+    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
+    let after = relay_bytes(server).await;
+    assert!(
+        after - before < 64 * 1024,
+        "the relay carried {} bytes of a direct transfer",
+        after - before
+    );
+    let status = board.snapshot();
+    assert_eq!(status[0].path, path, "{status:?}");
+    assert!(status[0].bytes_out >= data.len() as u64, "{status:?}");
+}
+
+/// A UDP flow through `local` whose first echo came back: it brings the tunnels up (a
+/// datagram may be lost on the way, so it is sent again until one returns).
+async fn udp_first_echo(local: std::net::SocketAddr) -> tokio::net::UdpSocket {
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(local).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    within("first echo", async {
+        loop {
+            client.send(b"ping").await.unwrap();
+            let wait = std::time::Duration::from_millis(200);
+            if let Ok(Ok(n)) = tokio::time::timeout(wait, client.recv(&mut buf)).await {
+                assert_eq!(&buf[..n], b"ping");
+                return;
+            }
+        }
+    })
+    .await;
+    client
+}
+
+/// Datagrams from 1 byte to 60,000 through `flow`; each comes back whole.
+async fn udp_echo_sizes(flow: &tokio::net::UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    for size in [1usize, 100, 1200, 9000, 60_000] {
+        let d: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        flow.send(&d).await.unwrap();
+        let n = within("echo", flow.recv(&mut buf)).await.unwrap();
+        assert_eq!(&buf[..n], &d[..], "{size} bytes");
+    }
+}
+
 /// The relay's byte counter, from the rendezvous's Prometheus metrics.
 async fn relay_bytes(server: &rendezvous::server::ServerHandle) -> u64 {
     relay_metric(server, "chuantou_relay_bytes_total").await
@@ -48,32 +102,15 @@ async fn relay_metric(server: &rendezvous::server::ServerHandle, name: &str) -> 
 async fn new_connections_take_the_punched_path_and_skip_the_relay() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
-    let (pc, phone) = (TempHome::new(), TempHome::new());
     let service = echo_service().await;
-    expose(&server, &pc, "pc-home", service, vec![], &stop);
-    online(&server, "pc-home").await;
-    let (local, board) = reach_board(&server, &phone, "pc-home", ReachOpts::default(), &stop)
-        .await
-        .unwrap();
+    let opts = Default::default();
+    let (_homes, local, board) = expose_and_reach(&server, "pc-home", service, opts, &stop).await;
 
     // The first connection brings the tunnels up.
     assert_eq!(echo(local, b"hello").await, b"hello");
     within("the direct path", board.wait_path("pc-home", "direct-udp")).await;
 
-    let before = relay_bytes(&server).await;
-    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
-    let back = within("4 MiB echo", echo(local, &data)).await;
-    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
-    let after = relay_bytes(&server).await;
-    // Pings on the relay's control stream are all it may carry meanwhile.
-    assert!(
-        after - before < 64 * 1024,
-        "the relay carried {} bytes of a direct transfer",
-        after - before
-    );
-    let status = board.snapshot();
-    assert_eq!(status[0].path, "direct-udp", "{status:?}");
-    assert!(status[0].bytes_out >= data.len() as u64);
+    direct_transfer(&server, local, &board, "direct-udp").await;
     stop.cancel();
 }
 
@@ -81,32 +118,19 @@ async fn new_connections_take_the_punched_path_and_skip_the_relay() {
 async fn with_transport_tcp_new_connections_take_the_punched_tcp_path() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
-    let (pc, phone) = (TempHome::new(), TempHome::new());
     let service = echo_service().await;
-    expose_proto(
-        &server,
-        &pc,
-        "pc-home",
-        service,
+    let transport = Transport::Tcp;
+    let opts = (
         ExposeOpts {
-            transport: Transport::Tcp,
+            transport,
             ..ExposeOpts::default()
         },
-        &stop,
-    );
-    online(&server, "pc-home").await;
-    let (local, board) = reach_board(
-        &server,
-        &phone,
-        "pc-home",
         ReachOpts {
-            transport: Transport::Tcp,
+            transport,
             ..ReachOpts::default()
         },
-        &stop,
-    )
-    .await
-    .unwrap();
+    );
+    let (_homes, local, board) = expose_and_reach(&server, "pc-home", service, opts, &stop).await;
     assert_eq!(echo(local, b"hello").await, b"hello");
     within(
         "the direct tcp path",
@@ -114,18 +138,7 @@ async fn with_transport_tcp_new_connections_take_the_punched_tcp_path() {
     )
     .await;
 
-    let before = relay_bytes(&server).await;
-    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 13 % 251) as u8).collect();
-    let back = within("4 MiB echo", echo(local, &data)).await;
-    assert_eq!(Sha256::digest(&back), Sha256::digest(&data));
-    let after = relay_bytes(&server).await;
-    assert!(
-        after - before < 64 * 1024,
-        "the relay carried {} bytes of a direct transfer",
-        after - before
-    );
-    let status = board.snapshot();
-    assert_eq!(status[0].path, "direct-tcp", "{status:?}");
+    direct_transfer(&server, local, &board, "direct-tcp").await;
     stop.cancel();
 }
 
@@ -134,29 +147,21 @@ async fn with_no_relay_connections_wait_for_a_direct_path_and_the_relay_carries_
     for transport in [Transport::Tcp, Transport::Auto] {
         let server = rendezvous().await;
         let stop = CancellationToken::new();
-        let (pc, phone) = (TempHome::new(), TempHome::new());
         let service = echo_service().await;
-        expose_proto(
-            &server,
-            &pc,
-            "pc-home",
-            service,
+        let opts = (
             ExposeOpts {
                 transport,
                 no_relay: true,
                 ..ExposeOpts::default()
             },
-            &stop,
+            ReachOpts {
+                transport,
+                no_relay: true,
+                ..ReachOpts::default()
+            },
         );
-        online(&server, "pc-home").await;
-        let opts = ReachOpts {
-            transport,
-            no_relay: true,
-            ..ReachOpts::default()
-        };
-        let (local, board) = reach_board(&server, &phone, "pc-home", opts, &stop)
-            .await
-            .unwrap();
+        let (_homes, local, board) =
+            expose_and_reach(&server, "pc-home", service, opts, &stop).await;
         // The very first connection waits for the punch instead of taking the relay.
         let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 3 % 251) as u8).collect();
         let back = within("1 MiB echo", echo(local, &data)).await;
@@ -181,59 +186,24 @@ async fn with_no_relay_connections_wait_for_a_direct_path_and_the_relay_carries_
 async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
-    let (pc, phone) = (TempHome::new(), TempHome::new());
     let service = udp_echo_service().await;
-    expose_proto(
-        &server,
-        &pc,
-        "game",
-        service,
+    let opts = (
         ExposeOpts {
             udp: true,
             ..ExposeOpts::default()
         },
-        &stop,
-    );
-    online(&server, "game").await;
-    let (local, board) = reach_board(
-        &server,
-        &phone,
-        "game",
         ReachOpts {
             udp: true,
             ..ReachOpts::default()
         },
-        &stop,
-    )
-    .await
-    .unwrap();
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.connect(local).await.unwrap();
-    let mut buf = vec![0u8; 65_536];
-    // The first datagram brings the tunnels up (it may be lost on the way: UDP).
-    within("first echo", async {
-        loop {
-            client.send(b"ping").await.unwrap();
-            if let Ok(Ok(n)) =
-                tokio::time::timeout(std::time::Duration::from_millis(200), client.recv(&mut buf))
-                    .await
-            {
-                assert_eq!(&buf[..n], b"ping");
-                return;
-            }
-        }
-    })
-    .await;
+    );
+    let (_homes, local, board) = expose_and_reach(&server, "game", service, opts, &stop).await;
+    let client = udp_first_echo(local).await;
     within("the direct path", board.wait_path("game", "direct-udp")).await;
     let before = relay_bytes(&server).await;
     // Small datagrams as QUIC datagrams, a large one on the fallback stream; each comes
     // back whole. Datagrams may be lost on a real path, not on loopback.
-    for size in [1usize, 100, 1200, 9000, 60_000] {
-        let d: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        client.send(&d).await.unwrap();
-        let n = within("echo", client.recv(&mut buf)).await.unwrap();
-        assert_eq!(&buf[..n], &d[..], "{size} bytes");
-    }
+    udp_echo_sizes(&client).await;
     let after = relay_bytes(&server).await;
     assert!(
         after - before < 64 * 1024,
@@ -247,53 +217,29 @@ async fn udp_flows_take_the_direct_path_as_quic_datagrams() {
 async fn with_transport_tcp_new_udp_flows_take_the_direct_tcp_tunnel() {
     let server = rendezvous().await;
     let stop = CancellationToken::new();
-    let (pc, phone) = (TempHome::new(), TempHome::new());
     let service = udp_echo_service().await;
     let transport = Transport::Tcp;
-    let opts = ExposeOpts {
-        udp: true,
-        transport,
-        ..ExposeOpts::default()
-    };
-    expose_proto(&server, &pc, "game", service, opts, &stop);
-    online(&server, "game").await;
-    let opts = ReachOpts {
-        udp: true,
-        transport,
-        ..ReachOpts::default()
-    };
-    let (local, board) = reach_board(&server, &phone, "game", opts, &stop)
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 65_536];
-    let first = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    first.connect(local).await.unwrap();
-    // The first flow brings the tunnels up (its first datagram may be lost: UDP).
-    within("first echo", async {
-        loop {
-            first.send(b"ping").await.unwrap();
-            if let Ok(Ok(n)) =
-                tokio::time::timeout(std::time::Duration::from_millis(200), first.recv(&mut buf))
-                    .await
-            {
-                assert_eq!(&buf[..n], b"ping");
-                return;
-            }
-        }
-    })
-    .await;
+    let opts = (
+        ExposeOpts {
+            udp: true,
+            transport,
+            ..ExposeOpts::default()
+        },
+        ReachOpts {
+            udp: true,
+            transport,
+            ..ReachOpts::default()
+        },
+    );
+    let (_homes, local, board) = expose_and_reach(&server, "game", service, opts, &stop).await;
+    let _first = udp_first_echo(local).await;
     within("the direct tcp path", board.wait_path("game", "direct-tcp")).await;
     // A new flow (another source port) is carried by the direct TCP tunnel: a stream of
     // length-framed datagrams, boundaries kept, nothing through the relay.
     let before = relay_bytes(&server).await;
     let flow = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     flow.connect(local).await.unwrap();
-    for size in [1usize, 100, 1200, 9000, 60_000] {
-        let d: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
-        flow.send(&d).await.unwrap();
-        let n = within("echo", flow.recv(&mut buf)).await.unwrap();
-        assert_eq!(&buf[..n], &d[..], "{size} bytes");
-    }
+    udp_echo_sizes(&flow).await;
     let after = relay_bytes(&server).await;
     assert!(
         after - before < 4 * 1024,

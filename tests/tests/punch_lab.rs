@@ -3,16 +3,15 @@
 //! flows both ways through `reach`, and the path is the one the pair must get: direct for
 //! every pair except random symmetric with any symmetric NAT, which use the relay.
 
-use chuantou_tests::lab_peers::{KINDS, must_relay, run_pair, start_rendezvous};
+use chuantou_tests::lab_peers::{
+    matrix_routers, must_relay, run_matrix, run_pair, start_rendezvous,
+};
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
 
 #[test]
 fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
-    let routers: Vec<String> = KINDS
-        .iter()
-        .flat_map(|(s, k)| [format!("{s}x={k}"), format!("{s}y={k}")])
-        .collect();
+    let routers = matrix_routers();
     let refs: Vec<&str> = routers.iter().map(String::as_str).collect();
     let Some(lab) = Lab::for_test(&refs) else {
         return;
@@ -20,35 +19,7 @@ fn every_pair_of_nat_kinds_connects_directly_or_through_the_relay() {
     let peer = workspace_bin("peer");
     let mut server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
 
-    let mut table = Vec::new();
-    let mut failures = Vec::new();
-    for (i, (a, _)) in KINDS.iter().enumerate() {
-        for (j, (b, _)) in KINDS.iter().enumerate() {
-            let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
-            let name = format!("pc{i}{j}");
-            let run = run_pair(&lab, &peer, &host_a, &host_b, &name, "udp");
-            if let Some(e) = run.error {
-                panic!("{e}\n--- rendezvous and relay:\n{}", server.finish());
-            }
-            let (direct, outcome, path, log) = (run.direct, run.outcome, run.path, run.log);
-            let want_direct = !must_relay(a, b);
-            let ms = outcome
-                .split("direct path up in ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .unwrap_or("-");
-            table.push(format!("{:>5} -> {:<5} {:<11} {:>6} ms", a, b, path, ms));
-            if direct != want_direct || path != if want_direct { "direct-udp" } else { "relay" } {
-                failures.push(format!(
-                    "{a} -> {b}: got {path} ({outcome}), want {}\n{}",
-                    if want_direct { "direct-udp" } else { "relay" },
-                    log
-                ));
-            }
-        }
-    }
-    println!("{}", table.join("\n"));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    run_matrix(&lab, &peer, &mut server, "udp", "direct-udp", must_relay);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use chuantou_tests::TempHome;
 use chuantou_tests::lab_peers::{
-    KINDS, echo, echo_service, must_relay_tcp, run_pair, start_expose, start_reach,
+    echo, echo_service, matrix_routers, must_relay_tcp, run_matrix, start_expose, start_reach,
     start_rendezvous, status_path,
 };
 use chuantou_tests::natlab::Lab;
@@ -17,10 +17,7 @@ use chuantou_tests::workspace_bin;
 
 #[test]
 fn every_pair_of_nat_kinds_connects_over_direct_tcp_or_through_the_relay() {
-    let routers: Vec<String> = KINDS
-        .iter()
-        .flat_map(|(s, k)| [format!("{s}x={k}"), format!("{s}y={k}")])
-        .collect();
+    let routers = matrix_routers();
     let refs: Vec<&str> = routers.iter().map(String::as_str).collect();
     let Some(lab) = Lab::for_test(&refs) else {
         return;
@@ -28,37 +25,14 @@ fn every_pair_of_nat_kinds_connects_over_direct_tcp_or_through_the_relay() {
     let peer = workspace_bin("peer");
     let mut server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
 
-    let mut table = Vec::new();
-    let mut failures = Vec::new();
-    for (i, (a, _)) in KINDS.iter().enumerate() {
-        for (j, (b, _)) in KINDS.iter().enumerate() {
-            let (host_a, host_b) = (format!("{a}x-1"), format!("{b}y-1"));
-            let run = run_pair(&lab, &peer, &host_a, &host_b, &format!("tc{i}{j}"), "tcp");
-            if let Some(e) = run.error {
-                panic!("{e}\n--- rendezvous and relay:\n{}", server.finish());
-            }
-            let want = if must_relay_tcp(a, b) {
-                "relay"
-            } else {
-                "direct-tcp"
-            };
-            let ms = run
-                .outcome
-                .split("direct tcp path up in ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .unwrap_or("-");
-            table.push(format!("{a:>5} -> {b:<5} {:<11} {ms:>6} ms", run.path));
-            if run.direct != (want == "direct-tcp") || run.path != want {
-                failures.push(format!(
-                    "{a} -> {b}: got {} ({}), want {want}\n{}",
-                    run.path, run.outcome, run.log
-                ));
-            }
-        }
-    }
-    println!("{}", table.join("\n"));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    run_matrix(
+        &lab,
+        &peer,
+        &mut server,
+        "tcp",
+        "direct-tcp",
+        must_relay_tcp,
+    );
 }
 
 #[test]

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chuantou_tests::lab_peers::{KINDS, must_relay, must_relay_tcp, run_pair, start_rendezvous};
+use chuantou_tests::lab_peers::{
+    KINDS, matrix_routers, must_relay, must_relay_tcp, run_pair, start_rendezvous,
+};
 use chuantou_tests::natlab::{Lab, Router, Spec};
 use clap::Parser;
 
@@ -56,11 +58,10 @@ fn main() -> anyhow::Result<()> {
             .map(|(_, k)| *k)
             .ok_or_else(|| anyhow::anyhow!("unknown kind {short}"))
     };
-    let mut routers = Vec::new();
-    for (s, k) in KINDS {
-        routers.push(format!("{s}x={k}").parse::<Router>()?);
-        routers.push(format!("{s}y={k}").parse::<Router>()?);
-    }
+    let routers = matrix_routers()
+        .iter()
+        .map(|r| r.parse::<Router>())
+        .collect::<Result<Vec<_>, _>>()?;
     for (a, b) in &pairs {
         kind(a)?;
         kind(b)?;
