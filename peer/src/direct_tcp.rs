@@ -38,6 +38,13 @@ pub struct TcpDirect {
 
 type Read = (ConnId, OwnedReadHalf, io::Result<[u8; probe::LEN]>);
 
+/// TCP keepalive on a punched connection: probes after 30 s of silence, every 10 s, dead
+/// after 3 unanswered (the tunnel's own pings every 10 s keep a live one from ever idling).
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(30))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
+
 fn read_one(conn: ConnId, mut rd: OwnedReadHalf) -> BoxFuture<'static, Read> {
     Box::pin(async move {
         let mut buf = [0u8; probe::LEN];
@@ -111,6 +118,9 @@ pub async fn establish_tcp(
                         .reunite(wr)
                         .map_err(|e| io::Error::other(e.to_string()))?;
                     let _ = stream.set_nodelay(true);
+                    // The reaching side's pings find a dead path; keepalives let the
+                    // exposing side's kernel find it too, so its session ends.
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
                     info!(
                         session = %b.session,
                         peer = %b.peer,

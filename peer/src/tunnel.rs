@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::tls;
 
@@ -96,6 +96,9 @@ impl Tunnel {
     }
 }
 
+/// How long closing a tunnel may wait for the other side.
+const CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Copy buffer per direction of each local connection.
 const COPY_BUF: usize = 128 * 1024;
 
@@ -141,7 +144,13 @@ where
     Ok(tunnel)
 }
 
-/// Pings through the control stream every [`PING_INTERVAL`], recording the round trip.
+/// A ping unanswered this long means the path is dead (a NAT or a relay dropped it without a
+/// word): the tunnel is closed, so new connections take another path and a new one is made.
+/// The same 30 s as the direct QUIC path's idle timeout.
+pub const DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Pings through the control stream every [`PING_INTERVAL`], recording the round trip;
+/// closes the tunnel when a ping goes unanswered for [`DEAD_AFTER`].
 async fn pinger(
     mut control: TunnelStream,
     mut sent: std::time::Instant,
@@ -153,16 +162,27 @@ async fn pinger(
         let mut pong = [0u8; 8];
         let got = tokio::select! {
             _ = closed.cancelled() => return,
-            r = tokio::time::timeout(PING_INTERVAL * 3, control.read_exact(&mut pong)) => r,
+            r = tokio::time::timeout(DEAD_AFTER, control.read_exact(&mut pong)) => r,
         };
         match got {
             Ok(Ok(_)) if pong == seq.to_be_bytes() => {
                 let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                 stats.rtt_us.store(us.max(1), Ordering::Relaxed);
             }
-            _ => {
-                debug!("tunnel ping unanswered; round trip unknown");
+            Ok(Ok(_)) => {
+                warn!("tunnel ping answered out of turn; closing the tunnel");
                 stats.rtt_us.store(0, Ordering::Relaxed);
+                closed.cancel();
+                return;
+            }
+            // The other side ended the tunnel: the driver sees it too.
+            Ok(Err(_)) => return,
+            Err(_) => {
+                warn!(
+                    "tunnel ping unanswered for {DEAD_AFTER:?}: the path is dead, closing the tunnel"
+                );
+                stats.rtt_us.store(0, Ordering::Relaxed);
+                closed.cancel();
                 return;
             }
         }
@@ -235,7 +255,13 @@ where
     tokio::spawn(async move {
         let mut waiting: VecDeque<OpenReply> = VecDeque::new();
         let mut requests_open = true;
+        // Closing the tunnel from outside (a dead path) ends the driver too.
+        let stop = done.clone();
+        let mut stopped = std::pin::pin!(stop.cancelled());
         let end = poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
             while requests_open {
                 match requests.poll_recv(cx) {
                     Poll::Ready(Some(r)) => waiting.push_back(r),
@@ -284,7 +310,8 @@ where
         for r in waiting {
             let _ = r.send(Err(TunnelError::Closed));
         }
-        let _ = poll_fn(|cx| conn.poll_close(cx)).await;
+        // A dead path never acknowledges the goodbye: do not wait for it long.
+        let _ = tokio::time::timeout(CLOSE_WITHIN, poll_fn(|cx| conn.poll_close(cx))).await;
         done.cancel();
     });
     Tunnel {

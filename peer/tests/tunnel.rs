@@ -198,3 +198,60 @@ async fn flipped_bits_fail_closed_and_are_never_delivered() {
     within("server tunnel closes", server.closed().cancelled()).await;
     let _ = within("writer ends", writer).await;
 }
+
+/// Forwards bytes between `a` and `b` until `freeze`, then holds everything: a path that
+/// died without a word (a NAT that forgot the mapping, a relay that vanished).
+fn freezable(
+    a: tokio::io::DuplexStream,
+    b: tokio::io::DuplexStream,
+    freeze: tokio_util::sync::CancellationToken,
+) {
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    for (mut from, mut to) in [(ar, bw), (br, aw)] {
+        let freeze = freeze.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = tokio::select! {
+                    _ = freeze.cancelled() => return std::future::pending().await,
+                    r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                };
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_whose_pings_go_unanswered_closes_itself() {
+    let (reacher, exposer) = (key(1), key(2));
+    let (a, a_far) = tokio::io::duplex(64 * 1024);
+    let (b, b_far) = tokio::io::duplex(64 * 1024);
+    let freeze = tokio_util::sync::CancellationToken::new();
+    freezable(a_far, b_far, freeze.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (t, _u) = tokio::join!(
+        tunnel::connect(a, &reacher, public(&exposer)),
+        tunnel::accept(b, &exposer, public(&reacher), tx)
+    );
+    let t = t.unwrap();
+    echo(rx);
+    // Answered pings keep it up however long it idles.
+    tokio::time::sleep(tunnel::DEAD_AFTER * 3).await;
+    assert!(!t.is_closed());
+    let mut s = t.open().await.unwrap();
+    s.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    // The path dies silently: within one ping interval and the dead time, it is closed.
+    freeze.cancel();
+    let limit = tunnel::PING_INTERVAL + tunnel::DEAD_AFTER + Duration::from_secs(1);
+    tokio::time::timeout(limit, t.closed().cancelled())
+        .await
+        .expect("the tunnel noticed its dead path");
+    assert!(t.open().await.is_err(), "a closed tunnel opens no streams");
+}
