@@ -2,8 +2,8 @@
 //! of NAT kinds, `peer expose` behind one and `peer reach` behind the other, data both ways
 //! through `reach`, and the path each pair must get: direct TCP except where the NATs make
 //! it hopeless (random symmetric with any symmetric NAT or with a port-restricted cone),
-//! which use the relay. And with UDP dropped at one NAT, `--transport auto` ends on direct
-//! TCP.
+//! which use the relay. With UDP dropped at one NAT, `--transport auto` ends on direct TCP;
+//! when the direct TCP path dies silently, new connections go back to the relay.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -75,4 +75,37 @@ fn with_udp_dropped_at_one_nat_auto_ends_on_direct_tcp() {
     // The UDP side never had a chance: the exposing peer saw no STUN answer over UDP.
     let log = expose.finish();
     assert!(log.contains("no STUN answer over UDP"), "{log}");
+}
+
+#[test]
+fn when_the_direct_tcp_path_dies_new_connections_go_back_to_the_relay() {
+    let Some(lab) = Lab::for_test(&["a=port-restricted", "b=port-restricted"]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(&lab, "a-1");
+    let _expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc", "tcp");
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local, "tcp");
+    echo(&lab, "b-1", local, b"first");
+    reach.wait_for(&["direct tcp path up"]);
+    echo(&lab, "b-1", local, b"direct");
+    reach.wait_for(&["connection via the direct tcp path"]);
+
+    // Router a silently drops every TCP packet except those to and from the rendezvous
+    // and relay (198.18.0.0/24): the punched connection's pings go unanswered, the tunnel
+    // closes itself, and the next connection takes the relay.
+    lab.nft(
+        "a",
+        "table ip cut {\n  chain f { type filter hook forward priority filter - 10; \
+         policy accept;\n    meta l4proto tcp ip saddr != 198.18.0.0/24 \
+         ip daddr != 198.18.0.0/24 drop\n  }\n}\n",
+    )
+    .unwrap();
+    reach.wait_for(&["direct tcp path lost"]);
+    echo(&lab, "b-1", local, b"after");
+    let line = reach.wait_for(&["connection via the"]);
+    assert!(line.contains("via the relay"), "{line}");
 }
