@@ -42,7 +42,18 @@ const ED25519_PKCS8_PREFIX: [u8; 16] = [
 pub const SERVER_NAME: &str = "chuantou-peer";
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    // AES-128-GCM first: as safe for a tunnel's lifetime and about a third faster than
+    // AES-256-GCM on the same core (ring's default puts AES-256 first); ChaCha20 last, for
+    // machines without AES instructions, where clients that prefer it will ask for it.
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// A self-signed certificate for `key`, with the matching private key for rustls.
