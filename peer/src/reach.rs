@@ -98,6 +98,8 @@ struct State {
     session: Mutex<Option<Session>>,
     /// Woken when a direct path comes up or goes.
     path_changed: Arc<tokio::sync::Notify>,
+    /// Why there is no direct UDP / TCP path, for the relay's log lines.
+    why_not: std::sync::Mutex<[Option<String>; 2]>,
     /// The UDP endpoint punching starts from, while registered with STUN.
     udp: Mutex<Option<Udp>>,
     /// The shared TCP port punching starts from.
@@ -205,6 +207,7 @@ impl Reacher {
                 client: Mutex::new(Some(client)),
                 session: Mutex::new(None),
                 path_changed: Arc::default(),
+                why_not: std::sync::Mutex::new([None, None]),
                 udp: Mutex::new(registration.udp),
                 tcp: Mutex::new(registration.tcp),
                 direct: Mutex::new(None),
@@ -320,11 +323,7 @@ impl Reacher {
                         return;
                     }
                 };
-                let why = if state.cfg.transport == Transport::Relay {
-                    "--transport relay"
-                } else {
-                    "no direct path is up"
-                };
+                let why = state.why_relay();
                 info!(%from, path = "relay", "connection via the relay after {:?} ({why})", started.elapsed());
                 if let Err(e) = tunnel::splice(local, stream, &stats).await {
                     debug!(%from, error = %e, "connection ended with an error");
@@ -372,6 +371,38 @@ impl State {
         self.path_changed.notify_waiters();
     }
 
+    /// Records why direct path `which` (0: UDP, 1: TCP) did not come up.
+    fn not_direct(&self, which: usize, why: String) {
+        self.why_not.lock().unwrap_or_else(|e| e.into_inner())[which] = Some(why);
+    }
+
+    /// Why a connection takes the relay: what each direct path said, or that it is still
+    /// being punched.
+    fn why_relay(&self) -> String {
+        if self.cfg.transport == Transport::Relay {
+            return "--transport relay".into();
+        }
+        let why = self
+            .why_not
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut parts = Vec::new();
+        for (i, (name, on)) in [
+            ("udp", self.cfg.transport.udp()),
+            ("tcp", self.cfg.transport.tcp()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if on {
+                let w = why[i].as_deref().unwrap_or("still punching");
+                parts.push(format!("{name}: {w}"));
+            }
+        }
+        parts.join("; ")
+    }
+
     /// Without a relay: waits until a direct path is up (true) or the session is over.
     async fn wait_direct(&self, s: &Session) -> bool {
         loop {
@@ -394,6 +425,7 @@ impl State {
     /// alone: `guard` ends the session when the last punch is over); each direct path that
     /// works is taken by new connections until it dies. Returns how many punches started.
     fn start_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, s: Option<&Session>) -> usize {
+        *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
         let kinds = [self.cfg.transport.udp(), self.cfg.transport.tcp()];
         let n = kinds.iter().filter(|k| **k).count();
         let left = Arc::new(std::sync::atomic::AtomicUsize::new(n));
@@ -421,12 +453,14 @@ impl State {
             let _guard = guard;
             let Some(tcp) = state.tcp.lock().await.clone() else {
                 info!(peer = %b.peer, "no direct tcp: no shared TCP port");
+                state.not_direct(1, "no shared TCP port".into());
                 return;
             };
             let d = match crate::direct_tcp::establish_tcp(&tcp, &b).await {
                 Ok(d) => d,
                 Err(e) => {
                     info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
+                    state.not_direct(1, e.to_string());
                     return;
                 }
             };
@@ -452,6 +486,7 @@ impl State {
             state.show_path(&b.peer).await;
             closed.cancelled().await;
             info!(peer = %b.peer, "direct tcp path lost; new connections take the next best path");
+            state.not_direct(1, "the direct tcp path was lost".into());
             state.show_path(&b.peer).await;
         });
     }
@@ -466,6 +501,7 @@ impl State {
                     Some(u) => (u.endpoint.clone(), u.nat),
                     None => {
                         info!(peer = %b.peer, "relay only: no UDP endpoint (no STUN answer)");
+                        state.not_direct(0, "no UDP endpoint (no STUN answer)".into());
                         return;
                     }
                 }
@@ -474,6 +510,7 @@ impl State {
                 Ok(d) => d,
                 Err(e) => {
                     info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
+                    state.not_direct(0, e.to_string());
                     return;
                 }
             };
@@ -490,6 +527,7 @@ impl State {
             state.show_path(&b.peer).await;
             let why = conn.closed().await;
             info!(peer = %b.peer, "direct udp path lost ({why}); new connections take the next best path");
+            state.not_direct(0, format!("the direct udp path was lost ({why})"));
             state.show_path(&b.peer).await;
         });
     }

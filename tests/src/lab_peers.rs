@@ -69,10 +69,17 @@ pub fn run_matrix(
                 .and_then(|r| r.split(' ').next())
                 .unwrap_or("-");
             table.push(format!("{a:>5} -> {b:<5} {:<11} {ms:>6} ms", run.path));
-            if run.direct != (want == direct) || run.path != want {
+            // A connection says its path, and on the relay why, once the punch is over.
+            let line = &run.connection;
+            let unexplained = if want == "relay" {
+                !line.contains("via the relay") || line.contains("still punching")
+            } else {
+                line.contains("via the relay")
+            };
+            if run.direct != (want == direct) || run.path != want || unexplained {
                 failures.push(format!(
-                    "{a} -> {b}: got {} ({}), want {want}\n{}",
-                    run.path, run.outcome, run.log
+                    "{a} -> {b}: got {} ({}; {}), want {want}\n{}",
+                    run.path, run.outcome, run.connection, run.log
                 ));
             }
         }
@@ -330,6 +337,7 @@ pub fn run_pair(
         direct: false,
         outcome: String::new(),
         path: String::new(),
+        connection: String::new(),
         log: String::new(),
         first_byte: Duration::ZERO,
         to_direct: None,
@@ -355,12 +363,25 @@ pub fn run_pair(
         return fail(e, &mut reach, &mut expose);
     }
     let path = status_path(peer, &home_b.0);
-    let log = reach.seen.join("\n");
+    // The big exchange's connection is the second one reach logged: its path and why.
+    let is_conn = |l: &String| l.contains("connection via the");
+    while reach.seen.iter().filter(|l| is_conn(l)).count() < 2 {
+        reach.wait_for(&["connection via the"]);
+    }
+    let connection = reach
+        .seen
+        .iter()
+        .filter(|l| is_conn(l))
+        .nth(1)
+        .cloned()
+        .unwrap_or_default();
+    let log = reach.log();
     drop((expose, reach));
     PairRun {
         direct,
         outcome,
         path,
+        connection,
         log,
         first_byte,
         to_direct,
@@ -377,6 +398,8 @@ pub struct PairRun {
     pub outcome: String,
     /// The path `peer status` showed after the transfers.
     pub path: String,
+    /// reach's log line for the big exchange's connection (its path and why).
+    pub connection: String,
     /// reach's whole log.
     pub log: String,
     /// From starting `reach` to the first echoed byte (through the relay, at once).
