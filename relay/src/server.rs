@@ -330,7 +330,22 @@ async fn serve_tcp(
     }
     let conn = shared.conn_id();
     let session = hello.ticket.session;
-    let admit = lock(&shared.pairing).handle_hello(Instant::now(), unix_now(), conn, &hello.ticket);
+    let (tx, rx) = oneshot::channel();
+    let admit = {
+        // A waiting half is parked under the same lock that admits it: a partner admitted
+        // a moment later must find it there, or its stream would be dropped unpaired.
+        let mut pairing = lock(&shared.pairing);
+        let admit = pairing.handle_hello(Instant::now(), unix_now(), conn, &hello.ticket);
+        if let Ok(Admit::Wait | Admit::Replace { .. }) = admit {
+            let mut parked = lock(&shared.parked);
+            if let Ok(Admit::Replace { old }) = admit {
+                // Dropping the old half's sender wakes it, and it closes.
+                parked.remove(&old);
+            }
+            parked.insert(conn, tx);
+        }
+        admit
+    };
     match admit {
         Err(r) => {
             shared.refused(remote, &r);
@@ -338,9 +353,11 @@ async fn serve_tcp(
         }
         Ok(Admit::Pair { other }) => {
             let waiting = lock(&shared.parked).remove(&other);
-            if let Some(tx) = waiting
-                && let Err(stream) = tx.send(stream)
-            {
+            let unpaired = match waiting {
+                Some(tx) => tx.send(stream).err(),
+                None => Some(stream),
+            };
+            if let Some(stream) = unpaired {
                 // The waiting half left at this very moment.
                 lock(&shared.pairing).session_ended();
                 refuse(
@@ -351,13 +368,9 @@ async fn serve_tcp(
             }
         }
         Ok(admit @ (Admit::Wait | Admit::Replace { .. })) => {
-            if let Admit::Replace { old } = admit {
-                // Dropping the old half's sender wakes it, and it closes.
-                lock(&shared.parked).remove(&old);
+            if let Admit::Replace { .. } = admit {
                 info!(%session, %remote, "relay half came back on a new connection");
             }
-            let (tx, rx) = oneshot::channel();
-            lock(&shared.parked).insert(conn, tx);
             shared.deadlines.notify_one();
             if let Err(e) = write_status(&mut stream, &Status::Waiting).await {
                 debug!(%session, %remote, error = %e, "relay half left before it heard it waits");
@@ -396,8 +409,11 @@ async fn serve_tcp(
 }
 
 fn gone(shared: &Shared, conn: ConnId) {
+    // Under the pairing lock, so a partner admitted now waits itself rather than being
+    // handed to a half that has gone.
+    let mut pairing = lock(&shared.pairing);
+    pairing.handle_gone(conn);
     lock(&shared.parked).remove(&conn);
-    lock(&shared.pairing).handle_gone(conn);
 }
 
 async fn write_status(stream: &mut TcpStream, s: &Status) -> Result<(), frame::FrameError> {

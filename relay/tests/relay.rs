@@ -346,3 +346,42 @@ async fn a_half_whose_connection_broke_before_pairing_joins_again_with_its_ticke
     // Once paired, the ticket is spent for good.
     assert_eq!(refused(join_tcp(addr, a, BOUND).await), RefusalCode::Reused);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halves_arriving_at_the_same_moment_always_pair() {
+    // Both halves of many sessions at once: a partner admitted just after a half was told
+    // to wait must always find it (it once found nothing and was dropped unpaired).
+    let relay = relay_with(|c| c.limits.max_sessions = 1000).await;
+    let addr = relay.addr();
+    let exp = unix_now() + 60;
+    let mut joins = Vec::new();
+    for s in 0..300u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&s.to_be_bytes());
+        for side in [Side::Initiator, Side::Responder] {
+            let t = key().issue(SessionId(id), side, exp);
+            joins.push(tokio::spawn(async move {
+                let mut stream = join_tcp(addr, t, BOUND).await?;
+                // One byte each way proves the two halves are joined to each other.
+                stream
+                    .write_all(&[side as u8])
+                    .await
+                    .map_err(JoinError::Io)?;
+                let mut b = [0u8; 1];
+                stream.read_exact(&mut b).await.map_err(JoinError::Io)?;
+                Ok::<u8, JoinError>(b[0])
+            }));
+        }
+    }
+    for (i, j) in joins.into_iter().enumerate() {
+        let got = within("a half pairs", j).await.unwrap();
+        let got = got.unwrap_or_else(|e| panic!("half {i}: {e}"));
+        // Each half hears the other side's byte.
+        let other = if i % 2 == 0 {
+            Side::Responder
+        } else {
+            Side::Initiator
+        };
+        assert_eq!(got, other as u8, "half {i}");
+    }
+}
