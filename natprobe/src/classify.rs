@@ -199,8 +199,9 @@ pub fn nat_type(
 
 /// Port allocation from fresh mappings `(local port, public port)`, in the order they were
 /// made: preserved when most keep their port, sequential (with the delta) when most steps
-/// are equal, random otherwise. A majority, not all, so one stray mapping made by another
-/// program between two of ours does not hide the pattern.
+/// are equal or every step is a small multiple of the smallest, random otherwise. Neither
+/// rule needs every step equal, so mappings other programs or hosts made between two of
+/// ours do not hide the pattern.
 pub fn allocation(fresh: &[(u16, u16)]) -> (Option<Allocation>, Option<i32>) {
     if fresh.len() < 3 {
         return (None, None);
@@ -232,11 +233,26 @@ pub fn allocation(fresh: &[(u16, u16)]) -> (Option<Allocation>, Option<i32>) {
         }
     }
     if best.0 != 0 && best.0.abs() <= 1000 && majority(best.1, steps.len()) {
-        (Some(Allocation::Sequential), Some(best.0))
-    } else {
-        (Some(Allocation::Random), None)
+        return (Some(Allocation::Sequential), Some(best.0));
     }
+    // On a busy NAT other hosts take ports between ours: every step is then a small
+    // multiple of the delta (with the delta itself among them). Random ports line up like
+    // that about never.
+    let delta = steps.iter().copied().filter(|d| *d != 0).min_by_key(|d| d.abs());
+    if let Some(d) = delta
+        && d.abs() <= 1000
+        && steps
+            .iter()
+            .all(|s| s % d == 0 && (1..=MAX_GAP_MULTIPLE).contains(&(s / d)))
+    {
+        return (Some(Allocation::Sequential), Some(d));
+    }
+    (Some(Allocation::Random), None)
 }
+
+/// The largest step, in deltas, that still counts as sequential (up to three foreign
+/// mappings between two of ours).
+const MAX_GAP_MULTIPLE: i32 = 4;
 
 /// How likely a direct UDP path is between `me` (with its port allocation) and a peer
 /// behind `other`. The rules are chuantou's punching (peer-reflexive replies, port
@@ -447,6 +463,14 @@ mod tests {
         // One foreign mapping in between (a step of 2 among steps of 1) keeps the pattern.
         let noisy = [(1, 100), (2, 101), (3, 103), (4, 104), (5, 105)];
         assert_eq!(allocation(&noisy), (Some(Allocation::Sequential), Some(1)));
+        // A busy NAT: other hosts' mappings between ours at most steps; still delta 3.
+        let busy = [(1, 2000), (2, 2006), (3, 2009), (4, 2018), (5, 2021)];
+        assert_eq!(allocation(&busy), (Some(Allocation::Sequential), Some(3)));
+        // Small steps that are not multiples of one another, or going both ways: random.
+        let ragged = [(1, 2000), (2, 2003), (3, 2008), (4, 2015), (5, 2017)];
+        assert_eq!(allocation(&ragged), (Some(Allocation::Random), None));
+        let back_and_forth = [(1, 2000), (2, 2003), (3, 2000), (4, 2006), (5, 2003)];
+        assert_eq!(allocation(&back_and_forth), (Some(Allocation::Random), None));
         let random = [(1, 31234), (2, 50123), (3, 2291), (4, 40001), (5, 17000)];
         assert_eq!(allocation(&random), (Some(Allocation::Random), None));
         assert_eq!(allocation(&random[..2]), (None, None));
