@@ -37,6 +37,9 @@ def main():
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", listen))
     srv.listen(16)
+    # Ready: the bench waits for this line rather than probing the port, which would
+    # hand the iperf3 server a stray control connection.
+    print("listening", flush=True)
     while True:
         c, _ = srv.accept()
         s = socket.create_connection(("127.0.0.1", target))
