@@ -238,7 +238,11 @@ pub fn allocation(fresh: &[(u16, u16)]) -> (Option<Allocation>, Option<i32>) {
     // On a busy NAT other hosts take ports between ours: every step is then a small
     // multiple of the delta (with the delta itself among them). Random ports line up like
     // that about never.
-    let delta = steps.iter().copied().filter(|d| *d != 0).min_by_key(|d| d.abs());
+    let delta = steps
+        .iter()
+        .copied()
+        .filter(|d| *d != 0)
+        .min_by_key(|d| d.abs());
     if let Some(d) = delta
         && d.abs() <= 1000
         && steps
@@ -470,7 +474,10 @@ mod tests {
         let ragged = [(1, 2000), (2, 2003), (3, 2008), (4, 2015), (5, 2017)];
         assert_eq!(allocation(&ragged), (Some(Allocation::Random), None));
         let back_and_forth = [(1, 2000), (2, 2003), (3, 2000), (4, 2006), (5, 2003)];
-        assert_eq!(allocation(&back_and_forth), (Some(Allocation::Random), None));
+        assert_eq!(
+            allocation(&back_and_forth),
+            (Some(Allocation::Random), None)
+        );
         let random = [(1, 31234), (2, 50123), (3, 2291), (4, 40001), (5, 17000)];
         assert_eq!(allocation(&random), (Some(Allocation::Random), None));
         assert_eq!(allocation(&random[..2]), (None, None));
