@@ -88,6 +88,39 @@ pub fn run_matrix(
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The lab for [`direct_path_dies`]: two port-restricted cones, `a` and `b`.
+pub const DIES_ROUTERS: [&str; 2] = ["a=port-restricted", "b=port-restricted"];
+
+/// `expose` on `a-1` and `reach` on `b-1` with `transport`; once a connection has taken the
+/// direct path, router `a` starts dropping what `drop` matches (an nft match, e.g.
+/// `meta l4proto udp`), silently; reach must log the path as lost, and the next connection
+/// must take the relay.
+pub fn direct_path_dies(lab: &Lab, peer: &Path, transport: &str, drop: &str) {
+    let (up, _) = verdicts(transport);
+    let (via, lost) = match transport {
+        "tcp" => ("connection via the direct tcp path", "direct tcp path lost"),
+        _ => ("connection via the direct path", "direct udp path lost"),
+    };
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(lab, "a-1");
+    let _expose = start_expose(lab, peer, "a-1", &home_a.0, service, "pc", transport);
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let mut reach = start_reach(lab, peer, "b-1", &home_b.0, "pc", local, transport);
+    echo(lab, "b-1", local, b"first");
+    reach.wait_for(&[up]);
+    echo(lab, "b-1", local, b"direct");
+    reach.wait_for(&[via]);
+    let cut = format!(
+        "table ip cut {{\n  chain f {{ type filter hook forward priority filter - 10; \
+         policy accept;\n    {drop} drop\n  }}\n}}\n"
+    );
+    lab.nft("a", &cut).unwrap();
+    reach.wait_for(&[lost]);
+    echo(lab, "b-1", local, b"after");
+    let line = reach.wait_for(&["connection via the"]);
+    assert!(line.contains("via the relay"), "{line}");
+}
+
 /// Whether the pair must use the relay when punching TCP: random symmetric with any
 /// symmetric NAT (as for UDP), and random symmetric with a port-restricted cone (TCP has no
 /// birthday mode, and the cone lets in only the port it connected to, which the random

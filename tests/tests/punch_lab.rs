@@ -1,10 +1,12 @@
-//! The NAT-lab matrix for UDP punching (`--transport udp`): for every ordered pair of NAT kinds, `peer expose`
-//! behind one and `peer reach` behind the other (real processes, real kernel NATs), data
-//! flows both ways through `reach`, and the path is the one the pair must get: direct for
-//! every pair except random symmetric with any symmetric NAT, which use the relay.
+//! The NAT-lab matrix for UDP punching (`--transport udp`): for every ordered pair of NAT
+//! kinds, `peer expose` behind one and `peer reach` behind the other (real processes, real
+//! kernel NATs), data flows both ways through `reach`, and the path is the one the pair must
+//! get: direct for every pair except random symmetric with any symmetric NAT, which use the
+//! relay. Also: two peers behind one NAT, and a direct path that dies.
 
 use chuantou_tests::lab_peers::{
-    matrix_routers, must_relay, run_matrix, run_pair, start_rendezvous,
+    DIES_ROUTERS, direct_path_dies, matrix_routers, must_relay, run_matrix, run_pair,
+    start_rendezvous,
 };
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
@@ -42,36 +44,12 @@ fn two_peers_behind_one_nat_without_hairpin_connect_over_the_lan() {
 
 #[test]
 fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
-    use chuantou_tests::TempHome;
-    use chuantou_tests::lab_peers::{echo, echo_service, start_expose, start_reach};
-    use std::net::{Ipv4Addr, SocketAddr};
-
-    let Some(lab) = Lab::for_test(&["a=port-restricted", "b=port-restricted"]) else {
+    let Some(lab) = Lab::for_test(&DIES_ROUTERS) else {
         return;
     };
     let peer = workspace_bin("peer");
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
-    let (home_a, home_b) = (TempHome::new(), TempHome::new());
-    let service = echo_service(&lab, "a-1");
-    let expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc", "udp");
-    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
-    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local, "udp");
-    echo(&lab, "b-1", local, b"first");
-    reach.wait_for(&["direct path up"]);
-    echo(&lab, "b-1", local, b"direct");
-    reach.wait_for(&["connection via the direct path"]);
-
     // The NAT starts dropping all UDP: keep-alives are lost, QUIC's idle timeout ends the
     // direct connection, and the next connection takes the relay (TCP).
-    lab.nft(
-        "a",
-        "table ip cut {\n  chain f { type filter hook forward priority filter - 10; \
-         policy accept;\n    meta l4proto udp drop\n  }\n}\n",
-    )
-    .unwrap();
-    reach.wait_for(&["direct udp path lost"]);
-    echo(&lab, "b-1", local, b"after");
-    let line = reach.wait_for(&["connection via the"]);
-    assert!(line.contains("via the relay"), "{line}");
-    drop(expose);
+    direct_path_dies(&lab, &peer, "udp", "meta l4proto udp");
 }

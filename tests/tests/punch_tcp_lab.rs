@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use chuantou_tests::TempHome;
 use chuantou_tests::lab_peers::{
-    echo, echo_service, matrix_routers, must_relay_tcp, run_matrix, start_expose, start_reach,
-    start_rendezvous, status_path,
+    DIES_ROUTERS, direct_path_dies, echo, echo_service, matrix_routers, must_relay_tcp, run_matrix,
+    start_expose, start_reach, start_rendezvous, status_path,
 };
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
@@ -79,33 +79,18 @@ fn with_udp_dropped_at_one_nat_auto_ends_on_direct_tcp() {
 
 #[test]
 fn when_the_direct_tcp_path_dies_new_connections_go_back_to_the_relay() {
-    let Some(lab) = Lab::for_test(&["a=port-restricted", "b=port-restricted"]) else {
+    let Some(lab) = Lab::for_test(&DIES_ROUTERS) else {
         return;
     };
     let peer = workspace_bin("peer");
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
-    let (home_a, home_b) = (TempHome::new(), TempHome::new());
-    let service = echo_service(&lab, "a-1");
-    let _expose = start_expose(&lab, &peer, "a-1", &home_a.0, service, "pc", "tcp");
-    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
-    let mut reach = start_reach(&lab, &peer, "b-1", &home_b.0, "pc", local, "tcp");
-    echo(&lab, "b-1", local, b"first");
-    reach.wait_for(&["direct tcp path up"]);
-    echo(&lab, "b-1", local, b"direct");
-    reach.wait_for(&["connection via the direct tcp path"]);
-
     // Router a silently drops every TCP packet except those to and from the rendezvous
     // and relay (198.18.0.0/24): the punched connection's pings go unanswered, the tunnel
     // closes itself, and the next connection takes the relay.
-    lab.nft(
-        "a",
-        "table ip cut {\n  chain f { type filter hook forward priority filter - 10; \
-         policy accept;\n    meta l4proto tcp ip saddr != 198.18.0.0/24 \
-         ip daddr != 198.18.0.0/24 drop\n  }\n}\n",
-    )
-    .unwrap();
-    reach.wait_for(&["direct tcp path lost"]);
-    echo(&lab, "b-1", local, b"after");
-    let line = reach.wait_for(&["connection via the"]);
-    assert!(line.contains("via the relay"), "{line}");
+    direct_path_dies(
+        &lab,
+        &peer,
+        "tcp",
+        "meta l4proto tcp ip saddr != 198.18.0.0/24 ip daddr != 198.18.0.0/24",
+    );
 }
