@@ -1,7 +1,9 @@
 //! `peer expose PORT`: keep a service reachable under a name. Stays registered (reconnecting
 //! when the rendezvous goes away, while existing tunnels keep serving), and for every
-//! brokered session joins the relay, accepts the tunnel from the reaching peer (its key
-//! pinned by the broker message) and connects each stream to the local service.
+//! brokered session runs its paths side by side — the relay tunnel (unless `--no-relay`),
+//! direct UDP (QUIC) and direct TCP (TLS + yamux), as `--transport` allows — accepting only
+//! the reaching peer's key (pinned by the broker message) and connecting each stream to the
+//! local service. The session lasts while any of its paths does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,7 +1,9 @@
 //! `peer reach NAME`: a local port that is the named peer's service. Registers (the
 //! rendezvous brokers only registered peers), pins the peer's key on first contact, listens
-//! locally, and carries each local connection as a stream of one shared tunnel. A tunnel is
-//! made on the first connection and remade, through a new broker exchange, when it dies.
+//! locally, and carries each local connection on the best path of one session: direct UDP
+//! (QUIC), else direct TCP (TLS + yamux), else the relay tunnel, as `--transport` and
+//! `--no-relay` allow. A session is brokered on the first connection and again, through a
+//! new broker exchange, when it is over.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
