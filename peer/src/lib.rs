@@ -1,6 +1,6 @@
 //! chuantou peer: exposes a local service under a name, and reaches a named peer's service
 //! through an end-to-end encrypted tunnel: over the relay at once, and over a punched
-//! direct UDP path (QUIC) as soon as one works.
+//! direct path as soon as one works — UDP (QUIC) or TCP simultaneous open (TLS + yamux).
 //!
 //! # Layout
 //!
