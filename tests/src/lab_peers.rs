@@ -39,17 +39,17 @@ pub fn matrix_routers() -> Vec<String> {
         .collect()
 }
 
-/// Runs [`run_pair`] for every ordered pair of kinds (routers from [`matrix_routers`]) with
+/// In a lab of [`matrix_routers`] with a rendezvous, runs [`run_pair`] for every ordered pair of kinds with
 /// `transport`, and compares each path with the one it must get: `direct` unless
 /// `must_relay(expose, reach)`. Prints the table; panics with every mismatch and its log.
-pub fn run_matrix(
-    lab: &Lab,
-    peer: &Path,
-    server: &mut Proc,
-    transport: &str,
-    direct: &str,
-    must_relay: fn(&str, &str) -> bool,
-) {
+pub fn run_matrix(transport: &str, direct: &str, must_relay: fn(&str, &str) -> bool) {
+    let routers = matrix_routers();
+    let refs: Vec<&str> = routers.iter().map(String::as_str).collect();
+    let Some(lab) = Lab::for_test(&refs) else {
+        return;
+    };
+    let (lab, peer) = (&lab, &crate::workspace_bin("peer"));
+    let server = &mut start_rendezvous(lab, &crate::workspace_bin("rendezvous"));
     let (up, _) = verdicts(transport);
     let mut table = Vec::new();
     let mut failures = Vec::new();
@@ -305,19 +305,20 @@ pub fn start_expose(
     name: &str,
     transport: &str,
 ) -> Proc {
+    let service = service.to_string();
+    let args = ["expose", &service, "--name", name, "--transport", transport];
+    start_peer(lab, peer, host, home, &args, "registered")
+}
+
+/// `peer --home HOME --rendezvous … ARGS` on `host`, returned once its log says `ready`.
+fn start_peer(lab: &Lab, peer: &Path, host: &str, home: &Path, args: &[&str], ready: &str) -> Proc {
     let mut cmd = lab.command(host, peer);
-    cmd.arg("--home").arg(home).args([
-        "--rendezvous",
-        "198.18.0.1:7000",
-        "expose",
-        &service.to_string(),
-        "--name",
-        name,
-        "--transport",
-        transport,
-    ]);
+    cmd.arg("--home")
+        .arg(home)
+        .args(["--rendezvous", "198.18.0.1:7000"])
+        .args(args);
     let mut p = Proc::start(cmd);
-    p.wait_for(&["registered"]);
+    p.wait_for(&[ready]);
     p
 }
 
@@ -331,20 +332,9 @@ pub fn start_reach(
     local: SocketAddr,
     transport: &str,
 ) -> Proc {
-    let mut cmd = lab.command(host, peer);
-    cmd.arg("--home").arg(home).args([
-        "--rendezvous",
-        "198.18.0.1:7000",
-        "reach",
-        name,
-        "--local",
-        &local.to_string(),
-        "--transport",
-        transport,
-    ]);
-    let mut p = Proc::start(cmd);
-    p.wait_for(&["reaching"]);
-    p
+    let local = local.to_string();
+    let args = ["reach", name, "--local", &local, "--transport", transport];
+    start_peer(lab, peer, host, home, &args, "reaching")
 }
 
 /// `peer expose` of an echo service on `host_a` as `name`, `peer reach name` on `host_b`;

@@ -9,30 +9,15 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use chuantou_tests::TempHome;
 use chuantou_tests::lab_peers::{
-    DIES_ROUTERS, direct_path_dies, echo, echo_service, matrix_routers, must_relay_tcp, run_matrix,
-    start_expose, start_reach, start_rendezvous, status_path,
+    DIES_ROUTERS, direct_path_dies, echo, echo_service, must_relay_tcp, run_matrix, start_expose,
+    start_reach, start_rendezvous, status_path,
 };
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
 
 #[test]
 fn every_pair_of_nat_kinds_connects_over_direct_tcp_or_through_the_relay() {
-    let routers = matrix_routers();
-    let refs: Vec<&str> = routers.iter().map(String::as_str).collect();
-    let Some(lab) = Lab::for_test(&refs) else {
-        return;
-    };
-    let peer = workspace_bin("peer");
-    let mut server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
-
-    run_matrix(
-        &lab,
-        &peer,
-        &mut server,
-        "tcp",
-        "direct-tcp",
-        must_relay_tcp,
-    );
+    run_matrix("tcp", "direct-tcp", must_relay_tcp);
 }
 
 #[test]
