@@ -1,13 +1,12 @@
-//! The punch shell: runs the sans-IO [`punch`](crate::punch) agent for one brokered
+//! The UDP punch shell: runs the sans-IO [`punch`](crate::punch) agent for one brokered
 //! session on the shared UDP endpoint (and, on the hard side of birthday mode, on extra
-//! sockets), then brings up the direct QUIC connection on the pair it proved. The relay
-//! tunnel comes up beside it; this only ever adds a faster path.
+//! sockets) and returns the pair it proved. The session then runs a path on it: on the
+//! shared socket a plain address, on a birthday socket a link of its own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::SigningKey;
 use rendezvous::proto::{Broker, NatAllocation, NatInfo, NatMapping, Role};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -15,19 +14,11 @@ use tracing::{debug, info};
 
 use natprobe::classify::{Allocation, NatType};
 
+use crate::defaults::PUNCH_LINGER;
 use crate::endpoint::UdpEndpoint;
 use crate::probe::ProbeKey;
 use crate::punch::{Config, Event, Input, Output, Punch, Timing};
-use crate::quic::{self, QuicError, QuicTunnel};
 use crate::strategy::{NatProfile, Strategy, plan};
-
-/// How long the responder keeps answering probes after agreeing, so a nomination whose
-/// ack was lost is acknowledged again.
-const LINGER: Duration = Duration::from_secs(3);
-
-/// The QUIC handshake on a proven pair takes a round trip or two; past this the pair is
-/// taken for broken and the relay carries on alone.
-const QUIC_SETUP: Duration = Duration::from_secs(5);
 
 /// Why there is no direct path.
 #[derive(Debug, thiserror::Error)]
@@ -47,22 +38,19 @@ pub enum DirectError {
     /// A socket failed.
     #[error("punch socket: {0}")]
     Io(#[from] std::io::Error),
-    /// The QUIC handshake on the punched pair failed.
-    #[error(transparent)]
-    Quic(#[from] QuicError),
 }
 
-/// A direct tunnel that works.
-#[derive(Debug, Clone)]
-pub struct Direct {
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
+/// A punched UDP pair.
+#[derive(Debug)]
+pub struct Punched {
+    /// The other side's address that answered.
+    pub remote: SocketAddr,
+    /// The birthday socket the pair is on; `None` for the shared endpoint socket.
+    pub socket: Option<UdpSocket>,
     /// How the pair was found, for the log.
     pub why: String,
-    /// From the punch's start to QUIC being up.
+    /// From the punch's start to the pair being agreed.
     pub elapsed: Duration,
-    /// The endpoint of a birthday socket, kept alive with the connection.
-    _own: Option<Arc<QuicTunnel>>,
 }
 
 /// What natprobe-style probing at registration told a peer, as the strategy wants it.
@@ -92,21 +80,21 @@ pub fn profile(nat: Option<NatInfo>) -> NatProfile {
     }
 }
 
-/// Punches for session `b` and brings up QUIC on the proven pair. The reaching side
-/// (initiator) is the QUIC server on its endpoint, pinned to the one peer it reaches; the
-/// exposing side connects.
+/// Punches for session `b` and returns the pair both sides agreed on. `relay_udp`: both
+/// sides join the relay over UDP (a mapping each, made before the first probe).
 pub async fn establish(
     endpoint: &UdpEndpoint,
     my_nat: Option<NatInfo>,
     b: &Broker,
-    key: &SigningKey,
-) -> Result<Direct, DirectError> {
+    relay_udp: bool,
+) -> Result<Punched, DirectError> {
     let started = Instant::now();
     let strategy = plan(
         &profile(my_nat),
         &profile(b.candidates.nat),
         b.candidates.udp,
         &b.candidates.lan,
+        i32::from(relay_udp),
     );
     let (sockets, remote, spray, why) = match strategy {
         Strategy::Direct {
@@ -208,7 +196,7 @@ pub async fn establish(
         // Keep acknowledging late nominations for a while.
         let (mut agent, endpoint) = (agent, endpoint.clone());
         tokio::spawn(async move {
-            let end = tokio::time::Instant::now() + LINGER;
+            let end = tokio::time::Instant::now() + PUNCH_LINGER;
             loop {
                 let (from, data) = tokio::select! {
                     _ = tokio::time::sleep_until(end) => return,
@@ -226,66 +214,23 @@ pub async fn establish(
             }
         });
     }
-    let quic_up = async {
-        if path.socket == 0 {
-            let conn = if b.role == Role::Initiator {
-                accept_from(endpoint, path.remote).await?
-            } else {
-                endpoint
-                    .quic()
-                    .connect_with(
-                        quic::client_config(key, b.peer_key)?,
-                        path.remote,
-                        crate::tls::SERVER_NAME,
-                    )
-                    .map_err(QuicError::from)?
-                    .await
-                    .map_err(QuicError::from)?
-            };
-            return Ok::<_, DirectError>((conn, None));
+    drop(readers);
+    let socket = match path.socket {
+        0 => None,
+        i => {
+            let (std_sock, _) = extra.swap_remove(i - 1);
+            let s =
+                std_sock.ok_or_else(|| std::io::Error::other("birthday socket already taken"))?;
+            s.set_nonblocking(true)?;
+            Some(UdpSocket::from_std(s)?)
         }
-        // A birthday socket: its own QUIC endpoint.
-        drop(readers);
-        let s = extra[path.socket - 1]
-            .0
-            .take()
-            .ok_or_else(|| std::io::Error::other("birthday socket already taken"))?;
-        let t = if b.role == Role::Initiator {
-            QuicTunnel::accept(s, key, b.peer_key, quic::KEEPALIVE).await?
-        } else {
-            QuicTunnel::connect(s, path.remote, key, b.peer_key, quic::KEEPALIVE).await?
-        };
-        Ok((t.conn.clone(), Some(Arc::new(t))))
     };
-    let (conn, own) = tokio::time::timeout(QUIC_SETUP, quic_up)
-        .await
-        .map_err(|_| DirectError::Unanswered {
-            probes: 0,
-            secs: started.elapsed().as_secs_f64(),
-        })??;
-    Ok(Direct {
-        conn,
+    Ok(Punched {
+        remote: path.remote,
+        socket,
         why,
         elapsed: started.elapsed(),
-        _own: own,
     })
-}
-
-/// The next incoming connection from `remote` on the shared endpoint (the server config,
-/// pinned to the peer, is set by the reaching side when it starts).
-async fn accept_from(
-    endpoint: &UdpEndpoint,
-    remote: SocketAddr,
-) -> Result<quinn::Connection, DirectError> {
-    loop {
-        let incoming = endpoint.quic().accept().await.ok_or(QuicError::NoPeer)?;
-        if incoming.remote_address() != remote {
-            debug!(from = %incoming.remote_address(), "ignoring a connection from elsewhere");
-            incoming.ignore();
-            continue;
-        }
-        return Ok(incoming.await.map_err(QuicError::from)?);
-    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -1,7 +1,7 @@
 //! The TCP punch shell: runs the sans-IO [`punch_tcp`](crate::punch_tcp) agent for one
 //! brokered session on the shared TCP port — connects from P, connections accepted on P
-//! for this session, one probe read at a time — and hands back the agreed connection, on
-//! which the caller runs the same TLS + yamux tunnel as over the relay.
+//! for this session, one probe read at a time — and hands back the agreed connection, which
+//! the session then runs a path on (a [`Link`](crate::path::link::Link)).
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +23,7 @@ use crate::punch_tcp::{Config, ConnId, Event, Input, Output, TcpPunch, TcpTiming
 use crate::signal::Tcp;
 use crate::strategy::{Strategy, plan_tcp};
 
-/// A punched TCP connection, both sides agreed, ready for the tunnel handshake.
+/// A punched TCP connection, both sides agreed.
 #[derive(Debug)]
 pub struct TcpDirect {
     /// The connection.
@@ -57,10 +57,12 @@ fn read_one(conn: ConnId, mut rd: OwnedReadHalf) -> BoxFuture<'static, Read> {
 pub async fn establish_tcp(
     tcp: &std::sync::Arc<Tcp>,
     b: &Broker,
+    relay_tcp: bool,
 ) -> Result<TcpDirect, DirectError> {
     let started = Instant::now();
-    // Both sides open their relay connection (a TCP mapping of its own) before punching.
-    let between = i32::from(b.relay.is_some());
+    // When the relay is joined over TCP, both sides open that connection (a TCP mapping
+    // of its own) before punching.
+    let between = i32::from(relay_tcp);
     let strategy = plan_tcp(
         &profile(tcp.nat),
         &profile(b.candidates.tcp_nat),

@@ -1,153 +1,28 @@
 //! The peer's UDP endpoint: the one socket whose NAT mapping the rendezvous observed,
-//! shared by STUN refreshes, punch probes of every session and every direct QUIC tunnel.
-//! quinn reads the socket; datagrams that are not QUIC are taken out before it sees them
-//! and routed by their first byte (RFC 9443): STUN (0–3) to the refresher, punch probes
-//! (4, see [`probe`]) to the punch of their session.
+//! shared by STUN refreshes, punch probes of every session and the QUIC endpoint all
+//! sessions run on. Its QUIC socket ([`path::socket`]) also carries every link (relay,
+//! punched TCP, birthday socket) as a path of its own.
 //!
-//! [`probe`]: crate::probe
+//! [`path::socket`]: crate::path::socket
 
-use std::collections::HashMap;
-use std::fmt;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 
-use quinn::udp::{RecvMeta, Transmit};
-use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 use tokio::sync::mpsc;
 
-use crate::probe;
+use crate::path::link::Links;
+use crate::path::socket::{ROUTE_QUEUE, Routes, Socket};
 
-/// Datagrams queued per route before new ones are dropped (UDP semantics: a slow reader
-/// loses packets, memory stays bounded).
-const ROUTE_QUEUE: usize = 1024;
-
-/// A datagram taken out of the QUIC stream: where it came from and its bytes.
-pub type Datagram = (SocketAddr, Vec<u8>);
-
-#[derive(Debug, Default)]
-struct Routes {
-    punches: Mutex<HashMap<[u8; 16], mpsc::Sender<Datagram>>>,
-    stun: Mutex<Option<mpsc::Sender<Datagram>>>,
-}
-
-fn is_stun(data: &[u8]) -> bool {
-    data.len() >= 20 && data[0] < 4 && data[4..8] == [0x21, 0x12, 0xa4, 0x42]
-}
-
-impl Routes {
-    /// Takes `data` if it is not QUIC; true when it did.
-    fn divert(&self, from: SocketAddr, data: &[u8]) -> bool {
-        if let Some(session) = probe::session_of(data) {
-            let punches = self.punches.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(tx) = punches.get(&session) {
-                let _ = tx.try_send((from, data.to_vec()));
-            }
-            return true;
-        }
-        if is_stun(data) {
-            let stun = self.stun.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(tx) = stun.as_ref() {
-                let _ = tx.try_send((from, data.to_vec()));
-            }
-            return true;
-        }
-        // Anything else that cannot be QUIC (first byte 5–63) is dropped here too.
-        data.first().is_some_and(|b| *b < 64)
-    }
-}
-
-/// quinn's socket with the non-QUIC datagrams taken out.
-struct Demux {
-    inner: Arc<dyn AsyncUdpSocket>,
-    routes: Arc<Routes>,
-}
-
-impl fmt::Debug for Demux {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Demux").finish_non_exhaustive()
-    }
-}
-
-impl AsyncUdpSocket for Demux {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.inner.clone().create_io_poller()
-    }
-
-    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut Context,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            let n = match self.inner.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            let mut kept = 0;
-            for i in 0..n {
-                let m = meta[i];
-                let stride = m.stride.max(1);
-                // A receive may coalesce several datagrams of one source (GRO): look at
-                // each, keep the QUIC ones packed at the front of the buffer.
-                let buf = &mut bufs[i][..m.len];
-                let mut write = 0;
-                let mut read = 0;
-                while read < m.len {
-                    let end = (read + stride).min(m.len);
-                    if !self.routes.divert(m.addr, &buf[read..end]) {
-                        buf.copy_within(read..end, write);
-                        write += end - read;
-                    }
-                    read = end;
-                }
-                if write == 0 {
-                    continue;
-                }
-                meta[i].len = write;
-                if kept != i {
-                    bufs.swap(kept, i);
-                    meta.swap(kept, i);
-                }
-                kept += 1;
-            }
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
-            }
-            // Everything was for us, not quinn: read again (registers the waker if empty).
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
-    }
-}
+pub use crate::path::socket::Datagram;
 
 /// The shared endpoint. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct UdpEndpoint {
-    quic: quinn::Endpoint,
+    quic: noq::Endpoint,
     sender: Arc<tokio::net::UdpSocket>,
     routes: Arc<Routes>,
+    links: Arc<Links>,
 }
 
 /// Punch probes of one session; the route is removed when this is dropped.
@@ -174,23 +49,21 @@ impl UdpEndpoint {
     /// accept too). STUN datagrams arrive on the returned receiver.
     pub fn new(socket: std::net::UdpSocket) -> io::Result<(UdpEndpoint, mpsc::Receiver<Datagram>)> {
         // A second handle on the same socket, for sending probes and STUN requests; all
-        // reading stays with quinn's side.
+        // reading stays with QUIC's side.
         let send = socket.try_clone()?;
         send.set_nonblocking(true)?;
         let sender = Arc::new(tokio::net::UdpSocket::from_std(send)?);
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let inner = runtime.wrap_udp_socket(socket)?;
+        let runtime = Arc::new(noq::TokioRuntime);
+        let udp = noq::Runtime::wrap_udp_socket(&*runtime, socket)?;
         let routes = Arc::new(Routes::default());
         let (stun_tx, stun_rx) = mpsc::channel(ROUTE_QUEUE);
         *routes.stun.lock().unwrap_or_else(|e| e.into_inner()) = Some(stun_tx);
-        let demux = Arc::new(Demux {
-            inner,
-            routes: routes.clone(),
-        });
-        let quic = quinn::Endpoint::new_with_abstract_socket(
+        let (links, incoming) = Links::new();
+        let socket = Socket::new(udp, routes.clone(), links.clone(), incoming);
+        let quic = noq::Endpoint::new_with_abstract_socket(
             crate::quic::endpoint_config(),
             None,
-            demux,
+            Box::new(socket),
             runtime,
         )?;
         Ok((
@@ -198,6 +71,7 @@ impl UdpEndpoint {
                 quic,
                 sender,
                 routes,
+                links,
             },
             stun_rx,
         ))
@@ -229,13 +103,19 @@ impl UdpEndpoint {
     }
 
     /// The QUIC endpoint on the socket.
-    pub fn quic(&self) -> &quinn::Endpoint {
+    pub fn quic(&self) -> &noq::Endpoint {
         &self.quic
+    }
+
+    /// The links (relay, punched TCP, birthday sockets) the QUIC socket sends to beside
+    /// the UDP socket.
+    pub fn links(&self) -> &Arc<Links> {
+        &self.links
     }
 
     /// Lets the endpoint accept QUIC connections with `config` (the reaching side, which
     /// has exactly one peer).
-    pub fn set_server(&self, config: quinn::ServerConfig) {
+    pub fn set_server(&self, config: noq::ServerConfig) {
         self.quic.set_server_config(Some(config));
     }
 }
@@ -299,7 +179,11 @@ mod tests {
         let client = crate::quic::client_config(&pc, public(&phone)).unwrap();
         let conn = a
             .quic()
-            .connect_with(client, b_addr, crate::tls::SERVER_NAME)
+            .connect_with(
+                client,
+                crate::path::for_quic(b_addr),
+                crate::tls::SERVER_NAME,
+            )
             .unwrap()
             .await
             .unwrap();

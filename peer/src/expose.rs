@@ -1,29 +1,34 @@
 //! `peer expose PORT`: keep a service reachable under a name. Stays registered (reconnecting
-//! when the rendezvous goes away, while existing tunnels keep serving), and for every
-//! brokered session runs its paths side by side — the relay tunnel (unless `--no-relay`),
-//! direct UDP (QUIC) and direct TCP (TLS + yamux), as `--transport` allows — accepting only
-//! the reaching peer's key (pinned by the broker message) and connecting each stream to the
-//! local service. The session lasts while any of its paths does.
+//! when the rendezvous goes away, while sessions keep serving), and for every reaching peer
+//! keeps one [`Session`]: it joins the relay and punches the direct paths `--transport`
+//! allows, all at once; dials the session's QUIC connection (pinned to the reaching peer's
+//! key from the broker message) over whichever path is ready first, and opens the others
+//! as further paths when they are. A later broker message for a peer that already has a
+//! session is that peer asking to re-punch: its punches become new paths of the same
+//! session. Every stream the other side opens is connected to the local service.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::ClientEvent;
-use rendezvous::proto::{Broker, NatInfo, PublicKey, RelayOffer};
+use rendezvous::proto::{Broker, NatInfo, PublicKey};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::direct;
 use crate::endpoint::UdpEndpoint;
+use crate::path::link::Link;
+use crate::path::{PathKind, for_quic};
+use crate::session::Session;
 use crate::signal::{Signaling, Tcp};
 use crate::status::Board;
-use crate::transport::{Transport, best_path};
-use crate::tunnel::{self, TunnelStats, TunnelStream};
+use crate::transport::{Policy, Transport};
+use crate::tunnel::{self, TunnelStats};
+use crate::{defaults, direct};
 
 /// What to expose.
 #[derive(Debug, Clone)]
@@ -34,7 +39,7 @@ pub struct Expose {
     pub target: String,
     /// Keys allowed to reach us; empty allows every key the rendezvous brokers.
     pub allow: Vec<PublicKey>,
-    /// The service is UDP: every stream is a UDP flow ([`crate::udp`]).
+    /// The service is UDP: every flow is a datagram flow ([`crate::udp_direct`]).
     pub udp: bool,
     /// Which direct paths to punch.
     pub transport: Transport,
@@ -42,8 +47,17 @@ pub struct Expose {
     pub no_relay: bool,
 }
 
-/// How long to wait for the relay to pair us with the reaching peer.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+impl Expose {
+    fn policy(&self) -> Policy {
+        Policy {
+            transport: self.transport,
+            no_relay: self.no_relay,
+        }
+    }
+}
+
+/// Live sessions by the reaching peer's key: where its further broker messages go.
+type Sessions = Arc<Mutex<HashMap<PublicKey, mpsc::Sender<Broker>>>>;
 
 /// Runs until `shutdown`, or a refusal no retry can fix (name taken, bad token).
 pub async fn run(
@@ -61,6 +75,7 @@ pub async fn run(
         cfg.target,
         cfg.signaling.name
     );
+    let sessions: Sessions = Arc::default();
     loop {
         let Some(registration) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
             return Ok(());
@@ -68,11 +83,12 @@ pub async fn run(
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
         let (mut client, udp) = (registration.client, registration.udp);
-        let direct_from = udp
-            .as_ref()
-            .filter(|_| cfg.transport.udp())
-            .map(|u| (u.endpoint.clone(), u.nat));
-        let tcp = registration.tcp.filter(|_| cfg.transport.tcp());
+        let from = From {
+            endpoint: registration.endpoint,
+            udp_presence: udp.is_some(),
+            udp: udp.as_ref().filter(|_| cfg.transport.udp()).map(|u| u.nat),
+            tcp: registration.tcp.filter(|_| cfg.transport.tcp()),
+        };
         loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -80,20 +96,43 @@ pub async fn run(
             };
             match event {
                 Some(ClientEvent::Broker(b)) => {
-                    tokio::spawn(session(
-                        cfg.clone(),
-                        key.clone(),
-                        *b,
-                        Direct {
-                            udp: direct_from.clone(),
-                            tcp: tcp.clone(),
-                        },
-                        board.clone(),
-                        shutdown.clone(),
-                    ));
+                    let b = *b;
+                    let known = sessions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&b.peer_key)
+                        .cloned();
+                    match known {
+                        Some(tx) if tx.try_send(b.clone()).is_ok() => {
+                            info!(peer = %b.peer, session = %b.session, "re-punching for the live session");
+                        }
+                        _ => {
+                            let (tx, rx) = mpsc::channel(4);
+                            sessions
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(b.peer_key, tx);
+                            let ctx = Ctx {
+                                cfg: cfg.clone(),
+                                key: key.clone(),
+                                board: board.clone(),
+                                from: from.clone(),
+                            };
+                            let sessions = sessions.clone();
+                            let shutdown = shutdown.clone();
+                            tokio::spawn(async move {
+                                let peer_key = b.peer_key;
+                                session(ctx, b, rx, shutdown).await;
+                                let mut s = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                                if s.get(&peer_key).is_some_and(|tx| tx.is_closed()) {
+                                    s.remove(&peer_key);
+                                }
+                            });
+                        }
+                    }
                 }
                 Some(ClientEvent::Closed(e)) => {
-                    warn!(error = %e, "lost the rendezvous; tunnels keep serving, reconnecting");
+                    warn!(error = %e, "lost the rendezvous; sessions keep serving, reconnecting");
                     break;
                 }
                 None => break,
@@ -102,133 +141,301 @@ pub async fn run(
     }
 }
 
-/// Where direct paths may be punched from.
-struct Direct {
-    udp: Option<(UdpEndpoint, Option<NatInfo>)>,
+/// Where a session's paths start from.
+#[derive(Clone)]
+struct From {
+    endpoint: UdpEndpoint,
+    /// Whether STUN answered over UDP (the relay is joined over UDP when both sides had).
+    udp_presence: bool,
+    /// UDP punching, with our NAT, when allowed and we have a UDP presence.
+    udp: Option<Option<NatInfo>>,
+    /// TCP punching, when allowed and we have a shared TCP port.
     tcp: Option<Arc<Tcp>>,
 }
 
-/// Which paths are up, for the board.
-#[derive(Default)]
-struct Up {
-    relay: AtomicBool,
-    udp: AtomicBool,
-    tcp: AtomicBool,
-}
-
-impl Up {
-    fn set(&self, which: &AtomicBool, on: bool, board: &Board, peer: &str) {
-        which.store(on, Ordering::Relaxed);
-        board.set_path(
-            peer,
-            "expose",
-            best_path(
-                self.udp.load(Ordering::Relaxed),
-                self.tcp.load(Ordering::Relaxed),
-                self.relay.load(Ordering::Relaxed),
-            ),
-        );
-    }
-}
-
-/// What every path task of one session shares.
 #[derive(Clone)]
 struct Ctx {
     cfg: Arc<Expose>,
     key: Arc<SigningKey>,
-    b: Arc<Broker>,
     board: Board,
-    up: Arc<Up>,
-    stats: Arc<TunnelStats>,
-    /// Streams the other side opens in a TLS + yamux tunnel (relay or direct TCP).
-    streams: mpsc::UnboundedSender<TunnelStream>,
+    from: From,
 }
 
-/// Serves one brokered session: the relay tunnel (unless `--no-relay`) and the direct paths
-/// punched beside it, each a task; the session lasts while any of them does.
+/// A path that is ready to carry the session, or word that an attempt is over.
+enum Ready {
+    Path {
+        kind: PathKind,
+        addr: SocketAddr,
+        link: Option<Link>,
+    },
+    Failed,
+}
+
+/// Starts every attempt at a path for broker message `b` (the relay only when `relay`);
+/// returns how many started. Each reports on `tx`.
+fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Ready>) -> usize {
+    let mut n = 0;
+    let links = ctx.from.endpoint.links().clone();
+    if relay && !ctx.cfg.no_relay {
+        match b.relay.clone() {
+            Some(offer) => {
+                n += 1;
+                let udp = !crate::path::relay::over_tcp(ctx.from.udp_presence, b);
+                let (tx, peer, links) = (tx.clone(), b.peer.clone(), links.clone());
+                tokio::spawn(async move {
+                    let r = match crate::path::relay::join(&links, &offer, udp).await {
+                        Ok(link) => Ready::Path {
+                            kind: link.kind,
+                            addr: link.addr,
+                            link: Some(link),
+                        },
+                        Err(e) => {
+                            warn!(%peer, relay = %offer.addr, error = %e, "could not join the relay");
+                            Ready::Failed
+                        }
+                    };
+                    let _ = tx.send(r).await;
+                });
+            }
+            None => info!(peer = %b.peer, "the rendezvous offered no relay; direct paths only"),
+        }
+    }
+    if let Some(nat) = ctx.from.udp {
+        n += 1;
+        // Both sides join the relay (over UDP: a mapping of its own) before the probes;
+        // a re-punch joins no relay.
+        let relay_udp =
+            relay && b.relay.is_some() && !crate::path::relay::over_tcp(ctx.from.udp_presence, b);
+        let (endpoint, b, tx) = (ctx.from.endpoint.clone(), b.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = match direct::establish(&endpoint, nat, &b, relay_udp).await {
+                Ok(p) => {
+                    debug!(peer = %b.peer, session = %b.session, remote = %p.remote, "punched via udp in {:.0} ms ({})", p.elapsed.as_secs_f64() * 1000.0, p.why);
+                    match p.socket {
+                        None => Ready::Path {
+                            kind: PathKind::DirectUdp,
+                            addr: p.remote,
+                            link: None,
+                        },
+                        Some(sock) => {
+                            let link =
+                                endpoint
+                                    .links()
+                                    .add_udp(PathKind::DirectUdp, sock, p.remote);
+                            Ready::Path {
+                                kind: PathKind::DirectUdp,
+                                addr: link.addr,
+                                link: Some(link),
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    info!(peer = %b.peer, session = %b.session, "no direct udp path: {e}");
+                    Ready::Failed
+                }
+            };
+            let _ = tx.send(r).await;
+        });
+    }
+    if let Some(tcp) = ctx.from.tcp.clone() {
+        n += 1;
+        // Both sides join the relay (over TCP: a mapping of its own) before punching TCP.
+        let relay_tcp =
+            relay && b.relay.is_some() && crate::path::relay::over_tcp(ctx.from.udp_presence, b);
+        let (b, tx) = (b.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = match crate::direct_tcp::establish_tcp(&tcp, &b, relay_tcp).await {
+                Ok(d) => {
+                    info!(peer = %b.peer, session = %b.session, remote = %d.remote,
+                        "punched via tcp in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
+                    let link = links.add_stream(PathKind::DirectTcp, d.stream);
+                    Ready::Path {
+                        kind: PathKind::DirectTcp,
+                        addr: link.addr,
+                        link: Some(link),
+                    }
+                }
+                Err(e) => {
+                    info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
+                    Ready::Failed
+                }
+            };
+            let _ = tx.send(r).await;
+        });
+    }
+    n
+}
+
+/// Serves one reaching peer: dials its session over the first path that is ready, adds the
+/// others (and those of re-punches) as they come, until the session ends.
 async fn session(
-    cfg: Arc<Expose>,
-    key: Arc<SigningKey>,
+    ctx: Ctx,
     b: Broker,
-    direct: Direct,
-    board: Board,
+    mut repunch: mpsc::Receiver<Broker>,
     shutdown: CancellationToken,
 ) {
     let peer = b.peer.clone();
-    if !cfg.allow.is_empty() && !cfg.allow.contains(&b.peer_key) {
+    let refused = !ctx.cfg.allow.is_empty() && !ctx.cfg.allow.contains(&b.peer_key);
+    if refused {
         warn!(%peer, key = %b.peer_key, "refused: key not in --allow");
-        // Join and fail the handshake, so the other side hears "refused" at once instead
-        // of waiting for a relay timeout.
-        if let Some(offer) = b.relay
-            && let Ok(stream) =
-                relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await
-        {
-            let (tx, _rx) = mpsc::unbounded_channel();
-            let _ = tunnel::accept(stream, &key, PublicKey([0; 32]), tx).await;
-        }
-        return;
     }
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let ctx = Ctx {
-        cfg: cfg.clone(),
-        key,
-        b: Arc::new(b),
-        board: board.clone(),
-        up: Arc::default(),
-        stats: Arc::default(),
-        streams: tx,
-    };
-    let ended = CancellationToken::new();
-    // On the board before any path can come up and set its name.
-    board.add_parts(&peer, "expose", "none", &ctx.stats, &ended);
-    let mut paths = tokio::task::JoinSet::new();
-    if cfg.no_relay {
-        info!(%peer, "not joining the relay (--no-relay)");
-    } else if let Some(offer) = ctx.b.relay.clone() {
-        paths.spawn(relay_path(ctx.clone(), offer));
+    let started = Instant::now();
+    let (tx, mut rx) = mpsc::channel(8);
+    // A refused peer still gets the relay (only), so that it hears "refused" at once
+    // instead of waiting for a timeout.
+    let mut pending = if refused {
+        let only_relay = Ctx {
+            from: From {
+                udp: None,
+                tcp: None,
+                ..ctx.from.clone()
+            },
+            ..ctx.clone()
+        };
+        start_paths(&only_relay, &b, true, &tx)
     } else {
-        info!(%peer, "the rendezvous offered no relay; direct paths only");
-    }
-    if let Some(tcp) = direct.tcp {
-        paths.spawn(tcp_path(ctx.clone(), tcp));
-    }
-    if let Some((endpoint, nat)) = direct.udp {
-        paths.spawn(udp_path(ctx.clone(), endpoint, nat));
-    }
-    let stats = ctx.stats.clone();
-    let session_id = ctx.b.session;
-    drop(ctx);
+        start_paths(&ctx, &b, true, &tx)
+    };
+    let mut live: Option<Session> = None;
     loop {
-        let stream = tokio::select! {
+        let closed = async {
+            match &live {
+                Some(s) => s.closed().cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            done = paths.join_next() => match done {
-                Some(_) => continue,
+            _ = closed => break,
+            nb = repunch.recv() => match nb {
+                Some(nb) => pending += start_paths(&ctx, &nb, false, &tx),
                 None => break,
             },
-            s = rx.recv() => match s { Some(s) => s, None => break },
-        };
-        let target = cfg.target.clone();
-        let stats = stats.clone();
-        let peer = peer.clone();
-        if cfg.udp {
-            tokio::spawn(async move {
-                if let Err(e) = crate::udp::serve_flow(stream, &target).await {
-                    warn!(%peer, %target, error = %e, "udp flow failed");
+            r = rx.recv() => {
+                pending = pending.saturating_sub(1);
+                match r {
+                    Some(Ready::Path { kind, addr, link }) => {
+                        if let Some(s) = &live {
+                            if let Some(l) = link {
+                                s.hold(l);
+                            }
+                            s.open_path(addr);
+                        } else {
+                            match dial(&ctx, &b, kind, addr, link, refused).await {
+                                Some(s) => {
+                                    info!(%peer, session = %b.session, path = kind.name(), "session up in {:.0} ms over the {kind} path", started.elapsed().as_secs_f64() * 1000.0);
+                                    serve(&ctx, &s);
+                                    ctx.board.add(&peer, "expose", &s);
+                                    live = Some(s);
+                                }
+                                None if refused => break,
+                                None => {}
+                            }
+                        }
+                    }
+                    Some(Ready::Failed) | None => {}
                 }
-            });
-            continue;
+                if live.is_none() && pending == 0 {
+                    warn!(%peer, session = %b.session, "no path to {peer}: session given up");
+                    break;
+                }
+            }
         }
-        tokio::spawn(serve_stream(stream, target, stats, peer));
     }
-    ended.cancel();
-    paths.abort_all();
-    info!(
-        %peer,
-        session = %session_id,
-        sent = stats.bytes_out.load(Ordering::Relaxed),
-        received = stats.bytes_in.load(Ordering::Relaxed),
-        "session closed"
+    if let Some(s) = live {
+        s.close("session over");
+        let stats = s.stats();
+        info!(
+            %peer,
+            sent = stats.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+            received = stats.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+            "session closed"
+        );
+    }
+}
+
+/// Dials the session's QUIC connection over its first path.
+async fn dial(
+    ctx: &Ctx,
+    b: &Broker,
+    kind: PathKind,
+    addr: SocketAddr,
+    link: Option<Link>,
+    refused: bool,
+) -> Option<Session> {
+    let config = match crate::quic::client_config(&ctx.key, b.peer_key) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(peer = %b.peer, error = %e, "cannot make the session's configuration");
+            return None;
+        }
+    };
+    let connecting =
+        match ctx
+            .from
+            .endpoint
+            .quic()
+            .connect_with(config, for_quic(addr), crate::tls::SERVER_NAME)
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(peer = %b.peer, error = %e, "cannot dial the session");
+                return None;
+            }
+        };
+    let conn = match tokio::time::timeout(defaults::HANDSHAKE, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            warn!(peer = %b.peer, path = kind.name(), error = %e, "session handshake failed");
+            return None;
+        }
+        Err(_) => {
+            warn!(peer = %b.peer, path = kind.name(), "session handshake timed out");
+            return None;
+        }
+    };
+    if refused {
+        conn.close(
+            1u32.into(),
+            b"refused: your key is not in the exposing peer's --allow list",
+        );
+        // The close goes out from the endpoint's driver: keep the link a moment for it.
+        tokio::spawn(async move {
+            tokio::time::sleep(defaults::PATH_KEEPALIVE).await;
+            drop(link);
+        });
+        return None;
+    }
+    Some(Session::start(
+        conn,
+        &b.peer,
+        ctx.cfg.policy(),
+        link.into_iter().collect(),
+    ))
+}
+
+/// Connects every stream (or datagram flow) the other side opens to the local service.
+fn serve(ctx: &Ctx, s: &Session) {
+    let (conn, target, stats, peer) = (
+        s.conn().clone(),
+        ctx.cfg.target.clone(),
+        s.stats().clone(),
+        s.peer().to_owned(),
     );
+    if ctx.cfg.udp {
+        tokio::spawn(crate::udp_direct::serve(conn.clone(), target.clone()));
+    }
+    tokio::spawn(async move {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            tokio::spawn(serve_stream(
+                tokio::io::join(recv, send),
+                target.clone(),
+                stats.clone(),
+                peer.clone(),
+            ));
+        }
+    });
 }
 
 /// Connects one stream to the local service.
@@ -245,85 +452,6 @@ where
         }
         Err(e) => warn!(%peer, %target, error = %e, "cannot reach the exposed service"),
     }
-}
-
-/// The relay tunnel, until it closes.
-async fn relay_path(ctx: Ctx, offer: RelayOffer) {
-    let b = &ctx.b;
-    let stream = match relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT).await {
-        Ok(s) => s,
-        Err(e) => {
-            return warn!(peer = %b.peer, error = %e, "could not join the relay");
-        }
-    };
-    let t = match tunnel::accept(stream, &ctx.key, b.peer_key, ctx.streams.clone()).await {
-        Ok(t) => t,
-        Err(e) => return warn!(peer = %b.peer, error = %e, "tunnel handshake failed"),
-    };
-    info!(peer = %b.peer, session = %b.session, path = "relay", relay = %offer.addr, "tunnel up");
-    ctx.up.set(&ctx.up.relay, true, &ctx.board, &b.peer);
-    t.closed().cancelled().await;
-    info!(peer = %b.peer, session = %b.session, "relay tunnel closed");
-    ctx.up.set(&ctx.up.relay, false, &ctx.board, &b.peer);
-}
-
-/// TCP simultaneous open, then the same TLS + yamux tunnel as over the relay; the reaching
-/// side opens streams on it, served from the same queue.
-async fn tcp_path(ctx: Ctx, tcp: Arc<Tcp>) {
-    let b = &ctx.b;
-    let d = match crate::direct_tcp::establish_tcp(&tcp, b).await {
-        Ok(d) => d,
-        Err(e) => return info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}"),
-    };
-    let tt = match tunnel::accept(d.stream, &ctx.key, b.peer_key, ctx.streams.clone()).await {
-        Ok(tt) => tt,
-        Err(e) => {
-            return info!(peer = %b.peer, error = %e,
-                "tunnel handshake on the punched tcp connection failed");
-        }
-    };
-    info!(peer = %b.peer, session = %b.session, path = "direct-tcp", remote = %d.remote,
-        "direct tcp path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
-    ctx.up.set(&ctx.up.tcp, true, &ctx.board, &b.peer);
-    tt.closed().cancelled().await;
-    info!(peer = %b.peer, "direct tcp path lost");
-    ctx.up.set(&ctx.up.tcp, false, &ctx.board, &b.peer);
-}
-
-/// UDP punching and QUIC; streams the other side opens on it are served like the others.
-async fn udp_path(ctx: Ctx, endpoint: UdpEndpoint, nat: Option<NatInfo>) {
-    let b = &ctx.b;
-    let d = match direct::establish(&endpoint, nat, b, &ctx.key).await {
-        Ok(d) => d,
-        Err(e) => {
-            return info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
-        }
-    };
-    info!(peer = %b.peer, session = %b.session, path = "direct-udp",
-        "direct path up in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
-    ctx.up.set(&ctx.up.udp, true, &ctx.board, &b.peer);
-    if ctx.cfg.udp {
-        tokio::spawn(crate::udp_direct::serve(
-            d.conn.clone(),
-            ctx.cfg.target.clone(),
-        ));
-    }
-    loop {
-        let (send, recv) = match d.conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(peer = %b.peer, "direct udp path lost ({e})");
-                break;
-            }
-        };
-        tokio::spawn(serve_stream(
-            tokio::io::join(recv, send),
-            ctx.cfg.target.clone(),
-            ctx.stats.clone(),
-            b.peer.clone(),
-        ));
-    }
-    ctx.up.set(&ctx.up.udp, false, &ctx.board, &b.peer);
 }
 
 /// The address `--to HOST` and the port make.

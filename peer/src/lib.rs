@@ -25,6 +25,7 @@
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod defaults;
 pub mod direct;
 pub mod direct_tcp;
 pub mod endpoint;
@@ -32,11 +33,13 @@ pub mod expose;
 pub mod home;
 #[cfg(test)]
 mod natsim;
+pub mod path;
 pub mod probe;
 pub mod punch;
 pub mod punch_tcp;
 pub mod quic;
 pub mod reach;
+pub mod session;
 pub mod signal;
 pub mod status;
 pub mod strategy;
@@ -44,5 +47,4 @@ pub mod tcp_port;
 pub mod tls;
 pub mod transport;
 pub mod tunnel;
-pub mod udp;
 pub mod udp_direct;

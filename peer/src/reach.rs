@@ -1,29 +1,36 @@
 //! `peer reach NAME`: a local port that is the named peer's service. Registers (the
 //! rendezvous brokers only registered peers), pins the peer's key on first contact, listens
-//! locally, and carries each local connection on the best path of one session: direct UDP
-//! (QUIC), else direct TCP (TLS + yamux), else the relay tunnel, as `--transport` and
-//! `--no-relay` allow. A session is brokered on the first connection and again, through a
-//! new broker exchange, when it is over.
+//! locally, and carries every local connection as a stream (every UDP flow as datagrams) of
+//! one [`Session`] with the peer, whatever path carries it at the moment.
+//!
+//! The first connection asks the rendezvous to broker a session; this side then joins the
+//! relay and punches beside it, and the exposing side dials the session over the first
+//! path that is ready and adds the others as they come. When a direct path is lost, this
+//! side asks for a new broker exchange in the background (with backoff) until a re-punch
+//! brings one back.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use rendezvous::client::{Client, ClientError};
-use rendezvous::proto::{PeerInfo, Proto, ServiceRef};
+use rendezvous::proto::{Broker, PeerInfo, Proto, ServiceRef};
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::direct::{self, Direct};
+use crate::endpoint::UdpEndpoint;
 use crate::home::{Home, Pinned};
-use crate::signal::{Signaling, Tcp, Udp};
+use crate::path::PathKind;
+use crate::path::link::Link;
+use crate::session::Session;
+use crate::signal::{Registration, Signaling, Tcp, Udp};
 use crate::status::Board;
-use crate::transport::{Transport, best_path};
-use crate::tunnel::{self, Tunnel};
+use crate::transport::{Policy, Transport};
+use crate::{defaults, direct, tunnel};
 
 /// What to reach.
 #[derive(Debug, Clone)]
@@ -44,35 +51,6 @@ pub struct Reach {
     pub no_relay: bool,
 }
 
-/// One brokered session: the relay tunnel (unless `--no-relay`) and the counters every
-/// connection of the session adds to, whatever path carries it. It is over when the relay
-/// tunnel closes, or, without a relay, when every punch has failed or its path died.
-#[derive(Debug, Clone)]
-struct Session {
-    relay: Option<Tunnel>,
-    stats: Arc<crate::tunnel::TunnelStats>,
-    closed: CancellationToken,
-}
-
-/// Held by each punch task of a session without a relay; the last one dropped ends it.
-struct PathGuard {
-    left: Arc<std::sync::atomic::AtomicUsize>,
-    closed: CancellationToken,
-    changed: Arc<tokio::sync::Notify>,
-}
-
-impl Drop for PathGuard {
-    fn drop(&mut self) {
-        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            self.closed.cancel();
-        }
-        self.changed.notify_waiters();
-    }
-}
-
-/// How long to wait for the relay to pair us with the peer.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A bound `reach`, ready to run.
 #[derive(Debug)]
 pub struct Reacher {
@@ -87,6 +65,23 @@ enum Local {
     Udp(tokio::net::UdpSocket),
 }
 
+/// The sockets paths start from, as the current registration has them.
+#[derive(Debug)]
+struct Presence {
+    endpoint: UdpEndpoint,
+    /// Kept for its refreshes; `None` when STUN did not answer over UDP.
+    udp: Option<Udp>,
+    tcp: Option<Arc<Tcp>>,
+    /// Stops this endpoint's accept loop when a new registration replaces it.
+    accepting: CancellationToken,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.accepting.cancel();
+    }
+}
+
 #[derive(Debug)]
 struct State {
     cfg: Reach,
@@ -97,19 +92,15 @@ struct State {
     peer_key: rendezvous::proto::PublicKey,
     shutdown: CancellationToken,
     client: Mutex<Option<Client>>,
-    session: Mutex<Option<Session>>,
-    /// Woken when a direct path comes up or goes.
-    path_changed: Arc<tokio::sync::Notify>,
+    presence: Mutex<Presence>,
+    /// One broker exchange at a time.
+    opening: Mutex<()>,
+    /// The live session; replaced when the other side dials a new one.
+    session: watch::Sender<Option<Session>>,
+    /// Links that came up before the session they belong to.
+    spare: SyncMutex<Vec<Link>>,
     /// Why there is no direct UDP / TCP path, for the relay's log lines.
-    why_not: std::sync::Mutex<[Option<String>; 2]>,
-    /// The UDP endpoint punching starts from, while registered with STUN.
-    udp: Mutex<Option<Udp>>,
-    /// The shared TCP port punching starts from.
-    tcp: Mutex<Option<Arc<Tcp>>>,
-    /// The direct path, while it lives.
-    direct: Mutex<Option<Direct>>,
-    /// The tunnel over a punched TCP connection, while it lives.
-    direct_tcp: Mutex<Option<Tunnel>>,
+    why_not: SyncMutex<[Option<String>; 2]>,
     board: Board,
 }
 
@@ -160,18 +151,13 @@ impl Reacher {
             cfg.signaling.register_udp(&key).await.with_context(|| {
                 format!("registering with rendezvous {}", cfg.signaling.rendezvous)
             })?;
-        let client = registration.client;
-        let peer = client
+        let peer = registration
+            .client
             .lookup(&cfg.target)
             .await
             .with_context(|| format!("looking up {}", cfg.target))?;
         if home.pin(&peer.name, peer.key)? == Pinned::New {
             info!(peer = %peer.name, key = %peer.key, "pinned {}'s key (first contact)", peer.name);
-        }
-        if let Some(u) = &registration.udp {
-            // We reach exactly one peer: our endpoint accepts its direct connections only.
-            u.endpoint
-                .set_server(crate::quic::server_config(&key, peer.key)?);
         }
         let proto = if cfg.udp { Proto::Udp } else { Proto::Tcp };
         let service = pick_service(&peer, cfg.service, proto)?;
@@ -197,25 +183,26 @@ impl Reacher {
             local,
             if peer.online { "" } else { " (it is offline now)" }
         );
+        let (client, presence) = split(registration);
+        let state = Arc::new(State {
+            cfg,
+            key,
+            home,
+            service,
+            peer_key: peer.key,
+            shutdown,
+            client: Mutex::new(Some(client)),
+            presence: Mutex::new(presence),
+            opening: Mutex::new(()),
+            session: watch::Sender::new(None),
+            spare: SyncMutex::default(),
+            why_not: SyncMutex::new([None, None]),
+            board,
+        });
+        state.accept_on(&*state.presence.lock().await)?;
         Ok(Reacher {
             local: listener,
-            state: Arc::new(State {
-                cfg,
-                key,
-                home,
-                service,
-                peer_key: peer.key,
-                shutdown,
-                client: Mutex::new(Some(client)),
-                session: Mutex::new(None),
-                path_changed: Arc::default(),
-                why_not: std::sync::Mutex::new([None, None]),
-                udp: Mutex::new(registration.udp),
-                tcp: Mutex::new(registration.tcp),
-                direct: Mutex::new(None),
-                direct_tcp: Mutex::new(None),
-                board,
-            }),
+            state,
         })
     }
 
@@ -230,37 +217,21 @@ impl Reacher {
             Local::Tcp(l) => l,
             Local::Udp(sock) => {
                 let state = self.state.clone();
-                let open = move || {
+                let session = move || {
                     let state = state.clone();
                     async move {
-                        let s = match state.session().await {
-                            Ok(s) => s,
+                        match state.session().await {
+                            Ok(s) => Some(s.conn().clone()),
                             Err(e) => {
-                                warn!(error = %format!("{e:#}"), "no tunnel to {}", state.cfg.target);
-                                return None;
+                                warn!(error = %format!("{e:#}"), "no session with {}", state.cfg.target);
+                                None
                             }
-                        };
-                        // A flow too big for a QUIC datagram, or no UDP path: a stream on
-                        // the direct TCP tunnel, else on the relay's.
-                        if s.relay.is_none() {
-                            state.wait_direct(&s).await;
                         }
-                        if let Some(tt) = state.direct_tcp_tunnel().await
-                            && let Ok(stream) = tt.open().await
-                        {
-                            return Some(stream);
-                        }
-                        s.relay.as_ref()?.open().await.ok()
                     }
-                };
-                let state = self.state.clone();
-                let direct = move || {
-                    let state = state.clone();
-                    async move { state.direct_conn().await }
                 };
                 return tokio::select! {
                     _ = self.state.shutdown.cancelled() => Ok(()),
-                    r = crate::udp::reach_udp(sock, open, direct) => r.context("local udp socket"),
+                    r = crate::udp_direct::reach_udp(sock, session) => r.context("local udp socket"),
                 };
             }
         };
@@ -276,58 +247,34 @@ impl Reacher {
                 let s = match state.session().await {
                     Ok(s) => s,
                     Err(e) => {
-                        warn!(%from, error = %format!("{e:#}"), "no tunnel to {}", state.cfg.target);
+                        warn!(%from, error = %format!("{e:#}"), "no session with {}", state.cfg.target);
                         return;
                     }
                 };
-                if s.relay.is_none() && !state.wait_direct(&s).await {
-                    warn!(%from, "no direct path to {} and --no-relay: connection closed", state.cfg.target);
-                    return;
-                }
-                let stats = s.stats.clone();
-                if let Some(conn) = state.direct_conn().await {
-                    match conn.open_bi().await {
-                        Ok((send, recv)) => {
-                            info!(%from, path = "direct-udp", "connection via the direct path after {:?} (the best one up)", started.elapsed());
-                            let stream = tokio::io::join(recv, send);
-                            if let Err(e) = tunnel::splice(local, stream, &stats).await {
-                                debug!(%from, error = %e, "connection ended with an error");
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(%from, error = %e, "direct udp path failed; trying the next")
-                        }
-                    }
-                }
-                if let Some(tt) = state.direct_tcp_tunnel().await {
-                    match tt.open().await {
-                        Ok(stream) => {
-                            info!(%from, path = "direct-tcp", "connection via the direct tcp path after {:?} (no direct udp path up)", started.elapsed());
-                            if let Err(e) = tunnel::splice(local, stream, &stats).await {
-                                debug!(%from, error = %e, "connection ended with an error");
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(%from, error = %e, "direct tcp path failed; using the relay")
-                        }
-                    }
-                }
-                let Some(t) = s.relay.as_ref() else {
-                    warn!(%from, "the direct paths to {} failed and --no-relay: connection closed", state.cfg.target);
-                    return;
-                };
-                let stream = match t.open().await {
-                    Ok(s) => s,
+                let (send, recv) = match s.conn().open_bi().await {
+                    Ok(x) => x,
                     Err(e) => {
                         warn!(%from, error = %e, "opening a stream failed");
                         return;
                     }
                 };
-                let why = state.why_relay();
-                info!(%from, path = "relay", "connection via the relay after {:?} ({why})", started.elapsed());
-                if let Err(e) = tunnel::splice(local, stream, &stats).await {
+                let after = started.elapsed();
+                match s.active() {
+                    Some(PathKind::DirectUdp) => {
+                        info!(%from, path = "direct-udp", "connection via the direct path after {after:?} (the best one up)")
+                    }
+                    Some(PathKind::DirectTcp) => {
+                        info!(%from, path = "direct-tcp", "connection via the direct tcp path after {after:?} (no direct udp path up)")
+                    }
+                    Some(k) => {
+                        info!(%from, path = k.name(), "connection via the relay after {after:?} ({})", state.why_relay())
+                    }
+                    None => {
+                        info!(%from, path = "none", "connection waiting for a path after {after:?}")
+                    }
+                }
+                if let Err(e) = tunnel::splice(local, tokio::io::join(recv, send), s.stats()).await
+                {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
             });
@@ -344,42 +291,88 @@ impl Local {
     }
 }
 
+/// The signaling client and the presence of a registration.
+fn split(reg: Registration) -> (Client, Presence) {
+    (
+        reg.client,
+        Presence {
+            endpoint: reg.endpoint,
+            udp: reg.udp,
+            tcp: reg.tcp,
+            accepting: CancellationToken::new(),
+        },
+    )
+}
+
 impl State {
-    /// The direct connection, if one is up.
-    async fn direct_conn(&self) -> Option<quinn::Connection> {
-        self.direct
-            .lock()
-            .await
-            .as_ref()
-            .map(|d| d.conn.clone())
-            .filter(|c| c.close_reason().is_none())
+    fn policy(&self) -> Policy {
+        Policy {
+            transport: self.cfg.transport,
+            no_relay: self.cfg.no_relay,
+        }
     }
 
-    /// The tunnel over the punched TCP connection, if one is up.
-    async fn direct_tcp_tunnel(&self) -> Option<Tunnel> {
-        self.direct_tcp
-            .lock()
-            .await
+    fn live(&self) -> Option<Session> {
+        self.session
+            .borrow()
             .clone()
-            .filter(|t| !t.is_closed())
+            .filter(|s| !s.closed().is_cancelled())
     }
 
-    /// Shows the path new connections take now, and wakes connections waiting for one.
-    async fn show_path(&self, peer: &str) {
-        let udp = self.direct_conn().await.is_some();
-        let tcp = self.direct_tcp_tunnel().await.is_some();
-        self.board
-            .set_path(peer, "reach", best_path(udp, tcp, !self.cfg.no_relay));
-        self.path_changed.notify_waiters();
+    /// Accepts the sessions the other side dials on `p`'s endpoint (pinned to its key),
+    /// until the presence is replaced.
+    fn accept_on(self: &Arc<Self>, p: &Presence) -> anyhow::Result<()> {
+        p.endpoint
+            .set_server(crate::quic::server_config(&self.key, self.peer_key)?);
+        let (state, endpoint, stop) = (self.clone(), p.endpoint.clone(), p.accepting.clone());
+        tokio::spawn(async move {
+            loop {
+                let incoming = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = state.shutdown.cancelled() => return,
+                    i = endpoint.quic().accept() => match i { Some(i) => i, None => return },
+                };
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!(error = %e, "a session handshake failed");
+                        continue;
+                    }
+                };
+                let links =
+                    std::mem::take(&mut *state.spare.lock().unwrap_or_else(|e| e.into_inner()));
+                let s = Session::start(conn, &state.cfg.target, state.policy(), links);
+                debug!(peer = %state.cfg.target, "session up");
+                state.board.add(&state.cfg.target, "reach", &s);
+                if let Some(old) = state.session.send_replace(Some(s.clone())) {
+                    old.close("replaced by a new session");
+                }
+                tokio::spawn(state.clone().repunch(s));
+            }
+        });
+        Ok(())
     }
 
-    /// Records why direct path `which` (0: UDP, 1: TCP) did not come up.
-    fn not_direct(&self, which: usize, why: String) {
-        self.why_not.lock().unwrap_or_else(|e| e.into_inner())[which] = Some(why);
+    /// Gives `link` to the live session, or keeps it for the one about to come.
+    fn adopt(&self, link: Link) {
+        match self.live() {
+            Some(s) => s.hold(link),
+            None => self
+                .spare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(link),
+        }
     }
 
-    /// Why a connection takes the relay: what each direct path said, or that it is still
-    /// being punched.
+    /// Records why direct path `kind` did not come up.
+    fn not_direct(&self, kind: PathKind, why: String) {
+        let i = usize::from(kind == PathKind::DirectTcp);
+        self.why_not.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(why);
+    }
+
+    /// Why traffic is on the relay: what each direct path said, or that it is still being
+    /// punched.
     fn why_relay(&self) -> String {
         if self.cfg.transport == Transport::Relay {
             return "--transport relay".into();
@@ -405,198 +398,239 @@ impl State {
         parts.join("; ")
     }
 
-    /// Without a relay: waits until a direct path is up (true) or the session is over.
-    async fn wait_direct(&self, s: &Session) -> bool {
-        loop {
-            // Made before looking, so a change between the look and the wait still wakes us.
-            let changed = self.path_changed.notified();
-            if self.direct_conn().await.is_some() || self.direct_tcp_tunnel().await.is_some() {
-                return true;
-            }
-            if s.closed.is_cancelled() {
-                return false;
-            }
-            tokio::select! {
-                _ = changed => {}
-                _ = s.closed.cancelled() => {}
+    /// Starts this side of every path for broker message `b`: the relay half (when
+    /// `relay`) and the punches. Each attempt reports whether it made a path on `tx`;
+    /// returns how many started.
+    async fn start_paths(
+        self: &Arc<Self>,
+        b: &Broker,
+        relay: bool,
+        tx: &mpsc::Sender<bool>,
+    ) -> usize {
+        let p = self.presence.lock().await;
+        let our_udp = p.udp.is_some();
+        let relay_tcp = crate::path::relay::over_tcp(our_udp, b);
+        let mut n = 0;
+        if relay && !self.cfg.no_relay {
+            if let Some(offer) = b.relay.clone() {
+                n += 1;
+                let (state, links, tx) = (self.clone(), p.endpoint.links().clone(), tx.clone());
+                tokio::spawn(async move {
+                    let ok = match crate::path::relay::join(&links, &offer, !relay_tcp).await {
+                        Ok(link) => {
+                            debug!(relay = %offer.addr, path = link.kind.name(), "joined the relay");
+                            state.adopt(link);
+                            true
+                        }
+                        Err(e) => {
+                            warn!(relay = %offer.addr, error = %e, "could not join the relay");
+                            false
+                        }
+                    };
+                    let _ = tx.send(ok).await;
+                });
+            } else {
+                info!(
+                    "the rendezvous offered no relay (started with --no-relay?); direct paths only"
+                );
             }
         }
-    }
-
-    /// Punches whatever `--transport` allows beside the relay (or, with `--no-relay`,
-    /// alone: `guard` ends the session when the last punch is over); each direct path that
-    /// works is taken by new connections until it dies. Returns how many punches started.
-    fn start_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, s: Option<&Session>) -> usize {
         *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
-        let kinds = [self.cfg.transport.udp(), self.cfg.transport.tcp()];
-        let n = kinds.iter().filter(|k| **k).count();
-        let left = Arc::new(std::sync::atomic::AtomicUsize::new(n));
-        let guard = || {
-            s.map(|s| PathGuard {
-                left: left.clone(),
-                closed: s.closed.clone(),
-                changed: self.path_changed.clone(),
-            })
-        };
-        if kinds[0] {
-            self.start_udp_punch(b.clone(), guard());
+        if self.cfg.transport.udp() {
+            match (&p.udp, b.candidates.udp) {
+                (Some(u), _) => {
+                    n += 1;
+                    let (state, endpoint, nat, b, tx) = (
+                        self.clone(),
+                        p.endpoint.clone(),
+                        u.nat,
+                        b.clone(),
+                        tx.clone(),
+                    );
+                    let relay_udp = relay && b.relay.is_some() && !relay_tcp;
+                    tokio::spawn(async move {
+                        let ok = match direct::establish(&endpoint, nat, &b, relay_udp).await {
+                            Ok(punched) => {
+                                info!(peer = %b.peer, session = %b.session, remote = %punched.remote,
+                                    "punched via udp in {:.0} ms ({})", punched.elapsed.as_secs_f64() * 1000.0, punched.why);
+                                if let Some(sock) = punched.socket {
+                                    let link = endpoint.links().add_udp(
+                                        PathKind::DirectUdp,
+                                        sock,
+                                        punched.remote,
+                                    );
+                                    state.adopt(link);
+                                }
+                                true
+                            }
+                            Err(e) => {
+                                info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
+                                state.not_direct(PathKind::DirectUdp, e.to_string());
+                                false
+                            }
+                        };
+                        let _ = tx.send(ok).await;
+                    });
+                }
+                (None, _) => {
+                    info!(peer = %b.peer, "relay only: no UDP endpoint (no STUN answer)");
+                    self.not_direct(
+                        PathKind::DirectUdp,
+                        "no UDP endpoint (no STUN answer)".into(),
+                    );
+                }
+            }
         }
-        if kinds[1] {
-            self.start_tcp_punch(b, guard());
+        if self.cfg.transport.tcp() {
+            match p.tcp.clone() {
+                Some(tcp) => {
+                    n += 1;
+                    let relay_tcp = relay && b.relay.is_some() && relay_tcp;
+                    let (state, links, b, tx) = (
+                        self.clone(),
+                        p.endpoint.links().clone(),
+                        b.clone(),
+                        tx.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let ok = match crate::direct_tcp::establish_tcp(&tcp, &b, relay_tcp).await {
+                            Ok(d) => {
+                                info!(peer = %b.peer, session = %b.session, remote = %d.remote,
+                                    "punched via tcp in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
+                                state.adopt(links.add_stream(PathKind::DirectTcp, d.stream));
+                                true
+                            }
+                            Err(e) => {
+                                info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
+                                state.not_direct(PathKind::DirectTcp, e.to_string());
+                                false
+                            }
+                        };
+                        let _ = tx.send(ok).await;
+                    });
+                }
+                None => {
+                    info!(peer = %b.peer, "no direct tcp: no shared TCP port");
+                    self.not_direct(PathKind::DirectTcp, "no shared TCP port".into());
+                }
+            }
         }
         n
     }
 
-    /// TCP simultaneous open; on the agreed connection the same TLS + yamux tunnel as
-    /// over the relay, we being its client.
-    fn start_tcp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, guard: Option<PathGuard>) {
-        let state = self.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let Some(tcp) = state.tcp.lock().await.clone() else {
-                info!(peer = %b.peer, "no direct tcp: no shared TCP port");
-                state.not_direct(1, "no shared TCP port".into());
-                return;
-            };
-            let d = match crate::direct_tcp::establish_tcp(&tcp, &b).await {
-                Ok(d) => d,
-                Err(e) => {
-                    info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
-                    state.not_direct(1, e.to_string());
-                    return;
-                }
-            };
-            let t = match tunnel::connect(d.stream, &state.key, b.peer_key).await {
-                Ok(t) => t,
-                Err(e) => {
-                    info!(peer = %b.peer, error = %e, "tunnel handshake on the punched tcp connection failed");
-                    return;
-                }
-            };
-            info!(
-                peer = %b.peer,
-                session = %b.session,
-                path = "direct-tcp",
-                remote = %d.remote,
-                "direct tcp path up in {:.0} ms ({}); new connections take it{}",
-                d.elapsed.as_secs_f64() * 1000.0,
-                d.why,
-                if state.direct_conn().await.is_some() { " when the udp path is gone" } else { "" }
-            );
-            let closed = t.closed().clone();
-            *state.direct_tcp.lock().await = Some(t);
-            state.show_path(&b.peer).await;
-            closed.cancelled().await;
-            info!(peer = %b.peer, "direct tcp path lost; new connections take the next best path");
-            state.not_direct(1, "the direct tcp path was lost".into());
-            state.show_path(&b.peer).await;
-        });
-    }
-
-    fn start_udp_punch(self: &Arc<Self>, b: rendezvous::proto::Broker, guard: Option<PathGuard>) {
-        let state = self.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let (endpoint, nat) = {
-                let udp = state.udp.lock().await;
-                match udp.as_ref() {
-                    Some(u) => (u.endpoint.clone(), u.nat),
-                    None => {
-                        info!(peer = %b.peer, "relay only: no UDP endpoint (no STUN answer)");
-                        state.not_direct(0, "no UDP endpoint (no STUN answer)".into());
-                        return;
-                    }
-                }
-            };
-            let d = match direct::establish(&endpoint, nat, &b, &state.key).await {
-                Ok(d) => d,
-                Err(e) => {
-                    info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
-                    state.not_direct(0, e.to_string());
-                    return;
-                }
-            };
-            info!(
-                peer = %b.peer,
-                session = %b.session,
-                path = "direct-udp",
-                "direct path up in {:.0} ms ({}); new connections take it",
-                d.elapsed.as_secs_f64() * 1000.0,
-                d.why
-            );
-            let conn = d.conn.clone();
-            *state.direct.lock().await = Some(d);
-            state.show_path(&b.peer).await;
-            let why = conn.closed().await;
-            info!(peer = %b.peer, "direct udp path lost ({why}); new connections take the next best path");
-            state.not_direct(0, format!("the direct udp path was lost ({why})"));
-            state.show_path(&b.peer).await;
-        });
-    }
-
     /// The live session, or a new one through a fresh broker exchange.
     async fn session(self: &Arc<Self>) -> anyhow::Result<Session> {
-        let mut slot = self.session.lock().await;
-        if let Some(s) = slot.as_ref().filter(|s| !s.closed.is_cancelled()) {
-            return Ok(s.clone());
+        let _one = self.opening.lock().await;
+        if let Some(s) = self.live() {
+            return Ok(s);
         }
+        let mut news = self.session.subscribe();
+        news.borrow_and_update();
         let started = Instant::now();
         let b = self.broker().await?;
         // The broker names the key; it must be the one pinned for this name.
         self.home.pin(&b.peer, b.peer_key)?;
-        if self.cfg.no_relay {
-            let s = Session {
-                relay: None,
-                stats: Arc::default(),
-                closed: CancellationToken::new(),
-            };
-            if self.start_punch(b.clone(), Some(&s)) == 0 {
-                bail!("--no-relay with --transport relay leaves no path");
-            }
-            info!(peer = %b.peer, session = %b.session, "punching without a relay (--no-relay)");
-            self.board
-                .add_parts(&b.peer, "reach", "none", &s.stats, &s.closed);
-            self.show_path(&b.peer).await;
-            *slot = Some(s.clone());
-            return Ok(s);
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut pending = self.start_paths(&b, true, &tx).await;
+        if pending == 0 {
+            bail!(
+                "no path to {} is possible ({}{})",
+                self.cfg.target,
+                if self.cfg.no_relay {
+                    "--no-relay; "
+                } else {
+                    ""
+                },
+                self.why_relay()
+            );
         }
-        self.start_punch(b.clone(), None);
-        let offer = b.relay.with_context(
-            || "the rendezvous offered no relay (started with --no-relay?); this version needs one beside the direct path",
-        )?;
-        let stream = relay::client::join_tcp(offer.addr, offer.ticket, JOIN_TIMEOUT)
-            .await
-            .with_context(|| format!("joining relay {}", offer.addr))?;
-        let t = tunnel::connect(stream, &self.key, b.peer_key)
-            .await
-            .with_context(|| {
-                format!(
-                    "tunnel handshake with {} (is our key in its --allow list?)",
-                    b.peer
-                )
-            })?;
-        info!(
-            peer = %b.peer,
-            session = %b.session,
-            path = "relay",
-            "tunnel up via relay {} in {:.0} ms",
-            offer.addr,
-            started.elapsed().as_secs_f64() * 1000.0
-        );
-        self.board.add(&b.peer, "reach", "relay", &t);
-        // A direct path may have come up before the relay tunnel did.
-        self.show_path(&b.peer).await;
-        let s = Session {
-            stats: t.stats.clone(),
-            closed: t.closed().clone(),
-            relay: Some(t),
-        };
-        *slot = Some(s.clone());
-        Ok(s)
+        if self.cfg.no_relay {
+            info!(peer = %b.peer, session = %b.session, "punching without a relay (--no-relay)");
+        }
+        let mut made = 0;
+        let give_up = tokio::time::sleep(defaults::SESSION_OPEN);
+        tokio::pin!(give_up);
+        loop {
+            tokio::select! {
+                _ = news.changed() => {
+                    let Some(s) = self.session.borrow().clone() else { continue };
+                    if let Some(why) = s.conn().close_reason() {
+                        bail!("{} closed the session at once: {why}", self.cfg.target);
+                    }
+                    debug!(peer = %b.peer, "session opened {:?} after asking", started.elapsed());
+                    return Ok(s);
+                }
+                r = rx.recv() => {
+                    pending -= 1;
+                    made += usize::from(r == Some(true));
+                    if pending == 0 && made == 0 {
+                        bail!("no path to {}: {}", self.cfg.target, self.why_relay());
+                    }
+                }
+                _ = &mut give_up => bail!(
+                    "{} did not open a session within {:?} (is our key in its --allow list?)",
+                    self.cfg.target,
+                    defaults::SESSION_OPEN
+                ),
+            }
+        }
+    }
+
+    /// While `s` lives: whenever its last direct path is lost, asks for new broker
+    /// exchanges (with backoff) and punches again, until a direct path is back.
+    async fn repunch(self: Arc<Self>, s: Session) {
+        if self.cfg.transport == Transport::Relay {
+            return;
+        }
+        let mut active = s.watch_active();
+        let mut had_direct = false;
+        loop {
+            let now = *active.borrow_and_update();
+            let direct = now.is_some_and(PathKind::is_direct);
+            if !had_direct || direct {
+                had_direct |= direct;
+                tokio::select! {
+                    _ = s.closed().cancelled() => return,
+                    r = active.changed() => if r.is_err() { return },
+                }
+                continue;
+            }
+            let mut wait = defaults::REPUNCH_FIRST;
+            loop {
+                tokio::select! {
+                    _ = s.closed().cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if active.borrow().is_some_and(PathKind::is_direct) {
+                    break;
+                }
+                match self.broker().await {
+                    Ok(b) => {
+                        info!(peer = %b.peer, session = %b.session, "re-punching after losing the direct path");
+                        let (tx, _rx) = mpsc::channel(4);
+                        self.start_paths(&b, false, &tx).await;
+                    }
+                    Err(e) => debug!(error = %format!("{e:#}"), "re-punch: no broker exchange"),
+                }
+                wait = (wait * 2).min(defaults::REPUNCH_MAX);
+                // A re-punch takes a few seconds; give it that before the next.
+                let until = tokio::time::Instant::now() + Duration::from_secs(6).min(wait);
+                while !active.borrow().is_some_and(PathKind::is_direct) {
+                    tokio::select! {
+                        _ = s.closed().cancelled() => return,
+                        _ = tokio::time::sleep_until(until) => break,
+                        r = active.changed() => if r.is_err() { return },
+                    }
+                }
+                if active.borrow().is_some_and(PathKind::is_direct) {
+                    break;
+                }
+            }
+        }
     }
 
     /// Asks the rendezvous for a session, reconnecting once if our signaling died.
-    async fn broker(&self) -> anyhow::Result<rendezvous::proto::Broker> {
+    async fn broker(self: &Arc<Self>) -> anyhow::Result<Broker> {
         let mut client = self.client.lock().await;
         for attempt in 0..2 {
             if client.is_none() {
@@ -612,14 +646,12 @@ impl State {
                         )
                     })?;
                 // The new registration's sockets are the ones whose mappings the rendezvous
-                // now hands out: punching must start from them, not the old ones.
-                if let Some(u) = &reg.udp {
-                    u.endpoint
-                        .set_server(crate::quic::server_config(&self.key, self.peer_key)?);
-                }
-                *self.udp.lock().await = reg.udp;
-                *self.tcp.lock().await = reg.tcp;
-                *client = Some(reg.client);
+                // now hands out: punching must start from them, not the old ones. A live
+                // session keeps running on its own endpoint.
+                let (c, presence) = split(reg);
+                self.accept_on(&presence)?;
+                *self.presence.lock().await = presence;
+                *client = Some(c);
             }
             let Some(c) = client.as_ref() else { continue };
             match c.connect_to(&self.cfg.target, Some(self.service)).await {

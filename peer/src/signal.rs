@@ -120,6 +120,9 @@ pub struct Tcp {
 pub struct Registration {
     /// The signaling connection.
     pub client: Client,
+    /// The QUIC endpoint sessions run on: the UDP presence's when there is one, else one
+    /// on a fresh socket whose paths can only be links (the relay, punched TCP).
+    pub endpoint: UdpEndpoint,
     /// The UDP presence, if STUN answered.
     pub udp: Option<Udp>,
     /// The TCP presence, if the signaling connection could leave from a shared port.
@@ -277,7 +280,20 @@ impl Signaling {
             }
             _ => None,
         };
-        Ok(Registration { client, udp, tcp })
+        let endpoint = match &udp {
+            Some(u) => u.endpoint.clone(),
+            None => {
+                let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+                    .map_err(ClientError::StunIo)?;
+                UdpEndpoint::new(sock).map_err(ClientError::StunIo)?.0
+            }
+        };
+        Ok(Registration {
+            client,
+            endpoint,
+            udp,
+            tcp,
+        })
     }
 
     /// A credentialed STUN Binding over TCP from P: the rendezvous records P's latest

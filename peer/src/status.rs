@@ -1,30 +1,31 @@
-//! `peer status`: what tunnels a running peer has. Each `expose`/`reach` process keeps a
-//! [`Board`] of its tunnels and serves it as JSON on a Unix socket `control-<pid>.sock` in
+//! `peer status`: what sessions a running peer has. Each `expose`/`reach` process keeps a
+//! [`Board`] of its sessions and serves it as JSON on a Unix socket `control-<pid>.sock` in
 //! its home (so several processes can share a home); `peer status` asks every live socket
 //! there and merges the answers. Stale sockets of dead processes are removed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::{Tunnel, TunnelStats};
+use crate::session::{PathReport, Session};
 
-/// One tunnel as `peer status --json` reports it.
+/// One session as `peer status --json` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TunnelStatus {
     /// The other peer's name.
     pub peer: String,
     /// `expose` or `reach`.
     pub role: String,
-    /// `relay`, `direct-udp` or `direct-tcp`.
+    /// The path carrying traffic now: `direct-udp`, `direct-tcp`, `relay`, `relay-tcp`, or
+    /// `none` while there is none.
     pub path: String,
-    /// Round-trip time through the tunnel (control-stream ping), null until measured.
+    /// Round-trip time on that path, null until measured.
     pub rtt_ms: Option<f64>,
     /// Payload bytes sent to the other peer.
     pub bytes_out: u64,
@@ -36,105 +37,88 @@ pub struct TunnelStatus {
     pub since: u64,
     /// The process serving it.
     pub pid: u32,
+    /// Every path of the session, the active one and those standing by.
+    #[serde(default)]
+    pub paths: Vec<PathReport>,
 }
 
 #[derive(Debug)]
 struct Entry {
-    peer: String,
     role: &'static str,
-    path: &'static str,
-    since: u64,
-    stats: Arc<TunnelStats>,
-    closed: CancellationToken,
+    session: Session,
 }
 
-/// The tunnels of this process.
+/// The sessions of this process.
 #[derive(Debug, Clone, Default)]
 pub struct Board {
     entries: Arc<Mutex<Vec<Entry>>>,
-    changed: Arc<tokio::sync::Notify>,
+    added: Arc<tokio::sync::Notify>,
 }
 
 impl Board {
-    /// Records a tunnel; it leaves the board when it closes.
-    pub fn add(&self, peer: &str, role: &'static str, path: &'static str, tunnel: &Tunnel) {
-        self.add_parts(peer, role, path, &tunnel.stats, tunnel.closed());
-    }
-
-    /// Records a session counted in `stats` that ends when `closed` is cancelled (one
-    /// without a relay tunnel: its paths are direct ones).
-    pub fn add_parts(
-        &self,
-        peer: &str,
-        role: &'static str,
-        path: &'static str,
-        stats: &Arc<TunnelStats>,
-        closed: &CancellationToken,
-    ) {
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+    /// Records a session; it leaves the board when it closes.
+    pub fn add(&self, peer: &str, role: &'static str, session: &Session) {
+        debug_assert_eq!(peer, session.peer());
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        e.retain(|x| !x.closed.is_cancelled());
+        e.retain(|x| !x.session.closed().is_cancelled());
         e.push(Entry {
-            peer: peer.to_owned(),
             role,
-            path,
-            since,
-            stats: stats.clone(),
-            closed: closed.clone(),
+            session: session.clone(),
         });
         drop(e);
-        self.changed.notify_waiters();
+        self.added.notify_waiters();
     }
 
-    /// Changes the path shown for `peer`'s tunnel in `role` (direct when punched, back to
-    /// the relay when the direct path dies).
-    pub fn set_path(&self, peer: &str, role: &'static str, path: &'static str) {
-        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        for x in e.iter_mut().filter(|x| x.peer == peer && x.role == role) {
-            x.path = path;
-        }
-        drop(e);
-        self.changed.notify_waiters();
-    }
-
-    /// Waits until a live tunnel to `peer` shows `path`.
+    /// Waits until a live session with `peer` carries its traffic on `path`.
     pub async fn wait_path(&self, peer: &str, path: &str) {
         loop {
             // Made before looking, so a change between the look and the wait still wakes us.
-            let changed = self.changed.notified();
-            if self
-                .snapshot()
+            let added = self.added.notified();
+            let mut watches = Vec::new();
+            for x in self
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .any(|t| t.peer == peer && t.path == path)
+                .filter(|x| x.session.peer() == peer && !x.session.closed().is_cancelled())
             {
-                return;
+                let mut w = x.session.watch_active();
+                if w.borrow_and_update().is_some_and(|k| k.name() == path) {
+                    return;
+                }
+                watches.push(w);
             }
-            changed.await;
+            let changes: Vec<_> = watches.iter_mut().map(|w| Box::pin(w.changed())).collect();
+            if changes.is_empty() {
+                added.await;
+            } else {
+                tokio::select! {
+                    _ = added => {}
+                    _ = futures::future::select_all(changes) => {}
+                }
+            }
         }
     }
 
-    /// The live tunnels now.
+    /// The live sessions now.
     pub fn snapshot(&self) -> Vec<TunnelStatus> {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        e.retain(|x| !x.closed.is_cancelled());
+        e.retain(|x| !x.session.closed().is_cancelled());
         e.iter()
             .map(|x| {
-                let s = &x.stats;
+                let session = &x.session;
+                let s = session.stats();
                 TunnelStatus {
-                    peer: x.peer.clone(),
+                    peer: session.peer().to_owned(),
                     role: x.role.to_owned(),
-                    path: x.path.to_owned(),
-                    rtt_ms: match s.rtt_us.load(Ordering::Relaxed) {
-                        0 => None,
-                        us => Some(us as f64 / 1000.0),
-                    },
+                    path: session.active().map_or("none", |k| k.name()).to_owned(),
+                    rtt_ms: session.rtt().map(|r| r.as_secs_f64() * 1000.0),
                     bytes_out: s.bytes_out.load(Ordering::Relaxed),
                     bytes_in: s.bytes_in.load(Ordering::Relaxed),
                     open_connections: s.open.load(Ordering::Relaxed),
-                    since: x.since,
+                    since: session.since(),
                     pid: std::process::id(),
+                    paths: session.report(),
                 }
             })
             .collect()

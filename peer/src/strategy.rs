@@ -80,12 +80,16 @@ fn hopeless(me: &NatProfile, peer: &NatProfile) -> bool {
 }
 
 /// Plans this side's punch. `peer_observed` is the other side's UDP address as the
-/// rendezvous saw it, `peer_lan` its LAN addresses.
+/// rendezvous saw it, `peer_lan` its LAN addresses, `peer_between` how many UDP mappings
+/// it makes before its first probe (1 when it joins the relay over UDP, which it does as
+/// soon as it hears of the session: past a sequential NAT that mapping takes the next
+/// port, so prediction starts after it and tries it last).
 pub fn plan(
     me: &NatProfile,
     peer: &NatProfile,
     peer_observed: Option<SocketAddr>,
     peer_lan: &[SocketAddr],
+    peer_between: i32,
 ) -> Strategy {
     let pair = format!("{} ↔ {}", name(me), name(peer));
     if me.kind() == NatType::UdpBlocked || peer.kind() == NatType::UdpBlocked {
@@ -99,8 +103,7 @@ pub fn plan(
     let mut remote = Vec::new();
     if let Some(obs) = peer_observed {
         // The k-th new mapping of the peer lands k·delta past the observed port.
-        remote = predicted(peer, obs, 0);
-        remote.push(obs);
+        remote = after(peer, obs, peer_between);
     }
     // LAN candidates last: they matter only when both sit behind the same NAT, and on a
     // sequential NAT a packet to a foreign private address could take a mapping.
@@ -165,16 +168,7 @@ pub fn plan_tcp(
     if hopeless(me, peer) {
         return Strategy::Relay { why: pair };
     }
-    let mut remote = predicted(peer, obs, peer_between);
-    for a in predicted(peer, obs, 0)
-        .into_iter()
-        .take(usize::try_from(peer_between).unwrap_or(0))
-    {
-        if !remote.contains(&a) {
-            remote.push(a);
-        }
-    }
-    remote.push(obs);
+    let remote = after(peer, obs, peer_between);
     let why = if peer.sequential() || me.sequential() {
         format!("port prediction ({pair})")
     } else {
@@ -186,6 +180,22 @@ pub fn plan_tcp(
         spray: None,
         why,
     }
+}
+
+/// The candidates past `obs`: the ports a sequential NAT hands out after `between` more
+/// mappings first, then those `between` ones, then `obs` itself.
+fn after(peer: &NatProfile, obs: SocketAddr, between: i32) -> Vec<SocketAddr> {
+    let mut remote = predicted(peer, obs, between);
+    for a in predicted(peer, obs, 0)
+        .into_iter()
+        .take(usize::try_from(between).unwrap_or(0))
+    {
+        if !remote.contains(&a) {
+            remote.push(a);
+        }
+    }
+    remote.push(obs);
+    remote
 }
 
 /// The ports a sequential NAT will hand out next, past `obs` and `skip` more mappings.
@@ -262,7 +272,7 @@ mod tests {
             sockets,
             spray,
             ..
-        } = plan(&me, &peer, Some(obs), &[lan])
+        } = plan(&me, &peer, Some(obs), &[lan], 0)
         else {
             panic!("should punch");
         };
@@ -284,7 +294,7 @@ mod tests {
             (&seq, &random, "sequential symmetric ↔ random symmetric"),
             (&blocked, &cone, "UDP blocked"),
         ] {
-            match plan(a, b, None, &[]) {
+            match plan(a, b, None, &[], 0) {
                 Strategy::Relay { why: w } => assert!(w.contains(why), "{w}"),
                 s => panic!("{s:?}"),
             }

@@ -1,7 +1,10 @@
-//! Which paths a peer tries for its tunnels: `--transport auto|udp|tcp|relay`. `auto`
-//! punches UDP and TCP beside the relay, and each new local connection takes the best path
-//! up at that moment: direct UDP (QUIC), then direct TCP, then the relay. The others try
-//! only the one direct path named (or none); the relay stays the fallback either way.
+//! Which paths a session may use: `--transport auto|udp|tcp|relay` and `--no-relay`.
+//! `auto` punches UDP and TCP beside the relay, and the session's traffic takes the best
+//! path up at each moment (direct UDP, then direct TCP, then the relay; see
+//! [`choose`](crate::path::choose)). The others punch only the one direct path named (or
+//! none); the relay stays the fallback unless `--no-relay`.
+
+use crate::path::PathKind;
 
 /// The `--transport` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -26,6 +29,26 @@ impl Transport {
     /// Whether to punch TCP.
     pub fn tcp(self) -> bool {
         matches!(self, Transport::Auto | Transport::Tcp)
+    }
+}
+
+/// What `--transport` and `--no-relay` leave a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// `--transport`.
+    pub transport: Transport,
+    /// `--no-relay`.
+    pub no_relay: bool,
+}
+
+impl Policy {
+    /// Whether a path of `kind` may carry traffic.
+    pub fn allows(self, kind: PathKind) -> bool {
+        match kind {
+            PathKind::DirectUdp => self.transport.udp(),
+            PathKind::DirectTcp => self.transport.tcp(),
+            PathKind::Relay | PathKind::RelayTcp => !self.no_relay,
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! UDP services over the direct QUIC path: every datagram of a local flow travels as one
-//! QUIC datagram (unreliable and unordered, as UDP itself), tagged with a 4-byte flow id
-//! the reaching side assigns per local source address. A datagram larger than the path
+//! UDP services over the session: every datagram of a local flow travels as one QUIC
+//! datagram (unreliable and unordered, as UDP itself), on whichever path carries the
+//! session, tagged with a 4-byte flow id the reaching side assigns per local source
+//! address. A datagram larger than the path
 //! can carry as a QUIC datagram goes on a one-off unidirectional stream instead, so
 //! nothing a UDP service sends is refused. On the exposing side each flow id gets its own
 //! socket connected to the service; flows silent for [`FLOW_IDLE`] are closed.
@@ -14,7 +15,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 use tracing::debug;
 
-use crate::udp::FLOW_IDLE;
+use crate::defaults::FLOW_IDLE;
 
 /// Largest datagram a uni stream fallback reads (IPv4's UDP payload limit and the id).
 const MAX_FALLBACK: usize = 65_535 + 4;
@@ -32,7 +33,7 @@ fn untag(d: &[u8]) -> Option<(u32, &[u8])> {
 }
 
 /// Sends one flow datagram: as a QUIC datagram when it fits, else on a uni stream.
-pub async fn send(conn: &quinn::Connection, id: u32, d: &[u8]) {
+pub async fn send(conn: &noq::Connection, id: u32, d: &[u8]) {
     let t = tagged(id, d);
     if conn.max_datagram_size().is_some_and(|max| t.len() <= max) {
         if let Err(e) = conn.send_datagram(t) {
@@ -48,7 +49,7 @@ pub async fn send(conn: &quinn::Connection, id: u32, d: &[u8]) {
 
 /// Every flow datagram the other side sends, from QUIC datagrams and uni streams, until
 /// the connection ends.
-pub async fn receive(conn: quinn::Connection, mut deliver: impl FnMut(u32, &[u8])) {
+pub async fn receive(conn: noq::Connection, mut deliver: impl FnMut(u32, &[u8])) {
     loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
@@ -96,7 +97,7 @@ impl Flows {
 }
 
 /// Reaching side: answers arriving on `conn` go back to their flow's local source.
-pub fn deliver_back(conn: quinn::Connection, sock: Arc<UdpSocket>, flows: Arc<Flows>) {
+pub fn deliver_back(conn: noq::Connection, sock: Arc<UdpSocket>, flows: Arc<Flows>) {
     tokio::spawn(async move {
         receive(conn, |id, d| {
             if let Some(to) = flows.source(id) {
@@ -110,7 +111,7 @@ pub fn deliver_back(conn: quinn::Connection, sock: Arc<UdpSocket>, flows: Arc<Fl
 }
 
 /// Exposing side: serves the flows arriving on `conn` from `target` until it ends.
-pub async fn serve(conn: quinn::Connection, target: String) {
+pub async fn serve(conn: noq::Connection, target: String) {
     let flows: Arc<Mutex<HashMap<u32, Arc<UdpSocket>>>> = Arc::default();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(1024);
     let recv = receive(conn.clone(), move |id, d| {
@@ -159,5 +160,30 @@ pub async fn serve(conn: quinn::Connection, target: String) {
             }
         };
         let _ = sock.send(&d).await;
+    }
+}
+
+/// Reaching side: serves UDP on `local`, every source address a flow of the session
+/// `session` gives (asked for each datagram, so a new session after the old one ended is
+/// picked up). Runs until `local`'s socket fails.
+pub async fn reach_udp<F, Fut>(local: UdpSocket, session: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<noq::Connection>>,
+{
+    let sock = Arc::new(local);
+    let flows = Arc::new(Flows::default());
+    let mut delivering: Option<usize> = None;
+    let mut buf = vec![0u8; MAX_FALLBACK];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).await?;
+        let Some(conn) = session().await else {
+            continue;
+        };
+        if delivering != Some(conn.stable_id()) {
+            delivering = Some(conn.stable_id());
+            deliver_back(conn.clone(), sock.clone(), flows.clone());
+        }
+        send(&conn, flows.id(from), &buf[..n]).await;
     }
 }

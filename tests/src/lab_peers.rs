@@ -1,6 +1,6 @@
 //! Peers in the NAT lab as real processes: a rendezvous on the server host, `peer expose`
 //! of an echo service behind one NAT and `peer reach` behind another, with their logs read
-//! line by line so a test waits for events ("direct path up"), never for time. Used by the
+//! line by line so a test waits for events ("direct udp path up"), never for time. Used by the
 //! punching matrix test and by `scripts/bench/punch`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -50,7 +50,6 @@ pub fn run_matrix(transport: &str, direct: &str, must_relay: fn(&str, &str) -> b
     };
     let (lab, peer) = (&lab, &crate::workspace_bin("peer"));
     let server = &mut start_rendezvous(lab, &crate::workspace_bin("rendezvous"));
-    let (up, _) = verdicts(transport);
     let mut table = Vec::new();
     let mut failures = Vec::new();
     for (i, (a, _)) in KINDS.iter().enumerate() {
@@ -63,11 +62,8 @@ pub fn run_matrix(transport: &str, direct: &str, must_relay: fn(&str, &str) -> b
             }
             let want = if must_relay(a, b) { "relay" } else { direct };
             let ms = run
-                .outcome
-                .split(&format!("{up} in "))
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .unwrap_or("-");
+                .to_direct
+                .map_or("-".to_owned(), |d| d.as_millis().to_string());
             table.push(format!("{a:>5} -> {b:<5} {:<11} {ms:>6} ms", run.path));
             // A connection says its path, and on the relay why, once the punch is over.
             let line = &run.connection;
@@ -136,7 +132,10 @@ pub fn verdicts(transport: &str) -> (&'static str, &'static [&'static str]) {
             "direct tcp path up",
             &["no direct tcp path", "no direct tcp:"],
         ),
-        _ => ("direct path up", &["staying on the relay", "relay only"]),
+        _ => (
+            "direct udp path up",
+            &["staying on the relay", "relay only"],
+        ),
     }
 }
 

@@ -33,8 +33,18 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: nothing within {BOUND:?}"))
 }
 
+/// Shows the in-process peers' and servers' logs when `RUST_LOG` asks for them (with
+/// `--nocapture`), to look into a failing test.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 /// A rendezvous with STUN, HTTP and relay on ephemeral loopback ports.
 pub async fn rendezvous() -> ServerHandle {
+    logs();
     let config = ServerConfig::loopback();
     Server::bind(config).await.unwrap().spawn()
 }

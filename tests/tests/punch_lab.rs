@@ -40,7 +40,13 @@ fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
     };
     let peer = workspace_bin("peer");
     let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
-    // The NAT starts dropping all UDP: keep-alives are lost, QUIC's idle timeout ends the
-    // direct connection, and the next connection takes the relay (TCP).
-    direct_path_dies(&lab, &peer, "udp", "meta l4proto udp");
+    // Router a silently drops all UDP except to and from the rendezvous and relay
+    // (198.18.0.0/24): the direct path's keep-alives are lost, it is abandoned, and the
+    // session's traffic, new connections' too, continues on the relay.
+    direct_path_dies(
+        &lab,
+        &peer,
+        "udp",
+        "meta l4proto udp ip saddr != 198.18.0.0/24 ip daddr != 198.18.0.0/24",
+    );
 }

@@ -1,0 +1,72 @@
+//! Every timing constant of the peer in one place, each with the reason for its value.
+//! The punch agents keep their protocol timings in their own `Timing` structs (they are
+//! parameters of a sans-IO core and tested in virtual time); everything the shells and the
+//! session wait for is here.
+
+use std::time::Duration;
+
+/// How long to wait for the relay to pair us with the other peer. The other side hears of
+/// the session through its own signaling connection, which may be slow to wake on a phone.
+pub const RELAY_JOIN: Duration = Duration::from_secs(30);
+
+/// How often a UDP relay hello is repeated until the relay says both halves are in.
+pub const RELAY_UDP_HELLO: Duration = Duration::from_millis(250);
+
+/// The session's QUIC handshake over its first path (a round trip or two); past this the
+/// path is taken for broken and the next one that comes up is tried.
+pub const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// How long `reach` waits for the exposing side to open the session after the broker
+/// exchange: the relay join plus the handshake, or a punch without a relay.
+pub const SESSION_OPEN: Duration = Duration::from_secs(40);
+
+/// Keep-alive on every path: the lab's and many home routers' UDP mappings last 30–60 s
+/// (RFC 4787 asks for at least 2 minutes), and a silent direct path must be noticed within
+/// a few seconds, so each path is probed often; a keep-alive costs about 50 bytes.
+pub const PATH_KEEPALIVE: Duration = Duration::from_millis(500);
+
+/// A direct path that has received nothing for this long is abandoned and its traffic
+/// moves to the next path. Four keep-alives lost in a row: long enough not to flap on a
+/// lossy link, short enough that an interactive connection stalls for under 3 s.
+pub const DIRECT_PATH_IDLE: Duration = Duration::from_millis(2_000);
+
+/// A relay path is the last resort and goes through a server that may pause (a VPS under
+/// load): give it longer before it is given up, but not so long that a relay that is gone
+/// holds connections that could be re-brokered.
+pub const RELAY_PATH_IDLE: Duration = Duration::from_secs(5);
+
+/// The whole session ends when no path has carried anything for this long (QUIC never
+/// abandons the last path: this is what ends a session whose every path died). Twenty
+/// keep-alives lost; then new connections are brokered afresh instead of stalling.
+pub const SESSION_IDLE: Duration = Duration::from_secs(10);
+
+/// After a direct path is lost, the first re-punch waits this long (the NAT may be
+/// rebooting, the network changing) and each further one twice as long …
+pub const REPUNCH_FIRST: Duration = Duration::from_secs(1);
+
+/// … up to this.
+pub const REPUNCH_MAX: Duration = Duration::from_secs(30);
+
+/// How soon a path QUIC could not open yet (the other side has not issued the ids for one
+/// more path, which takes a round trip) is asked for again.
+pub const PATH_RETRY: Duration = Duration::from_millis(50);
+
+/// Paths one session may have at once: the relay, direct UDP, direct TCP, and room for a
+/// new direct path to come up before the old one is abandoned.
+pub const MAX_PATHS: u32 = 8;
+
+/// How often `peer status` figures and the active path are refreshed from the session.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long a punched UDP responder keeps answering probes after agreeing, so a
+/// nomination whose ack was lost is acknowledged again.
+pub const PUNCH_LINGER: Duration = Duration::from_secs(3);
+
+/// A datagram link (relay or punched TCP) holds at most this many datagrams waiting to be
+/// written; beyond it they are dropped, as a full UDP socket buffer would, and QUIC's
+/// congestion control slows down.
+pub const LINK_QUEUE: usize = 2048;
+
+/// A UDP flow with no datagram either way for this long is closed (UDP has no end marker;
+/// most UDP services, DNS or game traffic, are done or re-sending well within a minute).
+pub const FLOW_IDLE: Duration = Duration::from_secs(60);

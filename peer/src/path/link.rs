@@ -1,0 +1,278 @@
+//! Links: paths that are not a plain UDP pair on the shared socket, each known to QUIC by a
+//! made-up address ([`super::mapped`]). A link is either a byte stream (a relay or punched
+//! TCP connection) on which every datagram travels as a 2-byte big-endian length and its
+//! bytes, or a UDP socket of its own with one fixed remote (a relay over UDP, a birthday
+//! socket). Datagrams that arrive on any link reach the QUIC socket through one queue,
+//! tagged with the link's address; datagrams QUIC sends to a link's address go out on it.
+//! Dropping the [`Link`] closes it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{PathKind, mapped};
+use crate::defaults::LINK_QUEUE;
+
+/// Largest datagram a stream link carries (the 2-byte length).
+pub const MAX_DATAGRAM: usize = u16::MAX as usize;
+
+/// A datagram that came in on a link: the link's address and the bytes.
+pub type Incoming = (SocketAddr, Bytes);
+
+/// Every live link of one QUIC socket.
+#[derive(Debug)]
+pub struct Links {
+    table: Mutex<HashMap<SocketAddr, Entry>>,
+    next: AtomicU64,
+    incoming: mpsc::Sender<Incoming>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    kind: PathKind,
+    out: mpsc::Sender<Bytes>,
+}
+
+/// One link, alive while this is held.
+#[derive(Debug)]
+pub struct Link {
+    /// Its made-up address.
+    pub addr: SocketAddr,
+    /// What it is.
+    pub kind: PathKind,
+    /// The real address at its other end (the relay or the peer), for status and logs.
+    pub remote: SocketAddr,
+    closed: CancellationToken,
+    links: Arc<Links>,
+}
+
+impl Link {
+    /// Cancelled when the link's connection ended (or the link was dropped).
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.closed.cancel();
+        self.links.remove(&self.addr);
+    }
+}
+
+impl Links {
+    /// A table whose links deliver into the returned receiver.
+    pub fn new() -> (Arc<Links>, mpsc::Receiver<Incoming>) {
+        let (incoming, rx) = mpsc::channel(LINK_QUEUE);
+        let links = Links {
+            table: Mutex::default(),
+            next: AtomicU64::new(1),
+            incoming,
+        };
+        (Arc::new(links), rx)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Entry>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, addr: &SocketAddr) {
+        self.table().remove(addr);
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        kind: PathKind,
+        remote: SocketAddr,
+    ) -> (Link, mpsc::Receiver<Bytes>) {
+        let addr = mapped(self.next.fetch_add(1, Ordering::Relaxed));
+        let (out, rx) = mpsc::channel(LINK_QUEUE);
+        self.table().insert(addr, Entry { kind, out });
+        let link = Link {
+            addr,
+            kind,
+            remote,
+            closed: CancellationToken::new(),
+            links: self.clone(),
+        };
+        (link, rx)
+    }
+
+    /// The kind of the link at `addr`, if there is one.
+    pub fn kind_of(&self, addr: &SocketAddr) -> Option<PathKind> {
+        self.table().get(addr).map(|e| e.kind)
+    }
+
+    /// Queues `datagram` on the link at `addr`; false when there is no such link. A full
+    /// queue drops it (as a full socket buffer would).
+    pub fn send(&self, addr: &SocketAddr, datagram: &[u8]) -> bool {
+        let table = self.table();
+        let Some(e) = table.get(addr) else {
+            return false;
+        };
+        let _ = e.out.try_send(Bytes::copy_from_slice(datagram));
+        true
+    }
+
+    /// A link over a byte stream: datagrams framed with a 2-byte length.
+    pub fn add_stream(self: &Arc<Self>, kind: PathKind, stream: TcpStream) -> Link {
+        let remote = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let _ = stream.set_nodelay(true);
+        let (link, mut out) = self.register(kind, remote);
+        let (r, mut w) = stream.into_split();
+        let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
+        let done = closed.clone();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(64 * 1024);
+            loop {
+                let first = tokio::select! {
+                    _ = done.cancelled() => break,
+                    d = out.recv() => match d { Some(d) => d, None => break },
+                };
+                // Everything already queued goes out in one write.
+                batch.clear();
+                frame(&mut batch, &first);
+                while batch.len() < 256 * 1024 {
+                    match out.try_recv() {
+                        Ok(d) => frame(&mut batch, &d),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = w.write_all(&batch).await {
+                    debug!(%addr, error = %e, "link write failed");
+                    break;
+                }
+            }
+            done.cancel();
+        });
+        let done = closed;
+        tokio::spawn(async move {
+            let mut r = BufReader::with_capacity(256 * 1024, r);
+            loop {
+                let mut len = [0u8; 2];
+                let read = async {
+                    r.read_exact(&mut len).await?;
+                    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    r.read_exact(&mut buf).await?;
+                    Ok::<_, std::io::Error>(buf)
+                };
+                let d = tokio::select! {
+                    _ = done.cancelled() => break,
+                    d = read => match d {
+                        Ok(d) => d,
+                        Err(e) => { debug!(%addr, error = %e, "link closed"); break; }
+                    },
+                };
+                // TCP already paces us: wait for room rather than drop.
+                if incoming.send((addr, d.into())).await.is_err() {
+                    break;
+                }
+            }
+            done.cancel();
+        });
+        link
+    }
+
+    /// A link over a UDP socket of its own whose datagrams all go to, and are taken only
+    /// from, `remote`.
+    pub fn add_udp(self: &Arc<Self>, kind: PathKind, sock: UdpSocket, remote: SocketAddr) -> Link {
+        let (link, mut out) = self.register(kind, remote);
+        let sock = Arc::new(sock);
+        let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
+        let (tx, done) = (sock.clone(), closed.clone());
+        tokio::spawn(async move {
+            loop {
+                let d = tokio::select! {
+                    _ = done.cancelled() => break,
+                    d = out.recv() => match d { Some(d) => d, None => break },
+                };
+                // A send error (no route for a moment, ICMP) loses a datagram, as UDP does.
+                let _ = tx.send_to(&d, remote).await;
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                let got = tokio::select! {
+                    _ = closed.cancelled() => break,
+                    r = sock.recv_from(&mut buf) => r,
+                };
+                // Strangers, and ICMP errors surfacing as recv errors, are ignored; a full
+                // queue drops the datagram, as a full socket buffer would.
+                if let Ok((n, from)) = got
+                    && from == remote
+                    && incoming
+                        .try_send((addr, Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    && incoming.is_closed()
+                {
+                    break;
+                }
+            }
+        });
+        link
+    }
+}
+
+fn frame(batch: &mut Vec<u8>, d: &[u8]) {
+    // QUIC never builds a datagram past the largest MTU we allow (far below 64 KiB).
+    let len = u16::try_from(d.len()).unwrap_or(u16::MAX);
+    batch.extend_from_slice(&len.to_be_bytes());
+    batch.extend_from_slice(&d[..usize::from(len)]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_link_keeps_datagram_boundaries_both_ways() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(to), listener.accept());
+        let (la, mut rxa) = Links::new();
+        let (lb, mut rxb) = Links::new();
+        let link_a = la.add_stream(PathKind::RelayTcp, a.unwrap());
+        let link_b = lb.add_stream(PathKind::RelayTcp, b.unwrap().0);
+        assert_eq!(la.kind_of(&link_a.addr), Some(PathKind::RelayTcp));
+        for d in [&b"one"[..], &[7u8; 1400], b""] {
+            assert!(la.send(&link_a.addr, d));
+            let (from, got) = rxb.recv().await.unwrap();
+            assert_eq!((from, &got[..]), (link_b.addr, d));
+        }
+        assert!(lb.send(&link_b.addr, b"back"));
+        assert_eq!(&rxa.recv().await.unwrap().1[..], b"back");
+        // The other end going away closes the link; dropping one forgets it.
+        drop(link_b);
+        link_a.closed().cancelled().await;
+        assert!(!la.send(&mapped(999), b"nobody"));
+    }
+
+    #[tokio::test]
+    async fn a_udp_link_talks_to_its_remote_only() {
+        let (links, mut rx) = Links::new();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mine = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mine_addr = mine.local_addr().unwrap();
+        let link = links.add_udp(PathKind::Relay, mine, peer.local_addr().unwrap());
+        links.send(&link.addr, b"hello");
+        let mut buf = [0u8; 64];
+        let (n, from) = peer.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&b"hello"[..], mine_addr));
+        stranger.send_to(b"spoof", mine_addr).await.unwrap();
+        peer.send_to(b"reply", mine_addr).await.unwrap();
+        let (from, got) = rx.recv().await.unwrap();
+        assert_eq!((from, &got[..]), (link.addr, &b"reply"[..]));
+    }
+}
