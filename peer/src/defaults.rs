@@ -12,6 +12,11 @@ pub const RELAY_JOIN: Duration = Duration::from_secs(30);
 /// How often a UDP relay hello is repeated until the relay says both halves are in.
 pub const RELAY_UDP_HELLO: Duration = Duration::from_millis(250);
 
+/// How often a relay joined over UDP hears our hello again: when our NAT gives the relay
+/// socket a new mapping, the relay moves the session to it at the next hello (once the old
+/// address has been quiet for a second), so this bounds the relay's part of the stall.
+pub const RELAY_REHELLO: Duration = Duration::from_secs(1);
+
 /// The session's QUIC handshake over its first path (a round trip or two); past this the
 /// path is taken for broken and the next one that comes up is tried.
 pub const HANDSHAKE: Duration = Duration::from_secs(10);

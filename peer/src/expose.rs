@@ -221,7 +221,7 @@ fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Ready>) -> 
                             let link =
                                 endpoint
                                     .links()
-                                    .add_udp(PathKind::DirectUdp, sock, p.remote);
+                                    .add_udp(PathKind::DirectUdp, sock, p.remote, None);
                             Ready::Path {
                                 kind: PathKind::DirectUdp,
                                 addr: link.addr,

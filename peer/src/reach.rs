@@ -438,7 +438,7 @@ impl State {
         *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
         if self.cfg.transport.udp() {
             match (&p.udp, b.candidates.udp) {
-                (Some(u), _) => {
+                (Some(u), Some(_)) => {
                     n += 1;
                     let (state, endpoint, nat, b, tx) = (
                         self.clone(),
@@ -458,6 +458,7 @@ impl State {
                                         PathKind::DirectUdp,
                                         sock,
                                         punched.remote,
+                                        None,
                                     );
                                     state.adopt(link);
                                 }
@@ -477,6 +478,13 @@ impl State {
                     self.not_direct(
                         PathKind::DirectUdp,
                         "no UDP endpoint (no STUN answer)".into(),
+                    );
+                }
+                (Some(_), None) => {
+                    info!(peer = %b.peer, "relay only: {} has no UDP endpoint (no STUN answer)", b.peer);
+                    self.not_direct(
+                        PathKind::DirectUdp,
+                        "the other side has no UDP endpoint".into(),
                     );
                 }
             }

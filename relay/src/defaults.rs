@@ -25,3 +25,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read per system call when forwarding. Buffers are lent from a pool only while
 /// data flows, so idle sessions hold none.
 pub const CHUNK: usize = 256 * 1024;
+
+/// A paired UDP half that has been silent this long may come back from a new address with
+/// its ticket (its NAT gave it a new mapping) and the session follows it. A live half
+/// (QUIC keep-alives go out every half second) is never this quiet, so a replayed ticket
+/// cannot move it.
+pub const UDP_REBIND_QUIET: Duration = Duration::from_secs(1);

@@ -675,6 +675,8 @@ struct UdpTable {
 struct UdpSession {
     /// Initiator and responder addresses.
     addrs: [SocketAddr; 2],
+    /// When each was last heard from.
+    heard: [Instant; 2],
     stats: SessionLog,
     pacer: Pacer,
 }
@@ -774,6 +776,27 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
             },
         )];
     }
+    // A paired half whose NAT gave it a new mapping (a NAT reboot, a carrier rebalancing)
+    // comes back from a new address with the ticket that admitted it: the session follows
+    // it there. Only a ticket the relay itself would admit moves a session.
+    // While the old address is still heard from, the half has not moved, and the hello is
+    // a replay (refused below).
+    let i = match h.ticket.side {
+        Side::Initiator => 0,
+        Side::Responder => 1,
+    };
+    if let Some(s) = udp.paired.get_mut(&h.ticket.session)
+        && s.heard[i].elapsed() >= defaults::UDP_REBIND_QUIET
+        && shared.config.key.verify(&h.ticket, unix_now()).is_ok()
+    {
+        let old = std::mem::replace(&mut s.addrs[i], src);
+        if let Some(entry) = udp.by_addr.remove(&old) {
+            udp.by_addr.insert(src, entry);
+        }
+        info!(session = %h.ticket.session, from = %old, to = %src,
+            "relay udp half moved to a new address");
+        return vec![(src, Status::Paired)];
+    }
     let conn = shared.conn_id();
     let admit = lock(&shared.pairing).handle_hello(Instant::now(), unix_now(), conn, &h.ticket);
     match admit {
@@ -816,6 +839,7 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
                 h.ticket.session,
                 UdpSession {
                     addrs,
+                    heard: [now; 2],
                     stats: SessionLog {
                         id: h.ticket.session,
                         start: now,
@@ -861,6 +885,7 @@ fn udp_forward(shared: &Shared, src: SocketAddr, n: usize) -> Option<SocketAddr>
     }
     s.stats.bytes[dir] += n as u64;
     s.stats.last = now;
+    s.heard[dir] = now;
     shared
         .stats
         .bytes_total

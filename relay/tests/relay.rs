@@ -292,6 +292,50 @@ async fn udp_forwards_datagrams_both_ways_keeping_boundaries() {
     );
 }
 
+/// A NAT that loses its mappings gives a UDP half a new address: once the old one has
+/// gone quiet, the half's hello from the new one moves the session there, both ways.
+#[tokio::test]
+async fn a_quiet_udp_half_that_comes_back_from_a_new_address_takes_the_session_along() {
+    let relay = relay_with(|_| {}).await;
+    let (ta, tb) = tickets(11);
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let every = Duration::from_millis(100);
+    let (ra, rb) = within(
+        "udp pairing",
+        futures_join(
+            join_udp(&a, relay.addr(), ta.clone(), every, BOUND),
+            join_udp(&b, relay.addr(), tb, every, BOUND),
+        ),
+    )
+    .await;
+    ra.unwrap();
+    rb.unwrap();
+    // Half a moves: a new socket, after the old one fell silent.
+    tokio::time::sleep(relay::defaults::UDP_REBIND_QUIET).await;
+    let moved = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    within("rebind", join_udp(&moved, relay.addr(), ta, every, BOUND))
+        .await
+        .unwrap();
+    b.send_to(b"to the new address", relay.addr())
+        .await
+        .unwrap();
+    assert_eq!(data(&moved).await, b"to the new address");
+    moved.send_to(b"from it", relay.addr()).await.unwrap();
+    assert_eq!(data(&b).await, b"from it");
+}
+
+/// The next datagram on `sock` that is session data, not relay status.
+async fn data(sock: &UdpSocket) -> Vec<u8> {
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, _) = within("datagram", sock.recv_from(&mut buf)).await.unwrap();
+        if relay::proto::decode_udp(&buf[..n]).is_none() {
+            return buf[..n].to_vec();
+        }
+    }
+}
+
 /// Presents `ticket` on a raw connection and returns it once the relay says it waits.
 async fn waiting_half(relay: SocketAddr, ticket: Ticket) -> FrameReader<TcpStream> {
     let mut s = TcpStream::connect(relay).await.unwrap();

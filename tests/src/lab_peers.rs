@@ -269,25 +269,38 @@ pub fn echo_service(lab: &Lab, host: &str) -> u16 {
 }
 
 /// `peer status --json` of the processes using `home`.
-pub fn status_path(peer: &Path, home: &Path) -> String {
+pub fn status(peer: &Path, home: &Path) -> serde_json::Value {
     let out = Command::new(peer)
         .arg("--home")
         .arg(home)
         .args(["status", "--json"])
         .output()
         .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stdout)));
-    v[0]["path"].as_str().unwrap_or("none").to_owned()
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The path carrying the first session's traffic, as `peer status --json` shows it.
+pub fn status_path(peer: &Path, home: &Path) -> String {
+    status(peer, home)[0]["path"]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned()
 }
 
 /// The rendezvous (RFC 5780 STUN, relay) on the lab's server host.
 pub fn start_rendezvous(lab: &Lab, rendezvous: &Path) -> Proc {
+    start_rendezvous_with(lab, rendezvous, &[])
+}
+
+/// [`start_rendezvous`] with more flags (relay limits, say).
+pub fn start_rendezvous_with(lab: &Lab, rendezvous: &Path, extra: &[&str]) -> Proc {
     let mut cmd = lab.command("server", rendezvous);
     cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
         .arg(format!("{SERVER_IP}:3478"))
         .args(["--alt-ip", &SERVER_ALT_IP.to_string(), "--no-http"])
-        .args(["--relay", "198.18.0.1:7001"]);
+        .args(["--relay", "198.18.0.1:7001"])
+        .args(extra);
     cmd.env("RUST_LOG", "info,relay=debug");
     let mut server = Proc::start(cmd);
     server.wait_for(&["relay listening"]);
@@ -310,7 +323,14 @@ pub fn start_expose(
 }
 
 /// `peer --home HOME --rendezvous … ARGS` on `host`, returned once its log says `ready`.
-fn start_peer(lab: &Lab, peer: &Path, host: &str, home: &Path, args: &[&str], ready: &str) -> Proc {
+pub fn start_peer(
+    lab: &Lab,
+    peer: &Path,
+    host: &str,
+    home: &Path,
+    args: &[&str],
+    ready: &str,
+) -> Proc {
     let mut cmd = lab.command(host, peer);
     cmd.arg("--home")
         .arg(home)

@@ -899,6 +899,15 @@ impl Lab {
         c
     }
 
+    /// A command that runs `program` on router `router` (e.g. `conntrack -F`: the NAT
+    /// forgets every mapping, as after a reboot).
+    pub fn router_command(&self, router: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.spec.ns(router)])
+            .arg(program);
+        c
+    }
+
     /// Starts `cmd` (from [`Lab::command`]); it is killed when the lab is dropped.
     pub fn spawn(&self, mut cmd: Command) -> io::Result<u32> {
         let child = cmd.spawn()?;
@@ -954,6 +963,44 @@ impl Lab {
         }
     }
 
+    /// Starts counting, on the internet bridge, the bytes routers `a` and `b` send each
+    /// other directly and what each gets from the server host (the rendezvous and its
+    /// relay): the lab's own view of which path carries a session, whatever the peers say.
+    pub fn meter(&self, a: &str, b: &str) -> Result<Meter, LabError> {
+        let (wa, wb) = (self.wan(a), self.wan(b));
+        let script = format!(
+            "table bridge tally {{\n\
+             counter direct_ab {{}}\n  counter direct_ba {{}}\n\
+             counter relay_a {{}}\n  counter relay_b {{}}\n\
+             chain f {{ type filter hook forward priority filter - 20; policy accept;\n\
+             ip saddr {wa} ip daddr {wb} counter name direct_ab\n\
+             ip saddr {wb} ip daddr {wa} counter name direct_ba\n  }}\n\
+             chain o {{ type filter hook output priority filter - 20; policy accept;\n\
+             ip daddr {wa} counter name relay_a\n\
+             ip daddr {wb} counter name relay_b\n  }}\n}}\n"
+        );
+        self.nft("server", &script)?;
+        Ok(Meter {
+            ns: self.spec.ns("server"),
+        })
+    }
+
+    /// Drops everything routers `a` and `b` send each other directly, on the internet
+    /// bridge, silently; the rendezvous and relay stay reachable. Lifted when the [`Cut`]
+    /// is dropped.
+    pub fn cut(&self, a: &str, b: &str) -> Result<Cut, LabError> {
+        let (wa, wb) = (self.wan(a), self.wan(b));
+        let script = format!(
+            "table bridge cut {{\n  chain f {{ type filter hook forward priority filter - 30; \
+             policy accept;\n    ip saddr {wa} ip daddr {wb} drop\n    \
+             ip saddr {wb} ip daddr {wa} drop\n  }}\n}}\n"
+        );
+        self.nft("server", &script)?;
+        Ok(Cut {
+            ns: self.spec.ns("server"),
+        })
+    }
+
     /// A UDP socket on `host` bound to `addr`.
     pub fn udp(&self, host: &str, addr: SocketAddr) -> Result<UdpSocket, LabError> {
         self.inside(host, || UdpSocket::bind(addr))
@@ -994,6 +1041,68 @@ impl Lab {
             s.connect_timeout(&to.into(), within)?;
             Ok(s.into())
         })
+    }
+}
+
+/// Byte counters on the internet bridge (see [`Lab::meter`]).
+#[derive(Debug)]
+pub struct Meter {
+    ns: String,
+}
+
+/// What a [`Meter`] counted so far, in bytes (IP packets, headers included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// Router a to router b, directly.
+    pub direct_ab: u64,
+    /// Router b to router a, directly.
+    pub direct_ba: u64,
+    /// From the server host (rendezvous, relay) to router a.
+    pub relay_a: u64,
+    /// From the server host to router b.
+    pub relay_b: u64,
+}
+
+impl Meter {
+    /// The counts now.
+    pub fn read(&self) -> Counted {
+        let get = |name: &str| {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.ns, "nft", "list", "counter", "bridge", "tally",
+                ])
+                .arg(name)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.split("bytes ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        Counted {
+            direct_ab: get("direct_ab"),
+            direct_ba: get("direct_ba"),
+            relay_a: get("relay_a"),
+            relay_b: get("relay_b"),
+        }
+    }
+}
+
+/// A cut between two routers (see [`Lab::cut`]); dropping it lifts the cut.
+#[derive(Debug)]
+pub struct Cut {
+    ns: String,
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "nft", "delete", "table", "bridge", "cut",
+            ])
+            .status();
     }
 }
 

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use chuantou_tests::TempHome;
 use chuantou_tests::lab_peers::{
     DIES_ROUTERS, direct_path_dies, echo, echo_service, must_relay_tcp, run_matrix, start_expose,
-    start_reach, start_rendezvous, status_path,
+    start_reach, start_rendezvous, status, status_path,
 };
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
@@ -57,6 +57,21 @@ fn with_udp_dropped_at_one_nat_auto_ends_on_direct_tcp() {
         reach.log()
     );
     assert_eq!(status_path(&peer, &home_b.0), "direct-tcp");
+    // The relay is there too, over TCP (UDP is blocked), standing by.
+    if !reach.log().contains("relay over tcp path up") {
+        reach.wait_for(&["relay over tcp path up"]);
+    }
+    let s = status(&peer, &home_b.0);
+    let paths = s[0]["paths"].as_array().cloned().unwrap_or_default();
+    let has = |kind: &str, state: &str| {
+        paths
+            .iter()
+            .any(|p| p["kind"] == kind && p["state"] == state && p["bytes_in"].as_u64() > Some(0))
+    };
+    assert!(
+        has("direct-tcp", "active") && has("relay-tcp", "standby"),
+        "{s:#}"
+    );
     // The UDP side never had a chance: the exposing peer saw no STUN answer over UDP.
     let log = expose.finish();
     assert!(log.contains("no STUN answer over UDP"), "{log}");

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{PathKind, mapped};
-use crate::defaults::LINK_QUEUE;
+use crate::defaults::{LINK_QUEUE, RELAY_REHELLO};
 
 /// Largest datagram a stream link carries (the 2-byte length).
 pub const MAX_DATAGRAM: usize = u16::MAX as usize;
@@ -184,16 +184,33 @@ impl Links {
     }
 
     /// A link over a UDP socket of its own whose datagrams all go to, and are taken only
-    /// from, `remote`.
-    pub fn add_udp(self: &Arc<Self>, kind: PathKind, sock: UdpSocket, remote: SocketAddr) -> Link {
+    /// from, `remote`. With `hello` (a relay's join datagram), that is sent again every
+    /// [`RELAY_REHELLO`], so that a relay follows us when our NAT gives us a new mapping,
+    /// and the relay's answers (control datagrams) are kept from QUIC.
+    pub fn add_udp(
+        self: &Arc<Self>,
+        kind: PathKind,
+        sock: UdpSocket,
+        remote: SocketAddr,
+        hello: Option<Vec<u8>>,
+    ) -> Link {
         let (link, mut out) = self.register(kind, remote);
         let sock = Arc::new(sock);
         let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
         let (tx, done) = (sock.clone(), closed.clone());
+        let control = hello.is_some();
         tokio::spawn(async move {
+            let mut rehello = tokio::time::interval(RELAY_REHELLO);
+            rehello.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let d = tokio::select! {
                     _ = done.cancelled() => break,
+                    _ = rehello.tick(), if hello.is_some() => {
+                        if let Some(h) = &hello {
+                            let _ = tx.send_to(h, remote).await;
+                        }
+                        continue;
+                    }
                     d = out.recv() => match d { Some(d) => d, None => break },
                 };
                 // A send error (no route for a moment, ICMP) loses a datagram, as UDP does.
@@ -211,6 +228,7 @@ impl Links {
                 // queue drops the datagram, as a full socket buffer would.
                 if let Ok((n, from)) = got
                     && from == remote
+                    && !(control && relay::proto::decode_udp(&buf[..n]).is_some())
                     && incoming
                         .try_send((addr, Bytes::copy_from_slice(&buf[..n])))
                         .is_err()
@@ -265,7 +283,7 @@ mod tests {
         let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mine = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mine_addr = mine.local_addr().unwrap();
-        let link = links.add_udp(PathKind::Relay, mine, peer.local_addr().unwrap());
+        let link = links.add_udp(PathKind::Relay, mine, peer.local_addr().unwrap(), None);
         links.send(&link.addr, b"hello");
         let mut buf = [0u8; 64];
         let (n, from) = peer.recv_from(&mut buf).await.unwrap();

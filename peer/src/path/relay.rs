@@ -38,7 +38,12 @@ pub async fn join(links: &Arc<Links>, offer: &RelayOffer, udp: bool) -> Result<L
             defaults::RELAY_JOIN,
         )
         .await?;
-        return Ok(links.add_udp(PathKind::Relay, sock, offer.addr));
+        let hello =
+            relay::proto::encode_udp(&relay::proto::UdpControl::Hello(relay::proto::Hello {
+                version: relay::proto::RELAY_VERSION,
+                ticket: offer.ticket.clone(),
+            }));
+        return Ok(links.add_udp(PathKind::Relay, sock, offer.addr, Some(hello)));
     }
     let stream =
         relay::client::join_tcp(offer.addr, offer.ticket.clone(), defaults::RELAY_JOIN).await?;
