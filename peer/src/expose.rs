@@ -20,15 +20,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::endpoint::UdpEndpoint;
+use crate::defaults;
+use crate::forward::tcp::{self as forward, TunnelStats};
 use crate::path::link::Link;
 use crate::path::{PathKind, for_quic};
+use crate::presence::endpoint::UdpEndpoint;
+use crate::presence::signal::{Signaling, Tcp};
+use crate::punch::udp_shell as direct;
 use crate::session::Session;
-use crate::signal::{Signaling, Tcp};
 use crate::status::Board;
 use crate::transport::{Policy, Transport};
-use crate::tunnel::{self, TunnelStats};
-use crate::{defaults, direct};
 
 /// What to expose.
 #[derive(Debug, Clone)]
@@ -39,7 +40,7 @@ pub struct Expose {
     pub target: String,
     /// Keys allowed to reach us; empty allows every key the rendezvous brokers.
     pub allow: Vec<PublicKey>,
-    /// The service is UDP: every flow is a datagram flow ([`crate::udp_direct`]).
+    /// The service is UDP: every flow is a datagram flow ([`crate::forward::udp`]).
     pub udp: bool,
     /// Which direct paths to punch.
     pub transport: Transport,
@@ -245,7 +246,7 @@ fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Ready>) -> 
             relay && b.relay.is_some() && crate::path::relay::over_tcp(ctx.from.udp_presence, b);
         let (b, tx) = (b.clone(), tx.clone());
         tokio::spawn(async move {
-            let r = match crate::direct_tcp::establish_tcp(&tcp, &b, relay_tcp).await {
+            let r = match crate::punch::tcp_shell::establish_tcp(&tcp, &b, relay_tcp).await {
                 Ok(d) => {
                     info!(peer = %b.peer, session = %b.session, remote = %d.remote,
                         "punched via tcp in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
@@ -424,7 +425,7 @@ fn serve(ctx: &Ctx, s: &Session) {
         s.peer().to_owned(),
     );
     if ctx.cfg.udp {
-        tokio::spawn(crate::udp_direct::serve(conn.clone(), target.clone()));
+        tokio::spawn(crate::forward::udp::serve(conn.clone(), target.clone()));
     }
     tokio::spawn(async move {
         while let Ok((send, recv)) = conn.accept_bi().await {
@@ -446,7 +447,7 @@ where
     match TcpStream::connect(&target).await {
         Ok(local) => {
             let _ = local.set_nodelay(true);
-            if let Err(e) = tunnel::splice(local, stream, &stats).await {
+            if let Err(e) = forward::splice(local, stream, &stats).await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         }

@@ -1,50 +1,36 @@
 //! chuantou peer: exposes a local service under a name, and reaches a named peer's service
-//! through an end-to-end encrypted tunnel: over the relay at once, and over a punched
-//! direct path as soon as one works — UDP (QUIC) or TCP simultaneous open (TLS + yamux).
+//! through one end-to-end encrypted session per peer pair, whose traffic takes the best
+//! path at each moment: a punched UDP pair, a punched TCP connection, or the relay — and
+//! moves, open connections included, when a better path is proven or the current one dies.
 //!
 //! # Layout
 //!
+//! - [`session`]: one multipath QUIC session per peer pair, owning its paths and choosing
+//!   the one that carries traffic now.
+//! - [`path`]: the path kinds, the links (relay, punched TCP, birthday sockets) presented
+//!   to QUIC as addresses of their own, the QUIC socket, and the sans-IO chooser.
+//! - [`punch`]: the sans-IO UDP and TCP punch agents, their strategy and shells.
+//! - [`presence`]: registration with the rendezvous, the UDP endpoint and the TCP port.
+//! - [`forward`]: local TCP connections and UDP flows carried by a session.
+//! - [`expose`] and [`reach`]: the two commands, listeners and forwarders on sessions.
+//! - [`status`]: the board of live sessions and the control socket `peer status` reads.
 //! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
-//! - [`tcp_port`]: the one TCP port that signaling, the listener and TCP punching share.
-//! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys.
-//! - [`transport`]: `--transport auto|udp|tcp|relay` and the order paths are preferred in.
-//! - [`tunnel`]: TLS + yamux over one byte stream; local connections as streams.
-//! - [`signal`]: staying registered with the rendezvous (backoff, fatal refusals).
-//! - [`expose`] and [`reach`]: the two sides of a tunnel, as the commands run them.
-//! - [`udp`]: UDP flows as length-framed datagrams in tunnel streams.
-//! - [`udp_direct`]: UDP flows as QUIC datagrams on the direct path.
-//! - [`status`]: the board of live tunnels and the control socket `peer status` reads.
-//! - [`direct`]: the punch shell and the direct QUIC path it brings up.
-//! - [`direct_tcp`]: the TCP punch shell; the tunnel then runs on the connection it agreed.
-//! - [`endpoint`]: the one UDP socket shared by STUN, punch probes and direct QUIC tunnels.
-//! - [`probe`]: punch probes on the wire, authenticated by the session secret.
-//! - [`punch`]: the UDP punch agent, sans-IO (drive loop in its docs).
-//! - [`punch_tcp`]: the TCP simultaneous-open agent, sans-IO (drive loop in its docs).
-//! - [`quic`]: the direct tunnel, QUIC on the punched socket.
-//! - [`strategy`]: how to punch (or not) from both sides' NAT profiles.
+//! - [`tls`] and [`quic`]: TLS 1.3 pinned to ed25519 keys, and the session's QUIC settings.
+//! - [`transport`]: `--transport` and `--no-relay`, the kinds of path a session may use.
+//! - [`defaults`]: every timing constant of the peer, each with its reason.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod defaults;
-pub mod direct;
-pub mod direct_tcp;
-pub mod endpoint;
 pub mod expose;
+pub mod forward;
 pub mod home;
-#[cfg(test)]
-mod natsim;
 pub mod path;
-pub mod probe;
+pub mod presence;
 pub mod punch;
-pub mod punch_tcp;
 pub mod quic;
 pub mod reach;
 pub mod session;
-pub mod signal;
 pub mod status;
-pub mod strategy;
-pub mod tcp_port;
 pub mod tls;
 pub mod transport;
-pub mod tunnel;
-pub mod udp_direct;

@@ -22,15 +22,17 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::endpoint::UdpEndpoint;
+use crate::defaults;
+use crate::forward::tcp as forward;
 use crate::home::{Home, Pinned};
 use crate::path::PathKind;
 use crate::path::link::Link;
+use crate::presence::endpoint::UdpEndpoint;
+use crate::presence::signal::{Registration, Signaling, Tcp, Udp};
+use crate::punch::udp_shell as direct;
 use crate::session::Session;
-use crate::signal::{Registration, Signaling, Tcp, Udp};
 use crate::status::Board;
 use crate::transport::{Policy, Transport};
-use crate::{defaults, direct, tunnel};
 
 /// What to reach.
 #[derive(Debug, Clone)]
@@ -231,7 +233,7 @@ impl Reacher {
                 };
                 return tokio::select! {
                     _ = self.state.shutdown.cancelled() => Ok(()),
-                    r = crate::udp_direct::reach_udp(sock, session) => r.context("local udp socket"),
+                    r = crate::forward::udp::reach_udp(sock, session) => r.context("local udp socket"),
                 };
             }
         };
@@ -273,7 +275,7 @@ impl Reacher {
                         info!(%from, path = "none", "connection waiting for a path after {after:?}")
                     }
                 }
-                if let Err(e) = tunnel::splice(local, tokio::io::join(recv, send), s.stats()).await
+                if let Err(e) = forward::splice(local, tokio::io::join(recv, send), s.stats()).await
                 {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
@@ -501,7 +503,9 @@ impl State {
                         tx.clone(),
                     );
                     tokio::spawn(async move {
-                        let ok = match crate::direct_tcp::establish_tcp(&tcp, &b, relay_tcp).await {
+                        let ok = match crate::punch::tcp_shell::establish_tcp(&tcp, &b, relay_tcp)
+                            .await
+                        {
                             Ok(d) => {
                                 info!(peer = %b.peer, session = %b.session, remote = %d.remote,
                                     "punched via tcp in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);

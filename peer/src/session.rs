@@ -26,11 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::defaults;
+use crate::forward::tcp::TunnelStats;
 use crate::path::choose::{Candidate, choose};
 use crate::path::link::Link;
 use crate::path::{PathKind, canonical, is_mapped};
 use crate::transport::Policy;
-use crate::tunnel::TunnelStats;
 
 /// One path as `peer status --json` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use peer::endpoint::UdpEndpoint;
 use peer::path::PathKind;
 use peer::path::link::Link;
+use peer::presence::endpoint::UdpEndpoint;
 use peer::session::Session;
 use peer::transport::Policy;
 use rendezvous::proto::PublicKey;

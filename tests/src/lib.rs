@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use peer::expose::{self, Expose};
 use peer::home::Home;
+use peer::presence::signal::Signaling;
 use peer::reach::{Reach, Reacher};
-use peer::signal::Signaling;
 pub use peer::transport::Transport;
 use rendezvous::proto::{Proto, PublicKey, Service};
 use rendezvous::server::{Server, ServerConfig, ServerHandle};

@@ -5,7 +5,7 @@
 //! before QUIC sees them and routed by their first byte (RFC 9443): STUN (0–3) to the
 //! refresher, punch probes (4, see [`probe`]) to the punch of their session.
 //!
-//! [`probe`]: crate::probe
+//! [`probe`]: crate::punch::probe
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::link::{Incoming, Links};
 use super::{canonical, for_quic, is_mapped};
-use crate::probe;
+use crate::punch::probe;
 
 /// Datagrams queued per route before new ones are dropped (UDP semantics: a slow reader
 /// loses packets, memory stays bounded).

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use relay::ticket::Side;
 
-use crate::probe::{self, Kind, Probe, ProbeKey};
+use crate::punch::probe::{self, Kind, Probe, ProbeKey};
 
 /// Timings of a punch; defaults in [`Timing::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,7 +517,7 @@ fn splitmix(seed: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::natsim::{Kind as Nat, run};
+    use crate::punch::natsim::{Kind as Nat, run};
 
     const LATENCY: Duration = Duration::from_millis(10);
 

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use natprobe::classify::{Allocation, NatType};
 use relay::ticket::Side;
 
-use crate::probe::ProbeKey;
-use crate::punch::{Config, Event, Input, Output, Path, Punch, Timing};
-use crate::strategy::{NatProfile, Strategy, plan};
+use crate::punch::probe::ProbeKey;
+use crate::punch::strategy::{NatProfile, Strategy, plan};
+use crate::punch::udp::{Config, Event, Input, Output, Path, Punch, Timing};
 
 /// The NAT kinds of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

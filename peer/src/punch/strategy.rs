@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use natprobe::classify::{Allocation, NatType};
 
-use crate::punch::{BIRTHDAY_SOCKETS, SPRAY_EVERY, SPRAY_PROBES, Spray};
+use crate::punch::udp::{BIRTHDAY_SOCKETS, SPRAY_EVERY, SPRAY_PROBES, Spray};
 
 /// Ports predicted past a sequential NAT's observed one. Prediction pairs the k-th new
 /// mapping of each side, so a few spare guesses absorb mappings other programs made

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use relay::ticket::Side;
 
-use crate::probe::{self, Kind, Probe, ProbeKey};
+use crate::punch::probe::{self, Kind, Probe, ProbeKey};
 
 /// Timings of a TCP punch; defaults in [`TcpTiming::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use rendezvous::client::{Client, ClientConfig, ClientError};
 use rendezvous::proto::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 use tokio::net::UdpSocket;
 
-use crate::endpoint::UdpEndpoint;
-use crate::tcp_port::TcpPort;
+use crate::presence::endpoint::UdpEndpoint;
+use crate::presence::tcp_port::TcpPort;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -73,7 +73,7 @@ impl Drop for Udp {
 /// retried a few times, answers read from the endpoint's STUN route.
 async fn refresh(
     endpoint: UdpEndpoint,
-    mut stun_rx: tokio::sync::mpsc::Receiver<crate::endpoint::Datagram>,
+    mut stun_rx: tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
     stun: SocketAddr,
     cred: (String, String),
 ) {

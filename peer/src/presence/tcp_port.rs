@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::debug;
 
-use crate::probe;
+use crate::punch::probe;
 
 /// An accepted connection with its first message (the other side's first probe).
 pub type Accepted = (TcpStream, SocketAddr, [u8; probe::LEN]);
@@ -155,7 +155,7 @@ async fn accept_loop(listener: TcpListener, routes: Routes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::{Kind, Probe, ProbeKey};
+    use crate::punch::probe::{Kind, Probe, ProbeKey};
     use relay::ticket::Side;
     use tokio::io::AsyncWriteExt as _;
 

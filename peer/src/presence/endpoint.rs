@@ -123,7 +123,7 @@ impl UdpEndpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::{Kind, Probe, ProbeKey};
+    use crate::punch::probe::{Kind, Probe, ProbeKey};
     use relay::ticket::Side;
 
     #[tokio::test]

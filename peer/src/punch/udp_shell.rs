@@ -1,4 +1,4 @@
-//! The UDP punch shell: runs the sans-IO [`punch`](crate::punch) agent for one brokered
+//! The UDP punch shell: runs the sans-IO [`punch`](crate::punch::udp) agent for one brokered
 //! session on the shared UDP endpoint (and, on the hard side of birthday mode, on extra
 //! sockets) and returns the pair it proved. The session then runs a path on it: on the
 //! shared socket a plain address, on a birthday socket a link of its own.
@@ -15,10 +15,10 @@ use tracing::{debug, info};
 use natprobe::classify::{Allocation, NatType};
 
 use crate::defaults::PUNCH_LINGER;
-use crate::endpoint::UdpEndpoint;
-use crate::probe::ProbeKey;
-use crate::punch::{Config, Event, Input, Output, Punch, Timing};
-use crate::strategy::{NatProfile, Strategy, plan};
+use crate::presence::endpoint::UdpEndpoint;
+use crate::punch::probe::ProbeKey;
+use crate::punch::strategy::{NatProfile, Strategy, plan};
+use crate::punch::udp::{Config, Event, Input, Output, Punch, Timing};
 
 /// Why there is no direct path.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +120,7 @@ pub async fn establish(
         readers.push(AbortOnDrop(tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             while let Ok((n, from)) = r.recv_from(&mut buf).await {
-                if crate::probe::is_probe(&buf[..n]) {
+                if crate::punch::probe::is_probe(&buf[..n]) {
                     let _ = tx.try_send((i, from, buf[..n].to_vec()));
                 }
             }

@@ -1,4 +1,4 @@
-//! The TCP punch shell: runs the sans-IO [`punch_tcp`](crate::punch_tcp) agent for one
+//! The TCP punch shell: runs the sans-IO [`punch_tcp`](crate::punch::tcp) agent for one
 //! brokered session on the shared TCP port — connects from P, connections accepted on P
 //! for this session, one probe read at a time — and hands back the agreed connection, which
 //! the session then runs a path on (a [`Link`](crate::path::link::Link)).
@@ -17,11 +17,11 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info};
 
-use crate::direct::{DirectError, profile};
-use crate::probe::{self, ProbeKey};
-use crate::punch_tcp::{Config, ConnId, Event, Input, Output, TcpPunch, TcpTiming};
-use crate::signal::Tcp;
-use crate::strategy::{Strategy, plan_tcp};
+use crate::presence::signal::Tcp;
+use crate::punch::probe::{self, ProbeKey};
+use crate::punch::strategy::{Strategy, plan_tcp};
+use crate::punch::tcp::{Config, ConnId, Event, Input, Output, TcpPunch, TcpTiming};
+use crate::punch::udp_shell::{DirectError, profile};
 
 /// A punched TCP connection, both sides agreed.
 #[derive(Debug)]
