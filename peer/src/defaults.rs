@@ -75,3 +75,37 @@ pub const LINK_QUEUE: usize = 2048;
 /// A UDP flow with no datagram either way for this long is closed (UDP has no end marker;
 /// most UDP services, DNS or game traffic, are done or re-sending well within a minute).
 pub const FLOW_IDLE: Duration = Duration::from_secs(60);
+
+/// How long a re-punch is given to bring a direct path back before the next one is asked
+/// for (a punch gives up after 5 s).
+pub const REPUNCH_SETTLE: Duration = Duration::from_secs(6);
+
+/// Reconnecting to the rendezvous backs off from this …
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// … doubling up to this.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How often the UDP mapping is observed again: under half of common 30–60 s NAT
+/// timeouts, so the mapping the rendezvous hands out stays the live one.
+pub const UDP_REFRESH: Duration = Duration::from_secs(12);
+
+/// How long one STUN refresh waits for its answer before asking again (loopback to a
+/// far-away server is well under this; three tries per refresh).
+pub const STUN_ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+/// How long the STUN Binding over TCP that observes the TCP port's latest mapping may take.
+pub const TCP_STUN_WITHIN: Duration = Duration::from_secs(3);
+
+/// How long a connection accepted on the TCP port may take to send its first probe.
+pub const FIRST_PROBE_WITHIN: Duration = Duration::from_secs(3);
+
+/// After a failed accept (out of descriptors and the like) the TCP port pauses this long
+/// rather than spin.
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// TCP keepalive on a punched connection starts after this much silence …
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// … and probes this often.
+pub const TCP_KEEPALIVE_EVERY: Duration = Duration::from_secs(10);

@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex as SyncMutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
@@ -626,7 +626,7 @@ impl State {
                 }
                 wait = (wait * 2).min(defaults::REPUNCH_MAX);
                 // A re-punch takes a few seconds; give it that before the next.
-                let until = tokio::time::Instant::now() + Duration::from_secs(6).min(wait);
+                let until = tokio::time::Instant::now() + defaults::REPUNCH_SETTLE.min(wait);
                 while !active.borrow().is_some_and(PathKind::is_direct) {
                     tokio::select! {
                         _ = s.closed().cancelled() => return,

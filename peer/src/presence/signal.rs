@@ -3,13 +3,13 @@
 //! `reach`.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::{Client, ClientConfig, ClientError};
 use rendezvous::proto::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 use tokio::net::UdpSocket;
 
+use crate::defaults::{BACKOFF_MAX, BACKOFF_MIN, STUN_ANSWER_WITHIN, TCP_STUN_WITHIN, UDP_REFRESH};
 use crate::presence::endpoint::UdpEndpoint;
 use crate::presence::tcp_port::TcpPort;
 use std::sync::Arc;
@@ -29,10 +29,6 @@ pub struct Signaling {
     pub services: Vec<Service>,
 }
 
-/// Backoff between reconnection attempts: doubling from 1 s, capped at 30 s.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
 /// Errors no retry can fix: they end the command with a clear message.
 pub fn is_fatal(e: &ClientError) -> bool {
     matches!(e, ClientError::Refused(f) if matches!(
@@ -44,10 +40,6 @@ pub fn is_fatal(e: &ClientError) -> bool {
             | ErrorCode::BadRequest
     ))
 }
-
-/// How often the UDP mapping is observed again: under half of common 30–60 s NAT
-/// timeouts, so the mapping the rendezvous hands out stays the live one.
-pub const UDP_REFRESH: Duration = Duration::from_secs(12);
 
 /// The peer's UDP presence: the endpoint on the socket whose NAT mapping the rendezvous
 /// observed (the one punching starts from and direct tunnels run on), and what we
@@ -86,7 +78,7 @@ async fn refresh(
             if endpoint.send_to(&req.bytes, stun).await.is_err() {
                 break;
             }
-            let answered = tokio::time::timeout(Duration::from_secs(1), async {
+            let answered = tokio::time::timeout(STUN_ANSWER_WITHIN, async {
                 while let Some((_, data)) = stun_rx.recv().await {
                     if rendezvous::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
                         return true;
@@ -128,9 +120,6 @@ pub struct Registration {
     /// The TCP presence, if the signaling connection could leave from a shared port.
     pub tcp: Option<Arc<Tcp>>,
 }
-
-/// How long the STUN Binding over TCP that observes P's latest mapping may take.
-const TCP_STUN_WITHIN: Duration = Duration::from_secs(3);
 
 /// Connects to the rendezvous from P.
 async fn connect_from(

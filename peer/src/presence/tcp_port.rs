@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::debug;
 
+use crate::defaults::{ACCEPT_PAUSE, FIRST_PROBE_WITHIN};
 use crate::punch::probe;
 
 /// An accepted connection with its first message (the other side's first probe).
@@ -23,9 +23,6 @@ pub type Accepted = (TcpStream, SocketAddr, [u8; probe::LEN]);
 /// Accepted connections that have not sent their first probe yet, at most: strangers can
 /// connect to P, so what they can hold is bounded.
 const MAX_UNIDENTIFIED: usize = 32;
-
-/// How long an accepted connection may take to send its first probe.
-const FIRST_PROBE_WITHIN: Duration = Duration::from_secs(3);
 
 /// Accepted connections waiting for their session's punch to take them.
 const ROUTE_QUEUE: usize = 16;
@@ -122,7 +119,7 @@ async fn accept_loop(listener: TcpListener, routes: Routes) {
             Err(e) => {
                 // Out of descriptors and the like: pause rather than spin.
                 debug!(error = %e, "tcp port accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_PAUSE).await;
                 continue;
             }
         };
@@ -182,7 +179,7 @@ mod tests {
         let mut elsewhere = TcpStream::connect(to).await.unwrap();
         elsewhere.write_all(&other).await.unwrap();
         let mut buf = [0u8; 1];
-        let bound = Duration::from_secs(10);
+        let bound = std::time::Duration::from_secs(10);
         for s in [&mut junk, &mut elsewhere] {
             let r = tokio::time::timeout(bound, s.read(&mut buf)).await.unwrap();
             assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");

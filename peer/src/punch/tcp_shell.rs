@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info};
 
+use crate::defaults::{TCP_KEEPALIVE_EVERY, TCP_KEEPALIVE_IDLE};
 use crate::presence::signal::Tcp;
 use crate::punch::probe::{self, ProbeKey};
 use crate::punch::strategy::{Strategy, plan_tcp};
@@ -38,11 +39,12 @@ pub struct TcpDirect {
 
 type Read = (ConnId, OwnedReadHalf, io::Result<[u8; probe::LEN]>);
 
-/// TCP keepalive on a punched connection: probes after 30 s of silence, every 10 s, dead
-/// after 3 unanswered (the tunnel's own pings every 10 s keep a live one from ever idling).
+/// TCP keepalive on a punched connection: probes after [`TCP_KEEPALIVE_IDLE`] of
+/// silence, every [`TCP_KEEPALIVE_EVERY`], dead after 3 unanswered (the session's own
+/// keep-alives keep a live one from ever idling; this catches a half-dead socket).
 const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
-    .with_time(Duration::from_secs(30))
-    .with_interval(Duration::from_secs(10))
+    .with_time(TCP_KEEPALIVE_IDLE)
+    .with_interval(TCP_KEEPALIVE_EVERY)
     .with_retries(3);
 
 fn read_one(conn: ConnId, mut rd: OwnedReadHalf) -> BoxFuture<'static, Read> {
