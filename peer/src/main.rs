@@ -23,10 +23,11 @@ use tokio_util::sync::CancellationToken;
 ///   on the PC:     peer expose 7274 --name pc-home
 ///   on the phone:  peer reach pc-home          # then open http://127.0.0.1:7274/
 ///
-/// Every connection is carried end to end encrypted (TLS 1.3, keys pinned on first
-/// contact in known_peers): through the rendezvous' relay at once, and over a punched
-/// direct path as soon as one works: UDP (QUIC) or TCP simultaneous open (TLS + yamux),
-/// chosen by --transport. `peer status` shows which.
+/// Every connection is a stream of one end-to-end encrypted session with the other peer
+/// (QUIC, TLS 1.3, keys pinned on first contact in known_peers). The session's traffic
+/// takes the best path at each moment: through the relay at once, over a punched path
+/// (UDP, or TCP simultaneous open) as soon as one is proven — open connections included —
+/// and back to the relay if that path dies. `peer status` shows every path.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -97,13 +98,13 @@ enum Command {
         /// Our own name at the rendezvous [default: reach-<key prefix>].
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
-        /// Paths for new connections: auto takes direct UDP (QUIC) if punched, else direct
-        /// TCP (simultaneous open) if punched, else the relay; udp or tcp punch only that
-        /// one; relay punches nothing. The relay is the fallback unless --no-relay.
+        /// Paths the session may use: auto punches UDP and TCP and carries traffic on
+        /// direct UDP, else direct TCP, else the relay; udp or tcp punch only that one;
+        /// relay punches nothing. The relay is the fallback unless --no-relay.
         #[arg(long, value_enum, default_value_t = Transport::Auto)]
         transport: Transport,
-        /// Never use the relay: connections wait for a punched path (up to ~10 s) and are
-        /// closed when none works.
+        /// Never use the relay: connections wait for a punched path (a few seconds) and
+        /// are closed when none works.
         #[arg(long)]
         no_relay: bool,
     },
@@ -113,7 +114,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show this peer's tunnels.
+    /// Show this peer's sessions and their paths.
     Status {
         /// JSON instead of text.
         #[arg(long)]
@@ -309,7 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&tunnels)?);
             } else if tunnels.is_empty() {
                 println!(
-                    "no tunnels: no `peer expose` or `peer reach` with a tunnel up uses {}",
+                    "no sessions: no `peer expose` or `peer reach` with a session up uses {}",
                     home.dir().display()
                 );
             } else {
@@ -323,6 +324,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
                         t.peer, t.role, t.path, rtt, t.bytes_out, t.bytes_in, t.open_connections
                     );
+                    for p in &t.paths {
+                        let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
+                        println!(
+                            "  {:<10} {:<26} {:<8} {:>8} {:>12} {:>12}",
+                            p.kind, p.remote, p.state, rtt, p.bytes_out, p.bytes_in
+                        );
+                    }
                 }
             }
             Ok(())

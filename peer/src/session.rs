@@ -67,6 +67,9 @@ struct Table {
     links: Vec<Link>,
     /// A direct path was lost and none has come back yet (for the "re-punched" line).
     lost_direct: bool,
+    /// Paths over a link not (yet) held: a link's first datagrams can reach QUIC a moment
+    /// before its maker hands it to the session.
+    orphans: Vec<PathId>,
 }
 
 #[derive(Debug)]
@@ -157,9 +160,16 @@ impl Session {
     /// other side may open one to it).
     pub fn hold(&self, link: Link) {
         watch_link(&self.inner, &link);
-        let mut t = self.inner.table();
-        t.links.retain(|l| !l.closed().is_cancelled());
-        t.links.push(link);
+        let orphans = {
+            let mut t = self.inner.table();
+            t.links.retain(|l| !l.closed().is_cancelled());
+            t.links.push(link);
+            std::mem::take(&mut t.orphans)
+        };
+        for id in orphans {
+            self.inner.add_path(id);
+            self.inner.rechoose(Some(id));
+        }
     }
 
     /// Opens a path to `addr` (a peer's address or a held link's made-up one); it carries
@@ -247,7 +257,10 @@ impl Inner {
             match t.links.iter().find(|l| l.addr == addr) {
                 Some(l) => (l.kind, l.remote),
                 None => {
-                    debug!(peer = %self.peer, %addr, "a path over a link we no longer hold");
+                    debug!(peer = %self.peer, %addr, "a path over a link not held (yet)");
+                    if !t.orphans.contains(&id) {
+                        t.orphans.push(id);
+                    }
                     return;
                 }
             }
@@ -342,6 +355,7 @@ impl Inner {
     /// Forgets path `id` (abandoned) and moves traffic to the next best one.
     fn lose_path(&self, id: PathId) {
         let mut t = self.table();
+        t.orphans.retain(|o| *o != id);
         let Some(pos) = t.known.iter().position(|k| k.id == id) else {
             return;
         };

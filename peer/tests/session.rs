@@ -174,6 +174,29 @@ async fn streams_flow_over_the_relay_with_the_pinned_keys() {
     assert!(report[0].bytes_in > 300_000, "{report:?}");
 }
 
+/// The listener's link reaches QUIC before its maker hands it to the session (the relay
+/// join returns a moment after the other side's first packet): the path is picked up then.
+#[tokio::test]
+async fn a_link_handed_over_after_the_session_started_becomes_its_path() {
+    let pair = Pair::new();
+    let (a, b) = pipe().await;
+    let la = pair.dialer.links().add_stream(PathKind::RelayTcp, a);
+    let lb = pair.listener.links().add_stream(PathKind::RelayTcp, b);
+    let config = peer::quic::client_config(&pair.keys.0, public(&pair.keys.1)).unwrap();
+    let dial = pair
+        .dialer
+        .quic()
+        .connect_with(config, la.addr, peer::tls::SERVER_NAME)
+        .unwrap();
+    let accept = async { pair.listener.quic().accept().await.unwrap().await };
+    let (c, s) = within("handshake", async { tokio::join!(dial, accept) }).await;
+    let _dialer = Session::start(c.unwrap(), "pc", Policy::default(), vec![la]);
+    let listener = Session::start(s.unwrap(), "phone", Policy::default(), vec![]);
+    assert_eq!(listener.active(), None, "no path known without its link");
+    listener.hold(lb);
+    active(&listener, PathKind::RelayTcp).await;
+}
+
 #[tokio::test]
 async fn a_key_other_than_the_pinned_one_is_refused() {
     let pair = Pair::new();

@@ -6,6 +6,7 @@
 
 pub mod lab_peers;
 pub mod natlab;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;

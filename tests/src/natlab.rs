@@ -1064,29 +1064,36 @@ pub struct Counted {
 }
 
 impl Meter {
-    /// The counts now.
+    /// The counts now (one `nft` call).
     pub fn read(&self) -> Counted {
-        let get = |name: &str| {
-            let out = Command::new("ip")
-                .args([
-                    "netns", "exec", &self.ns, "nft", "list", "counter", "bridge", "tally",
-                ])
-                .arg(name)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            out.split("bytes ")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        };
-        Counted {
-            direct_ab: get("direct_ab"),
-            direct_ba: get("direct_ba"),
-            relay_a: get("relay_a"),
-            relay_b: get("relay_b"),
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "nft", "list", "counters", "table", "bridge", "tally",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut c = Counted::default();
+        let mut name = "";
+        for line in out.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("counter ") {
+                name = rest.split_whitespace().next().unwrap_or("");
+            } else if let Some(bytes) = line.split("bytes ").nth(1) {
+                let n = bytes
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                match name {
+                    "direct_ab" => c.direct_ab = n,
+                    "direct_ba" => c.direct_ba = n,
+                    "relay_a" => c.relay_a = n,
+                    "relay_b" => c.relay_b = n,
+                    _ => {}
+                }
+            }
         }
+        c
     }
 }
 

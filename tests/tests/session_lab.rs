@@ -11,15 +11,13 @@
 //!   an interactive connection never stalls for 3 s or more.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use chuantou_tests::lab_peers::{Proc, start_peer, start_rendezvous_with};
-use chuantou_tests::natlab::{Lab, Meter};
+use chuantou_tests::lab_peers::start_rendezvous_with;
+use chuantou_tests::natlab::Lab;
+use chuantou_tests::web::{LOCAL, curl, expose_web, reach_web, sha256_file, site, until};
 use chuantou_tests::{BOUND, TempHome, workspace_bin};
-use sha2::{Digest, Sha256};
 
 /// The tests here move hundreds of MiB each and time what they see: on a 2-core machine
 /// they run one at a time, so one's load does not decide another's outcome.
@@ -27,139 +25,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Where the exposed HTTP server listens, inside the exposing host.
-const WEB_PORT: u16 = 18080;
-
-/// Where `reach` listens, inside the reaching host.
-const LOCAL: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 17274);
-
-const SERVER: &str = r#"
-import functools, http.server, sys
-class H(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])),
-    functools.partial(H, directory=sys.argv[1]))
-print("serving", file=sys.stderr, flush=True)
-srv.serve_forever()
-"#;
-
-/// A directory with `small` (100 bytes) and `big` (`mib` MiB of pseudo-random bytes), and
-/// the SHA-256 of `big`.
-fn site(dir: &Path, mib: usize) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("small"), [b'x'; 100]).unwrap();
-    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("big")).unwrap());
-    let mut h = Sha256::new();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for b in chunk.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-        }
-        h.update(&chunk);
-        f.write_all(&chunk).unwrap();
-    }
-    f.flush().unwrap();
-    hex::encode(h.finalize())
-}
-
-fn sha256_file(p: &Path) -> String {
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf).unwrap() {
-            0 => break,
-            n => h.update(&buf[..n]),
-        }
-    }
-    hex::encode(h.finalize())
-}
-
-/// The web server on `host` serving `dir`, and `peer expose` of it as `name`.
-struct Exposed {
-    _web: Proc,
-    expose: Proc,
-    _home: TempHome,
-}
-
-fn expose_web(lab: &Lab, host: &str, dir: &Path, name: &str) -> Exposed {
-    let mut web = lab.command(host, "python3");
-    web.args(["-c", SERVER]).arg(dir).arg(WEB_PORT.to_string());
-    let mut web = Proc::start(web);
-    web.wait_for(&["serving"]);
-    let home = TempHome::new();
-    let port = WEB_PORT.to_string();
-    let expose = start_peer(
-        lab,
-        &workspace_bin("peer"),
-        host,
-        &home.0,
-        &["expose", &port, "--name", name],
-        "registered",
-    );
-    Exposed {
-        _web: web,
-        expose,
-        _home: home,
-    }
-}
-
-fn reach(lab: &Lab, host: &str, home: &Path, name: &str) -> Proc {
-    let local = LOCAL.to_string();
-    start_peer(
-        lab,
-        &workspace_bin("peer"),
-        host,
-        home,
-        &["reach", name, "--local", &local],
-        "reaching",
-    )
-}
-
-/// curl on `host` fetching `paths` over one connection (curl reuses it for every URL of
-/// one command), `big` into `out`; extra curl flags in `extra`.
-fn curl(lab: &Lab, host: &str, paths: &[&str], out: &Path, extra: &[&str]) -> Command {
-    let mut c = lab.command(host, "curl");
-    c.args([
-        "-sS",
-        "--fail",
-        "--max-time",
-        "300",
-        "-w",
-        "%{num_connects} ",
-    ])
-    .args(extra);
-    for p in paths {
-        if *p == "big" {
-            c.arg("-o").arg(out);
-        } else {
-            c.args(["-o", "/dev/null"]);
-        }
-        c.arg(format!("http://{LOCAL}/{p}"));
-    }
-    c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    c
-}
-
-/// Polls `meter` until `ok` holds, failing with `what` after [`BOUND`]. The counters are
-/// the kernel's: there is no event to wait for.
-fn until(meter: &Meter, what: &str, ok: impl Fn(&chuantou_tests::natlab::Counted) -> bool) {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let c = meter.read();
-        if ok(&c) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: counters stuck at {c:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -178,9 +43,9 @@ fn a_keep_alive_download_that_started_on_the_relay_moves_to_the_direct_path() {
     );
     let files = TempHome::new();
     let sha = site(&files.0, 100);
-    let mut exposed = expose_web(&lab, "pc-1", &files.0, "pc-home");
+    let mut exposed = expose_web(&lab, &workspace_bin("peer"), "pc-1", &files.0, "pc-home");
     let home = TempHome::new();
-    let mut reach = reach(&lab, "phone-1", &home.0, "pc-home");
+    let mut reach = reach_web(&lab, &workspace_bin("peer"), "phone-1", &home.0, "pc-home");
     let meter = lab.meter("pc", "phone").unwrap();
     // One connection at once: some small requests, then 100 MiB on the same connection.
     let out = home.0.join("big.out");
@@ -228,9 +93,9 @@ fn a_download_survives_a_cut_of_the_direct_path_and_returns_to_it_after_a_re_pun
     let _server = start_rendezvous_with(&lab, &workspace_bin("rendezvous"), &[]);
     let files = TempHome::new();
     let sha = site(&files.0, 300);
-    let _exposed = expose_web(&lab, "a-1", &files.0, "pc-home");
+    let _exposed = expose_web(&lab, &workspace_bin("peer"), "a-1", &files.0, "pc-home");
     let home = TempHome::new();
-    let mut reach = reach(&lab, "b-1", &home.0, "pc-home");
+    let mut reach = reach_web(&lab, &workspace_bin("peer"), "b-1", &home.0, "pc-home");
     let meter = lab.meter("a", "b").unwrap();
     // 300 MiB at 20 MB/s: about 15 s, long enough to cut and lift under it.
     let out = home.0.join("big.out");
@@ -270,9 +135,9 @@ fn a_nat_that_forgets_its_mappings_stalls_no_connection_for_3_s() {
     let _server = start_rendezvous_with(&lab, &workspace_bin("rendezvous"), &[]);
     let files = TempHome::new();
     let sha = site(&files.0, 150);
-    let _exposed = expose_web(&lab, "pc-1", &files.0, "pc-home");
+    let _exposed = expose_web(&lab, &workspace_bin("peer"), "pc-1", &files.0, "pc-home");
     let home = TempHome::new();
-    let mut reach = reach(&lab, "phone-1", &home.0, "pc-home");
+    let mut reach = reach_web(&lab, &workspace_bin("peer"), "phone-1", &home.0, "pc-home");
     let meter = lab.meter("pc", "phone").unwrap();
     let out = home.0.join("big.out");
     let mut download = curl(&lab, "phone-1", &["big"], &out, &["--limit-rate", "15M"])
