@@ -210,27 +210,24 @@ fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Ready>) -> 
         let (endpoint, b, tx) = (ctx.from.endpoint.clone(), b.clone(), tx.clone());
         tokio::spawn(async move {
             let r = match direct::establish(&endpoint, nat, &b, relay_udp).await {
-                Ok(p) => {
-                    debug!(peer = %b.peer, session = %b.session, remote = %p.remote, "punched via udp in {:.0} ms ({})", p.elapsed.as_secs_f64() * 1000.0, p.why);
-                    match p.socket {
-                        None => Ready::Path {
+                Ok(p) => match p.socket {
+                    None => Ready::Path {
+                        kind: PathKind::DirectUdp,
+                        addr: p.remote,
+                        link: None,
+                    },
+                    Some(sock) => {
+                        let link =
+                            endpoint
+                                .links()
+                                .add_udp(PathKind::DirectUdp, sock, p.remote, None);
+                        Ready::Path {
                             kind: PathKind::DirectUdp,
-                            addr: p.remote,
-                            link: None,
-                        },
-                        Some(sock) => {
-                            let link =
-                                endpoint
-                                    .links()
-                                    .add_udp(PathKind::DirectUdp, sock, p.remote, None);
-                            Ready::Path {
-                                kind: PathKind::DirectUdp,
-                                addr: link.addr,
-                                link: Some(link),
-                            }
+                            addr: link.addr,
+                            link: Some(link),
                         }
                     }
-                }
+                },
                 Err(e) => {
                     info!(peer = %b.peer, session = %b.session, "no direct udp path: {e}");
                     Ready::Failed
@@ -248,8 +245,6 @@ fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Ready>) -> 
         tokio::spawn(async move {
             let r = match crate::punch::tcp_shell::establish_tcp(&tcp, &b, relay_tcp).await {
                 Ok(d) => {
-                    info!(peer = %b.peer, session = %b.session, remote = %d.remote,
-                        "punched via tcp in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
                     let link = links.add_stream(PathKind::DirectTcp, d.stream);
                     Ready::Path {
                         kind: PathKind::DirectTcp,

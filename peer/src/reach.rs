@@ -453,8 +453,6 @@ impl State {
                     tokio::spawn(async move {
                         let ok = match direct::establish(&endpoint, nat, &b, relay_udp).await {
                             Ok(punched) => {
-                                info!(peer = %b.peer, session = %b.session, remote = %punched.remote,
-                                    "punched via udp in {:.0} ms ({})", punched.elapsed.as_secs_f64() * 1000.0, punched.why);
                                 if let Some(sock) = punched.socket {
                                     let link = endpoint.links().add_udp(
                                         PathKind::DirectUdp,
@@ -507,8 +505,6 @@ impl State {
                             .await
                         {
                             Ok(d) => {
-                                info!(peer = %b.peer, session = %b.session, remote = %d.remote,
-                                    "punched via tcp in {:.0} ms ({})", d.elapsed.as_secs_f64() * 1000.0, d.why);
                                 state.adopt(links.add_stream(PathKind::DirectTcp, d.stream));
                                 true
                             }
