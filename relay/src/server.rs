@@ -488,21 +488,22 @@ impl Session {
     }
 }
 
-/// Paces a session to a byte rate: bytes sent may run at most one second ahead of
-/// `rate × elapsed`.
+/// Paces a session to a byte rate: a token bucket holding at most one second's worth, so a
+/// session may burst one second of bytes but never banks more while it idles.
 #[derive(Debug)]
 struct Pacer {
     rate: Option<u64>,
-    start: Instant,
-    sent: u64,
+    /// Bytes that may go now; negative while sends already made wait their turn.
+    tokens: f64,
+    last: Instant,
 }
 
 impl Pacer {
     fn new(rate: Option<u64>, start: Instant) -> Self {
         Pacer {
             rate,
-            start,
-            sent: 0,
+            tokens: rate.unwrap_or(0) as f64,
+            last: start,
         }
     }
 
@@ -511,13 +512,14 @@ impl Pacer {
         let Some(rate) = self.rate.filter(|r| *r > 0) else {
             return Duration::ZERO;
         };
-        self.sent += n as u64;
-        let allowed = rate as f64 * (now - self.start).as_secs_f64() + rate as f64;
-        let ahead = self.sent as f64 - allowed;
-        if ahead > 0.0 {
-            Duration::from_secs_f64(ahead / rate as f64)
-        } else {
+        let rate = rate as f64;
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + rate * dt).min(rate) - n as f64;
+        if self.tokens >= 0.0 {
             Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / rate)
         }
     }
 
@@ -527,7 +529,7 @@ impl Pacer {
         if self.delay(n, now).is_zero() {
             return true;
         }
-        self.sent -= n as u64;
+        self.tokens += n as f64;
         false
     }
 }
@@ -910,5 +912,10 @@ mod tests {
         assert!(!q.admit(1, t0));
         assert!(q.admit(100, t0 + Duration::from_millis(100)));
         assert!(Pacer::new(None, t0).delay(1 << 30, t0).is_zero());
+        // Ten idle seconds bank one second's burst, not ten.
+        let mut idle = Pacer::new(Some(1000), t0);
+        let later = t0 + Duration::from_secs(10);
+        assert!(idle.admit(1000, later));
+        assert!(!idle.admit(1, later));
     }
 }

@@ -31,8 +31,8 @@ struct Cli {
     /// Size of the download, MiB.
     #[arg(long, default_value_t = 100)]
     mib: usize,
-    /// The relay's rate per session, bytes/s (a thin relay).
-    #[arg(long, default_value_t = 2_000_000)]
+    /// The relay's rate per session, bytes/s (a thin relay: 8 Mbit/s).
+    #[arg(long, default_value_t = 1_000_000)]
     relay_rate: u64,
 }
 
