@@ -18,6 +18,20 @@ use rendezvous::client::{Client, ClientConfig};
 use rendezvous::proto::{Proto, PublicKey, Service};
 use tokio_util::sync::CancellationToken;
 
+/// Prints a line to stdout; a reader that went away (`peer status | head -1`) ends the
+/// command quietly instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(anyhow::Error::new(e).context("writing to stdout"));
+        }
+    }};
+}
+
 /// chuantou peer: reach services behind NATs.
 ///
 ///   on the PC:     peer expose 7274 --name pc-home
@@ -162,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     match cli.command {
         Command::Id => {
-            println!("{}", PublicKey(key.verifying_key().to_bytes()));
+            out!("{}", PublicKey(key.verifying_key().to_bytes()));
             Ok(())
         }
         Command::Expose {
@@ -283,11 +297,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<24} {:<8} {:<22} SERVICES", "NAME", "STATE", "ADDRESS");
+                out!("{:<24} {:<8} {:<22} SERVICES", "NAME", "STATE", "ADDRESS");
                 for p in peers {
-                    println!(
+                    out!(
                         "{:<24} {:<8} {:<22} {}",
                         p.name,
                         if p.online { "online" } else { "offline" },
@@ -307,28 +321,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("reading control sockets in {}", home.dir().display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&tunnels)?);
+                out!("{}", serde_json::to_string_pretty(&tunnels)?);
             } else if tunnels.is_empty() {
-                println!(
+                out!(
                     "no sessions: no `peer expose` or `peer reach` with a session up uses {}",
                     home.dir().display()
                 );
             } else {
-                println!(
+                out!(
                     "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
-                    "PEER", "ROLE", "PATH", "RTT", "SENT", "RECEIVED", "OPEN"
+                    "PEER",
+                    "ROLE",
+                    "PATH",
+                    "RTT",
+                    "SENT",
+                    "RECEIVED",
+                    "OPEN"
                 );
                 for t in tunnels {
                     let rtt = t.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
-                    println!(
+                    out!(
                         "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
-                        t.peer, t.role, t.path, rtt, t.bytes_out, t.bytes_in, t.open_connections
+                        t.peer,
+                        t.role,
+                        t.path,
+                        rtt,
+                        t.bytes_out,
+                        t.bytes_in,
+                        t.open_connections
                     );
                     for p in &t.paths {
                         let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
-                        println!(
+                        out!(
                             "  {:<10} {:<26} {:<8} {:>8} {:>12} {:>12}",
-                            p.kind, p.remote, p.state, rtt, p.bytes_out, p.bytes_in
+                            p.kind,
+                            p.remote,
+                            p.state,
+                            rtt,
+                            p.bytes_out,
+                            p.bytes_in
                         );
                     }
                 }
