@@ -109,3 +109,9 @@ pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// … and probes this often.
 pub const TCP_KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+
+/// Runtime worker threads of a `peer` process (`TOKIO_WORKER_THREADS` overrides it). A
+/// session's bytes go through one QUIC connection driver; with one worker they never hop
+/// between cores on the way. Measured on a 2-core machine, one connection through a
+/// session on loopback: 4.63 Gbit/s with one worker against 3.09 with two.
+pub const WORKER_THREADS: usize = 1;

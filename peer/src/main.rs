@@ -153,7 +153,7 @@ fn hostname() -> String {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    relay::cli::run("peer", run(cli))
+    relay::cli::run_with("peer", Some(peer::defaults::WORKER_THREADS), run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -10,6 +10,15 @@ pub fn run<F>(name: &str, work: F) -> ExitCode
 where
     F: Future<Output = anyhow::Result<()>>,
 {
+    run_with(name, None, work)
+}
+
+/// [`run`] with `workers` runtime worker threads (default: one per core); the
+/// `TOKIO_WORKER_THREADS` environment variable overrides either.
+pub fn run_with<F>(name: &str, workers: Option<usize>, work: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -18,7 +27,12 @@ where
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers.filter(|_| std::env::var_os("TOKIO_WORKER_THREADS").is_none()) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");
