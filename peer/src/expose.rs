@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
 use rendezvous::client::ClientEvent;
-use rendezvous::proto::{Broker, NatInfo, PublicKey};
+use rendezvous::proto::{Broker, PublicKey};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +23,9 @@ use tracing::{debug, info, warn};
 use crate::defaults;
 use crate::forward::tcp::{self as forward, TunnelStats};
 use crate::path::link::Link;
+use crate::path::make::{self, From, Made, Wanted};
 use crate::path::{PathKind, for_quic};
-use crate::presence::endpoint::UdpEndpoint;
-use crate::presence::signal::{Signaling, Tcp};
-use crate::punch::udp_shell as direct;
+use crate::presence::signal::Signaling;
 use crate::session::Session;
 use crate::status::Board;
 use crate::transport::{Policy, Transport};
@@ -86,9 +85,8 @@ pub async fn run(
         let (mut client, udp) = (registration.client, registration.udp);
         let from = From {
             endpoint: registration.endpoint,
-            udp_presence: udp.is_some(),
-            udp: udp.as_ref().filter(|_| cfg.transport.udp()).map(|u| u.nat),
-            tcp: registration.tcp.filter(|_| cfg.transport.tcp()),
+            udp: udp.as_ref().map(|u| u.nat),
+            tcp: registration.tcp,
         };
         loop {
             let event = tokio::select! {
@@ -142,18 +140,6 @@ pub async fn run(
     }
 }
 
-/// Where a session's paths start from.
-#[derive(Clone)]
-struct From {
-    endpoint: UdpEndpoint,
-    /// Whether STUN answered over UDP (the relay is joined over UDP when both sides had).
-    udp_presence: bool,
-    /// UDP punching, with our NAT, when allowed and we have a UDP presence.
-    udp: Option<Option<NatInfo>>,
-    /// TCP punching, when allowed and we have a shared TCP port.
-    tcp: Option<Arc<Tcp>>,
-}
-
 #[derive(Clone)]
 struct Ctx {
     cfg: Arc<Expose>,
@@ -162,105 +148,16 @@ struct Ctx {
     from: From,
 }
 
-/// A path that is ready to carry the session, or word that an attempt is over.
-enum Ready {
-    Path {
-        kind: PathKind,
-        addr: SocketAddr,
-        link: Option<Link>,
-    },
-    Failed,
-}
-
-/// Starts every attempt at a path for broker message `b` (the relay only when `relay`);
-/// returns how many started. Each reports on `tx`.
-fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Ready>) -> usize {
-    let mut n = 0;
-    let links = ctx.from.endpoint.links().clone();
-    if relay && !ctx.cfg.no_relay {
-        match b.relay.clone() {
-            Some(offer) => {
-                n += 1;
-                let udp = !crate::path::relay::over_tcp(ctx.from.udp_presence, b);
-                let (tx, peer, links) = (tx.clone(), b.peer.clone(), links.clone());
-                tokio::spawn(async move {
-                    let r = match crate::path::relay::join(&links, &offer, udp).await {
-                        Ok(link) => Ready::Path {
-                            kind: link.kind,
-                            addr: link.addr,
-                            link: Some(link),
-                        },
-                        Err(e) => {
-                            warn!(%peer, relay = %offer.addr, error = %e, "could not join the relay");
-                            Ready::Failed
-                        }
-                    };
-                    let _ = tx.send(r).await;
-                });
-            }
-            None => info!(peer = %b.peer, "the rendezvous offered no relay; direct paths only"),
-        }
-    }
-    if let Some(nat) = ctx.from.udp {
-        n += 1;
-        // Both sides join the relay (over UDP: a mapping of its own) before the probes;
-        // a re-punch joins no relay.
-        let relay_udp =
-            relay && b.relay.is_some() && !crate::path::relay::over_tcp(ctx.from.udp_presence, b);
-        let (endpoint, b, tx) = (ctx.from.endpoint.clone(), b.clone(), tx.clone());
-        tokio::spawn(async move {
-            let r = match direct::establish(&endpoint, nat, &b, relay_udp).await {
-                Ok(p) => match p.socket {
-                    None => Ready::Path {
-                        kind: PathKind::DirectUdp,
-                        addr: p.remote,
-                        link: None,
-                    },
-                    Some(sock) => {
-                        let link =
-                            endpoint
-                                .links()
-                                .add_udp(PathKind::DirectUdp, sock, p.remote, None);
-                        Ready::Path {
-                            kind: PathKind::DirectUdp,
-                            addr: link.addr,
-                            link: Some(link),
-                        }
-                    }
-                },
-                Err(e) => {
-                    info!(peer = %b.peer, session = %b.session, "no direct udp path: {e}");
-                    Ready::Failed
-                }
-            };
-            let _ = tx.send(r).await;
-        });
-    }
-    if let Some(tcp) = ctx.from.tcp.clone() {
-        n += 1;
-        // Both sides join the relay (over TCP: a mapping of its own) before punching TCP.
-        let relay_tcp =
-            relay && b.relay.is_some() && crate::path::relay::over_tcp(ctx.from.udp_presence, b);
-        let (b, tx) = (b.clone(), tx.clone());
-        tokio::spawn(async move {
-            let r = match crate::punch::tcp_shell::establish_tcp(&tcp, &b, relay_tcp).await {
-                Ok(d) => {
-                    let link = links.add_stream(PathKind::DirectTcp, d.stream);
-                    Ready::Path {
-                        kind: PathKind::DirectTcp,
-                        addr: link.addr,
-                        link: Some(link),
-                    }
-                }
-                Err(e) => {
-                    info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
-                    Ready::Failed
-                }
-            };
-            let _ = tx.send(r).await;
-        });
-    }
-    n
+/// Starts the attempts at a path for broker message `b` that `--transport` and
+/// `--no-relay` allow (the relay only when `relay`: not on a re-punch); returns how many
+/// will report on `tx`.
+fn start_paths(ctx: &Ctx, b: &Broker, relay: bool, tx: &mpsc::Sender<Made>) -> usize {
+    let want = Wanted {
+        relay: relay && !ctx.cfg.no_relay,
+        udp: ctx.cfg.transport.udp(),
+        tcp: ctx.cfg.transport.tcp(),
+    };
+    make::start(&ctx.from, b, want, tx)
 }
 
 /// Serves one reaching peer: dials its session over the first path that is ready, adds the
@@ -281,15 +178,12 @@ async fn session(
     // A refused peer still gets the relay (only), so that it hears "refused" at once
     // instead of waiting for a timeout.
     let mut pending = if refused {
-        let only_relay = Ctx {
-            from: From {
-                udp: None,
-                tcp: None,
-                ..ctx.from.clone()
-            },
-            ..ctx.clone()
+        let only_relay = Wanted {
+            relay: true,
+            udp: false,
+            tcp: false,
         };
-        start_paths(&only_relay, &b, true, &tx)
+        make::start(&ctx.from, &b, only_relay, &tx)
     } else {
         start_paths(&ctx, &b, true, &tx)
     };
@@ -311,7 +205,7 @@ async fn session(
             r = rx.recv() => {
                 pending = pending.saturating_sub(1);
                 match r {
-                    Some(Ready::Path { kind, addr, link }) => {
+                    Some(Made::Path { kind, addr, link }) => {
                         if let Some(s) = &live {
                             if let Some(l) = link {
                                 s.hold(l);
@@ -330,7 +224,7 @@ async fn session(
                             }
                         }
                     }
-                    Some(Ready::Failed) | None => {}
+                    Some(Made::Failed { .. }) | None => {}
                 }
                 if live.is_none() && pending == 0 {
                     warn!(%peer, session = %b.session, "no path to {peer}: session given up");

@@ -27,9 +27,9 @@ use crate::forward::tcp as forward;
 use crate::home::{Home, Pinned};
 use crate::path::PathKind;
 use crate::path::link::Link;
+use crate::path::make::{self, From, Made, Wanted};
 use crate::presence::endpoint::UdpEndpoint;
 use crate::presence::signal::{Registration, Signaling, Tcp, Udp};
-use crate::punch::udp_shell as direct;
 use crate::session::Session;
 use crate::status::Board;
 use crate::transport::{Policy, Transport};
@@ -401,128 +401,54 @@ impl State {
     }
 
     /// Starts this side of every path for broker message `b`: the relay half (when
-    /// `relay`) and the punches. Each attempt reports whether it made a path on `tx`;
-    /// returns how many started.
+    /// `relay`) and the punches `--transport` allows. Links that come up go to the
+    /// session, reasons for failures to the relay's log lines; each attempt's outcome (a
+    /// path or not) goes to `outcomes`. Returns how many attempts started.
     async fn start_paths(
         self: &Arc<Self>,
         b: &Broker,
         relay: bool,
-        tx: &mpsc::Sender<bool>,
+        outcomes: Option<mpsc::Sender<bool>>,
     ) -> usize {
-        let p = self.presence.lock().await;
-        let our_udp = p.udp.is_some();
-        let relay_tcp = crate::path::relay::over_tcp(our_udp, b);
-        let mut n = 0;
-        if relay && !self.cfg.no_relay {
-            if let Some(offer) = b.relay.clone() {
-                n += 1;
-                let (state, links, tx) = (self.clone(), p.endpoint.links().clone(), tx.clone());
-                tokio::spawn(async move {
-                    let ok = match crate::path::relay::join(&links, &offer, !relay_tcp).await {
-                        Ok(link) => {
-                            debug!(relay = %offer.addr, path = link.kind.name(), "joined the relay");
-                            state.adopt(link);
-                            true
-                        }
-                        Err(e) => {
-                            warn!(relay = %offer.addr, error = %e, "could not join the relay");
-                            false
-                        }
-                    };
-                    let _ = tx.send(ok).await;
-                });
-            } else {
-                info!(
-                    "the rendezvous offered no relay (started with --no-relay?); direct paths only"
-                );
+        let from = {
+            let p = self.presence.lock().await;
+            From {
+                endpoint: p.endpoint.clone(),
+                udp: p.udp.as_ref().map(|u| u.nat),
+                tcp: p.tcp.clone(),
             }
-        }
+        };
         *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
-        if self.cfg.transport.udp() {
-            match (&p.udp, b.candidates.udp) {
-                (Some(u), Some(_)) => {
-                    n += 1;
-                    let (state, endpoint, nat, b, tx) = (
-                        self.clone(),
-                        p.endpoint.clone(),
-                        u.nat,
-                        b.clone(),
-                        tx.clone(),
-                    );
-                    let relay_udp = relay && b.relay.is_some() && !relay_tcp;
-                    tokio::spawn(async move {
-                        let ok = match direct::establish(&endpoint, nat, &b, relay_udp).await {
-                            Ok(punched) => {
-                                if let Some(sock) = punched.socket {
-                                    let link = endpoint.links().add_udp(
-                                        PathKind::DirectUdp,
-                                        sock,
-                                        punched.remote,
-                                        None,
-                                    );
-                                    state.adopt(link);
-                                }
-                                true
-                            }
-                            Err(e) => {
-                                info!(peer = %b.peer, session = %b.session, "staying on the relay: {e}");
-                                state.not_direct(PathKind::DirectUdp, e.to_string());
-                                false
-                            }
-                        };
-                        let _ = tx.send(ok).await;
-                    });
-                }
-                (None, _) => {
-                    info!(peer = %b.peer, "relay only: no UDP endpoint (no STUN answer)");
-                    self.not_direct(
-                        PathKind::DirectUdp,
-                        "no UDP endpoint (no STUN answer)".into(),
-                    );
-                }
-                (Some(_), None) => {
-                    info!(peer = %b.peer, "relay only: {} has no UDP endpoint (no STUN answer)", b.peer);
-                    self.not_direct(
-                        PathKind::DirectUdp,
-                        "the other side has no UDP endpoint".into(),
-                    );
+        let want = Wanted {
+            relay: relay && !self.cfg.no_relay,
+            udp: self.cfg.transport.udp(),
+            tcp: self.cfg.transport.tcp(),
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let n = make::start(&from, b, want, &tx);
+        drop(tx);
+        let state = self.clone();
+        tokio::spawn(async move {
+            while let Some(made) = rx.recv().await {
+                let ok = match made {
+                    Made::Path { link, .. } => {
+                        if let Some(link) = link {
+                            state.adopt(link);
+                        }
+                        true
+                    }
+                    Made::Failed { kind, why } => {
+                        if kind.is_direct() {
+                            state.not_direct(kind, why);
+                        }
+                        false
+                    }
+                };
+                if let Some(tx) = &outcomes {
+                    let _ = tx.send(ok).await;
                 }
             }
-        }
-        if self.cfg.transport.tcp() {
-            match p.tcp.clone() {
-                Some(tcp) => {
-                    n += 1;
-                    let relay_tcp = relay && b.relay.is_some() && relay_tcp;
-                    let (state, links, b, tx) = (
-                        self.clone(),
-                        p.endpoint.links().clone(),
-                        b.clone(),
-                        tx.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let ok = match crate::punch::tcp_shell::establish_tcp(&tcp, &b, relay_tcp)
-                            .await
-                        {
-                            Ok(d) => {
-                                state.adopt(links.add_stream(PathKind::DirectTcp, d.stream));
-                                true
-                            }
-                            Err(e) => {
-                                info!(peer = %b.peer, session = %b.session, "no direct tcp path: {e}");
-                                state.not_direct(PathKind::DirectTcp, e.to_string());
-                                false
-                            }
-                        };
-                        let _ = tx.send(ok).await;
-                    });
-                }
-                None => {
-                    info!(peer = %b.peer, "no direct tcp: no shared TCP port");
-                    self.not_direct(PathKind::DirectTcp, "no shared TCP port".into());
-                }
-            }
-        }
+        });
         n
     }
 
@@ -539,7 +465,7 @@ impl State {
         // The broker names the key; it must be the one pinned for this name.
         self.home.pin(&b.peer, b.peer_key)?;
         let (tx, mut rx) = mpsc::channel(4);
-        let mut pending = self.start_paths(&b, true, &tx).await;
+        let mut pending = self.start_paths(&b, true, Some(tx)).await;
         if pending == 0 {
             bail!(
                 "no path to {} is possible ({}{})",
@@ -568,9 +494,15 @@ impl State {
                     debug!(peer = %b.peer, "session opened {:?} after asking", started.elapsed());
                     return Ok(s);
                 }
-                r = rx.recv() => {
-                    pending -= 1;
-                    made += usize::from(r == Some(true));
+                r = rx.recv(), if pending > 0 => {
+                    match r {
+                        Some(ok) => {
+                            pending -= 1;
+                            made += usize::from(ok);
+                        }
+                        // Every attempt has reported.
+                        None => pending = 0,
+                    }
                     if pending == 0 && made == 0 {
                         bail!("no path to {}: {}", self.cfg.target, self.why_relay());
                     }
@@ -615,8 +547,7 @@ impl State {
                 match self.broker().await {
                     Ok(b) => {
                         info!(peer = %b.peer, session = %b.session, "re-punching after losing the direct path");
-                        let (tx, _rx) = mpsc::channel(4);
-                        self.start_paths(&b, false, &tx).await;
+                        self.start_paths(&b, false, None).await;
                     }
                     Err(e) => debug!(error = %format!("{e:#}"), "re-punch: no broker exchange"),
                 }

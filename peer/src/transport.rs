@@ -51,17 +51,3 @@ impl Policy {
         }
     }
 }
-
-/// The name of the best path among those up, as `peer status` and the logs print it
-/// (`none` when no direct path is up and the relay is not used).
-pub fn best_path(udp_up: bool, tcp_up: bool, relay: bool) -> &'static str {
-    if udp_up {
-        "direct-udp"
-    } else if tcp_up {
-        "direct-tcp"
-    } else if relay {
-        "relay"
-    } else {
-        "none"
-    }
-}

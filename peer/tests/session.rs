@@ -84,24 +84,30 @@ impl Pair {
     }
 
     async fn connect(&self, la: Link, lb: Link) -> (Session, Session) {
-        let config = peer::quic::client_config(&self.keys.0, public(&self.keys.1)).unwrap();
-        let to = la.addr;
-        let dial = async {
-            self.dialer
-                .quic()
-                .connect_with(config, to, peer::tls::SERVER_NAME)
-                .unwrap()
-                .await
-        };
-        let accept = async { self.listener.quic().accept().await.unwrap().await };
-        let (c, s) = within("handshake over the relay", async {
-            tokio::join!(dial, accept)
-        })
-        .await;
+        let (c, s) = self.handshake(&self.keys.0, la.addr).await;
         (
             Session::start(c.unwrap(), "pc", Policy::default(), vec![la]),
             Session::start(s.unwrap(), "phone", Policy::default(), vec![lb]),
         )
+    }
+
+    /// The dialer, presenting `key`, dials the listener at `to`; both ends' outcomes.
+    async fn handshake(
+        &self,
+        key: &SigningKey,
+        to: SocketAddr,
+    ) -> (
+        Result<noq::Connection, noq::ConnectionError>,
+        Result<noq::Connection, noq::ConnectionError>,
+    ) {
+        let config = peer::quic::client_config(key, public(&self.keys.1)).unwrap();
+        let dial = self
+            .dialer
+            .quic()
+            .connect_with(config, to, peer::tls::SERVER_NAME)
+            .unwrap();
+        let accept = async { self.listener.quic().accept().await.unwrap().await };
+        within("handshake", async { tokio::join!(dial, accept) }).await
     }
 }
 
@@ -182,14 +188,7 @@ async fn a_link_handed_over_after_the_session_started_becomes_its_path() {
     let (a, b) = pipe().await;
     let la = pair.dialer.links().add_stream(PathKind::RelayTcp, a);
     let lb = pair.listener.links().add_stream(PathKind::RelayTcp, b);
-    let config = peer::quic::client_config(&pair.keys.0, public(&pair.keys.1)).unwrap();
-    let dial = pair
-        .dialer
-        .quic()
-        .connect_with(config, la.addr, peer::tls::SERVER_NAME)
-        .unwrap();
-    let accept = async { pair.listener.quic().accept().await.unwrap().await };
-    let (c, s) = within("handshake", async { tokio::join!(dial, accept) }).await;
+    let (c, s) = pair.handshake(&pair.keys.0, la.addr).await;
     let _dialer = Session::start(c.unwrap(), "pc", Policy::default(), vec![la]);
     let listener = Session::start(s.unwrap(), "phone", Policy::default(), vec![]);
     assert_eq!(listener.active(), None, "no path known without its link");
@@ -204,15 +203,7 @@ async fn a_key_other_than_the_pinned_one_is_refused() {
     let la = pair.dialer.links().add_stream(PathKind::RelayTcp, a);
     let _lb = pair.listener.links().add_stream(PathKind::RelayTcp, b);
     // Mallory knows the listener's key but presents her own.
-    let mallory = key(3);
-    let config = peer::quic::client_config(&mallory, public(&pair.keys.1)).unwrap();
-    let dial = pair
-        .dialer
-        .quic()
-        .connect_with(config, la.addr, peer::tls::SERVER_NAME)
-        .unwrap();
-    let accept = async { pair.listener.quic().accept().await.unwrap().await };
-    let (c, s) = within("handshake", async { tokio::join!(dial, accept) }).await;
+    let (c, s) = pair.handshake(&key(3), la.addr).await;
     assert!(s.is_err(), "the listener accepted a key it did not pin");
     // In TLS 1.3 the client finishes first; the server's refusal then closes it.
     if let Ok(c) = c {

@@ -102,6 +102,15 @@ async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, JoinE
     }
 }
 
+/// The UDP hello that presents `ticket`: sent until the relay pairs the session, and
+/// again whenever the half's address may have changed (the relay then follows it).
+pub fn udp_hello(ticket: Ticket) -> Vec<u8> {
+    encode_udp(&UdpControl::Hello(Hello {
+        version: RELAY_VERSION,
+        ticket,
+    }))
+}
+
 /// Presents `ticket` from `sock` to `relay` over UDP, repeating every `every` until the
 /// relay says both halves are in. Datagrams from elsewhere are ignored.
 pub async fn join_udp(
@@ -111,10 +120,7 @@ pub async fn join_udp(
     every: Duration,
     within: Duration,
 ) -> Result<(), JoinError> {
-    let hello = encode_udp(&UdpControl::Hello(Hello {
-        version: RELAY_VERSION,
-        ticket,
-    }));
+    let hello = udp_hello(ticket);
     let give_up = Instant::now() + within;
     let mut buf = [0u8; 2048];
     loop {

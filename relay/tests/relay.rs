@@ -247,19 +247,8 @@ async fn a_lonely_half_times_out_and_an_idle_session_is_closed() {
 async fn udp_forwards_datagrams_both_ways_keeping_boundaries() {
     let relay = relay_with(|_| {}).await;
     let (ta, tb) = tickets(10);
-    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = udp_pair(relay.addr(), ta, tb).await;
     let every = Duration::from_millis(100);
-    let (ra, rb) = within(
-        "udp pairing",
-        futures_join(
-            join_udp(&a, relay.addr(), ta, every, BOUND),
-            join_udp(&b, relay.addr(), tb, every, BOUND),
-        ),
-    )
-    .await;
-    ra.unwrap();
-    rb.unwrap();
     for (from, to, len) in [(&a, &b, 1200usize), (&b, &a, 7), (&a, &b, 1)] {
         let msg = pattern(len, len as u8);
         from.send_to(&msg, relay.addr()).await.unwrap();
@@ -298,19 +287,8 @@ async fn udp_forwards_datagrams_both_ways_keeping_boundaries() {
 async fn a_quiet_udp_half_that_comes_back_from_a_new_address_takes_the_session_along() {
     let relay = relay_with(|_| {}).await;
     let (ta, tb) = tickets(11);
-    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_a, b) = udp_pair(relay.addr(), ta.clone(), tb).await;
     let every = Duration::from_millis(100);
-    let (ra, rb) = within(
-        "udp pairing",
-        futures_join(
-            join_udp(&a, relay.addr(), ta.clone(), every, BOUND),
-            join_udp(&b, relay.addr(), tb, every, BOUND),
-        ),
-    )
-    .await;
-    ra.unwrap();
-    rb.unwrap();
     // Half a moves: a new socket, after the old one fell silent.
     tokio::time::sleep(relay::defaults::UDP_REBIND_QUIET).await;
     let moved = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -323,6 +301,24 @@ async fn a_quiet_udp_half_that_comes_back_from_a_new_address_takes_the_session_a
     assert_eq!(data(&moved).await, b"to the new address");
     moved.send_to(b"from it", relay.addr()).await.unwrap();
     assert_eq!(data(&b).await, b"from it");
+}
+
+/// Two UDP halves paired by `relay` with tickets `ta` and `tb`.
+async fn udp_pair(relay: SocketAddr, ta: Ticket, tb: Ticket) -> (UdpSocket, UdpSocket) {
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let every = Duration::from_millis(100);
+    let (ra, rb) = within(
+        "udp pairing",
+        futures_join(
+            join_udp(&a, relay, ta, every, BOUND),
+            join_udp(&b, relay, tb, every, BOUND),
+        ),
+    )
+    .await;
+    ra.unwrap();
+    rb.unwrap();
+    (a, b)
 }
 
 /// The next datagram on `sock` that is session data, not relay status.

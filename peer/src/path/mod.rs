@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod choose;
 pub mod link;
+pub mod make;
 pub mod relay;
 pub mod socket;
 

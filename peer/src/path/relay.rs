@@ -38,11 +38,7 @@ pub async fn join(links: &Arc<Links>, offer: &RelayOffer, udp: bool) -> Result<L
             defaults::RELAY_JOIN,
         )
         .await?;
-        let hello =
-            relay::proto::encode_udp(&relay::proto::UdpControl::Hello(relay::proto::Hello {
-                version: relay::proto::RELAY_VERSION,
-                ticket: offer.ticket.clone(),
-            }));
+        let hello = relay::client::udp_hello(offer.ticket.clone());
         return Ok(links.add_udp(PathKind::Relay, sock, offer.addr, Some(hello)));
     }
     let stream =
