@@ -248,3 +248,30 @@ async fn with_transport_tcp_new_udp_flows_take_the_direct_tcp_tunnel() {
     );
     stop.cancel();
 }
+
+/// A relay that refuses every session (at its limit) costs nothing but the refusal: the
+/// first connection is carried over the punched path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_relay_refuses_the_session_runs_on_the_direct_path() {
+    let mut config = rendezvous::server::ServerConfig::loopback();
+    if let Some(relay) = config.relay.as_mut() {
+        relay.limits.max_sessions = 0;
+    }
+    let server = rendezvous::server::Server::bind(config)
+        .await
+        .unwrap()
+        .spawn();
+    let stop = CancellationToken::new();
+    let service = echo_service().await;
+    let opts = Default::default();
+    let (_homes, local, board) = expose_and_reach(&server, "pc-home", service, opts, &stop).await;
+    assert_eq!(within("first echo", echo(local, b"hello")).await, b"hello");
+    within("the direct path", board.wait_path("pc-home", "direct-udp")).await;
+    assert!(relay_metric(&server, "chuantou_relay_refused_total").await > 0);
+    assert_eq!(
+        relay_metric(&server, "chuantou_relay_sessions_total").await,
+        0
+    );
+    direct_transfer(&server, local, &board, "direct-udp").await;
+    stop.cancel();
+}
