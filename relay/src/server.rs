@@ -780,7 +780,8 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
     }
     // A paired half whose NAT gave it a new mapping (a NAT reboot, a carrier rebalancing)
     // comes back from a new address with the ticket that admitted it: the session follows
-    // it there. Only a ticket the relay itself would admit moves a session.
+    // it there. Only a ticket this relay's key signed for that session and side moves it
+    // (expired or not: expiry bounds joining, and a session may outlive it).
     // While the old address is still heard from, the half has not moved, and the hello is
     // a replay (refused below).
     let i = match h.ticket.side {
@@ -789,7 +790,7 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
     };
     if let Some(s) = udp.paired.get_mut(&h.ticket.session)
         && s.heard[i].elapsed() >= defaults::UDP_REBIND_QUIET
-        && shared.config.key.verify(&h.ticket, unix_now()).is_ok()
+        && shared.config.key.authentic(&h.ticket).is_ok()
     {
         let old = std::mem::replace(&mut s.addrs[i], src);
         if let Some(entry) = udp.by_addr.remove(&old) {

@@ -144,13 +144,20 @@ impl TicketKey {
 
     /// Checks a ticket's MAC (in constant time) and expiry at `now_unix`.
     pub fn verify(&self, t: &Ticket, now_unix: u64) -> Result<(), TicketError> {
-        self.mac(&t.session, t.side, t.expires)
-            .verify_slice(&t.mac)
-            .map_err(|_| TicketError::BadMac)?;
+        self.authentic(t)?;
         if now_unix > t.expires {
             return Err(TicketError::Expired(now_unix - t.expires));
         }
         Ok(())
+    }
+
+    /// Checks only a ticket's MAC (in constant time): that it was issued for its session
+    /// and side. Expiry bounds when a session may be joined, not how long a paired half
+    /// may keep proving it holds the ticket (a relay half moving to a new address).
+    pub fn authentic(&self, t: &Ticket) -> Result<(), TicketError> {
+        self.mac(&t.session, t.side, t.expires)
+            .verify_slice(&t.mac)
+            .map_err(|_| TicketError::BadMac)
     }
 }
 
@@ -183,6 +190,12 @@ mod tests {
         assert_eq!(k.verify(&t, 999), Ok(()));
         assert_eq!(k.verify(&t, 1000), Ok(()));
         assert_eq!(k.verify(&t, 1003), Err(TicketError::Expired(3)));
+        // Past expiry it is still authentic (a paired half may prove it holds it) …
+        assert_eq!(k.authentic(&t), Ok(()));
+        // … and a forged one is not.
+        let mut forged = t.clone();
+        forged.side = Side::Responder;
+        assert_eq!(k.authentic(&forged), Err(TicketError::BadMac));
     }
 
     #[test]
