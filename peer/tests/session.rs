@@ -122,12 +122,14 @@ async fn active(s: &Session, kind: PathKind) {
     .await;
 }
 
-/// A UDP forwarder between the dialer (which sends to the returned address) and `to`,
-/// dropping everything while `cut` is set: a direct path the lab can break.
-async fn cuttable(to: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
+/// A UDP forwarder between the dialer (which sends to the first address returned) and `to`
+/// (which hears from the second), dropping everything while `cut` is set: a path the test
+/// can break.
+async fn cuttable(to: SocketAddr, cut: Arc<AtomicBool>) -> (SocketAddr, SocketAddr) {
     let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let addr = front.local_addr().unwrap();
+    let back_addr = back.local_addr().unwrap();
     let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
     let (f, b, c, x) = (front.clone(), back.clone(), client.clone(), cut.clone());
     tokio::spawn(async move {
@@ -148,7 +150,7 @@ async fn cuttable(to: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
             }
         }
     });
-    addr
+    (addr, back_addr)
 }
 
 #[tokio::test]
@@ -268,7 +270,7 @@ async fn an_open_stream_moves_to_the_direct_path_and_back_to_the_relay_when_it_d
 
     // A direct path comes up: the same stream's bytes move onto it.
     let cut = Arc::new(AtomicBool::new(false));
-    let direct = cuttable(pair.listener.local_addr().unwrap(), cut.clone()).await;
+    let (direct, _) = cuttable(pair.listener.local_addr().unwrap(), cut.clone()).await;
     dialer.open_path(direct);
     active(&dialer, PathKind::DirectUdp).await;
     let on_direct = |s: &Session| {
@@ -350,4 +352,67 @@ async fn flipped_bits_on_the_relay_are_never_delivered() {
     send.shutdown().await.unwrap();
     let got = within("delivery despite corruption", reader).await.unwrap();
     assert!(got == data, "altered bytes were delivered");
+}
+
+/// A NAT that forgets its mappings breaks every path at once: the direct path and the
+/// relay (a UDP link here) both go silent, then the relay comes back. The stream carries
+/// on over it, every byte delivered once.
+#[tokio::test]
+async fn when_every_path_goes_silent_and_the_relay_comes_back_the_stream_carries_on() {
+    let pair = Pair::new();
+    let relay_cut = Arc::new(AtomicBool::new(false));
+    let sock_l = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (front, back) = cuttable(sock_l.local_addr().unwrap(), relay_cut.clone()).await;
+    let sock_d = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let la = pair
+        .dialer
+        .links()
+        .add_udp(PathKind::Relay, sock_d, front, None);
+    let lb = pair
+        .listener
+        .links()
+        .add_udp(PathKind::Relay, sock_l, back, None);
+    let (dialer, listener) = pair.connect(la, lb).await;
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let reader = tokio::spawn(async move {
+        let (_send, mut recv) = listener.conn().accept_bi().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        listener
+    });
+    let (send, _recv) = dialer.conn().open_bi().await.unwrap();
+    let mut w = Writer {
+        send,
+        hash: 0,
+        sent: 0,
+    };
+    w.write(4).await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let (direct, _) = cuttable(pair.listener.local_addr().unwrap(), cut.clone()).await;
+    dialer.open_path(direct);
+    active(&dialer, PathKind::DirectUdp).await;
+    let writing = tokio::spawn(async move {
+        w.write(400).await;
+        w.send.shutdown().await.unwrap();
+        w.sent
+    });
+    // Everything goes silent while bytes are in flight; after a while the relay is back.
+    let before = received.load(Ordering::Relaxed);
+    within("bytes on the direct path", async {
+        while received.load(Ordering::Relaxed) < before + (1 << 20) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    cut.store(true, Ordering::Relaxed);
+    relay_cut.store(true, Ordering::Relaxed);
+    active(&dialer, PathKind::Relay).await;
+    relay_cut.store(false, Ordering::Relaxed);
+    let sent = within("the rest over the relay", writing).await.unwrap();
+    let listener = within("everything delivered", reader).await.unwrap();
+    assert_eq!(received.load(Ordering::Relaxed), sent);
+    assert_eq!(listener.active(), Some(PathKind::Relay));
 }
