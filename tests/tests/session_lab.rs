@@ -139,10 +139,10 @@ fn a_nat_that_forgets_its_mappings_stalls_no_connection_for_3_s() {
     let Some(lab) = Lab::for_test(&["pc=full-cone", "phone=symmetric-random"]) else {
         return;
     };
-    let _server = start_rendezvous_with(&lab, &workspace_bin("rendezvous"), &[]);
+    let mut server = start_rendezvous_with(&lab, &workspace_bin("rendezvous"), &[]);
     let files = TempHome::new();
     let sha = site(&files.0, 150);
-    let _exposed = expose_web(&lab, &workspace_bin("peer"), "pc-1", &files.0, "pc-home");
+    let mut exposed = expose_web(&lab, &workspace_bin("peer"), "pc-1", &files.0, "pc-home");
     let home = TempHome::new();
     let mut reach = reach_web(&lab, &workspace_bin("peer"), "phone-1", &home.0, "pc-home");
     let meter = lab.meter("pc", "phone").unwrap();
@@ -179,7 +179,14 @@ fn a_nat_that_forgets_its_mappings_stalls_no_connection_for_3_s() {
     let mut flushed = false;
     // Six seconds of requests, the NAT flushed after the first second.
     while started.elapsed() < Duration::from_secs(6) {
-        ask().unwrap_or_else(|e| panic!("interactive request: {e}\n{}", reach.log()));
+        ask().unwrap_or_else(|e| {
+            panic!(
+                "interactive request: {e}\n--- reach:\n{}\n--- expose:\n{}\n--- server:\n{}",
+                reach.log(),
+                exposed.expose.log(),
+                server.log()
+            )
+        });
         worst = worst.max(last.elapsed());
         last = Instant::now();
         if !flushed && started.elapsed() > Duration::from_secs(1) {
