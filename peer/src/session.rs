@@ -364,12 +364,39 @@ impl Inner {
         if was_active {
             t.active = None;
         }
+        // The direct path carrying traffic went silent: whatever broke it (a NAT that
+        // forgot its mappings, a network change) has likely broken the other direct paths
+        // through the same NATs too, though they may not know yet (a punched TCP
+        // connection takes writes for seconds after its NAT forgot it). Falling back onto
+        // one of them would send into a dead path the very frames that abandon the lost
+        // one, and QUIC retransmits what a path had in flight only once both sides have
+        // abandoned it: seen in the lab as streams stalled for good. So traffic goes to
+        // the relay, and the other direct paths are closed; a re-punch brings direct back.
+        let suspects: Vec<PathId> =
+            if was_active && lost.kind.is_direct() && t.known.iter().any(|k| !k.kind.is_direct()) {
+                t.known
+                    .iter()
+                    .filter(|k| k.kind.is_direct())
+                    .map(|k| k.id)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        t.known.retain(|k| !suspects.contains(&k.id));
         if lost.kind.is_direct() && !t.known.iter().any(|k| k.kind.is_direct()) {
             t.lost_direct = true;
         }
         // A link whose path is gone is of no more use.
         t.links.retain(|l| l.addr != lost.addr);
         drop(t);
+        for id in &suspects {
+            if let Some(p) = self.conn.path(*id) {
+                let _ = p.close();
+            }
+        }
+        if !suspects.is_empty() {
+            debug!(peer = %self.peer, closed = suspects.len(), "other direct paths closed with the lost one");
+        }
         self.rechoose(None);
         let next = *self.active.borrow();
         let peer = &self.peer;
