@@ -52,7 +52,7 @@ pub fn transport() -> Arc<noq::TransportConfig> {
     // Let path MTU discovery find large MTUs where the path has them (loopback, links over
     // TCP); on ordinary paths the probes fail and it settles near 1,500.
     let mut mtu = noq::MtuDiscoveryConfig::default();
-    mtu.upper_bound(16_384);
+    mtu.upper_bound(defaults::MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
@@ -63,6 +63,8 @@ pub fn transport() -> Arc<noq::TransportConfig> {
 pub fn endpoint_config() -> noq::EndpointConfig {
     let mut c = noq::EndpointConfig::default();
     c.grease_quic_bit(false);
+    // In range (1,200..=65,527) by construction of the constant.
+    let _ = c.max_udp_payload_size(defaults::MAX_UDP_PAYLOAD);
     c
 }
 

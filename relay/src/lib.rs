@@ -12,6 +12,7 @@
 //! - [`pairing`]: the sans-IO pairing table (admission, replay refusal, pairing timeout).
 //! - [`server`]: the tokio shell: TCP and UDP forwarding with limits and accounting;
 //!   [`stats`]: its counters and their Prometheus text.
+//! - [`sockbuf`]: UDP buffer sizes for sockets that carry sessions.
 //! - [`client`]: joining a session over TCP or UDP.
 //! - [`announce`]: a standalone relay registering with a rendezvous.
 //! - [`cli`]: logging, runtime and error reporting shared by every chuantou binary.
@@ -27,5 +28,6 @@ pub mod frame;
 pub mod pairing;
 pub mod proto;
 pub mod server;
+pub mod sockbuf;
 pub mod stats;
 pub mod ticket;

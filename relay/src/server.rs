@@ -153,6 +153,7 @@ impl RelayServer {
             .map_err(err("tcp", config.listen))?;
         let addr = tcp.local_addr().map_err(err("tcp", config.listen))?;
         let udp = UdpSocket::bind(addr).await.map_err(err("udp", addr))?;
+        crate::sockbuf::grow_udp_buffers(&udp);
         let shared = Arc::new(Shared {
             pairing: Mutex::new(Pairing::new(config.key.clone(), config.limits)),
             config,

@@ -30,6 +30,7 @@ pub async fn join(links: &Arc<Links>, offer: &RelayOffer, udp: bool) -> Result<L
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
         };
         let sock = UdpSocket::bind(any).await.map_err(JoinError::Io)?;
+        relay::sockbuf::grow_udp_buffers(&sock);
         relay::client::join_udp(
             &sock,
             offer.addr,

@@ -50,6 +50,7 @@ impl UdpEndpoint {
     pub fn new(socket: std::net::UdpSocket) -> io::Result<(UdpEndpoint, mpsc::Receiver<Datagram>)> {
         // A second handle on the same socket, for sending probes and STUN requests; all
         // reading stays with QUIC's side.
+        relay::sockbuf::grow_udp_buffers(&socket);
         let send = socket.try_clone()?;
         send.set_nonblocking(true)?;
         let sender = Arc::new(tokio::net::UdpSocket::from_std(send)?);

@@ -113,6 +113,7 @@ pub async fn establish(
     let mut readers = Vec::new();
     for i in 1..sockets {
         let std_sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+        relay::sockbuf::grow_udp_buffers(&std_sock);
         let dup = std_sock.try_clone()?;
         dup.set_nonblocking(true)?;
         let io = Arc::new(UdpSocket::from_std(dup)?);
