@@ -319,7 +319,8 @@ fn serve(ctx: &Ctx, s: &Session) {
     tokio::spawn(async move {
         while let Ok((send, recv)) = conn.accept_bi().await {
             tokio::spawn(serve_stream(
-                tokio::io::join(recv, send),
+                send,
+                recv,
                 target.clone(),
                 stats.clone(),
                 peer.clone(),
@@ -329,18 +330,28 @@ fn serve(ctx: &Ctx, s: &Session) {
 }
 
 /// Connects one stream to the local service.
-async fn serve_stream<S>(stream: S, target: String, stats: Arc<TunnelStats>, peer: String)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn serve_stream(
+    send: noq::SendStream,
+    recv: noq::RecvStream,
+    target: String,
+    stats: Arc<TunnelStats>,
+    peer: String,
+) {
     match TcpStream::connect(&target).await {
         Ok(local) => {
             let _ = local.set_nodelay(true);
-            if let Err(e) = forward::splice(local, stream, &stats).await {
+            if let Err(e) = forward::splice(local, send, recv, &stats).await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         }
-        Err(e) => warn!(%peer, %target, error = %e, "cannot reach the exposed service"),
+        Err(e) => {
+            // Reset, not finish: the reaching side's client sees a failed connection rather
+            // than an empty answer.
+            let (mut send, mut recv) = (send, recv);
+            let _ = send.reset(forward::LOCAL_FAILED.into());
+            let _ = recv.stop(forward::LOCAL_FAILED.into());
+            warn!(%peer, %target, error = %e, "cannot reach the exposed service")
+        }
     }
 }
 

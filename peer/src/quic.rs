@@ -39,13 +39,15 @@ pub fn transport() -> Arc<noq::TransportConfig> {
     t.default_path_max_idle_timeout(Some(defaults::DIRECT_PATH_IDLE));
     // Idle timeout: a VarInt of milliseconds; 30 s always fits.
     t.max_idle_timeout(noq::IdleTimeout::try_from(defaults::SESSION_IDLE).ok());
-    // Bulk transfers over one stream want a large window, but noq's receive side keeps at
-    // most 1,024 out-of-order pieces per stream and closes the connection past that ("too
-    // many gaps in stream buffer"). When a direct path dies with a window's worth in
-    // flight, the lost data comes back over the relay in pieces: with 4 MiB windows the
-    // path-switch test hit the limit every time, with 1 MiB (at most ~870 pieces of the
-    // 1,200-byte minimum packet) never.
-    t.stream_receive_window(noq::VarInt::from_u32(1024 * 1024));
+    // Bulk transfers over one stream want a large window (one stream's rate is at most
+    // window / RTT: 2 MiB carries 5 Gbit/s at 3 ms, 330 Mbit/s at 50 ms), but noq's
+    // receive side keeps at most 1,024 separate pieces per stream and closes the
+    // connection past that ("too many gaps in stream buffer"). When a direct path dies
+    // with a window's worth in flight, the lost data comes back over the relay in pieces:
+    // with 4 MiB windows the path-switch test hit the limit every time. 2 MiB is the most
+    // that stays under it whatever is lost: a piece is at least a 1,200-byte packet, and
+    // 1,024 pieces with a gap between each span over 2.4 MiB.
+    t.stream_receive_window(noq::VarInt::from_u32(2 * 1024 * 1024));
     t.receive_window(noq::VarInt::from_u32(32 * 1024 * 1024));
     t.send_window(32 * 1024 * 1024);
     t.max_concurrent_bidi_streams(noq::VarInt::from_u32(1024));

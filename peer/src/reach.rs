@@ -275,8 +275,7 @@ impl Reacher {
                         info!(%from, path = "none", "connection waiting for a path after {after:?}")
                     }
                 }
-                if let Err(e) = forward::splice(local, tokio::io::join(recv, send), s.stats()).await
-                {
+                if let Err(e) = forward::splice(local, send, recv, s.stats()).await {
                     debug!(%from, error = %e, "connection ended with an error");
                 }
             });

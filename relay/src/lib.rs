@@ -12,6 +12,7 @@
 //! - [`pairing`]: the sans-IO pairing table (admission, replay refusal, pairing timeout).
 //! - [`server`]: the tokio shell: TCP and UDP forwarding with limits and accounting;
 //!   [`stats`]: its counters and their Prometheus text.
+//! - [`batch`]: a UDP socket that receives and sends datagrams in GRO/GSO batches.
 //! - [`sockbuf`]: UDP buffer sizes for sockets that carry sessions.
 //! - [`client`]: joining a session over TCP or UDP.
 //! - [`announce`]: a standalone relay registering with a rendezvous.
@@ -21,6 +22,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod announce;
+pub mod batch;
 pub mod cli;
 pub mod client;
 pub mod defaults;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::batch::{BATCH_BUF, BatchSocket};
 use crate::defaults;
 use crate::frame::{self, FrameReader};
 use crate::pairing::{Admit, ConnId, Event, Limits, Pairing};
@@ -726,31 +727,48 @@ impl UdpTable {
 }
 
 async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, shutdown: CancellationToken) {
-    let mut buf = vec![0u8; 65_536];
+    let sock = match BatchSocket::new(sock) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "relay udp socket could not be set up: no UDP relaying");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; BATCH_BUF];
     loop {
-        let (n, src) = tokio::select! {
+        let batch = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(r) => r,
+            r = sock.recv(&mut buf) => match r {
+                Ok(b) => b,
                 Err(e) => { debug!(error = %e, "relay udp recv"); continue; }
             },
         };
-        let data = &buf[..n];
-        match decode_udp(data) {
-            Some(Ok(UdpControl::Hello(h))) => {
-                for (to, status) in udp_hello(&shared, src, &h) {
-                    let _ = sock
-                        .send_to(&encode_udp(&UdpControl::Status(status)), to)
-                        .await;
-                }
+        let src = batch.from;
+        // A batch of data datagrams (one source, so one session) is forwarded whole; one
+        // with a control datagram in it (the kernel may glue a hello to data of the same
+        // source) is taken apart.
+        if batch.datagrams(&buf).all(|d| decode_udp(d).is_none()) {
+            if let Some(to) = udp_forward(&shared, src, batch.len) {
+                let _ = sock.send(to, &buf[..batch.len], batch.stride).await;
             }
-            // Our own status messages or garbage with the magic: nothing to do.
-            Some(_) => {}
-            None => {
-                let target = udp_forward(&shared, src, n);
-                if let Some(to) = target {
-                    let _ = sock.send_to(data, to).await;
+            continue;
+        }
+        let datagrams: Vec<Vec<u8>> = batch.datagrams(&buf).map(<[u8]>::to_vec).collect();
+        for data in datagrams {
+            match decode_udp(&data) {
+                Some(Ok(UdpControl::Hello(h))) => {
+                    for (to, status) in udp_hello(&shared, src, &h) {
+                        let encoded = encode_udp(&UdpControl::Status(status));
+                        let _ = sock.send(to, &encoded, encoded.len()).await;
+                    }
+                }
+                // Our own status messages or garbage with the magic: nothing to do.
+                Some(_) => {}
+                None => {
+                    if let Some(to) = udp_forward(&shared, src, data.len()) {
+                        let _ = sock.send(to, &data, data.len()).await;
+                    }
                 }
             }
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use relay::batch::{BATCH_BUF, BatchSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -24,8 +25,32 @@ use crate::defaults::{LINK_QUEUE, RELAY_REHELLO};
 /// Largest datagram a stream link carries (the 2-byte length).
 pub const MAX_DATAGRAM: usize = u16::MAX as usize;
 
-/// A datagram that came in on a link: the link's address and the bytes.
-pub type Incoming = (SocketAddr, Bytes);
+/// One datagram, or a run of datagrams of `stride` bytes each (the last may be shorter)
+/// that travel as one GSO/GRO batch where the link can.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The datagrams, back to back.
+    pub bytes: Bytes,
+    /// Size of each (the whole length for a single datagram).
+    pub stride: usize,
+}
+
+impl Run {
+    /// A single datagram.
+    pub fn one(bytes: Bytes) -> Run {
+        let stride = bytes.len();
+        Run { bytes, stride }
+    }
+
+    /// Its datagrams, in order (an empty run is one empty datagram).
+    pub fn datagrams(&self) -> impl Iterator<Item = &[u8]> {
+        let empty = self.bytes.is_empty().then_some(&[][..]);
+        self.bytes.chunks(self.stride.max(1)).chain(empty)
+    }
+}
+
+/// Datagrams that came in on a link: the link's address and the run.
+pub type Incoming = (SocketAddr, Run);
 
 /// Every live link of one QUIC socket.
 #[derive(Debug)]
@@ -38,7 +63,7 @@ pub struct Links {
 #[derive(Debug)]
 struct Entry {
     kind: PathKind,
-    out: mpsc::Sender<Bytes>,
+    out: mpsc::Sender<Run>,
 }
 
 /// One link, alive while this is held.
@@ -92,7 +117,7 @@ impl Links {
         self: &Arc<Self>,
         kind: PathKind,
         remote: SocketAddr,
-    ) -> (Link, mpsc::Receiver<Bytes>) {
+    ) -> (Link, mpsc::Receiver<Run>) {
         let addr = mapped(self.next.fetch_add(1, Ordering::Relaxed));
         let (out, rx) = mpsc::channel(LINK_QUEUE);
         self.table().insert(addr, Entry { kind, out });
@@ -111,14 +136,18 @@ impl Links {
         self.table().get(addr).map(|e| e.kind)
     }
 
-    /// Queues `datagram` on the link at `addr`; false when there is no such link. A full
-    /// queue drops it (as a full socket buffer would).
-    pub fn send(&self, addr: &SocketAddr, datagram: &[u8]) -> bool {
+    /// Queues `datagrams` (a run of `stride`-byte datagrams, or one) on the link at
+    /// `addr`; false when there is no such link. A full queue drops them (as a full
+    /// socket buffer would).
+    pub fn send(&self, addr: &SocketAddr, datagrams: &[u8], stride: usize) -> bool {
         let table = self.table();
         let Some(e) = table.get(addr) else {
             return false;
         };
-        let _ = e.out.try_send(Bytes::copy_from_slice(datagram));
+        let _ = e.out.try_send(Run {
+            bytes: Bytes::copy_from_slice(datagrams),
+            stride: stride.clamp(1, datagrams.len().max(1)),
+        });
         true
     }
 
@@ -141,10 +170,10 @@ impl Links {
                 };
                 // Everything already queued goes out in one write.
                 batch.clear();
-                frame(&mut batch, &first);
+                first.datagrams().for_each(|d| frame(&mut batch, d));
                 while batch.len() < 256 * 1024 {
                     match out.try_recv() {
-                        Ok(d) => frame(&mut batch, &d),
+                        Ok(run) => run.datagrams().for_each(|d| frame(&mut batch, d)),
                         Err(_) => break,
                     }
                 }
@@ -174,7 +203,7 @@ impl Links {
                     },
                 };
                 // TCP already paces us: wait for room rather than drop.
-                if incoming.send((addr, d.into())).await.is_err() {
+                if incoming.send((addr, Run::one(d.into()))).await.is_err() {
                     break;
                 }
             }
@@ -195,45 +224,73 @@ impl Links {
         hello: Option<Vec<u8>>,
     ) -> Link {
         let (link, mut out) = self.register(kind, remote);
-        let sock = Arc::new(sock);
         let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
+        let sock = match BatchSocket::new(sock) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                // Without its socket state the link cannot run: closed at once, so the
+                // session does not wait for a path that will never carry anything.
+                debug!(%addr, error = %e, "udp link could not be set up");
+                closed.cancel();
+                return link;
+            }
+        };
         let (tx, done) = (sock.clone(), closed.clone());
         let control = hello.is_some();
         tokio::spawn(async move {
             let mut rehello = tokio::time::interval(RELAY_REHELLO);
             rehello.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let d = tokio::select! {
+                let run = tokio::select! {
                     _ = done.cancelled() => break,
                     _ = rehello.tick(), if hello.is_some() => {
                         if let Some(h) = &hello {
-                            let _ = tx.send_to(h, remote).await;
+                            let _ = tx.send(remote, h, h.len()).await;
                         }
                         continue;
                     }
                     d = out.recv() => match d { Some(d) => d, None => break },
                 };
-                // A send error (no route for a moment, ICMP) loses a datagram, as UDP does.
-                let _ = tx.send_to(&d, remote).await;
+                // A send error (no route for a moment, ICMP) loses datagrams, as UDP does.
+                let _ = tx.send(remote, &run.bytes, run.stride).await;
             }
         });
         tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let mut buf = vec![0u8; BATCH_BUF];
             loop {
                 let got = tokio::select! {
                     _ = closed.cancelled() => break,
-                    r = sock.recv_from(&mut buf) => r,
+                    r = sock.recv(&mut buf) => r,
                 };
-                // Strangers, and ICMP errors surfacing as recv errors, are ignored; a full
-                // queue drops the datagram, as a full socket buffer would.
-                if let Ok((n, from)) = got
-                    && from == remote
-                    && !(control && relay::proto::decode_udp(&buf[..n]).is_some())
-                    && incoming
-                        .try_send((addr, Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    && incoming.is_closed()
-                {
+                // Strangers, and ICMP errors surfacing as recv errors, are ignored.
+                let Ok(batch) = got else { continue };
+                if batch.from != remote {
+                    continue;
+                }
+                let is_control = |d: &[u8]| control && relay::proto::decode_udp(d).is_some();
+                let run = if batch.datagrams(&buf).any(is_control) {
+                    // The relay's answers are not QUIC: keep them out, the rest in order
+                    // (dropping whole datagrams keeps every stride but the last).
+                    let mut kept = Vec::with_capacity(batch.len);
+                    batch
+                        .datagrams(&buf)
+                        .filter(|d| !is_control(d))
+                        .for_each(|d| kept.extend_from_slice(d));
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    Run {
+                        bytes: kept.into(),
+                        stride: batch.stride,
+                    }
+                } else {
+                    Run {
+                        bytes: Bytes::copy_from_slice(&buf[..batch.len]),
+                        stride: batch.stride,
+                    }
+                };
+                // A full queue drops the datagrams, as a full socket buffer would.
+                if incoming.try_send((addr, run)).is_err() && incoming.is_closed() {
                     break;
                 }
             }
@@ -264,16 +321,19 @@ mod tests {
         let link_b = lb.add_stream(PathKind::RelayTcp, b.unwrap().0);
         assert_eq!(la.kind_of(&link_a.addr), Some(PathKind::RelayTcp));
         for d in [&b"one"[..], &[7u8; 1400], b""] {
-            assert!(la.send(&link_a.addr, d));
+            assert!(la.send(&link_a.addr, d, d.len()));
             let (from, got) = rxb.recv().await.unwrap();
-            assert_eq!((from, &got[..]), (link_b.addr, d));
+            assert_eq!((from, &got.bytes[..]), (link_b.addr, d));
         }
-        assert!(lb.send(&link_b.addr, b"back"));
-        assert_eq!(&rxa.recv().await.unwrap().1[..], b"back");
+        // A run of datagrams (a GSO batch from QUIC) arrives as its datagrams.
+        assert!(lb.send(&link_b.addr, b"backandforth", 4));
+        for d in [&b"back"[..], b"andf", b"orth"] {
+            assert_eq!(&rxa.recv().await.unwrap().1.bytes[..], d);
+        }
         // The other end going away closes the link; dropping one forgets it.
         drop(link_b);
         link_a.closed().cancelled().await;
-        assert!(!la.send(&mapped(999), b"nobody"));
+        assert!(!la.send(&mapped(999), b"nobody", 6));
     }
 
     #[tokio::test]
@@ -284,13 +344,16 @@ mod tests {
         let mine = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mine_addr = mine.local_addr().unwrap();
         let link = links.add_udp(PathKind::Relay, mine, peer.local_addr().unwrap(), None);
-        links.send(&link.addr, b"hello");
+        // A run of three datagrams leaves as three datagrams.
+        links.send(&link.addr, b"hello, world", 5);
         let mut buf = [0u8; 64];
-        let (n, from) = peer.recv_from(&mut buf).await.unwrap();
-        assert_eq!((&buf[..n], from), (&b"hello"[..], mine_addr));
+        for d in [&b"hello"[..], b", wor", b"ld"] {
+            let (n, from) = peer.recv_from(&mut buf).await.unwrap();
+            assert_eq!((&buf[..n], from), (d, mine_addr));
+        }
         stranger.send_to(b"spoof", mine_addr).await.unwrap();
         peer.send_to(b"reply", mine_addr).await.unwrap();
         let (from, got) = rx.recv().await.unwrap();
-        assert_eq!((from, &got[..]), (link.addr, &b"reply"[..]));
+        assert_eq!((from, &got.bytes[..]), (link.addr, &b"reply"[..]));
     }
 }

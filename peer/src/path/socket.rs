@@ -166,15 +166,16 @@ impl Socket {
                     Err(_) => break,
                 }
             };
-            let (from, data) = got;
+            let (from, run) = got;
+            let data = &run.bytes;
             if data.len() > bufs[n].len() {
                 continue;
             }
-            bufs[n][..data.len()].copy_from_slice(&data);
+            bufs[n][..data.len()].copy_from_slice(data);
             let mut m = RecvMeta::default();
             m.addr = from;
             m.len = data.len();
-            m.stride = data.len();
+            m.stride = run.stride;
             meta[n] = m;
             n += 1;
         }
@@ -244,14 +245,11 @@ impl UdpSender for Sender {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         if is_mapped(&transmit.destination) {
-            let size = transmit
-                .segment_size
-                .unwrap_or(transmit.contents.len())
-                .max(1);
-            for d in transmit.contents.chunks(size) {
-                // A link that is gone loses the datagram: QUIC notices the path is dead.
-                self.links.send(&transmit.destination, d);
-            }
+            let stride = transmit.segment_size.unwrap_or(transmit.contents.len());
+            // The run stays whole: a UDP link sends it as one GSO batch. A link that is
+            // gone loses it: QUIC notices the path is dead.
+            self.links
+                .send(&transmit.destination, transmit.contents, stride);
             return Poll::Ready(Ok(()));
         }
         let t = Transmit {
