@@ -104,6 +104,26 @@ impl BatchSocket {
         }
     }
 
+    /// Sends like [`BatchSocket::send`] if the socket can take the datagrams now, without
+    /// waiting; `WouldBlock` when it cannot (a full send buffer).
+    pub fn try_send(&self, to: SocketAddr, data: &[u8], stride: usize) -> io::Result<()> {
+        let stride = stride.max(1);
+        let segments = data.len().div_ceil(stride);
+        if segments > 1 && segments > self.state.max_gso_segments().get() {
+            return Err(io::ErrorKind::WouldBlock.into()); // the queued path splits it
+        }
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: (segments > 1).then_some(stride),
+            src_ip: None,
+        };
+        self.sock.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&self.sock).into(), &t)
+        })
+    }
+
     async fn send_one(
         &self,
         to: SocketAddr,

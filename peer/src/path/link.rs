@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use relay::batch::{BATCH_BUF, BatchSocket};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,9 @@ pub struct Links {
 struct Entry {
     kind: PathKind,
     out: mpsc::Sender<Run>,
+    /// A UDP link's socket and remote: QUIC's datagrams go straight out on it when it has
+    /// room, skipping the queue (a task hop and a copy per batch).
+    direct: Option<(Arc<BatchSocket>, SocketAddr)>,
 }
 
 /// One link, alive while this is held.
@@ -120,7 +123,14 @@ impl Links {
     ) -> (Link, mpsc::Receiver<Run>) {
         let addr = mapped(self.next.fetch_add(1, Ordering::Relaxed));
         let (out, rx) = mpsc::channel(LINK_QUEUE);
-        self.table().insert(addr, Entry { kind, out });
+        self.table().insert(
+            addr,
+            Entry {
+                kind,
+                out,
+                direct: None,
+            },
+        );
         let link = Link {
             addr,
             kind,
@@ -144,6 +154,17 @@ impl Links {
         let Some(e) = table.get(addr) else {
             return false;
         };
+        // Straight out when the socket has room and nothing is queued before it (order
+        // matters little to QUIC, but reordering costs spurious loss detection).
+        if let Some((sock, remote)) = &e.direct
+            && e.out.capacity() == e.out.max_capacity()
+        {
+            match sock.try_send(*remote, datagrams, stride) {
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Sent, or lost as UDP loses datagrams.
+                _ => return true,
+            }
+        }
         let _ = e.out.try_send(Run {
             bytes: Bytes::copy_from_slice(datagrams),
             stride: stride.clamp(1, datagrams.len().max(1)),
@@ -186,24 +207,34 @@ impl Links {
         });
         let done = closed;
         tokio::spawn(async move {
-            let mut r = BufReader::with_capacity(256 * 1024, r);
+            let mut r = r;
+            let mut buf = BytesMut::new();
+            let mut runs = Runs::default();
             loop {
-                let mut len = [0u8; 2];
-                let read = async {
-                    r.read_exact(&mut len).await?;
-                    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                    r.read_exact(&mut buf).await?;
-                    Ok::<_, std::io::Error>(buf)
-                };
-                let d = tokio::select! {
+                if buf.capacity() - buf.len() < BATCH_BUF {
+                    buf.reserve(4 * BATCH_BUF);
+                }
+                let n = tokio::select! {
                     _ = done.cancelled() => break,
-                    d = read => match d {
-                        Ok(d) => d,
+                    n = r.read_buf(&mut buf) => match n {
+                        Ok(0) => { debug!(%addr, "link closed by the other end"); break; }
+                        Ok(n) => n,
                         Err(e) => { debug!(%addr, error = %e, "link closed"); break; }
                     },
                 };
-                // TCP already paces us: wait for room rather than drop.
-                if incoming.send((addr, Run::one(d.into()))).await.is_err() {
+                let _ = n;
+                // Every complete datagram goes on, runs of equal size together (as GRO
+                // would hand them over); a partial one waits for the rest.
+                runs.take_from(&mut buf);
+                let mut gone = false;
+                for run in runs.out.drain(..) {
+                    // TCP already paces us: wait for room rather than drop.
+                    if incoming.send((addr, run)).await.is_err() {
+                        gone = true;
+                        break;
+                    }
+                }
+                if gone {
                     break;
                 }
             }
@@ -235,6 +266,9 @@ impl Links {
                 return link;
             }
         };
+        if let Some(e) = self.table().get_mut(&addr) {
+            e.direct = Some((sock.clone(), remote));
+        }
         let (tx, done) = (sock.clone(), closed.clone());
         let control = hello.is_some();
         tokio::spawn(async move {
@@ -299,6 +333,50 @@ impl Links {
     }
 }
 
+/// Cuts framed datagrams out of a stream's bytes into runs of equal-size datagrams.
+#[derive(Debug, Default)]
+struct Runs {
+    out: Vec<Run>,
+}
+
+impl Runs {
+    /// Takes every complete frame off the front of `buf`.
+    fn take_from(&mut self, buf: &mut BytesMut) {
+        let mut run = BytesMut::new();
+        let mut stride = 0;
+        while buf.len() >= 2 {
+            let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+            if buf.len() < 2 + len {
+                break;
+            }
+            // A longer datagram, or one past the batch size, starts a new run.
+            if !run.is_empty() && (len > stride || len == 0 || run.len() + len > BATCH_BUF) {
+                self.flush(&mut run, stride);
+            }
+            if run.is_empty() {
+                stride = len;
+            }
+            buf.advance(2);
+            run.extend_from_slice(&buf[..len]);
+            buf.advance(len);
+            // A shorter (or empty) one ends its run.
+            if len < stride || len == 0 {
+                self.flush(&mut run, stride);
+            }
+        }
+        if !run.is_empty() {
+            self.flush(&mut run, stride);
+        }
+    }
+
+    fn flush(&mut self, run: &mut BytesMut, stride: usize) {
+        self.out.push(Run {
+            bytes: run.split().freeze(),
+            stride: stride.max(1),
+        });
+    }
+}
+
 fn frame(batch: &mut Vec<u8>, d: &[u8]) {
     // QUIC never builds a datagram past the largest MTU we allow (far below 64 KiB).
     let len = u16::try_from(d.len()).unwrap_or(u16::MAX);
@@ -325,15 +403,52 @@ mod tests {
             let (from, got) = rxb.recv().await.unwrap();
             assert_eq!((from, &got.bytes[..]), (link_b.addr, d));
         }
-        // A run of datagrams (a GSO batch from QUIC) arrives as its datagrams.
+        // A run of datagrams (a GSO batch from QUIC) keeps its datagrams' boundaries.
         assert!(lb.send(&link_b.addr, b"backandforth", 4));
-        for d in [&b"back"[..], b"andf", b"orth"] {
-            assert_eq!(&rxa.recv().await.unwrap().1.bytes[..], d);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let (_, run) = rxa.recv().await.unwrap();
+            got.extend(run.datagrams().map(<[u8]>::to_vec));
         }
+        assert_eq!(got, [&b"back"[..], b"andf", b"orth"]);
         // The other end going away closes the link; dropping one forgets it.
         drop(link_b);
         link_a.closed().cancelled().await;
         assert!(!la.send(&mapped(999), b"nobody", 6));
+    }
+
+    #[test]
+    fn framed_datagrams_come_out_in_runs_of_equal_size() {
+        let mut stream = Vec::new();
+        for d in [
+            &[1u8; 6][..],
+            &[2; 6],
+            &[3; 6],
+            &[4; 3],
+            &[5; 8],
+            &[6; 8],
+            &[7; 2],
+        ] {
+            frame(&mut stream, d);
+        }
+        // Half of the next datagram has arrived.
+        stream.extend_from_slice(&[0, 5, 9, 9]);
+        let mut buf = BytesMut::from(&stream[..]);
+        let mut runs = Runs::default();
+        runs.take_from(&mut buf);
+        let got: Vec<Vec<Vec<u8>>> = runs
+            .out
+            .iter()
+            .map(|r| r.datagrams().map(<[u8]>::to_vec).collect())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                vec![vec![1; 6], vec![2; 6], vec![3; 6], vec![4; 3]],
+                vec![vec![5; 8], vec![6; 8], vec![7; 2]],
+            ]
+        );
+        assert_eq!(&buf[..], &[0, 5, 9, 9], "the partial datagram waits");
     }
 
     #[tokio::test]

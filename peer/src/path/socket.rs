@@ -20,7 +20,7 @@ use noq::udp::{RecvMeta, Transmit};
 use noq::{AsyncUdpSocket, UdpSender};
 use tokio::sync::mpsc;
 
-use super::link::{Incoming, Links};
+use super::link::{Incoming, Links, Run};
 use super::{canonical, for_quic, is_mapped};
 use crate::punch::probe;
 
@@ -74,6 +74,8 @@ pub struct Socket {
     incoming: mpsc::Receiver<Incoming>,
     /// Alternates which source is read first, so a busy one cannot starve the other.
     links_first: bool,
+    /// The rest of a link's run that did not fit QUIC's buffer, delivered next.
+    pending: Option<Incoming>,
 }
 
 impl fmt::Debug for Socket {
@@ -97,6 +99,7 @@ impl Socket {
             links,
             incoming,
             links_first: false,
+            pending: None,
         }
     }
 
@@ -154,7 +157,9 @@ impl Socket {
     ) -> Poll<io::Result<usize>> {
         let mut n = 0;
         while n < bufs.len().min(meta.len()) {
-            let got = if n == 0 {
+            let got = if let Some(p) = self.pending.take() {
+                p
+            } else if n == 0 {
                 match self.incoming.poll_recv(cx) {
                     Poll::Ready(Some(d)) => d,
                     // The table lives as long as the socket: never closed while we run.
@@ -166,16 +171,30 @@ impl Socket {
                     Err(_) => break,
                 }
             };
-            let (from, run) = got;
-            let data = &run.bytes;
-            if data.len() > bufs[n].len() {
-                continue;
+            let (from, mut run) = got;
+            let room = bufs[n].len();
+            if run.bytes.len() > room {
+                // More datagrams than QUIC's buffer holds (a socket without GRO has
+                // one-datagram buffers): as many as fit now, the rest next time.
+                let fit = room / run.stride.max(1) * run.stride.max(1);
+                if fit == 0 {
+                    continue; // a datagram larger than QUIC accepts: dropped
+                }
+                let rest = run.bytes.split_off(fit);
+                self.pending = Some((
+                    from,
+                    Run {
+                        bytes: rest,
+                        stride: run.stride,
+                    },
+                ));
             }
+            let data = &run.bytes;
             bufs[n][..data.len()].copy_from_slice(data);
             let mut m = RecvMeta::default();
             m.addr = from;
             m.len = data.len();
-            m.stride = run.stride;
+            m.stride = run.stride.min(data.len()).max(1);
             meta[n] = m;
             n += 1;
         }
