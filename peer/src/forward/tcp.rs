@@ -5,6 +5,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use std::io::IoSlice;
 
@@ -88,15 +89,19 @@ pub async fn splice(
                 }
                 Err(e) => {
                     // Reset by the other side or the session is gone: the local connection
-                    // learns it by an abortive close, not by a clean end of file.
+                    // learns it by an abortive close (RST), not by a clean end of file.
+                    let _ =
+                        socket2::SockRef::from(local_w.as_ref()).set_linger(Some(Duration::ZERO));
                     return Err(io::Error::other(e));
                 }
             }
         }
     };
-    let (a, b) = tokio::join!(outbound, inbound);
+    // A failure either way ends both (and with them the local connection): a client
+    // waiting for an answer must not wait for the session that is gone.
+    let r = tokio::try_join!(outbound, inbound);
     stats.open.fetch_sub(1, Ordering::Relaxed);
-    a.and(b)
+    r.map(|_| ())
 }
 
 /// Writes every chunk, several per system call.
