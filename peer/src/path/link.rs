@@ -214,15 +214,14 @@ impl Links {
                 if buf.capacity() - buf.len() < BATCH_BUF {
                     buf.reserve(4 * BATCH_BUF);
                 }
-                let n = tokio::select! {
+                tokio::select! {
                     _ = done.cancelled() => break,
                     n = r.read_buf(&mut buf) => match n {
                         Ok(0) => { debug!(%addr, "link closed by the other end"); break; }
-                        Ok(n) => n,
+                        Ok(_) => {}
                         Err(e) => { debug!(%addr, error = %e, "link closed"); break; }
                     },
-                };
-                let _ = n;
+                }
                 // Every complete datagram goes on, runs of equal size together (as GRO
                 // would hand them over); a partial one waits for the rest.
                 runs.take_from(&mut buf);
