@@ -150,22 +150,26 @@ impl Links {
     /// `addr`; false when there is no such link. A full queue drops them (as a full
     /// socket buffer would).
     pub fn send(&self, addr: &SocketAddr, datagrams: &[u8], stride: usize) -> bool {
-        let table = self.table();
-        let Some(e) = table.get(addr) else {
-            return false;
+        // Take what is needed and let go of the table before any system call.
+        let (out, direct) = {
+            let table = self.table();
+            let Some(e) = table.get(addr) else {
+                return false;
+            };
+            (e.out.clone(), e.direct.clone())
         };
         // Straight out when the socket has room and nothing is queued before it (order
         // matters little to QUIC, but reordering costs spurious loss detection).
-        if let Some((sock, remote)) = &e.direct
-            && e.out.capacity() == e.out.max_capacity()
+        if let Some((sock, remote)) = direct
+            && out.capacity() == out.max_capacity()
         {
-            match sock.try_send(*remote, datagrams, stride) {
+            match sock.try_send(remote, datagrams, stride) {
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                 // Sent, or lost as UDP loses datagrams.
                 _ => return true,
             }
         }
-        let _ = e.out.try_send(Run {
+        let _ = out.try_send(Run {
             bytes: Bytes::copy_from_slice(datagrams),
             stride: stride.clamp(1, datagrams.len().max(1)),
         });
