@@ -49,8 +49,90 @@ impl Run {
     }
 }
 
-/// Datagrams that came in on a link: the link's address and the run.
-pub type Incoming = (SocketAddr, Run);
+/// Datagrams on their way between a link and QUIC, in the form the link keeps them, so
+/// that nothing is copied more often than it must be.
+#[derive(Debug, Clone)]
+pub enum Datagrams {
+    /// A run (a UDP link's GRO batch, or one of QUIC's GSO batches).
+    Run(Run),
+    /// Datagrams as a stream link carries them: each a 2-byte big-endian length and its
+    /// bytes, back to back, whole ones only.
+    Framed(Bytes),
+}
+
+impl Datagrams {
+    /// Nothing left.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Datagrams::Run(r) => r.bytes.is_empty(),
+            Datagrams::Framed(b) => b.is_empty(),
+        }
+    }
+
+    /// Moves the next run that fits into `buf` (datagrams of one size, the last maybe
+    /// shorter, as GRO hands them over) and says its length and stride; `None` when
+    /// nothing is left. A datagram larger than `buf` is dropped, as a socket would.
+    pub fn take_into(&mut self, buf: &mut [u8]) -> Option<(usize, usize)> {
+        match self {
+            Datagrams::Run(run) => loop {
+                if run.bytes.is_empty() {
+                    return None;
+                }
+                let stride = run.stride.max(1);
+                let fit = (buf.len() / stride * stride).min(run.bytes.len());
+                if fit == 0 {
+                    run.bytes.advance(stride.min(run.bytes.len()));
+                    continue;
+                }
+                buf[..fit].copy_from_slice(&run.bytes[..fit]);
+                run.bytes.advance(fit);
+                return Some((fit, stride.min(fit)));
+            },
+            Datagrams::Framed(bytes) => {
+                let mut len = 0;
+                let mut stride = 0;
+                while let Some(next) = frame_len(bytes) {
+                    if len == 0 {
+                        if next == 0 || next > buf.len() {
+                            // QUIC has no use for an empty datagram; an oversized one
+                            // would not fit any buffer.
+                            bytes.advance(2 + next);
+                            continue;
+                        }
+                        stride = next;
+                    } else if next == 0 || next > stride || len + next > buf.len() {
+                        break;
+                    }
+                    buf[len..len + next].copy_from_slice(&bytes[2..2 + next]);
+                    bytes.advance(2 + next);
+                    len += next;
+                    if next < stride {
+                        break; // a shorter one ends its run
+                    }
+                }
+                (len > 0).then_some((len, stride))
+            }
+        }
+    }
+}
+
+/// The length of the frame at the front of `bytes`, if it is all there.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let len = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
+    (bytes.len() >= 2 + len).then_some(len)
+}
+
+/// How many bytes at the front of `bytes` are whole frames.
+fn whole_frames(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(len) = frame_len(&bytes[at..]) {
+        at += 2 + len;
+    }
+    at
+}
+
+/// Datagrams that came in on a link: the link's address and the datagrams.
+pub type Incoming = (SocketAddr, Datagrams);
 
 /// Every live link of one QUIC socket.
 #[derive(Debug)]
@@ -63,7 +145,9 @@ pub struct Links {
 #[derive(Debug)]
 struct Entry {
     kind: PathKind,
-    out: mpsc::Sender<Run>,
+    out: mpsc::Sender<Datagrams>,
+    /// A stream link: its queue holds datagrams framed already.
+    framed: bool,
     /// A UDP link's socket and remote: QUIC's datagrams go straight out on it when it has
     /// room, skipping the queue (a task hop and a copy per batch).
     direct: Option<(Arc<BatchSocket>, SocketAddr)>,
@@ -120,7 +204,8 @@ impl Links {
         self: &Arc<Self>,
         kind: PathKind,
         remote: SocketAddr,
-    ) -> (Link, mpsc::Receiver<Run>) {
+        framed: bool,
+    ) -> (Link, mpsc::Receiver<Datagrams>) {
         let addr = mapped(self.next.fetch_add(1, Ordering::Relaxed));
         let (out, rx) = mpsc::channel(LINK_QUEUE);
         self.table().insert(
@@ -128,6 +213,7 @@ impl Links {
             Entry {
                 kind,
                 out,
+                framed,
                 direct: None,
             },
         );
@@ -151,12 +237,12 @@ impl Links {
     /// socket buffer would).
     pub fn send(&self, addr: &SocketAddr, datagrams: &[u8], stride: usize) -> bool {
         // Take what is needed and let go of the table before any system call.
-        let (out, direct) = {
+        let (out, direct, framed) = {
             let table = self.table();
             let Some(e) = table.get(addr) else {
                 return false;
             };
-            (e.out.clone(), e.direct.clone())
+            (e.out.clone(), e.direct.clone(), e.framed)
         };
         // Straight out when the socket has room and nothing is queued before it (order
         // matters little to QUIC, but reordering costs spurious loss detection).
@@ -169,10 +255,19 @@ impl Links {
                 _ => return true,
             }
         }
-        let _ = out.try_send(Run {
-            bytes: Bytes::copy_from_slice(datagrams),
-            stride: stride.clamp(1, datagrams.len().max(1)),
-        });
+        let stride = stride.clamp(1, datagrams.len().max(1));
+        let queued = if framed {
+            // Framed here, once, so that the writer only writes.
+            let mut b = BytesMut::with_capacity(datagrams.len() + 2 * datagrams.len() / stride + 2);
+            datagrams.chunks(stride).for_each(|d| frame(&mut b, d));
+            Datagrams::Framed(b.freeze())
+        } else {
+            Datagrams::Run(Run {
+                bytes: Bytes::copy_from_slice(datagrams),
+                stride,
+            })
+        };
+        let _ = out.try_send(queued);
         true
     }
 
@@ -182,12 +277,12 @@ impl Links {
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let _ = stream.set_nodelay(true);
-        let (link, mut out) = self.register(kind, remote);
+        let (link, mut out) = self.register(kind, remote, true);
         let (r, mut w) = stream.into_split();
         let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
         let done = closed.clone();
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(64 * 1024);
+            let mut batch: Vec<Bytes> = Vec::new();
             loop {
                 let first = tokio::select! {
                     _ = done.cancelled() => break,
@@ -195,14 +290,18 @@ impl Links {
                 };
                 // Everything already queued goes out in one write.
                 batch.clear();
-                first.datagrams().for_each(|d| frame(&mut batch, d));
-                while batch.len() < 256 * 1024 {
-                    match out.try_recv() {
-                        Ok(run) => run.datagrams().for_each(|d| frame(&mut batch, d)),
-                        Err(_) => break,
+                let mut size = 0;
+                let mut next = Some(first);
+                while let Some(d) = next.take() {
+                    if let Datagrams::Framed(b) = d {
+                        size += b.len();
+                        batch.push(b);
+                    }
+                    if size < 256 * 1024 && batch.len() < 64 {
+                        next = out.try_recv().ok();
                     }
                 }
-                if let Err(e) = w.write_all(&batch).await {
+                if let Err(e) = write_all(&mut w, &mut batch).await {
                     debug!(%addr, error = %e, "link write failed");
                     break;
                 }
@@ -213,7 +312,6 @@ impl Links {
         tokio::spawn(async move {
             let mut r = r;
             let mut buf = BytesMut::new();
-            let mut runs = Runs::default();
             loop {
                 if buf.capacity() - buf.len() < BATCH_BUF {
                     buf.reserve(4 * BATCH_BUF);
@@ -226,18 +324,15 @@ impl Links {
                         Err(e) => { debug!(%addr, error = %e, "link closed"); break; }
                     },
                 }
-                // Every complete datagram goes on, runs of equal size together (as GRO
-                // would hand them over); a partial one waits for the rest.
-                runs.take_from(&mut buf);
-                let mut gone = false;
-                for run in runs.out.drain(..) {
-                    // TCP already paces us: wait for room rather than drop.
-                    if incoming.send((addr, run)).await.is_err() {
-                        gone = true;
-                        break;
-                    }
+                // Every whole datagram goes on as it came, without a copy; a partial one
+                // waits for the rest.
+                let whole = whole_frames(&buf);
+                if whole == 0 {
+                    continue;
                 }
-                if gone {
+                let framed = Datagrams::Framed(buf.split_to(whole).freeze());
+                // TCP already paces us: wait for room rather than drop.
+                if incoming.send((addr, framed)).await.is_err() {
                     break;
                 }
             }
@@ -257,7 +352,7 @@ impl Links {
         remote: SocketAddr,
         hello: Option<Vec<u8>>,
     ) -> Link {
-        let (link, mut out) = self.register(kind, remote);
+        let (link, mut out) = self.register(kind, remote, false);
         let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
         let sock = match BatchSocket::new(sock) {
             Ok(s) => Arc::new(s),
@@ -289,7 +384,9 @@ impl Links {
                     d = out.recv() => match d { Some(d) => d, None => break },
                 };
                 // A send error (no route for a moment, ICMP) loses datagrams, as UDP does.
-                let _ = tx.send(remote, &run.bytes, run.stride).await;
+                if let Datagrams::Run(run) = run {
+                    let _ = tx.send(remote, &run.bytes, run.stride).await;
+                }
             }
         });
         tokio::spawn(async move {
@@ -326,6 +423,7 @@ impl Links {
                         stride: batch.stride,
                     }
                 };
+                let run = Datagrams::Run(run);
                 // A full queue drops the datagrams, as a full socket buffer would.
                 if incoming.try_send((addr, run)).is_err() && incoming.is_closed() {
                     break;
@@ -336,55 +434,39 @@ impl Links {
     }
 }
 
-/// Cuts framed datagrams out of a stream's bytes into runs of equal-size datagrams.
-#[derive(Debug, Default)]
-struct Runs {
-    out: Vec<Run>,
-}
-
-impl Runs {
-    /// Takes every complete frame off the front of `buf`.
-    fn take_from(&mut self, buf: &mut BytesMut) {
-        let mut run = BytesMut::new();
-        let mut stride = 0;
-        while buf.len() >= 2 {
-            let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
-            if buf.len() < 2 + len {
-                break;
-            }
-            // A longer datagram, or one past the batch size, starts a new run.
-            if !run.is_empty() && (len > stride || len == 0 || run.len() + len > BATCH_BUF) {
-                self.flush(&mut run, stride);
-            }
-            if run.is_empty() {
-                stride = len;
-            }
-            buf.advance(2);
-            run.extend_from_slice(&buf[..len]);
-            buf.advance(len);
-            // A shorter (or empty) one ends its run.
-            if len < stride || len == 0 {
-                self.flush(&mut run, stride);
+/// Writes every buffer of `batch`, in as few system calls as the socket allows.
+async fn write_all(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    batch: &mut [Bytes],
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let slices: Vec<std::io::IoSlice> = batch[first..]
+            .iter()
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut batch[first];
+            let step = n.min(b.len());
+            b.advance(step);
+            n -= step;
+            if b.is_empty() {
+                first += 1;
             }
         }
-        if !run.is_empty() {
-            self.flush(&mut run, stride);
-        }
     }
-
-    fn flush(&mut self, run: &mut BytesMut, stride: usize) {
-        self.out.push(Run {
-            bytes: run.split().freeze(),
-            stride: stride.max(1),
-        });
-    }
+    Ok(())
 }
 
-fn frame(batch: &mut Vec<u8>, d: &[u8]) {
+fn frame(batch: &mut impl bytes::BufMut, d: &[u8]) {
     // QUIC never builds a datagram past the largest MTU we allow (far below 64 KiB).
     let len = u16::try_from(d.len()).unwrap_or(u16::MAX);
-    batch.extend_from_slice(&len.to_be_bytes());
-    batch.extend_from_slice(&d[..usize::from(len)]);
+    batch.put_slice(&len.to_be_bytes());
+    batch.put_slice(&d[..usize::from(len)]);
 }
 
 #[cfg(test)]
@@ -401,23 +483,33 @@ mod tests {
         let link_a = la.add_stream(PathKind::RelayTcp, a.unwrap());
         let link_b = lb.add_stream(PathKind::RelayTcp, b.unwrap().0);
         assert_eq!(la.kind_of(&link_a.addr), Some(PathKind::RelayTcp));
-        for d in [&b"one"[..], &[7u8; 1400], b""] {
+        for d in [&b"one"[..], &[7u8; 1400]] {
             assert!(la.send(&link_a.addr, d, d.len()));
             let (from, got) = rxb.recv().await.unwrap();
-            assert_eq!((from, &got.bytes[..]), (link_b.addr, d));
+            assert_eq!((from, all(got)), (link_b.addr, vec![d.to_vec()]));
         }
         // A run of datagrams (a GSO batch from QUIC) keeps its datagrams' boundaries.
         assert!(lb.send(&link_b.addr, b"backandforth", 4));
         let mut got = Vec::new();
         while got.len() < 3 {
-            let (_, run) = rxa.recv().await.unwrap();
-            got.extend(run.datagrams().map(<[u8]>::to_vec));
+            let (_, d) = rxa.recv().await.unwrap();
+            got.extend(all(d));
         }
         assert_eq!(got, [&b"back"[..], b"andf", b"orth"]);
         // The other end going away closes the link; dropping one forgets it.
         drop(link_b);
         link_a.closed().cancelled().await;
         assert!(!la.send(&mapped(999), b"nobody", 6));
+    }
+
+    /// Every datagram of `d`, taken out as QUIC's socket takes them.
+    fn all(mut d: Datagrams) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1 << 16];
+        while let Some((len, stride)) = d.take_into(&mut buf) {
+            out.extend(buf[..len].chunks(stride).map(<[u8]>::to_vec));
+        }
+        out
     }
 
     #[test]
@@ -428,30 +520,56 @@ mod tests {
             &[2; 6],
             &[3; 6],
             &[4; 3],
+            &[],
             &[5; 8],
             &[6; 8],
             &[7; 2],
+            &[8; 40],
+            &[9; 4],
         ] {
             frame(&mut stream, d);
         }
-        // Half of the next datagram has arrived.
+        // Half of the next datagram has arrived: only whole ones are taken.
+        let whole = stream.len();
         stream.extend_from_slice(&[0, 5, 9, 9]);
-        let mut buf = BytesMut::from(&stream[..]);
-        let mut runs = Runs::default();
-        runs.take_from(&mut buf);
-        let got: Vec<Vec<Vec<u8>>> = runs
-            .out
-            .iter()
-            .map(|r| r.datagrams().map(<[u8]>::to_vec).collect())
-            .collect();
+        assert_eq!(whole_frames(&stream), whole);
+        let mut d = Datagrams::Framed(Bytes::copy_from_slice(&stream[..whole]));
+        let mut buf = [0u8; 20];
+        let mut runs = Vec::new();
+        while let Some((len, stride)) = d.take_into(&mut buf) {
+            runs.push(
+                buf[..len]
+                    .chunks(stride)
+                    .map(<[u8]>::to_vec)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        // The empty datagram is dropped, the one larger than the buffer too, and a run
+        // stops where the buffer is full.
         assert_eq!(
-            got,
+            runs,
             vec![
-                vec![vec![1; 6], vec![2; 6], vec![3; 6], vec![4; 3]],
+                vec![vec![1; 6], vec![2; 6], vec![3; 6]],
+                vec![vec![4; 3]],
                 vec![vec![5; 8], vec![6; 8], vec![7; 2]],
+                vec![vec![9; 4]],
             ]
         );
-        assert_eq!(&buf[..], &[0, 5, 9, 9], "the partial datagram waits");
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_run_is_handed_over_in_pieces_that_fit() {
+        let mut d = Datagrams::Run(Run {
+            bytes: Bytes::from_static(b"aaabbbcccdd"),
+            stride: 3,
+        });
+        let mut buf = [0u8; 7];
+        let mut got = Vec::new();
+        while let Some((len, stride)) = d.take_into(&mut buf) {
+            got.push((buf[..len].to_vec(), stride));
+        }
+        assert_eq!(got, vec![(b"aaabbb".to_vec(), 3), (b"cccdd".to_vec(), 3)]);
     }
 
     #[tokio::test]
@@ -472,6 +590,6 @@ mod tests {
         stranger.send_to(b"spoof", mine_addr).await.unwrap();
         peer.send_to(b"reply", mine_addr).await.unwrap();
         let (from, got) = rx.recv().await.unwrap();
-        assert_eq!((from, &got.bytes[..]), (link.addr, &b"reply"[..]));
+        assert_eq!((from, all(got)), (link.addr, vec![b"reply".to_vec()]));
     }
 }

@@ -20,7 +20,7 @@ use noq::udp::{RecvMeta, Transmit};
 use noq::{AsyncUdpSocket, UdpSender};
 use tokio::sync::mpsc;
 
-use super::link::{Incoming, Links, Run};
+use super::link::{Incoming, Links};
 use super::{canonical, for_quic, is_mapped};
 use crate::punch::probe;
 
@@ -171,30 +171,19 @@ impl Socket {
                     Err(_) => break,
                 }
             };
-            let (from, mut run) = got;
-            let room = bufs[n].len();
-            if run.bytes.len() > room {
-                // More datagrams than QUIC's buffer holds (a socket without GRO has
-                // one-datagram buffers): as many as fit now, the rest next time.
-                let fit = room / run.stride.max(1) * run.stride.max(1);
-                if fit == 0 {
-                    continue; // a datagram larger than QUIC accepts: dropped
-                }
-                let rest = run.bytes.split_off(fit);
-                self.pending = Some((
-                    from,
-                    Run {
-                        bytes: rest,
-                        stride: run.stride,
-                    },
-                ));
+            let (from, mut datagrams) = got;
+            // As many as fit QUIC's buffer now (a socket without GRO has one-datagram
+            // buffers), the rest next time.
+            let Some((len, stride)) = datagrams.take_into(&mut bufs[n]) else {
+                continue;
+            };
+            if !datagrams.is_empty() {
+                self.pending = Some((from, datagrams));
             }
-            let data = &run.bytes;
-            bufs[n][..data.len()].copy_from_slice(data);
             let mut m = RecvMeta::default();
             m.addr = from;
-            m.len = data.len();
-            m.stride = run.stride.min(data.len()).max(1);
+            m.len = len;
+            m.stride = stride;
             meta[n] = m;
             n += 1;
         }
