@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+pub use wire::stun::transaction::Timing;
+
 /// Initial retransmission timeout. RFC 8489 §6.2.1 recommends 500 ms when the path's RTT
 /// is unknown: long enough for a distant server, short enough for a quick verdict.
 pub const RTO: Duration = Duration::from_millis(500);
@@ -33,33 +35,11 @@ pub const LIFETIME_MAX: Duration = Duration::from_secs(150);
 /// The standard STUN port (RFC 8489 §18.6), used when `--server` gives none.
 pub const STUN_PORT: u16 = 3478;
 
-/// Retransmission timing of one transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timing {
-    /// First retransmission timeout; doubles after each request.
-    pub rto: Duration,
-    /// Requests sent at most.
-    pub rc: u32,
-    /// Multiple of `rto` waited after the last request.
-    pub rm: u32,
-}
-
-impl Default for Timing {
-    fn default() -> Timing {
-        Timing {
-            rto: RTO,
-            rc: RC,
-            rm: RM,
-        }
-    }
-}
-
-impl Timing {
-    /// How long a transaction with no answer lasts.
-    pub fn give_up_after(&self) -> Duration {
-        let sends: Duration = (0..self.rc.saturating_sub(1))
-            .map(|i| self.rto * 2u32.saturating_pow(i))
-            .sum();
-        sends + self.rto * self.rm
+/// natprobe's retransmission timing: [`RTO`], [`RC`], [`RM`].
+pub fn timing() -> Timing {
+    Timing {
+        rto: RTO,
+        rc: RC,
+        rm: RM,
     }
 }

@@ -8,7 +8,7 @@
 //! # Layout
 //!
 //! - `defaults`: every timing, with the reason for its value.
-//! - `transaction`: the RFC 8489 retransmission schedule, sans-IO.
+//! - `transaction`: the RFC 8489 retransmission schedule, sans-IO (`wire::stun::transaction`).
 //! - `classify`: the decisions, sans-IO: observations in, RFC 4787 behaviour, the classic
 //!   NAT name and the direct-connection table out; unit tested over every combination.
 //! - `probe`: the shell that runs the tests over real sockets.
@@ -19,4 +19,4 @@ pub mod classify;
 pub mod defaults;
 pub mod probe;
 pub mod report;
-pub mod transaction;
+pub use wire::stun::transaction;

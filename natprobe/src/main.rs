@@ -45,7 +45,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    relay::cli::run("natprobe", async {
+    wire::cli::run("natprobe", async {
         let cli = Cli::parse();
         let mut names = cli.server.clone();
         if names.is_empty() {
@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
                 .then(|| Duration::from_secs(cli.lifetime_max.max(1))),
             timing: Timing {
                 rto: Duration::from_millis(cli.rto),
-                ..Timing::default()
+                ..defaults::timing()
             },
         };
         let report = probe::run(&cfg).await.context("probing")?;

@@ -11,13 +11,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use rendezvous::stun::{
-    BindingError, BindingRequest, BindingResponse, RequestOptions, binding_request_with,
-    parse_response,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tracing::debug;
+use wire::stun::{
+    BindingError, BindingRequest, BindingResponse, RequestOptions, binding_request_with,
+    parse_response,
+};
 
 use crate::classify::{self, Lifetime, Mapping, MappingObservations};
 use crate::defaults::{self, Timing};

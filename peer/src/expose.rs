@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ed25519_dalek::SigningKey;
-use rendezvous::client::ClientEvent;
-use rendezvous::proto::{Broker, PublicKey};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use wire::signal::client::ClientEvent;
+use wire::signal::{Broker, PublicKey};
 
 use crate::defaults;
 use crate::forward::tcp::{self as forward, TunnelStats};

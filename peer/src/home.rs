@@ -9,8 +9,8 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
-use rendezvous::proto::PublicKey;
 use serde::Deserialize;
+use wire::signal::PublicKey;
 
 /// Why the home directory could not be used.
 #[derive(Debug, thiserror::Error)]

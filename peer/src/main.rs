@@ -14,9 +14,9 @@ use peer::presence::signal::Signaling;
 use peer::reach::{Reach, Reacher};
 use peer::status::{self, Board};
 use peer::transport::Transport;
-use rendezvous::client::{Client, ClientConfig};
-use rendezvous::proto::{Proto, PublicKey, Service};
 use tokio_util::sync::CancellationToken;
+use wire::signal::client::{Client, ClientConfig};
+use wire::signal::{Proto, PublicKey, Service};
 
 /// Prints a line to stdout; a reader that went away (`peer status | head -1`) ends the
 /// command quietly instead of panicking.
@@ -147,13 +147,13 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
-        .filter(|h| rendezvous::proto::validate_name(h).is_ok())
+        .filter(|h| wire::signal::validate_name(h).is_ok())
         .unwrap_or_else(|| "peer".to_owned())
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    relay::cli::run_with("peer", Some(peer::defaults::WORKER_THREADS), run(cli))
+    wire::cli::run_with("peer", Some(peer::defaults::WORKER_THREADS), run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

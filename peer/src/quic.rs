@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use noq::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rendezvous::proto::PublicKey;
+use wire::signal::PublicKey;
 
 use crate::defaults;
 use crate::tls::{self, TlsError};

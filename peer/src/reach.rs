@@ -15,12 +15,12 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
-use rendezvous::client::{Client, ClientError};
-use rendezvous::proto::{Broker, PeerInfo, Proto, ServiceRef};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use wire::signal::client::{Client, ClientError};
+use wire::signal::{Broker, PeerInfo, Proto, ServiceRef};
 
 use crate::defaults;
 use crate::forward::tcp as forward;
@@ -91,7 +91,7 @@ struct State {
     home: Home,
     service: ServiceRef,
     /// The target's key, pinned.
-    peer_key: rendezvous::proto::PublicKey,
+    peer_key: wire::signal::PublicKey,
     shutdown: CancellationToken,
     client: Mutex<Option<Client>>,
     presence: Mutex<Presence>,

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
-use rendezvous::proto::PublicKey;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -16,6 +15,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
+use wire::signal::PublicKey;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]

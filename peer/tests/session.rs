@@ -15,9 +15,9 @@ use peer::path::link::Link;
 use peer::presence::endpoint::UdpEndpoint;
 use peer::session::Session;
 use peer::transport::Policy;
-use rendezvous::proto::PublicKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use wire::signal::PublicKey;
 
 /// Bounds every wait, so a broken session fails the test instead of hanging it.
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {

@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use relay::client::join_tcp;
-use relay::ticket::{SessionId, Side, Ticket, TicketKey};
 use tokio::net::{TcpListener, TcpStream};
+use wire::relay::client::join_tcp;
+use wire::ticket::{SessionId, Side, Ticket, TicketKey};
 
 #[derive(Debug, Parser)]
 struct Args {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use relay::server::{RelayConfig, RelayServer};
-use relay::ticket::TicketKey;
 use tokio_util::sync::CancellationToken;
+use wire::ticket::TicketKey;
 
 /// A standalone chuantou relay.
 ///
@@ -60,7 +60,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    relay::cli::run("relay", serve(cli))
+    wire::cli::run("relay", serve(cli))
 }
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {

@@ -19,8 +19,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::defaults;
-use crate::proto::{Refusal, RefusalCode};
-use crate::ticket::{SessionId, Side, Ticket, TicketError, TicketKey};
+use wire::relay::{Refusal, RefusalCode};
+use wire::ticket::{SessionId, Side, Ticket, TicketError, TicketKey};
 
 /// Identifies one half (a TCP connection or a UDP source) in the shell.
 pub type ConnId = u64;
@@ -131,6 +131,7 @@ impl Pairing {
         self.key.verify(ticket, now_unix).map_err(|e| match e {
             TicketError::BadMac => Refusal::new(RefusalCode::BadTicket, e.to_string()),
             TicketError::Expired(_) => Refusal::new(RefusalCode::Expired, e.to_string()),
+            _ => Refusal::new(RefusalCode::BadTicket, e.to_string()),
         })?;
         let lifetime = ticket.expires.saturating_sub(now_unix);
         if lifetime > self.limits.max_ticket_lifetime.as_secs() {

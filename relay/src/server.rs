@@ -21,15 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::batch::{BATCH_BUF, BatchSocket};
 use crate::defaults;
-use crate::frame::{self, FrameReader};
 use crate::pairing::{Admit, ConnId, Event, Limits, Pairing};
-use crate::proto::{
+use crate::stats::RelayStats;
+use wire::batch::{BATCH_BUF, BatchSocket};
+use wire::frame::{self, FrameReader};
+use wire::relay::{
     Hello, RELAY_VERSION, Refusal, RefusalCode, Status, UdpControl, decode_udp, encode_udp,
 };
-use crate::stats::RelayStats;
-use crate::ticket::{SessionId, Side, TicketKey};
+use wire::ticket::{SessionId, Side, TicketKey};
 
 /// How a relay is set up.
 #[derive(Debug, Clone)]
@@ -154,7 +154,7 @@ impl RelayServer {
             .map_err(err("tcp", config.listen))?;
         let addr = tcp.local_addr().map_err(err("tcp", config.listen))?;
         let udp = UdpSocket::bind(addr).await.map_err(err("udp", addr))?;
-        crate::sockbuf::grow_udp_buffers(&udp);
+        wire::sockbuf::grow_udp_buffers(&udp);
         let shared = Arc::new(Shared {
             pairing: Mutex::new(Pairing::new(config.key.clone(), config.limits)),
             config,

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use relay::client::{JoinError, join_tcp, join_udp};
-use relay::frame::{self, FrameReader};
-use relay::proto::{Hello, RELAY_VERSION, RefusalCode, Status};
 use relay::server::{RelayConfig, RelayHandle, RelayServer};
-use relay::ticket::{SessionId, Side, Ticket, TicketKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use wire::frame::{self, FrameReader};
+use wire::relay::client::{JoinError, join_tcp, join_udp};
+use wire::relay::{Hello, RELAY_VERSION, RefusalCode, Status};
+use wire::ticket::{SessionId, Side, Ticket, TicketKey};
 
 const BOUND: Duration = Duration::from_secs(20);
 
@@ -257,7 +257,7 @@ async fn udp_forwards_datagrams_both_ways_keeping_boundaries() {
         loop {
             let (n, src) = within("datagram", to.recv_from(&mut buf)).await.unwrap();
             assert_eq!(src, relay.addr());
-            if relay::proto::decode_udp(&buf[..n]).is_some() {
+            if wire::relay::decode_udp(&buf[..n]).is_some() {
                 continue;
             }
             assert_eq!(&buf[..n], &msg[..], "datagram of {len} bytes");
@@ -326,7 +326,7 @@ async fn data(sock: &UdpSocket) -> Vec<u8> {
     let mut buf = [0u8; 2048];
     loop {
         let (n, _) = within("datagram", sock.recv_from(&mut buf)).await.unwrap();
-        if relay::proto::decode_udp(&buf[..n]).is_none() {
+        if wire::relay::decode_udp(&buf[..n]).is_none() {
             return buf[..n].to_vec();
         }
     }

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
-use rendezvous::client::{Client, ClientConfig};
-use rendezvous::proto::{Proto, Service};
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use wire::signal::client::{Client, ClientConfig};
+use wire::signal::{Proto, Service};
 
 /// Registers peers against a running rendezvous and reports memory and throughput.
 #[derive(Debug, Parser)]

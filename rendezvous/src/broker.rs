@@ -6,9 +6,9 @@ use std::time::Duration;
 use crate::defaults;
 use std::net::SocketAddr;
 
-use relay::ticket::TicketKey;
+use wire::ticket::TicketKey;
 
-use crate::proto::{
+use wire::signal::{
     Broker, Candidates, ErrorCode, ErrorFrame, PublicKey, RelayOffer, Role, Service, ServiceRef,
     SessionId,
 };
@@ -143,7 +143,7 @@ pub fn broker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Proto;
+    use wire::signal::Proto;
 
     fn svc(port: u16, proto: Proto) -> Service {
         Service {

@@ -1,28 +1,23 @@
 //! The chuantou rendezvous: where peers behind NATs register, find each other, learn their
-//! NAT-mapped addresses and get brokered into sessions.
+//! NAT-mapped addresses and get brokered into sessions. The messages, and the peer's half
+//! of signaling, are in the `wire` crate.
 //!
 //! # Layout
 //!
-//! - [`proto`]: the signaling messages and their flow; [`frame`]: their byte format.
 //! - [`registry`]: names, keys, observed addresses and liveness (sans-IO).
 //! - [`broker`]: turning a connect request into the two session messages (pure).
-//! - [`stun`]: the STUN Binding responder and client codec (sans-IO);
+//! - [`stun`]: the STUN Binding responder (sans-IO);
 //!   [`ratelimit`]: the per-source buckets it uses.
 //! - [`server`]: the tokio shell: signaling listener, STUN sockets, expiry timer;
 //!   [`http`]: the read-only JSON API and metrics; [`metrics`]: the counters.
-//! - [`client`]: the peer's half of signaling, and a STUN query helper.
 //! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod broker;
-pub mod client;
 pub mod defaults;
-/// The frame codec (it lives in the relay crate, which the rendezvous embeds).
-pub use relay::frame;
 mod http;
 pub mod metrics;
-pub mod proto;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;

@@ -128,7 +128,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    relay::cli::run("rendezvous", serve(cli))
+    wire::cli::run("rendezvous", serve(cli))
 }
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
@@ -141,7 +141,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     }
     let shared_relay_key = match &cli.relay_key {
         Some(hex) => Some(
-            relay::ticket::TicketKey::from_hex(hex)
+            wire::ticket::TicketKey::from_hex(hex)
                 .context("--relay-key / CHUANTOU_RELAY_KEY must be 64 hex digits (32 bytes)")?,
         ),
         None => None,
@@ -151,7 +151,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     } else {
         let key = shared_relay_key
             .clone()
-            .unwrap_or_else(relay::ticket::TicketKey::random);
+            .unwrap_or_else(wire::ticket::TicketKey::random);
         let mut rc = relay::server::RelayConfig::new(cli.relay, key);
         rc.limits.max_sessions = cli.relay_max_sessions;
         rc.max_bytes_per_session = cli.relay_max_bytes;

@@ -22,7 +22,7 @@ use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use crate::defaults;
-use crate::proto::{PublicKey, Service};
+use wire::signal::{PublicKey, Service};
 
 /// Identifies one signaling connection in the shell.
 pub type ConnId = u64;
@@ -99,7 +99,7 @@ pub struct Registration {
     /// STUN credential for this registration (chosen by the shell, random).
     pub stun: StunCredential,
     /// What the peer measured of its NAT.
-    pub nat: Option<crate::proto::NatInfo>,
+    pub nat: Option<wire::signal::NatInfo>,
 }
 
 /// A STUN short-term credential linking Binding requests to a registration.
@@ -141,11 +141,11 @@ pub struct Entry {
     pub rtt: Option<Duration>,
     stun: StunCredential,
     /// What the peer measured of its NAT.
-    pub nat: Option<crate::proto::NatInfo>,
+    pub nat: Option<wire::signal::NatInfo>,
     /// The TCP port's latest mapping, from a credentialed STUN Binding over TCP.
     pub tcp_seen: Option<SocketAddr>,
     /// TCP behaviour, from `tcp_addr` and `tcp_seen`.
-    pub tcp_nat: Option<crate::proto::NatInfo>,
+    pub tcp_nat: Option<wire::signal::NatInfo>,
 }
 
 impl Entry {
@@ -313,12 +313,12 @@ impl Registry {
         &mut self,
         username: &str,
         addr: SocketAddr,
-    ) -> Option<(&str, crate::proto::NatInfo)> {
+    ) -> Option<(&str, wire::signal::NatInfo)> {
         let name = self.by_stun.get(username)?;
         let entry = self.peers.get_mut(name)?;
         let nat = *entry
             .tcp_nat
-            .get_or_insert_with(|| crate::proto::NatInfo::from_tcp_mappings(entry.tcp_addr, addr));
+            .get_or_insert_with(|| wire::signal::NatInfo::from_tcp_mappings(entry.tcp_addr, addr));
         entry.tcp_seen = Some(addr);
         Some((name.as_str(), nat))
     }
@@ -468,7 +468,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Proto;
+    use wire::signal::Proto;
 
     const S: Duration = Duration::from_secs(1);
 

@@ -24,12 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::{self, Side};
 use crate::defaults;
-use crate::frame::{self, FrameError, FrameReader};
 use crate::metrics::{self, Metrics};
-use crate::proto::{
-    Candidates, ClientFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, PeerInfo, Reply, Request,
-    ServerFrame, SessionId, Welcome, register_payload,
-};
 use crate::registry::{
     self, ConnId, Registration, Registry, RegistryError, StunCredential, Timing,
 };
@@ -37,7 +32,12 @@ use crate::stun::{Layout, Received, Responder, Slot};
 use relay::announce::{RelayMsg, RelayReply};
 use relay::server::{RelayConfig, RelayServer};
 use relay::stats::RelayStats;
-use relay::ticket::TicketKey;
+use wire::frame::{self, FrameError, FrameReader};
+use wire::signal::{
+    Candidates, ClientFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, PeerInfo, Reply, Request,
+    ServerFrame, SessionId, Welcome, register_payload,
+};
+use wire::ticket::TicketKey;
 
 /// How the server is set up.
 #[derive(Debug, Clone)]
@@ -1276,7 +1276,7 @@ fn handle_request(
                     } else {
                         info!(peer = %name, tcp = %remote, key = %r.key, "registered");
                     }
-                    Ok(Reply::Registered(crate::proto::Registered {
+                    Ok(Reply::Registered(wire::signal::Registered {
                         observed_tcp: remote,
                         stun_username: stun.username,
                         stun_password: stun.password,
@@ -1300,7 +1300,7 @@ fn handle_request(
         }
         Request::List { after } => {
             let st = shared.state();
-            let (page, more) = st.registry.page(after.as_deref(), crate::proto::LIST_PAGE);
+            let (page, more) = st.registry.page(after.as_deref(), wire::signal::LIST_PAGE);
             // Peers can be large (16 services with long descriptions): stop the page before
             // the reply would outgrow a frame, and let the client continue from there.
             let budget = frame::MAX_FRAME_LEN - 1024;
@@ -1335,7 +1335,7 @@ fn connect(
     shared: &Arc<Shared>,
     conn: ConnId,
     target: &str,
-    service: Option<crate::proto::ServiceRef>,
+    service: Option<wire::signal::ServiceRef>,
 ) -> Result<Reply, ErrorFrame> {
     let session = SessionId(rand::random());
     let secret: [u8; 32] = rand::random();

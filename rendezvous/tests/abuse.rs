@@ -6,12 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rendezvous::client::ClientEvent;
-use rendezvous::frame;
-use rendezvous::proto::{ClientFrame, ErrorCode, Hello, PROTOCOL_VERSION, Request};
 use rendezvous::server::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use wire::frame;
+use wire::signal::client::ClientEvent;
+use wire::signal::{ClientFrame, ErrorCode, Hello, PROTOCOL_VERSION, Request};
 
 fn quick_timeouts() -> ServerConfig {
     ServerConfig {
@@ -270,10 +270,10 @@ async fn one_address_cannot_hoard_connections_waiting_for_hello() {
     .await;
     let mut s = raw_from(&server, hoarder).await;
     raw_hello(&mut s).await;
-    let mut greeted = rendezvous::frame::FrameReader::new(s);
+    let mut greeted = wire::frame::FrameReader::new(s);
     assert!(matches!(
-        within("welcome", greeted.read::<rendezvous::proto::ServerFrame>()).await,
-        Ok(rendezvous::proto::ServerFrame::Welcome(_))
+        within("welcome", greeted.read::<wire::signal::ServerFrame>()).await,
+        Ok(wire::signal::ServerFrame::Welcome(_))
     ));
     held.push(raw_from(&server, hoarder).await);
     within("tenth waiting accepted", async {

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
 use common::*;
-use rendezvous::client::{Client, ClientConfig, ClientError, ClientEvent};
-use rendezvous::proto::ErrorCode;
+use wire::signal::ErrorCode;
+use wire::signal::client::{Client, ClientConfig, ClientError, ClientEvent};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
 

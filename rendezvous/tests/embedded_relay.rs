@@ -7,10 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use relay::client::join_tcp;
-use rendezvous::client::ClientEvent;
 use rendezvous::server::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wire::relay::client::join_tcp;
+use wire::signal::client::ClientEvent;
 
 #[tokio::test]
 async fn brokered_tickets_pair_at_the_embedded_relay() {

@@ -6,11 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rendezvous::client::{ClientConfig, ClientError, ClientEvent, StunRetry, stun_binding};
-use rendezvous::proto::{ErrorCode, PublicKey, Role, ServerFrame, ServiceRef, register_payload};
 use rendezvous::registry::Timing;
 use rendezvous::server::ServerConfig;
 use tokio::net::UdpSocket;
+use wire::signal::client::{ClientConfig, ClientError, ClientEvent, stun_binding};
+use wire::signal::{ErrorCode, PublicKey, Role, ServerFrame, ServiceRef, register_payload};
+use wire::stun::transaction::Timing as StunTiming;
 
 fn refused_code(e: ClientError) -> ErrorCode {
     match e {
@@ -94,7 +95,7 @@ async fn observed_addresses_are_observed_not_claimed() {
     let stun = server.addrs().stun.unwrap().primary;
     // A Binding without the credential tells us our address but links nothing.
     let anon = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let r = stun_binding(&anon, stun, None, StunRetry::default())
+    let r = stun_binding(&anon, stun, None, StunTiming::RFC8489)
         .await
         .unwrap();
     assert_eq!(r.mapped, anon.local_addr().unwrap());
@@ -104,7 +105,7 @@ async fn observed_addresses_are_observed_not_claimed() {
         &anon,
         stun,
         Some((&reg.stun_username, "guess")),
-        StunRetry::default(),
+        StunTiming::RFC8489,
     )
     .await
     .unwrap_err();
@@ -113,7 +114,7 @@ async fn observed_addresses_are_observed_not_claimed() {
 
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let cred = (reg.stun_username.as_str(), reg.stun_password.as_str());
-    let r = stun_binding(&sock, stun, Some(cred), StunRetry::default())
+    let r = stun_binding(&sock, stun, Some(cred), StunTiming::RFC8489)
         .await
         .unwrap();
     assert_eq!(r.mapped, sock.local_addr().unwrap());
@@ -297,7 +298,7 @@ async fn connect_errors_are_specific() {
     assert!(err.to_string().contains("several services"), "{err}");
     let svc = ServiceRef {
         port: 2,
-        proto: rendezvous::proto::Proto::Tcp,
+        proto: wire::signal::Proto::Tcp,
     };
     assert_eq!(a.connect_to("b", Some(svc)).await.unwrap().service, web(2));
     drop(b);
@@ -322,7 +323,7 @@ async fn token_is_required_when_set() {
     .await;
     let addr = server.addrs().signaling.to_string();
     for token in [None, Some("wrong".to_string())] {
-        let err = rendezvous::client::Client::connect(
+        let err = wire::signal::client::Client::connect(
             &addr,
             ClientConfig {
                 token,
@@ -366,7 +367,7 @@ async fn signature_must_prove_the_key() {
 
 #[tokio::test]
 async fn listing_pages_through_peers_of_maximal_size() {
-    use rendezvous::proto::{MAX_DESCRIPTION_LEN, MAX_SERVICES, Proto, Service};
+    use wire::signal::{MAX_DESCRIPTION_LEN, MAX_SERVICES, Proto, Service};
     let server = start(loopback_config()).await;
     let big: Vec<Service> = (0..MAX_SERVICES as u16)
         .map(|port| Service {
@@ -393,8 +394,8 @@ async fn listing_pages_through_peers_of_maximal_size() {
 
 #[tokio::test]
 async fn a_credentialed_stun_binding_over_tcp_gives_the_tcp_candidate_and_nat() {
-    use rendezvous::client::stun_binding_tcp;
-    use rendezvous::proto::{NatAllocation, NatInfo, NatMapping};
+    use wire::signal::client::stun_binding_tcp;
+    use wire::signal::{NatAllocation, NatInfo, NatMapping};
     let server = start(loopback_config()).await;
     let pc = client(&server).await;
     let phone = client(&server).await;

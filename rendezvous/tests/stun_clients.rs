@@ -9,8 +9,8 @@ use std::process::Command;
 
 use common::*;
 use rendezvous::server::{ServerConfig, ServerHandle};
-use rendezvous::stun::{binding_request, parse_response};
 use tokio::net::UdpSocket;
+use wire::stun::{binding_request, parse_response};
 
 /// A server with an RFC 5780 layout on 127.0.0.1 / 127.0.0.2. The alternate needs fixed
 /// ports, so pick a free one and retry if another process takes it first.

@@ -18,11 +18,11 @@ use peer::home::Home;
 use peer::presence::signal::Signaling;
 use peer::reach::{Reach, Reacher};
 pub use peer::transport::Transport;
-use rendezvous::proto::{Proto, PublicKey, Service};
 use rendezvous::server::{Server, ServerConfig, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use wire::signal::{Proto, PublicKey, Service};
 
 /// Upper bound on any single wait, so a bug hangs nothing.
 pub const BOUND: Duration = Duration::from_secs(60);
@@ -306,7 +306,7 @@ fn serve_status(home: &TempHome, shutdown: &CancellationToken) -> peer::status::
 
 /// Waits until `name` is online at the rendezvous.
 pub async fn online(server: &ServerHandle, name: &str) {
-    let c = rendezvous::client::Client::connect(
+    let c = wire::signal::client::Client::connect(
         &server.addrs().signaling.to_string(),
         Default::default(),
     )

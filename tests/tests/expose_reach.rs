@@ -5,11 +5,11 @@
 use std::process::Command;
 
 use chuantou_tests::*;
-use rendezvous::proto::PublicKey;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use wire::signal::PublicKey;
 
 /// A tiny HTTP server answering every request with `body`.
 async fn http_service(body: &'static str) -> std::net::SocketAddr {

@@ -67,13 +67,13 @@ fn await_stun(lab: &Lab, server: SocketAddr) {
         .unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let req = rendezvous::stun::binding_request(None, None).unwrap();
+    let req = wire::stun::binding_request(None, None).unwrap();
     let deadline = Instant::now() + chuantou_tests::BOUND;
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline {
         sock.send_to(&req.bytes, server).unwrap();
         if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if rendezvous::stun::parse_response(&buf[..n], &req.tid, None).is_ok() {
+            if wire::stun::parse_response(&buf[..n], &req.tid, None).is_ok() {
                 return;
             }
         }

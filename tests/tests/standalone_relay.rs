@@ -8,11 +8,11 @@ use chuantou_tests::*;
 use relay::announce::{AnnounceError, announce, announce_once};
 use relay::server::{RelayConfig, RelayServer};
 use relay::stats::RelayStats;
-use relay::ticket::TicketKey;
-use rendezvous::client::{Client, ClientEvent};
 use rendezvous::server::{Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use wire::signal::client::{Client, ClientEvent};
+use wire::ticket::TicketKey;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registered_relay_carries_brokered_sessions() {
@@ -49,9 +49,9 @@ async fn registered_relay_carries_brokered_sessions() {
     pc.register(
         &ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
         "pc",
-        vec![rendezvous::proto::Service {
+        vec![wire::signal::Service {
             port: 80,
-            proto: rendezvous::proto::Proto::Tcp,
+            proto: wire::signal::Proto::Tcp,
             description: String::new(),
         }],
         vec![],
@@ -88,8 +88,8 @@ async fn registered_relay_carries_brokered_sessions() {
     assert_eq!(b.addr, relay_addr);
     let t = Duration::from_secs(10);
     let (x, y) = tokio::join!(
-        relay::client::join_tcp(a.addr, a.ticket, t),
-        relay::client::join_tcp(b.addr, b.ticket, t)
+        wire::relay::client::join_tcp(a.addr, a.ticket, t),
+        wire::relay::client::join_tcp(b.addr, b.ticket, t)
     );
     let (mut x, mut y) = (x.unwrap(), y.unwrap());
     x.write_all(b"through the standalone relay").await.unwrap();

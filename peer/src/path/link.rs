@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
-use relay::batch::{BATCH_BUF, BatchSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+use wire::batch::{BATCH_BUF, BatchSocket};
 
 use super::{PathKind, mapped};
 use crate::defaults::{LINK_QUEUE, RELAY_REHELLO};
@@ -401,7 +401,7 @@ impl Links {
                 if batch.from != remote {
                     continue;
                 }
-                let is_control = |d: &[u8]| control && relay::proto::decode_udp(d).is_some();
+                let is_control = |d: &[u8]| control && wire::relay::decode_udp(d).is_some();
                 let run = if batch.datagrams(&buf).any(is_control) {
                     // The relay's answers are not QUIC: keep them out, the rest in order
                     // (dropping whole datagrams keeps every stride but the last).

@@ -9,9 +9,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rendezvous::proto::{Broker, NatInfo};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+use wire::signal::{Broker, NatInfo};
 
 use super::PathKind;
 use super::link::Link;

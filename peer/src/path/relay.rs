@@ -7,9 +7,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use relay::client::JoinError;
-use rendezvous::proto::{Broker, RelayOffer};
 use tokio::net::UdpSocket;
+use wire::relay::client::JoinError;
+use wire::signal::{Broker, RelayOffer};
 
 use super::PathKind;
 use super::link::{Link, Links};
@@ -30,8 +30,8 @@ pub async fn join(links: &Arc<Links>, offer: &RelayOffer, udp: bool) -> Result<L
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
         };
         let sock = UdpSocket::bind(any).await.map_err(JoinError::Io)?;
-        relay::sockbuf::grow_udp_buffers(&sock);
-        relay::client::join_udp(
+        wire::sockbuf::grow_udp_buffers(&sock);
+        wire::relay::client::join_udp(
             &sock,
             offer.addr,
             offer.ticket.clone(),
@@ -39,10 +39,11 @@ pub async fn join(links: &Arc<Links>, offer: &RelayOffer, udp: bool) -> Result<L
             defaults::RELAY_JOIN,
         )
         .await?;
-        let hello = relay::client::udp_hello(offer.ticket.clone());
+        let hello = wire::relay::client::udp_hello(offer.ticket.clone());
         return Ok(links.add_udp(PathKind::Relay, sock, offer.addr, Some(hello)));
     }
     let stream =
-        relay::client::join_tcp(offer.addr, offer.ticket.clone(), defaults::RELAY_JOIN).await?;
+        wire::relay::client::join_tcp(offer.addr, offer.ticket.clone(), defaults::RELAY_JOIN)
+            .await?;
     Ok(links.add_stream(PathKind::RelayTcp, stream))
 }

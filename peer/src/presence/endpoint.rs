@@ -50,7 +50,7 @@ impl UdpEndpoint {
     pub fn new(socket: std::net::UdpSocket) -> io::Result<(UdpEndpoint, mpsc::Receiver<Datagram>)> {
         // A second handle on the same socket, for sending probes and STUN requests; all
         // reading stays with QUIC's side.
-        relay::sockbuf::grow_udp_buffers(&socket);
+        wire::sockbuf::grow_udp_buffers(&socket);
         let send = socket.try_clone()?;
         send.set_nonblocking(true)?;
         let sender = Arc::new(tokio::net::UdpSocket::from_std(send)?);
@@ -125,7 +125,7 @@ impl UdpEndpoint {
 mod tests {
     use super::*;
     use crate::punch::probe::{Kind, Probe, ProbeKey};
-    use relay::ticket::Side;
+    use wire::ticket::Side;
 
     #[tokio::test]
     async fn probes_stun_and_quic_share_one_socket() {
@@ -152,7 +152,7 @@ mod tests {
         assert!(two.rx.try_recv().is_err());
 
         // A STUN message goes to the STUN route.
-        let req = rendezvous::stun::binding_request(None, None).unwrap();
+        let req = wire::stun::binding_request(None, None).unwrap();
         a.send_to(&req.bytes, b_addr).await.unwrap();
         let (_, data) = b_stun.recv().await.unwrap();
         assert_eq!(data, req.bytes);
@@ -162,9 +162,8 @@ mod tests {
             ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
             ed25519_dalek::SigningKey::from_bytes(&[2; 32]),
         );
-        let public = |k: &ed25519_dalek::SigningKey| {
-            rendezvous::proto::PublicKey(k.verifying_key().to_bytes())
-        };
+        let public =
+            |k: &ed25519_dalek::SigningKey| wire::signal::PublicKey(k.verifying_key().to_bytes());
         b.set_server(crate::quic::server_config(&phone, public(&pc)).unwrap());
         let server = tokio::spawn({
             let b = b.clone();

@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 
 use ed25519_dalek::SigningKey;
-use rendezvous::client::{Client, ClientConfig, ClientError};
-use rendezvous::proto::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 use tokio::net::UdpSocket;
+use wire::signal::client::{Client, ClientConfig, ClientError};
+use wire::signal::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 
 use crate::defaults::{BACKOFF_MAX, BACKOFF_MIN, STUN_ANSWER_WITHIN, TCP_STUN_WITHIN, UDP_REFRESH};
 use crate::presence::endpoint::UdpEndpoint;
@@ -71,7 +71,7 @@ async fn refresh(
 ) {
     loop {
         tokio::time::sleep(UDP_REFRESH).await;
-        let Ok(req) = rendezvous::stun::binding_request(Some((&cred.0, &cred.1)), None) else {
+        let Ok(req) = wire::stun::binding_request(Some((&cred.0, &cred.1)), None) else {
             return;
         };
         for _ in 0..3 {
@@ -80,7 +80,7 @@ async fn refresh(
             }
             let answered = tokio::time::timeout(STUN_ANSWER_WITHIN, async {
                 while let Some((_, data)) = stun_rx.recv().await {
-                    if rendezvous::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
+                    if wire::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
                         return true;
                     }
                 }
@@ -241,11 +241,11 @@ impl Signaling {
         let udp = match udp {
             Some((socket, stun)) if nat.is_some() => {
                 let cred = (reg.stun_username.clone(), reg.stun_password.clone());
-                let observed = rendezvous::client::stun_binding(
+                let observed = wire::signal::client::stun_binding(
                     &socket,
                     stun,
                     Some((&cred.0, &cred.1)),
-                    rendezvous::client::StunRetry::default(),
+                    wire::stun::transaction::Timing::RFC8489,
                 )
                 .await
                 .map(|r| r.mapped)
@@ -292,7 +292,7 @@ impl Signaling {
         &self,
         port: TcpPort,
         client: &Client,
-        reg: &rendezvous::proto::Registered,
+        reg: &wire::signal::Registered,
         local_ip: Option<std::net::IpAddr>,
     ) -> Tcp {
         let first = reg.observed_tcp;
@@ -306,7 +306,7 @@ impl Signaling {
         let cred = (reg.stun_username.as_str(), reg.stun_password.as_str());
         let second = async {
             let mut s = port.connect(stun).await.map_err(ClientError::StunIo)?;
-            rendezvous::client::stun_binding_tcp(&mut s, Some(cred), TCP_STUN_WITHIN).await
+            wire::signal::client::stun_binding_tcp(&mut s, Some(cred), TCP_STUN_WITHIN).await
         };
         match tokio::time::timeout(TCP_STUN_WITHIN, second).await {
             Ok(Ok(r)) => {

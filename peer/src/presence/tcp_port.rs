@@ -153,8 +153,8 @@ async fn accept_loop(listener: TcpListener, routes: Routes) {
 mod tests {
     use super::*;
     use crate::punch::probe::{Kind, Probe, ProbeKey};
-    use relay::ticket::Side;
     use tokio::io::AsyncWriteExt as _;
+    use wire::ticket::Side;
 
     #[tokio::test]
     async fn accepted_connections_reach_their_session_and_strangers_are_closed() {

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use natprobe::classify::{Allocation, NatType};
-use relay::ticket::Side;
+use wire::ticket::Side;
 
 use crate::punch::probe::ProbeKey;
 use crate::punch::strategy::{NatProfile, Strategy, plan};

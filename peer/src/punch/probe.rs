@@ -14,7 +14,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use relay::ticket::{Side, constant_time_eq, hmac_sha256};
+use wire::ticket::{Side, constant_time_eq, hmac_sha256};
 
 /// The first four bytes of every probe.
 pub const MAGIC: [u8; 4] = [4, b'C', b'T', b'P'];

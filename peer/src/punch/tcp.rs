@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use relay::ticket::Side;
+use wire::ticket::Side;
 
 use crate::punch::probe::{self, Kind, Probe, ProbeKey};
 

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use rendezvous::proto::Broker;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info};
+use wire::signal::Broker;
 
 use crate::defaults::{TCP_KEEPALIVE_EVERY, TCP_KEEPALIVE_IDLE};
 use crate::presence::signal::Tcp;

@@ -25,7 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use relay::ticket::Side;
+use wire::ticket::Side;
 
 use crate::punch::probe::{self, Kind, Probe, ProbeKey};
 

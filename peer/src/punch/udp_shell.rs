@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rendezvous::proto::{Broker, NatAllocation, NatInfo, NatMapping, Role};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
+use wire::signal::{Broker, NatAllocation, NatInfo, NatMapping, Role};
 
 use natprobe::classify::{Allocation, NatType};
 
@@ -113,7 +113,7 @@ pub async fn establish(
     let mut readers = Vec::new();
     for i in 1..sockets {
         let std_sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-        relay::sockbuf::grow_udp_buffers(&std_sock);
+        wire::sockbuf::grow_udp_buffers(&std_sock);
         let dup = std_sock.try_clone()?;
         dup.set_nonblocking(true)?;
         let io = Arc::new(UdpSocket::from_std(dup)?);

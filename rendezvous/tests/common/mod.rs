@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use rendezvous::client::{Client, ClientConfig};
-use rendezvous::frame::{self, FrameReader};
-use rendezvous::proto::{ClientFrame, Hello, PROTOCOL_VERSION, Proto, ServerFrame, Service};
 use rendezvous::server::{Server, ServerConfig, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wire::frame::{self, FrameReader};
+use wire::signal::client::{Client, ClientConfig};
+use wire::signal::{ClientFrame, Hello, PROTOCOL_VERSION, Proto, ServerFrame, Service};
 
 /// Upper bound on any single wait in these tests, so a bug hangs nothing.
 pub const BOUND: Duration = Duration::from_secs(20);
@@ -79,7 +79,7 @@ pub async fn raw_hello(s: &mut TcpStream) {
 
 /// Reads server frames until one is an error frame or the stream ends; returns the error
 /// frame, or `None` if the server closed without one.
-pub async fn closing_error(s: TcpStream) -> Option<rendezvous::proto::ErrorFrame> {
+pub async fn closing_error(s: TcpStream) -> Option<wire::signal::ErrorFrame> {
     let mut r = FrameReader::new(s);
     loop {
         match within("server closes", r.read::<ServerFrame>()).await {
@@ -167,7 +167,7 @@ pub async fn raw_register(
     claimed: &SigningKey,
     sig: ed25519_dalek::Signature,
 ) -> ServerFrame {
-    use rendezvous::proto::{PublicKey, Register, Request, Signature};
+    use wire::signal::{PublicKey, Register, Request, Signature};
     let reg = ClientFrame::Request {
         id,
         body: Request::Register(Register {

@@ -10,6 +10,8 @@
 //!   never starts with the magic: its first byte is 0, which no QUIC packet has (RFC 9000
 //!   §17.2 and §17.3 fix the 0x40 bit).
 
+pub mod client;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ticket::Ticket;

@@ -9,7 +9,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::frame::{self, FrameError, FrameReader};
-use crate::proto::{Hello, RELAY_VERSION, Refusal, Status, UdpControl, decode_udp, encode_udp};
+use crate::relay::{Hello, RELAY_VERSION, Refusal, Status, UdpControl, decode_udp, encode_udp};
 use crate::ticket::Ticket;
 
 /// Why joining a relay session failed.

@@ -17,11 +17,12 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use crate::frame::{self, FrameError, FrameReader};
-use crate::proto::{
+use crate::signal::{
     Broker, ClientFrame, ErrorFrame, Hello, NatInfo, PROTOCOL_VERSION, PeerInfo, PublicKey,
     Register, Registered, Reply, Request, ServerFrame, Service, ServiceRef, Signature, Welcome,
     register_payload,
 };
+use crate::stun::transaction::{Retransmit, Timing};
 use crate::stun::{self, BindingError, BindingResponse};
 
 /// Why a client call failed.
@@ -373,66 +374,44 @@ async fn run(
     let _ = events.send(ClientEvent::Closed(end)).await;
 }
 
-/// Retransmission schedule for a STUN transaction (RFC 8489 §6.2.1).
-#[derive(Debug, Clone, Copy)]
-pub struct StunRetry {
-    /// Initial retransmission timeout (RFC 8489: 500 ms).
-    pub rto: Duration,
-    /// Requests sent in all (Rc, RFC 8489: 7).
-    pub sends: u32,
-    /// Wait after the last request, in RTOs (Rm, RFC 8489: 16).
-    pub last_wait: u32,
-}
-
-impl Default for StunRetry {
-    fn default() -> Self {
-        StunRetry {
-            rto: Duration::from_millis(500),
-            sends: 7,
-            last_wait: 16,
-        }
-    }
-}
-
-/// One Binding transaction from `sock` to `server`, retransmitted per `retry`. With a
-/// `credential` (username, password from [`Registered`]) the server links the mapping to
-/// our registration, and the response's integrity is checked.
+/// One Binding transaction from `sock` to `server`, retransmitted on `timing`'s schedule
+/// ([`Timing::RFC8489`] unless there is a reason to give up sooner). With a `credential`
+/// (username, password from [`Registered`]) the server links the mapping to our
+/// registration, and the response's integrity is checked.
 pub async fn stun_binding(
     sock: &UdpSocket,
     server: SocketAddr,
     credential: Option<(&str, &str)>,
-    retry: StunRetry,
+    timing: Timing,
 ) -> Result<BindingResponse, ClientError> {
     let req = stun::binding_request(credential, None)?;
     let mut buf = [0u8; 1500];
-    let mut rto = retry.rto;
-    for i in 0..retry.sends {
-        sock.send_to(&req.bytes, server)
-            .await
-            .map_err(ClientError::StunIo)?;
-        let wait = if i + 1 == retry.sends {
-            retry.rto * retry.last_wait
-        } else {
-            rto
-        };
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let got = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await;
-            let Ok(got) = got else { break };
-            let (n, from) = got.map_err(ClientError::StunIo)?;
-            if from.ip() != server.ip() {
-                continue;
-            }
-            match stun::parse_response(&buf[..n], &req.tid, credential.map(|c| c.1)) {
-                Ok(r) => return Ok(r),
-                // Stray or late datagrams: keep waiting for ours.
-                Err(BindingError::OtherTransaction | BindingError::Malformed) => continue,
-                Err(e) => return Err(e.into()),
-            }
+    let mut schedule = Retransmit::new(tokio::time::Instant::now().into_std(), timing);
+    loop {
+        let now = tokio::time::Instant::now().into_std();
+        while schedule.poll_transmit(now) {
+            sock.send_to(&req.bytes, server)
+                .await
+                .map_err(ClientError::StunIo)?;
         }
-        rto *= 2;
+        if schedule.failed(now) {
+            return Err(ClientError::StunTimeout(server));
+        }
+        let deadline = tokio::time::Instant::from_std(schedule.poll_timeout());
+        let Ok(got) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await else {
+            continue;
+        };
+        let (n, from) = got.map_err(ClientError::StunIo)?;
+        if from.ip() != server.ip() {
+            continue;
+        }
+        match stun::parse_response(&buf[..n], &req.tid, credential.map(|c| c.1)) {
+            Ok(r) => return Ok(r),
+            // Stray or late datagrams: keep waiting for ours.
+            Err(BindingError::OtherTransaction | BindingError::Malformed) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
-    Err(ClientError::StunTimeout(server))
 }
 
 /// One Binding transaction over a TCP stream to a STUN server (RFC 8489 §6.2.2: the

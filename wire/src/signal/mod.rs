@@ -16,6 +16,8 @@
 //! The encoding is postcard, so field order is wire order: append, never reorder, and bump
 //! [`PROTOCOL_VERSION`] for anything else.
 
+pub mod client;
+
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -49,8 +51,8 @@ pub enum ClientFrame {
         /// What is asked.
         body: Request,
     },
-    /// A standalone relay registering (see `relay::announce`); variant index 2 there.
-    Relay(relay::announce::RelayMsg),
+    /// A standalone relay registering ([`crate::announce`]).
+    Relay(crate::announce::RelayMsg),
 }
 
 /// The first frame of every connection.
@@ -250,8 +252,8 @@ pub enum ServerFrame {
     Broker(Broker),
     /// A fatal error; the server closes the connection after sending it.
     Error(ErrorFrame),
-    /// To a standalone relay (see `relay::announce`); variant index 4 there.
-    Relay(relay::announce::RelayReply),
+    /// To a standalone relay ([`crate::announce`]).
+    Relay(crate::announce::RelayReply),
 }
 
 /// The server's greeting.
@@ -352,7 +354,7 @@ pub struct Broker {
 
 /// Which side of a session this is: `Initiator` sent `Connect`, `Responder` was named in
 /// it. The same type tells a relay which half a ticket admits.
-pub use relay::ticket::Side as Role;
+pub use crate::ticket::Side as Role;
 
 /// Where to find a relay for a session and the ticket that admits this side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,7 +362,7 @@ pub struct RelayOffer {
     /// The relay's address (TCP and UDP).
     pub addr: SocketAddr,
     /// This side's signed admission.
-    pub ticket: relay::ticket::Ticket,
+    pub ticket: crate::ticket::Ticket,
 }
 
 /// Addresses at which a peer may be reachable.
@@ -557,7 +559,7 @@ impl<'de> Deserialize<'de> for Signature {
     }
 }
 
-pub use relay::ticket::SessionId;
+pub use crate::ticket::SessionId;
 
 /// The bytes a registering peer signs: a domain tag, the server's nonce and the name, so a
 /// signature cannot be replayed on another connection or for another name.
@@ -735,8 +737,8 @@ mod tests {
 mod wire_tests {
     //! The protocol's bytes, pinned: a change here breaks deployed peers.
     use super::*;
+    use crate::frame::{MAX_FRAME_LEN, decode, encode, parse_header};
     use proptest::prelude::*;
-    use relay::frame::{MAX_FRAME_LEN, decode, encode, parse_header};
     use serde::Serialize;
     use serde::de::DeserializeOwned;
 
@@ -975,35 +977,6 @@ mod wire_tests {
         );
         let fatal = ServerFrame::Error(ErrorFrame::new(ErrorCode::Timeout, "t"));
         assert_eq!(hex_of(&fatal), "00000004030601 74".replace(' ', ""));
-    }
-
-    /// `relay::announce` writes and reads these variants without naming these types: the
-    /// tags and payload layouts must agree.
-    #[test]
-    fn relay_announce_frames_match_the_signaling_variants() {
-        use relay::announce::{
-            CLIENT_TAG, RelayMsg, RelayReply, SERVER_ERROR_TAG, SERVER_TAG, encode_msg,
-        };
-        let msg = RelayMsg::Hello {
-            version: 1,
-            port: 7001,
-            public: Some("198.18.0.7:7001".parse().unwrap()),
-        };
-        assert_eq!(
-            encode(&ClientFrame::Relay(msg.clone())).unwrap(),
-            encode_msg(&msg).unwrap()
-        );
-        let reply = RelayReply::Challenge { nonce: [3; 32] };
-        assert_eq!(
-            encode(&ServerFrame::Relay(reply.clone())).unwrap(),
-            encode(&(SERVER_TAG, &reply)).unwrap()
-        );
-        let err = ErrorFrame::new(ErrorCode::RelayRefused, "no");
-        assert_eq!(
-            encode(&ServerFrame::Error(err)).unwrap(),
-            encode(&(SERVER_ERROR_TAG, (20u16, "no".to_string()))).unwrap()
-        );
-        assert_eq!(CLIENT_TAG, 2);
     }
 
     #[test]
