@@ -45,7 +45,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    wire::cli::run("natprobe", async {
+    wire::cli::run("natprobe", |shutdown| async move {
         let cli = Cli::parse();
         let mut names = cli.server.clone();
         if names.is_empty() {
@@ -74,7 +74,10 @@ fn main() -> std::process::ExitCode {
                 ..defaults::timing()
             },
         };
-        let report = probe::run(&cfg).await.context("probing")?;
+        let report = tokio::select! {
+            r = probe::run(&cfg) => r.context("probing")?,
+            _ = shutdown.cancelled() => anyhow::bail!("stopped before the probes finished"),
+        };
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {

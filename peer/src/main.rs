@@ -153,10 +153,12 @@ fn hostname() -> String {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    wire::cli::run_with("peer", Some(peer::defaults::WORKER_THREADS), run(cli))
+    wire::cli::run_with("peer", Some(peer::defaults::WORKER_THREADS), |shutdown| {
+        run(cli, shutdown)
+    })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let home = Home::open(cli.home.clone())?;
     let file = home.config()?;
     let rendezvous = cli.rendezvous.or(file.rendezvous);
@@ -168,12 +170,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         )
     };
     let key = home.key()?;
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        on_signal.cancel();
-    });
     match cli.command {
         Command::Id => {
             out!("{}", PublicKey(key.verifying_key().to_bytes()));

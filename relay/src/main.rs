@@ -60,10 +60,10 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    wire::cli::run("relay", serve(cli))
+    wire::cli::run("relay", |shutdown| serve(cli, shutdown))
 }
 
-async fn serve(cli: Cli) -> anyhow::Result<()> {
+async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let key = TicketKey::from_hex(&cli.key)
         .context("--key / CHUANTOU_RELAY_KEY must be 64 hex digits")?;
     let mut config = RelayConfig::new(cli.listen, key);
@@ -72,7 +72,6 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
     config.rate_per_session = cli.rate;
     config.idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));
     let server = RelayServer::bind(config.clone()).await?;
-    let shutdown = CancellationToken::new();
     match cli.rendezvous {
         Some(rv) => {
             tokio::spawn(relay::announce::announce(
@@ -86,11 +85,6 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         }
         None => tracing::warn!("no --rendezvous: serving only holders of tickets for this relay"),
     }
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        on_signal.cancel();
-    });
     server.run(shutdown).await;
     Ok(())
 }

@@ -128,10 +128,10 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    wire::cli::run("rendezvous", serve(cli))
+    wire::cli::run("rendezvous", |shutdown| serve(cli, shutdown))
 }
 
-async fn serve(cli: Cli) -> anyhow::Result<()> {
+async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     anyhow::ensure!(
         cli.heartbeat_interval > 0 && cli.missed_heartbeats > 0,
         "--heartbeat-interval and --missed-heartbeats must be at least 1"
@@ -182,28 +182,6 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         info!("no token set: anyone who can reach this server may register");
     }
     let server = Server::bind(config).await.context("starting rendezvous")?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutting down");
-        signal.cancel();
-    });
     server.run(shutdown).await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

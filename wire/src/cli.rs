@@ -1,23 +1,31 @@
 //! What every chuantou binary does around its work: logs to stderr (`RUST_LOG` respected,
-//! colour only on a terminal), runs on a tokio runtime, and turns an error into one line
-//! with its whole cause chain and exit status 1. Here because this is the bottom crate.
+//! colour only on a terminal), runs on a tokio runtime, owns SIGINT and SIGTERM (the first
+//! asks the work to stop through its [`CancellationToken`], as systemd's stop does; a
+//! second ends the process at once), and turns an error into one line with its whole cause
+//! chain and exit status 1.
 
 use std::future::Future;
 use std::process::ExitCode;
 
-/// Runs `work` as the binary `name`; returns the process exit status.
-pub fn run<F>(name: &str, work: F) -> ExitCode
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Runs `work` as the binary `name`; returns the process exit status. `work` gets a token
+/// that is cancelled on the first SIGINT or SIGTERM.
+pub fn run<F, Fut>(name: &str, work: F) -> ExitCode
 where
-    F: Future<Output = anyhow::Result<()>>,
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
 {
     run_with(name, None, work)
 }
 
 /// [`run`] with `workers` runtime worker threads (default: one per core); the
 /// `TOKIO_WORKER_THREADS` environment variable overrides either.
-pub fn run_with<F>(name: &str, workers: Option<usize>, work: F) -> ExitCode
+pub fn run_with<F, Fut>(name: &str, workers: Option<usize>, work: F) -> ExitCode
 where
-    F: Future<Output = anyhow::Result<()>>,
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
 {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -39,12 +47,46 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(work) {
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(stop_on_signals(name.to_owned(), shutdown.clone()));
+        let result = work(shutdown).await;
+        signals.abort();
+        result
+    });
+    // Tasks still running (a connection being served) must not keep the process alive.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line with the whole chain: "starting rendezvous: cannot bind …: …".
             eprintln!("{name}: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; exits on the second.
+async fn stop_on_signals(name: String, shutdown: CancellationToken) {
+    let which = next_signal().await;
+    info!("{which}: shutting down");
+    shutdown.cancel();
+    let again = next_signal().await;
+    eprintln!("{name}: {again} again: exiting now");
+    // 128 + SIGINT, as a shell reports an interrupted command.
+    std::process::exit(130);
+}
+
+async fn next_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term.recv() => "terminated",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
         }
     }
 }

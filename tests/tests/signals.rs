@@ -1,0 +1,137 @@
+//! The binaries stop the way a service manager stops them: SIGTERM (systemd's stop) or
+//! SIGINT ends `peer` and `relay` cleanly, with exit status 0, and `peer` removes its
+//! control socket on the way out.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use chuantou_tests::{BOUND, TempHome, rendezvous, workspace_bin};
+use rustix::process::{Pid, Signal, kill_process};
+
+/// A child process whose stderr lines arrive on a channel; killed on drop if still running.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    fn wait_line(&self, needle: &str) {
+        let deadline = Instant::now() + BOUND;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return,
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no log line with {needle:?} within {BOUND:?}: {seen:#?}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        let pid = Pid::from_raw(self.child.id() as i32).expect("pid");
+        kill_process(pid, sig).expect("send signal");
+    }
+
+    /// Waits (bounded) for the exit; its status.
+    fn exit(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running {BOUND:?} after the signal"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn control_sockets(home: &TempHome) -> Vec<String> {
+    std::fs::read_dir(&home.0)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("control-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// Multi-threaded: the rendezvous serves on the runtime while this thread waits on logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_stops_on_sigterm_and_sigint_and_removes_its_control_socket() {
+    let server = rendezvous().await;
+    let signaling = server.addrs().signaling.to_string();
+    for (sig, name) in [(Signal::TERM, "term-pc"), (Signal::INT, "int-pc")] {
+        let home = TempHome::new();
+        let peer = Proc::start(
+            Command::new(workspace_bin("peer"))
+                .arg("--home")
+                .arg(&home.0)
+                .args(["expose", "7274", "--name", name, "--rendezvous", &signaling]),
+        );
+        peer.wait_line("registered");
+        assert_eq!(
+            control_sockets(&home).len(),
+            1,
+            "the running peer serves its status"
+        );
+        peer.signal(sig);
+        let status = tokio::task::spawn_blocking(move || peer.exit())
+            .await
+            .unwrap();
+        assert!(status.success(), "{name}: exit status {status}");
+        assert!(
+            control_sockets(&home).is_empty(),
+            "{name}: control socket left behind"
+        );
+    }
+}
+
+#[tokio::test]
+async fn relay_stops_on_sigterm() {
+    let relay = Proc::start(Command::new(workspace_bin("relay")).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        &"ab".repeat(32),
+    ]));
+    relay.wait_line("relay listening");
+    relay.signal(Signal::TERM);
+    relay.wait_line("relay stopped");
+    let status = tokio::task::spawn_blocking(move || relay.exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
