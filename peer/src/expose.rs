@@ -266,7 +266,7 @@ async fn dial(
             .from
             .endpoint
             .quic()
-            .connect_with(config, for_quic(addr), crate::tls::SERVER_NAME)
+            .connect_with(config, for_quic(addr), wire::tls::SERVER_NAME)
         {
             Ok(c) => c,
             Err(e) => {

@@ -15,7 +15,7 @@
 //! - [`expose`] and [`reach`]: the two commands, listeners and forwarders on sessions.
 //! - [`status`]: the board of live sessions and the control socket `peer status` reads.
 //! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
-//! - [`tls`] and [`quic`]: TLS 1.3 pinned to ed25519 keys, and the session's QUIC settings.
+//! - [`quic`]: the session's QUIC settings (TLS 1.3 pinned to ed25519 keys is `wire::tls`).
 //! - [`transport`]: `--transport` and `--no-relay`, the kinds of path a session may use.
 //! - [`defaults`]: every timing constant of the peer, each with its reason.
 #![deny(missing_docs, unreachable_pub)]
@@ -32,5 +32,4 @@ pub mod quic;
 pub mod reach;
 pub mod session;
 pub mod status;
-pub mod tls;
 pub mod transport;

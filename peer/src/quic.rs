@@ -13,7 +13,7 @@ use noq::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use wire::signal::PublicKey;
 
 use crate::defaults;
-use crate::tls::{self, TlsError};
+use wire::tls::{self, TlsError};
 
 /// The ALPN both sides insist on, so a stray QUIC client of another protocol is refused.
 pub const ALPN: &[u8] = b"chuantou/2";

@@ -104,7 +104,7 @@ impl Pair {
         let dial = self
             .dialer
             .quic()
-            .connect_with(config, to, peer::tls::SERVER_NAME)
+            .connect_with(config, to, wire::tls::SERVER_NAME)
             .unwrap();
         let accept = async { self.listener.quic().accept().await.unwrap().await };
         within("handshake", async { tokio::join!(dial, accept) }).await

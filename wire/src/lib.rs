@@ -15,6 +15,7 @@
 //!   [`sockbuf`]: UDP buffer sizes for sockets that carry sessions.
 //! - [`announce`]: the messages of a standalone relay registering with a rendezvous.
 //! - [`stun`]: the STUN Binding client codec and its retransmission schedule.
+//! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys (peers, and signaling).
 //! - [`cli`]: logging, runtime, signals and error reporting shared by every binary.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -28,3 +29,4 @@ pub mod signal;
 pub mod sockbuf;
 pub mod stun;
 pub mod ticket;
+pub mod tls;

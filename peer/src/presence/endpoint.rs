@@ -182,7 +182,7 @@ mod tests {
             .connect_with(
                 client,
                 crate::path::for_quic(b_addr),
-                crate::tls::SERVER_NAME,
+                wire::tls::SERVER_NAME,
             )
             .unwrap()
             .await

@@ -1,9 +1,13 @@
-//! TLS 1.3 between two peers, authenticated by their ed25519 identity keys instead of a CA.
+//! TLS 1.3 authenticated by ed25519 identity keys instead of a CA: between two peers (the
+//! session's QUIC handshake), and between a peer or relay and the rendezvous (signaling).
 //!
-//! Each side presents a self-signed certificate made from its identity key (rcgen) and
-//! accepts exactly one peer key: the one the rendezvous named in the broker message and,
-//! on the reaching side, the one pinned in `known_peers`. Certificates are only carriers
-//! of the key: TLS 1.3's CertificateVerify proves the peer holds it. Ring provider only.
+//! Each side presents a self-signed certificate made from its identity key (rcgen).
+//! Between peers both sides accept exactly one key: the one the rendezvous named in the
+//! broker message and, on the reaching side, the one pinned in `known_peers`. For
+//! signaling only the rendezvous presents one, and its clients accept the key they pinned
+//! (or, on first contact, any ed25519 key, which they then pin: [`ServerKey::Learn`]).
+//! Certificates are only carriers of the key: TLS 1.3's CertificateVerify proves the
+//! holder. Ring provider only.
 
 use std::sync::Arc;
 
@@ -15,7 +19,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
-use wire::signal::PublicKey;
+use crate::signal::PublicKey;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -76,22 +80,33 @@ pub fn cert_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {
     Some(PublicKey(raw.try_into().ok()?))
 }
 
-/// Accepts exactly one Ed25519 key, as server or as client verifier.
+/// Which server keys a signaling client accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKey {
+    /// Exactly this one (configured, or pinned at first contact).
+    Pinned(PublicKey),
+    /// Any Ed25519 key (first contact: the caller pins what it got). The handshake still
+    /// proves the server holds the key it shows.
+    Learn,
+}
+
+/// Accepts exactly one Ed25519 key (or, with `key: None`, any), as server or as client
+/// verifier.
 #[derive(Debug)]
 struct Pinned {
-    key: PublicKey,
+    key: Option<PublicKey>,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl Pinned {
     fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        match cert_key(cert) {
-            Some(k) if k == self.key => Ok(()),
-            Some(k) => Err(rustls::Error::General(format!(
-                "peer presented key {k}, expected {}",
-                self.key
+        match (cert_key(cert), self.key) {
+            (Some(_), None) => Ok(()),
+            (Some(k), Some(want)) if k == want => Ok(()),
+            (Some(k), Some(want)) => Err(rustls::Error::General(format!(
+                "the other side presented key {k}, expected {want}"
             ))),
-            None => Err(rustls::Error::InvalidCertificate(
+            (None, _) => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::BadEncoding,
             )),
         }
@@ -191,7 +206,7 @@ impl ClientCertVerifier for Pinned {
     }
 }
 
-fn pinned(key: PublicKey) -> Arc<Pinned> {
+fn pinned(key: Option<PublicKey>) -> Arc<Pinned> {
     Arc::new(Pinned {
         key,
         algs: provider().signature_verification_algorithms,
@@ -204,7 +219,7 @@ pub fn client_config(me: &SigningKey, peer: PublicKey) -> Result<ClientConfig, T
     Ok(ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(pinned(peer))
+        .with_custom_certificate_verifier(pinned(Some(peer)))
         .with_client_auth_cert(vec![cert], key)?)
 }
 
@@ -213,7 +228,30 @@ pub fn server_config(me: &SigningKey, peer: PublicKey) -> Result<ServerConfig, T
     let (cert, key) = identity(me)?;
     Ok(ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(pinned(peer))
+        .with_client_cert_verifier(pinned(Some(peer)))
+        .with_single_cert(vec![cert], key)?)
+}
+
+/// A signaling client: no identity of its own (peers prove theirs by signing inside),
+/// accepting the rendezvous key `server` allows.
+pub fn signaling_client_config(server: ServerKey) -> Result<ClientConfig, TlsError> {
+    let key = match server {
+        ServerKey::Pinned(k) => Some(k),
+        ServerKey::Learn => None,
+    };
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(pinned(key))
+        .with_no_client_auth())
+}
+
+/// The rendezvous' side of signaling: its identity, no client certificates.
+pub fn signaling_server_config(me: &SigningKey) -> Result<ServerConfig, TlsError> {
+    let (cert, key) = identity(me)?;
+    Ok(ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
         .with_single_cert(vec![cert], key)?)
 }
 
