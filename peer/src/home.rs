@@ -1,6 +1,6 @@
 //! The peer's home directory: its ed25519 identity (`key`, made at first run), its settings
-//! (`config.toml`) and the keys it has pinned for names it reached (`known_peers`, trust on
-//! first use, as ssh does). `--home DIR` or `CHUANTOU_HOME` choose it, so two peers can
+//! (`config.toml`), the keys it has pinned for names it reached (`known_peers`, trust on
+//! first use, as ssh does) and for the rendezvous servers it spoke to (`known_rendezvous`). `--home DIR` or `CHUANTOU_HOME` choose it, so two peers can
 //! run on one machine; the default is `$XDG_CONFIG_HOME/chuantou` or `~/.config/chuantou`.
 
 use std::fs;
@@ -65,8 +65,10 @@ pub enum HomeError {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// The rendezvous, `HOST:PORT`.
+    /// The rendezvous, `HOST:PORT` (or `HOST:PORT#KEY`).
     pub rendezvous: Option<String>,
+    /// The rendezvous' key (what `rendezvous key` prints), pinned instead of learned.
+    pub rendezvous_key: Option<String>,
     /// The rendezvous token.
     pub token: Option<String>,
 }
@@ -189,6 +191,43 @@ impl Home {
             .map_err(io_err(&path))?;
         writeln!(f, "{name} {key}").map_err(io_err(&path))?;
         Ok(Pinned::New)
+    }
+}
+
+impl Home {
+    /// The key pinned for the rendezvous `addr` (`HOST:PORT`) in `known_rendezvous`, if any.
+    pub fn rendezvous_pin(&self, addr: &str) -> Result<Option<PublicKey>, HomeError> {
+        let path = self.dir.join("known_rendezvous");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(a), Some(k)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if a == addr {
+                return k.parse().map(Some).map_err(|m| HomeError::BadConfig {
+                    path: path.clone(),
+                    message: format!("{addr}: {m}"),
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// Pins `key` for the rendezvous `addr` (first contact).
+    pub fn pin_rendezvous(&self, addr: &str, key: PublicKey) -> Result<(), HomeError> {
+        let path = self.dir.join("known_rendezvous");
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        writeln!(f, "{addr} {key}").map_err(io_err(&path))
     }
 }
 

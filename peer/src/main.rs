@@ -11,11 +11,12 @@ use clap::{Parser, Subcommand};
 use peer::expose::{self, Expose};
 use peer::home::Home;
 use peer::presence::signal::Signaling;
+use peer::presence::trust::Trust;
 use peer::reach::{Reach, Reacher};
 use peer::status::{self, Board};
 use peer::transport::Transport;
 use tokio_util::sync::CancellationToken;
-use wire::signal::client::{Client, ClientConfig};
+use wire::signal::client::ClientConfig;
 use wire::signal::{Proto, PublicKey, Service};
 
 /// Prints a line to stdout; a reader that went away (`peer status | head -1`) ends the
@@ -50,14 +51,26 @@ struct Cli {
     #[arg(long, env = "CHUANTOU_HOME", global = true, value_name = "DIR")]
     home: Option<PathBuf>,
 
-    /// The rendezvous server (also `rendezvous = "HOST:PORT"` in config.toml).
+    /// The rendezvous server (also `rendezvous = "HOST:PORT"` in config.toml). Append
+    /// `#KEY` (what `rendezvous key` prints on the server) to pin its key; without one, the
+    /// key seen at first contact is pinned in known_rendezvous.
     #[arg(
         long,
         env = "CHUANTOU_RENDEZVOUS",
         global = true,
-        value_name = "HOST:PORT"
+        value_name = "HOST:PORT[#KEY]"
     )]
     rendezvous: Option<String>,
+
+    /// The rendezvous' key, pinned instead of learned at first contact (also
+    /// `rendezvous_key` in config.toml, or `#KEY` after the address).
+    #[arg(
+        long,
+        env = "CHUANTOU_RENDEZVOUS_KEY",
+        global = true,
+        value_name = "KEY"
+    )]
+    rendezvous_key: Option<String>,
 
     /// The rendezvous token, if it needs one (also `token` in config.toml).
     #[arg(long, env = "CHUANTOU_TOKEN", hide_env_values = true, global = true)]
@@ -161,7 +174,30 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let home = Home::open(cli.home.clone())?;
     let file = home.config()?;
-    let rendezvous = cli.rendezvous.or(file.rendezvous);
+    let (rendezvous, inline_key) = match cli.rendezvous.or(file.rendezvous) {
+        Some(spec) => {
+            let (addr, key) = peer::presence::trust::split(&spec).map_err(anyhow::Error::msg)?;
+            (Some(addr), key)
+        }
+        None => (None, None),
+    };
+    let given_key = cli
+        .rendezvous_key
+        .or(file.rendezvous_key)
+        .map(|k| k.parse::<PublicKey>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--rendezvous-key: {e}"))?;
+    let rendezvous_key = match (inline_key, given_key) {
+        (Some(a), Some(b)) if a != b => anyhow::bail!(
+            "two different rendezvous keys given: {a} after '#' and {b} by --rendezvous-key \
+             (or rendezvous_key in config.toml); keep one"
+        ),
+        (a, b) => a.or(b),
+    };
+    let trust = Trust {
+        key: rendezvous_key,
+        home: Some(home.clone()),
+    };
     let token = cli.token.or(file.token);
     let need_rendezvous = || {
         rendezvous.clone().context(
@@ -205,6 +241,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                     rendezvous: need_rendezvous()?,
                     token,
                     name,
+                    trust: trust.clone(),
                     services: vec![Service {
                         port,
                         proto: if udp { Proto::Udp } else { Proto::Tcp },
@@ -252,6 +289,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                     token,
                     name: me,
                     services: vec![],
+                    trust: trust.clone(),
                 },
                 target: name,
                 service,
@@ -267,14 +305,15 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             reacher.run().await
         }
         Command::Ls { json } => {
-            let client = Client::connect(
-                &need_rendezvous()?,
-                ClientConfig {
-                    token,
-                    ..ClientConfig::default()
-                },
-            )
-            .await?;
+            let client = trust
+                .connect(
+                    &need_rendezvous()?,
+                    ClientConfig {
+                        token,
+                        ..ClientConfig::default()
+                    },
+                )
+                .await?;
             let peers = client.list().await?;
             if json {
                 let rows: Vec<_> = peers

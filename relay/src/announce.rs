@@ -17,7 +17,11 @@ use wire::frame::{self, FrameError, FrameReader};
 use wire::ticket::TicketKey;
 
 pub use wire::announce::*;
-use wire::signal::{ClientFrame, ServerFrame};
+use wire::signal::client::{ClientError, Tls};
+use wire::signal::{ClientFrame, PublicKey, ServerFrame};
+
+/// Bound on the TLS handshake with the rendezvous.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why registering failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +36,12 @@ pub enum AnnounceError {
     /// The exchange broke.
     #[error("registration exchange: {0}")]
     Frame(#[from] FrameError),
+    /// The TLS handshake failed, or the rendezvous proved another key than the pinned one.
+    #[error(transparent)]
+    Signal(#[from] ClientError),
 }
 
-async fn read_reply(r: &mut FrameReader<TcpStream>) -> Result<RelayReply, AnnounceError> {
+async fn read_reply(r: &mut FrameReader<Tls>) -> Result<RelayReply, AnnounceError> {
     match r.read::<ServerFrame>().await? {
         ServerFrame::Relay(reply) => Ok(reply),
         ServerFrame::Error(e) => Err(AnnounceError::Refused(e.to_string())),
@@ -45,8 +52,11 @@ async fn read_reply(r: &mut FrameReader<TcpStream>) -> Result<RelayReply, Announ
 }
 
 /// Registers once and then reports load until the connection ends or `shutdown`.
+/// Signaling is TLS: with `pin`, the rendezvous must prove that key; without, the key it
+/// proves is pinned into `pin` (for the rest of this process).
 pub async fn announce_once(
     rendezvous: &str,
+    pin: &mut Option<PublicKey>,
     key: &TicketKey,
     port: u16,
     public: Option<SocketAddr>,
@@ -56,7 +66,36 @@ pub async fn announce_once(
     let stream = TcpStream::connect(rendezvous)
         .await
         .map_err(|e| AnnounceError::Connect(rendezvous.to_owned(), e))?;
-    let mut r = FrameReader::new(stream);
+    let addr = stream
+        .peer_addr()
+        .map_err(|e| AnnounceError::Connect(rendezvous.to_owned(), e))?;
+    let (tls, proved) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        wire::signal::client::handshake(stream, addr),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(HANDSHAKE_TIMEOUT))??;
+    match *pin {
+        Some(pinned) if pinned != proved => {
+            return Err(ClientError::KeyMismatch {
+                addr,
+                presented: proved,
+                pinned,
+            }
+            .into());
+        }
+        Some(_) => {}
+        None => {
+            warn!(
+                %rendezvous,
+                key = %proved,
+                "pinned the rendezvous' key for this run (first contact); give the relay \
+                 {rendezvous}#{proved} to check it instead"
+            );
+            *pin = Some(proved);
+        }
+    }
+    let mut r = FrameReader::new(tls);
     let hello = RelayMsg::Hello {
         version: ANNOUNCE_VERSION,
         port,
@@ -94,7 +133,7 @@ pub async fn announce_once(
     }
 }
 
-async fn send(r: &mut FrameReader<TcpStream>, msg: &RelayMsg) -> Result<(), AnnounceError> {
+async fn send(r: &mut FrameReader<Tls>, msg: &RelayMsg) -> Result<(), AnnounceError> {
     frame::write(r.get_mut(), &ClientFrame::Relay(msg.clone())).await?;
     Ok(())
 }
@@ -103,6 +142,7 @@ async fn send(r: &mut FrameReader<TcpStream>, msg: &RelayMsg) -> Result<(), Anno
 /// the rendezvous goes away, until `shutdown`.
 pub async fn announce(
     rendezvous: String,
+    mut pin: Option<PublicKey>,
     key: TicketKey,
     port: u16,
     public: Option<SocketAddr>,
@@ -111,8 +151,11 @@ pub async fn announce(
 ) {
     let mut wait = Duration::from_secs(1);
     while !shutdown.is_cancelled() {
-        match announce_once(&rendezvous, &key, port, public, &stats, &shutdown).await {
+        match announce_once(&rendezvous, &mut pin, &key, port, public, &stats, &shutdown).await {
             Ok(()) => return,
+            Err(e @ AnnounceError::Signal(ClientError::KeyMismatch { .. })) => {
+                tracing::error!(error = %e, "relay registration refused; retrying in {wait:?}")
+            }
             Err(e) => warn!(error = %e, "relay registration lost; retrying in {wait:?}"),
         }
         tokio::select! {

@@ -29,9 +29,19 @@ struct Cli {
     /// TCP and UDP address to serve on.
     #[arg(long, default_value = "0.0.0.0:7001", value_name = "ADDR:PORT")]
     listen: SocketAddr,
-    /// The rendezvous to register with (its signaling address).
-    #[arg(long, env = "CHUANTOU_RENDEZVOUS", value_name = "HOST:PORT")]
+    /// The rendezvous to register with (its signaling address). Append `#KEY` (what
+    /// `rendezvous key` prints) to pin its key; without one, the key it proves at first
+    /// contact is pinned for the life of this process.
+    #[arg(long, env = "CHUANTOU_RENDEZVOUS", value_name = "HOST:PORT[#KEY]")]
     rendezvous: Option<String>,
+    /// The rendezvous' key (instead of `#KEY` after the address).
+    #[arg(
+        long,
+        env = "CHUANTOU_RENDEZVOUS_KEY",
+        value_name = "KEY",
+        requires = "rendezvous"
+    )]
+    rendezvous_key: Option<String>,
     /// The address peers should use, when the rendezvous cannot see it (e.g. behind a load
     /// balancer) [default: the address the rendezvous sees, with this relay's port].
     #[arg(long, value_name = "ADDR:PORT", requires = "rendezvous")]
@@ -73,9 +83,23 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));
     let server = RelayServer::bind(config.clone()).await?;
     match cli.rendezvous {
-        Some(rv) => {
+        Some(spec) => {
+            let (rv, inline) =
+                wire::signal::client::split_pinned(&spec).map_err(anyhow::Error::msg)?;
+            let given = cli
+                .rendezvous_key
+                .map(|k| k.parse::<wire::signal::PublicKey>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--rendezvous-key: {e}"))?;
+            let pin = match (inline, given) {
+                (Some(a), Some(b)) if a != b => anyhow::bail!(
+                    "two different rendezvous keys given: {a} after '#' and {b} by --rendezvous-key"
+                ),
+                (a, b) => a.or(b),
+            };
             tokio::spawn(relay::announce::announce(
                 rv,
+                pin,
                 config.key,
                 server.local_addr().port(),
                 cli.public,

@@ -84,3 +84,10 @@ pub const STUN_TCP_MAX_CONNECTIONS: usize = 256;
 
 /// How long a STUN-over-TCP connection may sit without completing a request.
 pub const STUN_TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refusals (connection limits hit) delivered at once. Each costs a TLS handshake so that
+/// the client can read why; past this many, extra connections are closed without a word.
+pub const REFUSALS_IN_FLIGHT: usize = 64;
+
+/// How long delivering one refusal may take.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);

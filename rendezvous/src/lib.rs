@@ -10,6 +10,7 @@
 //!   [`ratelimit`]: the per-source buckets it uses.
 //! - [`server`]: the tokio shell: signaling listener, STUN sockets, expiry timer;
 //!   [`http`]: the read-only JSON API and metrics; [`metrics`]: the counters.
+//! - [`state`]: the state directory (the identity peers pin).
 //! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -21,4 +22,5 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;
+pub mod state;
 pub mod stun;

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use ed25519_dalek::SigningKey;
 use rendezvous::registry::Timing;
 use rendezvous::server::{Server, ServerConfig};
+use rendezvous::state::State;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use wire::signal::PublicKey;
 
 /// The chuantou rendezvous server.
 ///
@@ -27,6 +30,15 @@ use tracing::info;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
+    /// Directory kept across restarts: the server's identity key, which peers pin
+    /// [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/chuantou-rendezvous, else
+    /// ~/.local/state/chuantou-rendezvous].
+    #[arg(long, env = "CHUANTOU_STATE_DIR", global = true, value_name = "DIR")]
+    state: Option<std::path::PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// TCP address for peer signaling connections.
     #[arg(long, default_value = "0.0.0.0:7000", value_name = "ADDR:PORT")]
     listen: SocketAddr,
@@ -126,9 +138,40 @@ struct Cli {
     max_pending_per_ip: usize,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print this server's public key (making the identity if there is none yet): give it
+    /// to peers as `HOST:PORT#KEY` (or `--rendezvous-key`) so that they check the server
+    /// instead of trusting the first answer.
+    Key,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    wire::cli::run("rendezvous", |shutdown| serve(cli, shutdown))
+    wire::cli::run("rendezvous", |shutdown| async move {
+        match cli.command {
+            Some(Command::Key) => {
+                let (key, _) = identity(cli.state.clone())?;
+                println!("{}", PublicKey(key.verifying_key().to_bytes()));
+                Ok(())
+            }
+            None => serve(cli, shutdown).await,
+        }
+    })
+}
+
+/// The server's identity from its state directory, made there on first use.
+fn identity(dir: Option<std::path::PathBuf>) -> anyhow::Result<(SigningKey, std::path::PathBuf)> {
+    let dir = match dir {
+        Some(d) => d,
+        None => State::default_dir()?,
+    };
+    let state = State::open(dir)?;
+    let (key, made) = state.identity()?;
+    if made {
+        info!(dir = %state.dir().display(), "made a new identity");
+    }
+    Ok((key, state.dir().to_owned()))
 }
 
 async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -159,7 +202,9 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         rc.idle_timeout = Duration::from_secs(cli.relay_idle_timeout.max(1));
         Some(rc)
     };
+    let (identity, state_dir) = identity(cli.state.clone())?;
     let config = ServerConfig {
+        identity,
         relay,
         shared_relay_key,
         listen: cli.listen,
@@ -182,6 +227,13 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         info!("no token set: anyone who can reach this server may register");
     }
     let server = Server::bind(config).await.context("starting rendezvous")?;
+    info!(
+        key = %server.key(),
+        state = %state_dir.display(),
+        "rendezvous key: peers pin it; give them HOST:{}#{}",
+        server.addrs().signaling.port(),
+        server.key()
+    );
     server.run(shutdown).await;
     Ok(())
 }

@@ -12,9 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::{Signature as DalekSignature, VerifyingKey};
+use ed25519_dalek::{Signature as DalekSignature, SigningKey, VerifyingKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{sleep_until, timeout};
@@ -34,10 +34,16 @@ use relay::server::{RelayConfig, RelayServer};
 use relay::stats::RelayStats;
 use wire::frame::{self, FrameError, FrameReader};
 use wire::signal::{
-    Candidates, ClientFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, PeerInfo, Reply, Request,
-    ServerFrame, SessionId, Welcome, register_payload,
+    Candidates, ClientFrame, ErrorCode, ErrorFrame, PROTOCOL_VERSION, PeerInfo, PublicKey, Reply,
+    Request, ServerFrame, SessionId, Welcome, register_payload,
 };
 use wire::ticket::TicketKey;
+
+/// A signaling connection: TLS 1.3 with the server's identity over TCP.
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+/// Its halves.
+type Rd = ReadHalf<Tls>;
+type Wr = WriteHalf<Tls>;
 
 /// How the server is set up.
 #[derive(Debug, Clone)]
@@ -73,6 +79,9 @@ pub struct ServerConfig {
     /// The ticket key shared with standalone relays (`--relay-key`); without it, relays
     /// cannot register. The embedded relay should use the same key.
     pub shared_relay_key: Option<TicketKey>,
+    /// The server's identity: signaling is TLS 1.3 with this key, which peers and relays
+    /// pin. Keep it in the state directory so that it survives restarts.
+    pub identity: SigningKey,
 }
 
 impl ServerConfig {
@@ -111,6 +120,8 @@ impl Default for ServerConfig {
             )),
             ticket_lifetime: defaults::TICKET_LIFETIME,
             shared_relay_key: None,
+            // A fresh one: a server that must keep its key is given it (main.rs).
+            identity: SigningKey::from_bytes(&rand::random()),
         }
     }
 }
@@ -171,6 +182,11 @@ pub(crate) struct Shared {
     /// Standalone relays registered now: id → (address handed out, their sessions).
     relays: Mutex<HashMap<u64, (SocketAddr, u32)>>,
     next_relay: std::sync::atomic::AtomicU64,
+    /// Signaling's TLS configuration.
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    /// Refusals being delivered (each needs a TLS handshake to say why): bounded, so a
+    /// flood of connections past the limits costs little.
+    refusals: Arc<tokio::sync::Semaphore>,
 }
 
 /// What brokering needs to know of the embedded relay.
@@ -339,7 +355,11 @@ impl Server {
             _ => None,
         };
 
+        let tls = wire::tls::signaling_server_config(&config.identity)
+            .map_err(|e| ServerError::Config(format!("signaling tls: {e}")))?;
         let shared = Arc::new(Shared {
+            tls: Arc::new(tls),
+            refusals: Arc::new(tokio::sync::Semaphore::new(defaults::REFUSALS_IN_FLIGHT)),
             state: Mutex::new(State {
                 registry: Registry::new(config.timing, config.max_peers),
                 conns: HashMap::new(),
@@ -374,6 +394,11 @@ impl Server {
     /// The addresses bound.
     pub fn addrs(&self) -> BoundAddrs {
         self.addrs
+    }
+
+    /// The server's public key (what peers and relays pin).
+    pub fn key(&self) -> PublicKey {
+        PublicKey(self.shared.config.identity.verifying_key().to_bytes())
     }
 
     /// Serves until `shutdown` is cancelled, then tells every peer and returns.
@@ -444,7 +469,7 @@ impl Server {
             if open as usize >= shared.config.max_connections {
                 refuse(
                     &shared,
-                    &stream,
+                    stream,
                     format!(
                         "server at its limit of {} connections; try later",
                         shared.config.max_connections
@@ -460,7 +485,7 @@ impl Server {
                     warn!(ip = %remote.ip(), "too many connections waiting for hello; refusing");
                     refuse(
                         &shared,
-                        &stream,
+                        stream,
                         format!(
                             "{} connections from {} have not said hello yet; try later",
                             shared.config.max_pending_per_ip,
@@ -495,10 +520,12 @@ impl Server {
     /// Runs the server on a task; dropping the handle stops it.
     pub fn spawn(self) -> ServerHandle {
         let addrs = self.addrs;
+        let key = self.key();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(self.run(shutdown.clone()));
         ServerHandle {
             addrs,
+            key,
             shutdown,
             task: Some(task),
         }
@@ -509,6 +536,7 @@ impl Server {
 #[derive(Debug)]
 pub struct ServerHandle {
     addrs: BoundAddrs,
+    key: PublicKey,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -517,6 +545,11 @@ impl ServerHandle {
     /// The addresses bound.
     pub fn addrs(&self) -> BoundAddrs {
         self.addrs
+    }
+
+    /// The server's public key (what peers and relays pin).
+    pub fn key(&self) -> PublicKey {
+        self.key
     }
 
     /// Stops the server and waits until it has told its peers.
@@ -805,21 +838,69 @@ enum End {
 
 async fn serve_conn(
     shared: &Arc<Shared>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     remote: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = FrameReader::new(rd);
     let pending = Pending {
         shared,
         ip: remote.ip(),
     };
-    let greeted = hello(shared, &mut reader, &mut wr, &shutdown).await;
+    // Where the peer reached us (the server may listen on every address).
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    // The TLS handshake counts against the hello timeout and the per-IP pending limit.
+    let started = tokio::time::Instant::now();
+    let hello_timeout = shared.config.hello_timeout;
+    let handshake = async {
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            // A TLS record of type handshake (22); anything else is no TLS client.
+            Ok(1) if first[0] == 22 => {}
+            Ok(1) => {
+                metrics::inc(&shared.metrics.frames_rejected);
+                debug!(%remote, "plaintext client on the TLS signaling port");
+                refuse_plaintext(&mut stream).await;
+                return None;
+            }
+            _ => return None,
+        }
+        match tokio_rustls::TlsAcceptor::from(shared.tls.clone())
+            .accept(stream)
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                metrics::inc(&shared.metrics.frames_rejected);
+                debug!(%remote, error = %e, "tls handshake failed");
+                None
+            }
+        }
+    };
+    let tls = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        r = timeout(hello_timeout, handshake) => r.ok().flatten(),
+    };
+    let Some(tls) = tls else { return };
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(rd);
+    let left = hello_timeout.saturating_sub(started.elapsed());
+    let greeted = hello(shared, &mut reader, &mut wr, &shutdown, left, local).await;
     drop(pending);
     let end = match greeted {
         Ok(Greeting::Peer(nonce)) => {
-            session(shared, &mut reader, &mut wr, remote, nonce, &shutdown).await
+            session(
+                shared,
+                &mut reader,
+                &mut wr,
+                remote,
+                local,
+                nonce,
+                &shutdown,
+            )
+            .await
         }
         Ok(Greeting::Relay { port, public }) => {
             relay_session(
@@ -866,8 +947,8 @@ async fn serve_conn(
 /// load reports until it leaves or falls silent.
 async fn relay_session(
     shared: &Arc<Shared>,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<Rd>,
+    wr: &mut Wr,
     remote: SocketAddr,
     port: u16,
     public: Option<SocketAddr>,
@@ -960,12 +1041,42 @@ async fn relay_session(
     end
 }
 
-/// Turns a just-accepted connection away with a `Busy` error frame, without waiting on it.
-fn refuse(shared: &Shared, stream: &TcpStream, why: String) {
+/// Turns a just-accepted connection away with a `Busy` error frame. Saying why takes a
+/// TLS handshake, so only [`defaults::REFUSALS_IN_FLIGHT`] refusals are delivered at a
+/// time, each within [`defaults::REFUSAL_TIMEOUT`]; past that, connections are just closed.
+fn refuse(shared: &Shared, stream: TcpStream, why: String) {
     metrics::inc(&shared.metrics.connections_refused);
-    if let Ok(bytes) = frame::encode(&ServerFrame::Error(ErrorFrame::new(ErrorCode::Busy, why))) {
-        let _ = stream.try_write(&bytes);
-    }
+    let Ok(permit) = shared.refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    let tls = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _ = timeout(defaults::REFUSAL_TIMEOUT, async move {
+            let mut s = tls.accept(stream).await?;
+            let err = ServerFrame::Error(ErrorFrame::new(ErrorCode::Busy, why));
+            frame::write(&mut s, &err)
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::io::AsyncWriteExt::shutdown(&mut s).await
+        })
+        .await;
+    });
+}
+
+/// A client that speaks plaintext to a TLS-only server (an older peer or relay) gets one
+/// plaintext error frame saying so, instead of a TLS alert it cannot read.
+async fn refuse_plaintext(stream: &mut TcpStream) {
+    let err = ServerFrame::Error(ErrorFrame::new(
+        ErrorCode::VersionMismatch,
+        "this rendezvous speaks signaling over TLS 1.3 only; upgrade the peer or relay",
+    ));
+    let _ = timeout(defaults::WRITE_TIMEOUT, frame::write(stream, &err)).await;
+    let _ = timeout(
+        defaults::WRITE_TIMEOUT,
+        tokio::io::AsyncWriteExt::shutdown(stream),
+    )
+    .await;
 }
 
 /// Maps a frame read failure to how the connection ends.
@@ -994,15 +1105,17 @@ enum Greeting {
 
 async fn hello(
     shared: &Shared,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<Rd>,
+    wr: &mut Wr,
     shutdown: &CancellationToken,
+    within: Duration,
+    local: SocketAddr,
 ) -> Result<Greeting, End> {
     let cfg = &shared.config;
     let first = tokio::select! {
         biased;
         _ = shutdown.cancelled() => return Err(End::Error(shutting_down())),
-        r = timeout(cfg.hello_timeout, reader.read::<ClientFrame>()) => r,
+        r = timeout(within, reader.read::<ClientFrame>()) => r,
     };
     let hello = match first {
         Err(_) => {
@@ -1070,9 +1183,10 @@ async fn hello(
         stun: shared.responder.as_ref().map(|r| {
             let primary = r.lock().unwrap_or_else(|p| p.into_inner()).layout().primary;
             // Bound to every address: tell the client the one it reached us on.
-            match wr.local_addr() {
-                Ok(l) if primary.ip().is_unspecified() => SocketAddr::new(l.ip(), primary.port()),
-                _ => primary,
+            if primary.ip().is_unspecified() {
+                SocketAddr::new(local.ip(), primary.port())
+            } else {
+                primary
             }
         }),
     });
@@ -1080,7 +1194,7 @@ async fn hello(
     Ok(Greeting::Peer(nonce))
 }
 
-async fn write_frame(wr: &mut OwnedWriteHalf, f: &ServerFrame) -> Result<(), End> {
+async fn write_frame(wr: &mut Wr, f: &ServerFrame) -> Result<(), End> {
     match timeout(defaults::WRITE_TIMEOUT, frame::write(wr, f)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(FrameError::Io(e))) => Err(End::Io(e)),
@@ -1101,16 +1215,14 @@ fn shutting_down() -> ErrorFrame {
 
 async fn session(
     shared: &Arc<Shared>,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<Rd>,
+    wr: &mut Wr,
     remote: SocketAddr,
+    local: SocketAddr,
     nonce: [u8; 32],
     shutdown: &CancellationToken,
 ) -> End {
     let (tx, mut rx) = mpsc::channel(PUSH_QUEUE);
-    let local = wr
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let conn = {
         let mut st = shared.state();
         let id = st.next_conn;
@@ -1134,8 +1246,8 @@ async fn session(
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
     shared: &Arc<Shared>,
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<Rd>,
+    wr: &mut Wr,
     remote: SocketAddr,
     nonce: [u8; 32],
     conn: ConnId,

@@ -14,10 +14,30 @@ use wire::signal::client::{Client, ClientConfig, ClientError, ClientEvent};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
 
+/// A state directory of its own for each test (removed on drop), so that tests neither
+/// share an identity nor write into the user's.
+struct StateDir(std::path::PathBuf);
+
+impl StateDir {
+    fn new() -> StateDir {
+        StateDir(std::env::temp_dir().join(format!(
+            "chuantou-rv-state-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        )))
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A rendezvous process, killed on drop if still running (never leaves one behind).
 struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
+    _state: StateDir,
 }
 
 impl Drop for Proc {
@@ -29,8 +49,13 @@ impl Drop for Proc {
 
 impl Proc {
     fn start(args: &[&str]) -> Proc {
+        Proc::start_in(args, StateDir::new())
+    }
+
+    fn start_in(args: &[&str], state: StateDir) -> Proc {
         let mut child = Command::new(BIN)
             .args(args)
+            .env("CHUANTOU_STATE_DIR", &state.0)
             .env("RUST_LOG", "info")
             .env_remove("CHUANTOU_TOKEN")
             .stdout(Stdio::null())
@@ -46,7 +71,11 @@ impl Proc {
                 }
             }
         });
-        Proc { child, lines: rx }
+        Proc {
+            child,
+            lines: rx,
+            _state: state,
+        }
     }
 
     /// The first log line containing `needle`.
@@ -92,6 +121,9 @@ fn help_explains_every_flag() {
         "0.0.0.0:7000",
         "0.0.0.0:3478",
         "127.0.0.1:7080",
+        "--state",
+        "CHUANTOU_STATE_DIR",
+        "key",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
@@ -137,6 +169,45 @@ fn bad_flags_give_clear_errors() {
         err.contains(&format!("cannot bind signaling on {addr}")),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn the_identity_is_kept_and_printed_by_the_key_command() {
+    let state = StateDir::new();
+    let out = Command::new(BIN)
+        .args(["key", "--state"])
+        .arg(&state.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let key: wire::signal::PublicKey = printed.parse().expect("a key on stdout");
+    // The server started on that directory proves the same key, and logs it.
+    let proc = Proc::start_in(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--no-stun",
+            "--no-http",
+            "--no-relay",
+        ],
+        state,
+    );
+    let line = proc.wait_line("rendezvous key");
+    assert!(line.contains(&printed), "{line}");
+    let signaling = addr_in(&proc.wait_line("signaling listening"), "addr");
+    let config = ClientConfig {
+        server_key: Some(key),
+        ..ClientConfig::default()
+    };
+    let c = within("connect", Client::connect(&signaling.to_string(), config))
+        .await
+        .unwrap();
+    assert_eq!(c.server_key(), key);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ pub mod lab_peers;
 pub mod natlab;
 pub mod web;
 
+use peer::presence::trust::Trust;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -176,6 +177,10 @@ pub fn expose_proto(
             rendezvous: server.addrs().signaling.to_string(),
             token: None,
             name: name.into(),
+            trust: Trust {
+                key: Some(server.key()),
+                home: None,
+            },
             services: vec![Service {
                 port: service.port(),
                 proto: if udp { Proto::Udp } else { Proto::Tcp },
@@ -275,6 +280,10 @@ pub async fn reach_board(
             token: None,
             name: format!("reach-{}", hex::encode(rand::random::<[u8; 4]>())),
             services: vec![],
+            trust: Trust {
+                key: Some(server.key()),
+                home: None,
+            },
         },
         target: name.into(),
         service: None,

@@ -37,6 +37,7 @@ async fn registered_relay_carries_brokered_sessions() {
     tokio::spawn(standalone.run(stop.clone()));
     tokio::spawn(announce(
         server.addrs().signaling.to_string(),
+        Some(server.key()),
         key,
         relay_addr.port(),
         None,
@@ -115,7 +116,15 @@ async fn relay_with_another_key_or_no_shared_key_is_refused() {
         let signaling = server.addrs().signaling.to_string();
         within(
             "refusal",
-            announce_once(&signaling, &TicketKey::random(), 7001, None, &stats, &stop),
+            announce_once(
+                &signaling,
+                &mut None,
+                &TicketKey::random(),
+                7001,
+                None,
+                &stats,
+                &stop,
+            ),
         )
         .await
         .unwrap_err()
@@ -125,4 +134,39 @@ async fn relay_with_another_key_or_no_shared_key_is_refused() {
     assert!(err.to_string().contains("--relay-key"), "{err}");
     let err = refusal(rendezvous().await).await;
     assert!(err.to_string().contains("no --relay-key"), "{err}");
+}
+
+#[tokio::test]
+async fn a_relay_refuses_a_rendezvous_with_another_key_than_its_pin() {
+    let key = TicketKey::random();
+    let server = Server::bind(ServerConfig {
+        shared_relay_key: Some(key.clone()),
+        ..ServerConfig::loopback()
+    })
+    .await
+    .unwrap()
+    .spawn();
+    let (stop, stats) = (CancellationToken::new(), RelayStats::default());
+    let signaling = server.addrs().signaling.to_string();
+    let mut pin = Some(wire::signal::PublicKey([9; 32]));
+    let err = within(
+        "refusal",
+        announce_once(&signaling, &mut pin, &key, 7001, None, &stats, &stop),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("presented key") && err.to_string().contains("is pinned"),
+        "{err}"
+    );
+    assert_eq!(pin, Some(wire::signal::PublicKey([9; 32])), "the pin stays");
+    // Without a pin the first key is learned for the rest of the run.
+    let mut pin = None;
+    stop.cancel();
+    let _ = within(
+        "first contact",
+        announce_once(&signaling, &mut pin, &key, 7001, None, &stats, &stop),
+    )
+    .await;
+    assert_eq!(pin, Some(server.key()));
 }

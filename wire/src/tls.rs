@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use crate::signal::PublicKey;
 use ed25519_dalek::SigningKey;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -19,7 +20,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
-use crate::signal::PublicKey;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,9 @@
 //! Being findable: the registration with the rendezvous ([`signal`]) and the two sockets
 //! whose NAT mappings it observes and hands to peers — the UDP [`endpoint`] every session
-//! runs on, and the shared [`tcp_port`] that signaling, the listener and TCP punching use.
+//! runs on, and the shared [`tcp_port`] that signaling, the listener and TCP punching use;
+//! [`trust`] decides which rendezvous key to insist on.
 
 pub mod endpoint;
 pub mod signal;
 pub mod tcp_port;
+pub mod trust;

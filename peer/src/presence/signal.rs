@@ -27,6 +27,8 @@ pub struct Signaling {
     pub name: String,
     /// What we offer.
     pub services: Vec<Service>,
+    /// Which rendezvous key to insist on.
+    pub trust: super::trust::Trust,
 }
 
 /// Errors no retry can fix: they end the command with a clear message.
@@ -181,8 +183,10 @@ impl Signaling {
     pub async fn register_udp(&self, key: &SigningKey) -> Result<Registration, ClientError> {
         let config = ClientConfig {
             token: self.token.clone(),
+            server_key: self.trust.expected(&self.rendezvous)?,
             ..ClientConfig::default()
         };
+        let first_contact = config.server_key.is_none();
         // The signaling connection leaves from the shared TCP port when it can: then the
         // rendezvous observes the mapping TCP punching will use.
         let port = TcpPort::bind()
@@ -198,6 +202,9 @@ impl Signaling {
             },
             None => (Client::connect(&self.rendezvous, config).await?, None),
         };
+        if first_contact {
+            self.trust.learned(&self.rendezvous, client.server_key())?;
+        }
         let mut udp = None;
         let mut nat = None;
         let mut lan = Vec::new();
@@ -353,6 +360,16 @@ impl Signaling {
             match self.register_udp(key).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if is_fatal(&e) => return Err(e),
+                Err(e @ (ClientError::KeyMismatch { .. } | ClientError::Pin(_))) => {
+                    // Not an outage: someone else answers, or the pin cannot be read.
+                    // Nothing was sent; keep refusing loudly until the real server is back.
+                    tracing::error!(error = %e, "rendezvous refused; retrying in {wait:?}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(BACKOFF_MAX);
+                }
                 Err(e) => {
                     warn!(error = %e, "rendezvous unavailable; retrying in {wait:?}");
                     tokio::select! {

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::{Signer, SigningKey};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -52,6 +53,32 @@ pub enum ClientError {
     /// The server sent something out of protocol.
     #[error("unexpected answer from rendezvous: {0}")]
     Protocol(String),
+    /// The TLS handshake failed: not a chuantou rendezvous, an old one that speaks
+    /// plaintext, or something in between.
+    #[error("tls handshake with rendezvous {addr} failed: {reason}")]
+    Tls {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The pinned key could not be looked up or written down.
+    #[error("rendezvous key pin: {0}")]
+    Pin(String),
+    /// The server proved a key other than the one pinned: a different server, or someone
+    /// in between. Nothing was sent to it.
+    #[error(
+        "rendezvous {addr} presented key {presented}, but {pinned} is pinned for it: someone may be \
+         intercepting the connection; if the server's key really changed, update the pin"
+    )]
+    KeyMismatch {
+        /// Where.
+        addr: SocketAddr,
+        /// The key the server proved.
+        presented: PublicKey,
+        /// The key we insisted on.
+        pinned: PublicKey,
+    },
     /// A STUN query failed.
     #[error("stun: {0}")]
     Stun(#[from] BindingError),
@@ -72,6 +99,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Bound on each request.
     pub request_timeout: Duration,
+    /// The rendezvous key to insist on; with `None` any key is accepted (first contact:
+    /// the caller pins [`Client::server_key`]). Either way the TLS handshake proves the
+    /// server holds the key it shows, before anything (the token) is sent.
+    pub server_key: Option<PublicKey>,
 }
 
 impl Default for ClientConfig {
@@ -80,6 +111,7 @@ impl Default for ClientConfig {
             token: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            server_key: None,
         }
     }
 }
@@ -98,6 +130,53 @@ struct Cmd {
     reply: oneshot::Sender<Result<Reply, ClientError>>,
 }
 
+/// Signaling runs over TLS 1.3 with the rendezvous' identity.
+pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The TLS handshake of signaling over `stream` to `addr`; the key the server proved
+/// (compare it with the pin before sending anything).
+pub async fn handshake(
+    stream: TcpStream,
+    addr: SocketAddr,
+) -> Result<(Tls, PublicKey), ClientError> {
+    let tls_err = |reason: String| ClientError::Tls { addr, reason };
+    let config = crate::tls::signaling_client_config(crate::tls::ServerKey::Learn)
+        .map_err(|e| tls_err(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME)
+        .map_err(|e| tls_err(e.to_string()))?;
+    let tls = connector.connect(name, stream).await.map_err(|e| {
+        tls_err(match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                format!("{e} (is this a chuantou rendezvous of this version?)")
+            }
+            _ => e.to_string(),
+        })
+    })?;
+    let key = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::cert_key)
+        .ok_or_else(|| tls_err("the server showed no ed25519 key".into()))?;
+    Ok((tls, key))
+}
+
+/// Splits `HOST:PORT#KEY` into the address and the pinned key (`HOST:PORT` alone: none).
+pub fn split_pinned(spec: &str) -> Result<(String, Option<PublicKey>), String> {
+    match spec.split_once('#') {
+        None => Ok((spec.to_owned(), None)),
+        Some((addr, key)) => Ok((
+            addr.to_owned(),
+            Some(
+                key.parse()
+                    .map_err(|e| format!("rendezvous {spec:?}: after '#', {e}"))?,
+            ),
+        )),
+    }
+}
+
 /// A signaling connection to a rendezvous.
 #[derive(Debug)]
 pub struct Client {
@@ -105,6 +184,7 @@ pub struct Client {
     events: mpsc::Receiver<ClientEvent>,
     welcome: Welcome,
     local_addr: SocketAddr,
+    server_key: PublicKey,
     config: ClientConfig,
     task: JoinHandle<()>,
 }
@@ -134,13 +214,29 @@ impl Client {
         Self::over(stream, config).await
     }
 
-    /// Says hello over an already connected stream (e.g. one bound to a chosen local port).
+    /// Says hello over an already connected stream (e.g. one bound to a chosen local port):
+    /// TLS 1.3 first, checking the server's key, then the hello.
     pub async fn over(stream: TcpStream, config: ClientConfig) -> Result<Client, ClientError> {
         let _ = stream.set_nodelay(true);
         let local_addr = stream
             .local_addr()
             .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
-        let (rd, mut wr) = stream.into_split();
+        let remote = stream
+            .peer_addr()
+            .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
+        let (tls, server_key) = timeout(config.connect_timeout, handshake(stream, remote))
+            .await
+            .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+        if let Some(pinned) = config.server_key
+            && pinned != server_key
+        {
+            return Err(ClientError::KeyMismatch {
+                addr: remote,
+                presented: server_key,
+                pinned,
+            });
+        }
+        let (rd, mut wr) = tokio::io::split(tls);
         let mut reader = FrameReader::new(rd);
         let hello = ClientFrame::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -167,9 +263,15 @@ impl Client {
             events: ev_rx,
             welcome,
             local_addr,
+            server_key,
             config,
             task,
         })
+    }
+
+    /// The key the server proved in the TLS handshake.
+    pub fn server_key(&self) -> PublicKey {
+        self.server_key
     }
 
     /// The server's greeting.
@@ -303,8 +405,8 @@ fn unexpected(r: Reply) -> ClientError {
 }
 
 async fn run(
-    mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut reader: FrameReader<ReadHalf<Tls>>,
+    mut wr: WriteHalf<Tls>,
     mut cmds: mpsc::Receiver<Cmd>,
     events: mpsc::Sender<ClientEvent>,
     interval: Duration,

@@ -513,6 +513,19 @@ impl fmt::Debug for PublicKey {
     }
 }
 
+impl std::str::FromStr for PublicKey {
+    type Err = String;
+
+    /// 64 hex digits, as [`fmt::Display`] writes them.
+    fn from_str(s: &str) -> Result<PublicKey, String> {
+        hex::decode(s.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(PublicKey)
+            .ok_or_else(|| format!("{s:?} is not a key (want 64 hex digits)"))
+    }
+}
+
 /// An ed25519 signature, 64 bytes (serialized as a fixed tuple: no length prefix).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Signature(pub [u8; 64]);
