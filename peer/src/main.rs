@@ -135,6 +135,12 @@ enum Command {
         #[arg(long)]
         no_relay: bool,
     },
+    /// Give a name up at the rendezvous (it must be this peer's: same key). Stop the
+    /// `expose` that uses it first, or it takes the name again.
+    Release {
+        /// The name.
+        name: String,
+    },
     /// List the peers the rendezvous knows.
     Ls {
         /// One JSON array instead of a table.
@@ -303,6 +309,24 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let reacher = Reacher::bind(cfg, home, key, board.clone(), shutdown.clone()).await?;
             tokio::spawn(serve_status(dir, board, shutdown));
             reacher.run().await
+        }
+        Command::Release { name } => {
+            let client = trust
+                .connect(
+                    &need_rendezvous()?,
+                    ClientConfig {
+                        token,
+                        ..ClientConfig::default()
+                    },
+                )
+                .await?;
+            client
+                .register(&key, &name, vec![], vec![])
+                .await
+                .with_context(|| format!("proving {name:?} is ours"))?;
+            client.release(&name).await?;
+            out!("released {name}");
+            Ok(())
         }
         Command::Ls { json } => {
             let client = trust

@@ -11,9 +11,15 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 /// on a lossy mobile link without flapping.
 pub const MISSED_HEARTBEATS: u32 = 3;
 
-/// How long an offline peer's name stays bound to its key. A day lets a PC that sleeps
-/// overnight keep its name; after that the name is free again, so names cannot be hoarded.
-pub const NAME_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How long an offline peer's name stays bound to its key: 30 days, so that a PC left off
+/// over a holiday keeps its name (and nobody can take it meanwhile); after that the name is
+/// free again. Bindings survive restarts (`names`), so this is the only way a name is lost
+/// besides `peer release`.
+pub const NAME_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often the last-seen time of online peers is saved: after a crash, a name's
+/// retention counts from at most this long before the crash.
+pub const NAME_REFRESH: Duration = Duration::from_secs(3600);
 
 /// The registry never wakes more often than this for expiry: a heartbeat deadline that is
 /// late by a quarter second does not matter, scanning 10,000 peers per heartbeat would.

@@ -10,6 +10,7 @@
 //!   [`ratelimit`]: the per-source buckets it uses.
 //! - [`server`]: the tokio shell: signaling listener, STUN sockets, expiry timer;
 //!   [`http`]: the read-only JSON API and metrics; [`metrics`]: the counters.
+//! - [`names`]: name → key bindings kept across restarts (redb).
 //! - [`state`]: the state directory (the identity peers pin).
 //! - [`defaults`]: every timeout and limit, with its reason.
 #![deny(missing_docs, unreachable_pub)]
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod defaults;
 mod http;
 pub mod metrics;
+pub mod names;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;

@@ -84,11 +84,13 @@ struct Cli {
     #[arg(long, default_value_t = 3, value_name = "N")]
     missed_heartbeats: u32,
 
-    /// Hours an offline peer keeps its name before another key may take it.
-    #[arg(long, default_value_t = 24, value_name = "HOURS")]
+    /// Hours an offline peer keeps its name before another key may take it (default: 30
+    /// days). Bindings are kept in the state directory, so a restart loses none.
+    #[arg(long, default_value_t = rendezvous::defaults::NAME_RETENTION.as_secs() / 3600, value_name = "HOURS")]
     name_retention: u64,
 
-    /// Most names the server keeps (online or offline).
+    /// Most names the server keeps (online or offline). Names are never evicted to make
+    /// room: when full, new names are refused until one is released or expires.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_PEERS, value_name = "N")]
     max_peers: usize,
 
@@ -205,6 +207,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (identity, state_dir) = identity(cli.state.clone())?;
     let config = ServerConfig {
         identity,
+        names_db: Some(state_dir.join("names.redb")),
         relay,
         shared_relay_key,
         listen: cli.listen,

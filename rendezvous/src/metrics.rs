@@ -17,6 +17,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Successful registrations since start.
     pub registrations_total: AtomicU64,
+    /// Registrations refused: the name taken by another key, or the registry full.
+    pub registrations_refused: AtomicU64,
     /// STUN responses sent.
     pub stun_responses: AtomicU64,
     /// STUN datagrams dropped unanswered (malformed, not a request, rate limited).
@@ -38,7 +40,7 @@ impl Metrics {
     /// registry: peers online now, and names bound (online or retained).
     pub fn render(&self, registered: usize, names: usize) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let rows: [(&str, &str, &str, u64); 11] = [
             (
                 "chuantou_registered_peers",
                 "gauge",
@@ -86,6 +88,12 @@ impl Metrics {
                 "counter",
                 "Successful registrations, reconnects included.",
                 get(&self.registrations_total),
+            ),
+            (
+                "chuantou_registrations_refused_total",
+                "counter",
+                "Registrations refused: the name is another key's, or the registry is full.",
+                get(&self.registrations_refused),
             ),
             (
                 "chuantou_stun_responses_total",

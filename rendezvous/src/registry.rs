@@ -14,7 +14,11 @@
 //! Rules: a name is bound to the first key that registers it and stays bound while the peer
 //! is offline, for [`Timing::name_retention`]; the same key registering again replaces the
 //! old entry (a reconnect, and the old connection is handed back to be closed); another key
-//! gets [`RegistryError::NameTaken`].
+//! gets [`RegistryError::NameTaken`]. Every binding was proved (a signature by its key), so
+//! none is ever evicted to make room: a full registry refuses new names. Bindings a
+//! restarted server read back from its store ([`Registry::restore`]) are held the same way
+//! until their peers register again or their retention runs out; the owner may give a name
+//! up ([`Registry::release`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -79,6 +83,9 @@ pub enum RegistryError {
     /// The connection has no registration.
     #[error("not registered: register before heartbeats or connects")]
     NotRegistered,
+    /// Only the name's owner, registered under it, may release it.
+    #[error("only {0:?}'s owner, registered under that name on this connection, may release it")]
+    NotOwner(String),
 }
 
 /// What a peer registers with.
@@ -192,6 +199,9 @@ pub struct Registry {
     timing: Timing,
     max_peers: usize,
     peers: BTreeMap<String, Entry>,
+    /// Bindings restored from the store whose peers have not registered since: the key and
+    /// when the peer was last seen.
+    held: BTreeMap<String, (PublicKey, Instant)>,
     by_conn: HashMap<ConnId, String>,
     by_stun: HashMap<String, String>,
     next_wake: Option<Instant>,
@@ -205,6 +215,7 @@ impl Registry {
             timing,
             max_peers,
             peers: BTreeMap::new(),
+            held: BTreeMap::new(),
             by_conn: HashMap::new(),
             by_stun: HashMap::new(),
             next_wake: None,
@@ -228,16 +239,21 @@ impl Registry {
         {
             return Err(RegistryError::OtherName(held.clone()));
         }
-        let replaced = match self.peers.get(&reg.name) {
-            Some(e) if e.key != reg.key => {
+        let owner = self
+            .peers
+            .get(&reg.name)
+            .map(|e| e.key)
+            .or_else(|| self.held.get(&reg.name).map(|h| h.0));
+        let replaced = match owner {
+            Some(owner) if owner != reg.key => {
                 return Err(RegistryError::NameTaken {
                     name: reg.name,
-                    owner: e.key,
+                    owner,
                 });
             }
             Some(_) => true,
             None => {
-                if self.peers.len() >= self.max_peers && !self.evict_oldest_offline() {
+                if self.len() >= self.max_peers {
                     return Err(RegistryError::Full {
                         max: self.max_peers,
                     });
@@ -245,6 +261,7 @@ impl Registry {
                 false
             }
         };
+        self.held.remove(&reg.name);
         let entry = Entry {
             key: reg.key,
             services: reg.services,
@@ -365,7 +382,7 @@ impl Registry {
 
     /// Names bound, online or not.
     pub fn len(&self) -> usize {
-        self.peers.len()
+        self.peers.len() + self.held.len()
     }
 
     /// True when no name is bound.
@@ -413,8 +430,17 @@ impl Registry {
             };
             next = Some(next.map_or(deadline, |n| n.min(deadline)));
         }
+        for (name, (_, last_seen)) in &self.held {
+            let deadline = *last_seen + retention;
+            if deadline <= now {
+                forget.push(name.clone());
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
         for name in forget {
             self.remove(&name);
+            self.held.remove(&name);
             self.events.push_back(Event::Forgotten { name });
         }
         self.next_wake = next.map(|n| n.max(now + defaults::SWEEP_GRANULARITY));
@@ -446,22 +472,37 @@ impl Registry {
         }
     }
 
-    /// Frees the name offline longest; false when every peer is online.
-    fn evict_oldest_offline(&mut self) -> bool {
-        let oldest = self
-            .peers
-            .iter()
-            .filter(|(_, e)| !e.online())
-            .min_by_key(|(_, e)| e.last_seen)
-            .map(|(n, _)| n.clone());
-        match oldest {
-            Some(name) => {
-                self.remove(&name);
-                self.events.push_back(Event::Forgotten { name });
-                true
-            }
-            None => false,
+    /// Holds `name` for `key`, as a restarted server reads it back from its store: bound
+    /// but offline, last seen at `last_seen` (its retention counts from then).
+    pub fn restore(&mut self, name: String, key: PublicKey, last_seen: Instant) {
+        if self.peers.contains_key(&name) {
+            return;
         }
+        self.held.insert(name, (key, last_seen));
+        self.wake_by(last_seen + self.timing.name_retention);
+    }
+
+    /// Gives `name` up: only its owner, registered under it on `conn`, may. The name is
+    /// free at once; the connection stays (unregistered).
+    pub fn release(&mut self, conn: ConnId, name: &str) -> Result<(), RegistryError> {
+        if self.by_conn.get(&conn).map(String::as_str) != Some(name) {
+            return Err(RegistryError::NotOwner(name.to_owned()));
+        }
+        self.remove(name);
+        Ok(())
+    }
+
+    /// Names bound and online now, with their keys (to refresh the store's last-seen).
+    pub fn online_bindings(&self) -> impl Iterator<Item = (&str, PublicKey)> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| e.online())
+            .map(|(n, e)| (n.as_str(), e.key))
+    }
+
+    /// Whether `name` is held for a peer that has not come back since a restart.
+    pub fn is_held(&self, name: &str) -> bool {
+        self.held.contains_key(name)
     }
 }
 
@@ -683,7 +724,7 @@ mod tests {
     }
 
     #[test]
-    fn full_registry_evicts_the_longest_offline_then_refuses() {
+    fn a_full_registry_refuses_new_names_and_never_evicts_a_proved_one() {
         let t0 = Instant::now();
         let mut r = Registry::new(Timing::default(), 2);
         r.register(t0, reg("a", 1, 1)).unwrap();
@@ -692,10 +733,65 @@ mod tests {
             r.register(t0, reg("c", 3, 3)).unwrap_err(),
             RegistryError::Full { max: 2 }
         );
+        // b going offline frees nothing: its name stays b's.
         r.disconnect(t0 + S, 2);
-        r.register(t0 + 2 * S, reg("c", 3, 3)).unwrap();
+        assert_eq!(
+            r.register(t0 + 2 * S, reg("c", 3, 3)).unwrap_err(),
+            RegistryError::Full { max: 2 }
+        );
+        assert!(r.get("b").is_some());
+        // Its owner gives it up: now there is room.
+        r.register(t0 + 3 * S, reg("b", 2, 4)).unwrap();
+        r.release(4, "b").unwrap();
+        r.register(t0 + 4 * S, reg("c", 3, 3)).unwrap();
         assert!(r.get("b").is_none());
-        assert_eq!(events(&mut r), vec![Event::Forgotten { name: "b".into() }]);
+    }
+
+    #[test]
+    fn only_the_owner_registered_under_a_name_releases_it() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("a", 1, 1)).unwrap();
+        r.register(t0, reg("b", 2, 2)).unwrap();
+        assert_eq!(
+            r.release(2, "a").unwrap_err(),
+            RegistryError::NotOwner("a".into())
+        );
+        assert_eq!(
+            r.release(9, "a").unwrap_err(),
+            RegistryError::NotOwner("a".into())
+        );
+        r.release(1, "a").unwrap();
+        // Free for anyone now.
+        r.register(t0 + S, reg("a", 3, 3)).unwrap();
+    }
+
+    #[test]
+    fn restored_names_are_held_for_their_keys_until_retention_ends() {
+        let t0 = Instant::now();
+        let timing = Timing::default();
+        let mut r = Registry::new(timing, 10);
+        // Last seen a day before the restart.
+        let seen = t0 + Duration::from_secs(86_400);
+        let now = seen + Duration::from_secs(86_400);
+        r.restore("pc-home".into(), PublicKey([1; 32]), seen);
+        assert!(r.is_held("pc-home"));
+        assert_eq!(r.len(), 1);
+        assert!(matches!(
+            r.register(now, reg("pc-home", 2, 1)).unwrap_err(),
+            RegistryError::NameTaken { .. }
+        ));
+        // Its owner comes back: a reconnect, not a new binding.
+        let back = r.register(now, reg("pc-home", 1, 2)).unwrap();
+        assert!(back.replaced);
+        assert!(!r.is_held("pc-home"));
+        // Another restored name nobody claims is forgotten when its retention ends.
+        r.restore("old".into(), PublicKey([3; 32]), seen);
+        r.handle_timeout(seen + timing.name_retention - S);
+        assert!(r.is_held("old"));
+        r.handle_timeout(seen + timing.name_retention);
+        assert!(!r.is_held("old"));
+        assert!(events(&mut r).contains(&Event::Forgotten { name: "old".into() }));
     }
 
     #[test]

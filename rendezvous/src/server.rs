@@ -82,6 +82,9 @@ pub struct ServerConfig {
     /// The server's identity: signaling is TLS 1.3 with this key, which peers and relays
     /// pin. Keep it in the state directory so that it survives restarts.
     pub identity: SigningKey,
+    /// Where name → key bindings are kept across restarts (a redb file); `None` keeps
+    /// them in memory only.
+    pub names_db: Option<std::path::PathBuf>,
 }
 
 impl ServerConfig {
@@ -122,6 +125,7 @@ impl Default for ServerConfig {
             shared_relay_key: None,
             // A fresh one: a server that must keep its key is given it (main.rs).
             identity: SigningKey::from_bytes(&rand::random()),
+            names_db: None,
         }
     }
 }
@@ -187,6 +191,8 @@ pub(crate) struct Shared {
     /// Refusals being delivered (each needs a TLS handshake to say why): bounded, so a
     /// flood of connections past the limits costs little.
     refusals: Arc<tokio::sync::Semaphore>,
+    /// Saves name bindings, when they are kept across restarts.
+    names: Option<crate::names::Writer>,
 }
 
 /// What brokering needs to know of the embedded relay.
@@ -357,11 +363,35 @@ impl Server {
 
         let tls = wire::tls::signaling_server_config(&config.identity)
             .map_err(|e| ServerError::Config(format!("signaling tls: {e}")))?;
+        let mut registry = Registry::new(config.timing, config.max_peers);
+        let names = match &config.names_db {
+            Some(path) => {
+                let store = crate::names::NameStore::open(path)
+                    .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+                let (bindings, bad) = store
+                    .load()
+                    .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?;
+                if bad > 0 {
+                    warn!(rows = bad, path = %path.display(), "unreadable name bindings skipped");
+                }
+                let (now, now_unix) = (Instant::now(), unix_now());
+                let restored = bindings.len();
+                for b in bindings {
+                    let age = Duration::from_secs(now_unix.saturating_sub(b.last_seen));
+                    let seen = now.checked_sub(age).unwrap_or(now);
+                    registry.restore(b.name, b.key, seen);
+                }
+                info!(names = restored, path = %path.display(), "name bindings restored");
+                Some(crate::names::Writer::start(store))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             tls: Arc::new(tls),
             refusals: Arc::new(tokio::sync::Semaphore::new(defaults::REFUSALS_IN_FLIGHT)),
+            names,
             state: Mutex::new(State {
-                registry: Registry::new(config.timing, config.max_peers),
+                registry,
                 conns: HashMap::new(),
                 next_conn: 1,
                 pending: HashMap::new(),
@@ -443,6 +473,9 @@ impl Server {
             tracker.spawn(crate::http::serve(l, shared.clone(), shutdown.clone()));
         }
         tracker.spawn(expiry_task(shared.clone(), shutdown.clone()));
+        if shared.names.is_some() {
+            tracker.spawn(refresh_names_task(shared.clone(), shutdown.clone()));
+        }
         if let Some(r) = relay {
             tracker.spawn(r.run(shutdown.clone()));
         }
@@ -514,6 +547,13 @@ impl Server {
         {
             warn!("some connections did not close in time");
         }
+        let saving = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(w) = &saving.names {
+                w.close();
+            }
+        })
+        .await;
         info!("rendezvous stopped");
     }
 
@@ -789,6 +829,29 @@ async fn stun_task(
     }
 }
 
+/// Every [`defaults::NAME_REFRESH`], saves that online peers were seen now: after a crash,
+/// a name's retention then counts from at most that long before it.
+async fn refresh_names_task(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(defaults::NAME_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let online: Vec<(String, PublicKey)> = shared
+            .state()
+            .registry
+            .online_bindings()
+            .map(|(n, k)| (n.to_owned(), k))
+            .collect();
+        for (name, key) in online {
+            record_seen(&shared, &name, key);
+        }
+    }
+}
+
 async fn expiry_task(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         let next = shared.state().registry.poll_timeout();
@@ -811,6 +874,9 @@ async fn expiry_task(shared: Arc<Shared>, shutdown: CancellationToken) {
             match ev {
                 registry::Event::Offline { name, conn, .. } => {
                     info!(peer = %name, "went offline: no heartbeat for {expiry:?}");
+                    if let Some(e) = st.registry.get(&name) {
+                        record_seen(&shared, &name, e.key);
+                    }
                     if let Some(c) = st.conns.get(&conn) {
                         let _ = c.tx.try_send(Push::Close(ErrorFrame::new(
                             ErrorCode::Expired,
@@ -820,6 +886,7 @@ async fn expiry_task(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
                 registry::Event::Forgotten { name } => {
                     info!(peer = %name, "name released after long absence");
+                    record(&shared, crate::names::Change::Delete(name));
                 }
             }
         }
@@ -1234,7 +1301,15 @@ async fn session(
     let name = {
         let mut st = shared.state();
         st.conns.remove(&conn);
-        st.registry.disconnect(Instant::now(), conn)
+        let name = st.registry.disconnect(Instant::now(), conn);
+        if let Some(key) = name
+            .as_deref()
+            .and_then(|n| st.registry.get(n))
+            .map(|e| e.key)
+        {
+            record_seen(shared, name.as_deref().unwrap_or_default(), key);
+        }
+        name
     };
     if let Some(name) = name {
         shared.expiry_changed.notify_one();
@@ -1383,6 +1458,7 @@ fn handle_request(
             match outcome {
                 Ok(reg) => {
                     metrics::inc(&shared.metrics.registrations_total);
+                    record_seen(shared, &name, r.key);
                     if reg.replaced {
                         info!(peer = %name, tcp = %remote, "re-registered");
                     } else {
@@ -1396,6 +1472,7 @@ fn handle_request(
                     }))
                 }
                 Err(e) => {
+                    metrics::inc(&shared.metrics.registrations_refused);
                     info!(peer = %name, tcp = %remote, error = %e, "registration refused");
                     Err(registry_error(e))
                 }
@@ -1440,6 +1517,17 @@ fn handle_request(
                 .ok_or_else(|| unknown_peer(&name))
         }
         Request::Connect { name, service } => connect(shared, conn, &name, service),
+        Request::Release { name } => {
+            shared
+                .state()
+                .registry
+                .release(conn, &name)
+                .map_err(registry_error)?;
+            shared.expiry_changed.notify_one();
+            record(shared, crate::names::Change::Delete(name.clone()));
+            info!(peer = %name, "name released by its owner");
+            Ok(Reply::Released)
+        }
     }
 }
 
@@ -1570,8 +1658,28 @@ fn registry_error(e: RegistryError) -> ErrorFrame {
         RegistryError::Full { .. } => ErrorCode::Busy,
         RegistryError::OtherName(_) => ErrorCode::BadRequest,
         RegistryError::NotRegistered => ErrorCode::NotRegistered,
+        RegistryError::NotOwner(_) => ErrorCode::NotOwner,
     };
     ErrorFrame::new(code, e.to_string())
+}
+
+/// Saves a name change, when bindings are kept.
+fn record(shared: &Shared, change: crate::names::Change) {
+    if let Some(w) = &shared.names {
+        w.record(change);
+    }
+}
+
+/// Saves `name`'s binding to `key`, seen now.
+fn record_seen(shared: &Shared, name: &str, key: PublicKey) {
+    record(
+        shared,
+        crate::names::Change::Put(crate::names::Binding {
+            name: name.to_owned(),
+            key,
+            last_seen: unix_now(),
+        }),
+    );
 }
 
 fn unix_now() -> u64 {

@@ -31,12 +31,12 @@ pub struct Signaling {
     pub trust: super::trust::Trust,
 }
 
-/// Errors no retry can fix: they end the command with a clear message.
+/// Errors no retry can fix: they end the command with a clear message. A taken name is
+/// not one of them: its owner may release it, or it may expire (the peer keeps trying).
 pub fn is_fatal(e: &ClientError) -> bool {
     matches!(e, ClientError::Refused(f) if matches!(
         f.code,
-        ErrorCode::NameTaken
-            | ErrorCode::Unauthorized
+        ErrorCode::Unauthorized
             | ErrorCode::VersionMismatch
             | ErrorCode::InvalidName
             | ErrorCode::BadRequest
@@ -348,8 +348,8 @@ impl Signaling {
         }
     }
 
-    /// Registers, retrying with backoff until it works, a fatal refusal, or shutdown
-    /// (`Ok(None)`).
+    /// Registers, retrying with jittered backoff until it works, a fatal refusal, or
+    /// shutdown (`Ok(None)`).
     pub async fn register_until_up(
         &self,
         key: &SigningKey,
@@ -357,28 +357,36 @@ impl Signaling {
     ) -> Result<Option<Registration>, ClientError> {
         let mut wait = BACKOFF_MIN;
         loop {
+            // Jitter (0.5x to 1.5x): after a rendezvous restart its peers come back spread
+            // out, not in lockstep.
+            let pause = wait.mul_f64(0.5 + rand::random::<f64>());
             match self.register_udp(key).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if is_fatal(&e) => return Err(e),
+                Err(ClientError::Refused(f)) if f.code == ErrorCode::NameTaken => {
+                    tracing::error!(
+                        name = %self.name,
+                        "{}; if that is another of your machines, stop it there or give this \
+                         one another --name; if it is yours, `peer release {}` there frees it. \
+                         Retrying in {pause:.1?}",
+                        f.message,
+                        self.name
+                    );
+                }
                 Err(e @ (ClientError::KeyMismatch { .. } | ClientError::Pin(_))) => {
                     // Not an outage: someone else answers, or the pin cannot be read.
                     // Nothing was sent; keep refusing loudly until the real server is back.
-                    tracing::error!(error = %e, "rendezvous refused; retrying in {wait:?}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    wait = (wait * 2).min(BACKOFF_MAX);
+                    tracing::error!(error = %e, "rendezvous refused; retrying in {pause:.1?}");
                 }
                 Err(e) => {
-                    warn!(error = %e, "rendezvous unavailable; retrying in {wait:?}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    wait = (wait * 2).min(BACKOFF_MAX);
+                    warn!(error = %e, "rendezvous unavailable; retrying in {pause:.1?}");
                 }
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            wait = (wait * 2).min(BACKOFF_MAX);
         }
     }
 }

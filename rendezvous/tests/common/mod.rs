@@ -61,15 +61,29 @@ pub async fn client_with(server: &ServerHandle, config: ClientConfig) -> Client 
         .expect("client connects")
 }
 
-/// A raw TCP connection for speaking broken protocol on purpose.
-pub async fn raw(server: &ServerHandle) -> TcpStream {
-    TcpStream::connect(server.addrs().signaling)
+/// A raw signaling connection (TLS done, nothing said) for speaking broken protocol on
+/// purpose.
+pub type Raw = wire::signal::client::Tls;
+
+/// Completes the TLS handshake on `tcp`.
+pub async fn tls(tcp: TcpStream) -> Raw {
+    let addr = tcp.peer_addr().expect("peer addr");
+    within("tls handshake", wire::signal::client::handshake(tcp, addr))
         .await
-        .expect("raw connect")
+        .expect("tls handshake")
+        .0
+}
+
+/// A raw connection to `server`.
+pub async fn raw(server: &ServerHandle) -> Raw {
+    tls(TcpStream::connect(server.addrs().signaling)
+        .await
+        .expect("raw connect"))
+    .await
 }
 
 /// Sends a hello with the current version.
-pub async fn raw_hello(s: &mut TcpStream) {
+pub async fn raw_hello(s: &mut Raw) {
     let hello = ClientFrame::Hello(Hello {
         version: PROTOCOL_VERSION,
         token: None,
@@ -79,13 +93,16 @@ pub async fn raw_hello(s: &mut TcpStream) {
 
 /// Reads server frames until one is an error frame or the stream ends; returns the error
 /// frame, or `None` if the server closed without one.
-pub async fn closing_error(s: TcpStream) -> Option<wire::signal::ErrorFrame> {
+pub async fn closing_error(
+    s: impl tokio::io::AsyncRead + Unpin,
+) -> Option<wire::signal::ErrorFrame> {
     let mut r = FrameReader::new(s);
     loop {
         match within("server closes", r.read::<ServerFrame>()).await {
             Ok(ServerFrame::Error(e)) => {
                 // After the error frame the server must close.
                 let mut rest = [0u8; 1];
+                // (A TLS close_notify or a reset both read as the end here.)
                 let n = within("close after error", r.get_mut().read(&mut rest))
                     .await
                     .unwrap_or(0);
@@ -148,7 +165,7 @@ pub fn raise_fd_limit(need: u64) {
 }
 
 /// A raw connection past hello: the reader and the server's nonce.
-pub async fn raw_welcome(server: &ServerHandle) -> (FrameReader<TcpStream>, [u8; 32]) {
+pub async fn raw_welcome(server: &ServerHandle) -> (FrameReader<Raw>, [u8; 32]) {
     let mut s = raw(server).await;
     raw_hello(&mut s).await;
     let mut r = FrameReader::new(s);
@@ -161,7 +178,7 @@ pub async fn raw_welcome(server: &ServerHandle) -> (FrameReader<TcpStream>, [u8;
 /// Sends a raw register claiming `claimed`'s key with the signature `sig`; returns the
 /// server's answer.
 pub async fn raw_register(
-    r: &mut FrameReader<TcpStream>,
+    r: &mut FrameReader<Raw>,
     id: u32,
     name: &str,
     claimed: &SigningKey,
@@ -188,8 +205,14 @@ pub async fn raw_register(
         .expect("register answer")
 }
 
-/// A raw TCP connection from a chosen loopback source address.
-pub async fn raw_from(server: &ServerHandle, src: std::net::Ipv4Addr) -> TcpStream {
+/// A raw connection from a chosen loopback source address.
+pub async fn raw_from(server: &ServerHandle, src: std::net::Ipv4Addr) -> Raw {
+    tls(raw_tcp_from(server, src).await).await
+}
+
+/// A plain TCP connection from a chosen loopback source address (no TLS: a client that
+/// connects and says nothing at all).
+pub async fn raw_tcp_from(server: &ServerHandle, src: std::net::Ipv4Addr) -> TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.bind(SocketAddr::from((src, 0))).expect("bind source");
     sock.connect(server.addrs().signaling)

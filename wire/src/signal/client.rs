@@ -376,6 +376,20 @@ impl Client {
         }
     }
 
+    /// Gives up `name`, which this connection registered: the rendezvous forgets the
+    /// binding at once and for good.
+    pub async fn release(&self, name: &str) -> Result<(), ClientError> {
+        match self
+            .request(Request::Release {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Reply::Released => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Asks to be brokered to `name`'s service; the peer is told at the same moment.
     pub async fn connect_to(
         &self,

@@ -92,6 +92,12 @@ pub enum Request {
         /// Which of its services; `None` picks its only one.
         service: Option<ServiceRef>,
     },
+    /// Give `name` up (the connection must be registered under it): anyone may take it
+    /// afterwards.
+    Release {
+        /// The name to free.
+        name: String,
+    },
 }
 
 /// A registration: who the peer is and what it offers.
@@ -293,6 +299,8 @@ pub enum Reply {
     Peer(PeerInfo),
     /// The session the server brokered for a `Connect`.
     Brokered(Broker),
+    /// The name is free.
+    Released,
 }
 
 /// What a peer learns when it registers.
@@ -477,6 +485,8 @@ error_codes! {
     SelfConnect = 19, "self_connect";
     /// A relay could not prove it holds the ticket key, or none is configured.
     RelayRefused = 20, "relay_refused";
+    /// Only a name's owner may release it.
+    NotOwner = 21, "not_owner";
 }
 
 impl fmt::Display for ErrorCode {
