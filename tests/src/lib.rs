@@ -4,6 +4,7 @@
 #![deny(missing_docs, unreachable_pub)]
 #![allow(clippy::unwrap_used)]
 
+pub mod fuzz;
 pub mod lab_peers;
 pub mod natlab;
 pub mod web;

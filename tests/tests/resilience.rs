@@ -21,7 +21,17 @@ async fn echo_once(local: std::net::SocketAddr, msg: &[u8]) -> std::io::Result<V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_dies_mid_transfer_then_a_restarted_rendezvous_serves_again() {
-    let first = rendezvous().await;
+    // A restart keeps the server's identity (it lives in the state directory), so the
+    // peers' pins still hold.
+    chuantou_tests::logs();
+    let identity = ed25519_dalek::SigningKey::from_bytes(&[11; 32]);
+    let first = Server::bind(ServerConfig {
+        identity: identity.clone(),
+        ..ServerConfig::loopback()
+    })
+    .await
+    .unwrap()
+    .spawn();
     let addrs = first.addrs();
     let stop = CancellationToken::new();
     let (pc, phone) = (TempHome::new(), TempHome::new());
@@ -61,7 +71,10 @@ async fn relay_dies_mid_transfer_then_a_restarted_rendezvous_serves_again() {
     let _ = within("in-flight connection ends", busy.read_to_end(&mut rest)).await;
 
     // A new rendezvous on the same addresses.
-    let mut config = ServerConfig::loopback();
+    let mut config = ServerConfig {
+        identity,
+        ..ServerConfig::loopback()
+    };
     config.listen = addrs.signaling;
     config.relay = config.relay.map(|mut r| {
         r.listen = addrs.relay.expect("relay address");

@@ -27,7 +27,8 @@ fn tagged(id: u32, d: &[u8]) -> Bytes {
     v.into()
 }
 
-fn untag(d: &[u8]) -> Option<(u32, &[u8])> {
+/// A flow datagram's id and payload (`None` when it is too short to carry an id).
+pub fn untag(d: &[u8]) -> Option<(u32, &[u8])> {
     let id = u32::from_be_bytes(d.get(..4)?.try_into().ok()?);
     Some((id, &d[4..]))
 }

@@ -123,7 +123,7 @@ fn frame_len(bytes: &[u8]) -> Option<usize> {
 }
 
 /// How many bytes at the front of `bytes` are whole frames.
-fn whole_frames(bytes: &[u8]) -> usize {
+pub fn whole_frames(bytes: &[u8]) -> usize {
     let mut at = 0;
     while let Some(len) = frame_len(&bytes[at..]) {
         at += 2 + len;
