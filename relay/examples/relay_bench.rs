@@ -74,7 +74,8 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 async fn pair(relay: SocketAddr, key: &TicketKey) -> anyhow::Result<(TcpStream, TcpStream)> {
     let (a, b) = tickets(key);
     let t = Duration::from_secs(10);
-    let (x, y) = tokio::join!(join_tcp(relay, a, t), join_tcp(relay, b, t));
+    let (sa, sb) = (key.join_secret(&a), key.join_secret(&b));
+    let (x, y) = tokio::join!(join_tcp(relay, a, sa, t), join_tcp(relay, b, sb, t));
     Ok((x?, y?))
 }
 

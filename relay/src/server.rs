@@ -27,7 +27,7 @@ use crate::stats::RelayStats;
 use wire::batch::{BATCH_BUF, BatchSocket};
 use wire::frame::{self, FrameReader};
 use wire::relay::{
-    Hello, RELAY_VERSION, Refusal, RefusalCode, Status, UdpControl, decode_udp, encode_udp,
+    Hello, Proof, RELAY_VERSION, Refusal, RefusalCode, Status, UdpControl, decode_udp, encode_udp,
 };
 use wire::ticket::{SessionId, Side, TicketKey};
 
@@ -100,6 +100,8 @@ struct Shared {
     next_conn: AtomicU64,
     deadlines: Notify,
     pool: Mutex<Vec<Vec<u8>>>,
+    /// Keys the UDP challenge cookies (random per start: cookies are short-lived).
+    cookie_key: [u8; 32],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +166,7 @@ impl RelayServer {
             next_conn: AtomicU64::new(1),
             deadlines: Notify::new(),
             pool: Mutex::new(Vec::new()),
+            cookie_key: rand::random(),
         });
         Ok(RelayServer {
             tcp,
@@ -330,6 +333,12 @@ async fn serve_tcp(
         shared.refused(remote, &r);
         return refuse(stream, r).await;
     }
+    // Prove possession before anything is held for this connection: a ticket seen on the
+    // wire does not join, and does not move or stall the real half.
+    if let Err(r) = tcp_proof(&shared, &mut stream, &hello).await {
+        shared.refused(remote, &r);
+        return refuse(stream, r).await;
+    }
     let conn = shared.conn_id();
     let session = hello.ticket.session;
     let (tx, rx) = oneshot::channel();
@@ -408,6 +417,89 @@ async fn serve_tcp(
             }
         }
     }
+}
+
+/// The TCP challenge: a random nonce, answered within the hello timeout by a proof over it.
+async fn tcp_proof(shared: &Shared, stream: &mut TcpStream, hello: &Hello) -> Result<(), Refusal> {
+    shared
+        .config
+        .key
+        .authentic(&hello.ticket)
+        .map_err(|e| Refusal::new(RefusalCode::BadTicket, e.to_string()))?;
+    let nonce: [u8; 32] = rand::random();
+    write_status(stream, &Status::Challenge { nonce })
+        .await
+        .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
+    let mut reader = FrameReader::new(&mut *stream);
+    let proof = match timeout(shared.config.hello_timeout, reader.read::<Proof>()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            return Err(Refusal::new(
+                RefusalCode::BadFrame,
+                format!("bad proof: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                RefusalCode::NoProof,
+                "no proof of the ticket's secret within the hello timeout",
+            ));
+        }
+    };
+    if !shared
+        .config
+        .key
+        .check_proof(&hello.ticket, b"tcp", &nonce, &proof.mac)
+    {
+        return Err(Refusal::new(
+            RefusalCode::NoProof,
+            "the proof does not verify: this connection does not hold the ticket's secret",
+        ));
+    }
+    Ok(())
+}
+
+/// The UDP challenge for a hello from `src`: a cookie over the source address, the ticket
+/// and the current 30-second window, so that the relay keeps nothing for hellos nobody
+/// proves, and a proof made at one address is no good from another.
+fn udp_cookie(shared: &Shared, src: SocketAddr, hello: &Hello, window: u64) -> [u8; 32] {
+    let addr = match src {
+        SocketAddr::V4(a) => [&a.ip().octets()[..], &a.port().to_be_bytes()].concat(),
+        SocketAddr::V6(a) => [&a.ip().octets()[..], &a.port().to_be_bytes()].concat(),
+    };
+    wire::ticket::hmac_sha256(
+        &shared.cookie_key,
+        &[
+            b"chuantou relay cookie v1\0",
+            &window.to_be_bytes(),
+            &addr,
+            &hello.ticket.session.0,
+            &hello.ticket.mac,
+        ],
+    )
+}
+
+/// How long a UDP cookie is good: its window and the one after.
+const COOKIE_WINDOW: u64 = 30;
+
+/// Whether a UDP proof from `src` holds: the cookie is this source's (now or in the
+/// previous window) and the proof over it verifies.
+fn udp_proven(
+    shared: &Shared,
+    src: SocketAddr,
+    hello: &Hello,
+    nonce: &[u8; 32],
+    mac: &[u8; 32],
+) -> bool {
+    let window = unix_now() / COOKIE_WINDOW;
+    let fresh = [window, window.saturating_sub(1)]
+        .iter()
+        .any(|w| wire::ticket::constant_time_eq(&udp_cookie(shared, src, hello, *w), nonce));
+    fresh
+        && shared
+            .config
+            .key
+            .check_proof(&hello.ticket, b"udp", nonce, mac)
 }
 
 fn gone(shared: &Shared, conn: ConnId) {
@@ -758,7 +850,35 @@ async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, shutdown: CancellationT
         for data in datagrams {
             match decode_udp(&data) {
                 Some(Ok(UdpControl::Hello(h))) => {
-                    for (to, status) in udp_hello(&shared, src, &h) {
+                    // Only a challenge: nothing is held, nothing moves until a proof.
+                    let status = if h.version != RELAY_VERSION {
+                        Status::Refused(Refusal::new(
+                            RefusalCode::VersionMismatch,
+                            format!("relay speaks version {RELAY_VERSION}, client {}", h.version),
+                        ))
+                    } else {
+                        Status::Challenge {
+                            nonce: udp_cookie(&shared, src, &h, unix_now() / COOKIE_WINDOW),
+                        }
+                    };
+                    let encoded = encode_udp(&UdpControl::Status(status));
+                    // Never more than the hello that asked for it.
+                    if encoded.len() <= data.len() {
+                        let _ = sock.send(src, &encoded, encoded.len()).await;
+                    }
+                }
+                Some(Ok(UdpControl::Proven { hello, nonce, mac })) => {
+                    let statuses = if udp_proven(&shared, src, &hello, &nonce, &mac) {
+                        udp_hello(&shared, src, &hello)
+                    } else {
+                        let r = Refusal::new(
+                            RefusalCode::NoProof,
+                            "the proof does not verify for this address: challenge again",
+                        );
+                        shared.refused(src, &r);
+                        vec![(src, Status::Refused(r))]
+                    };
+                    for (to, status) in statuses {
                         let encoded = encode_udp(&UdpControl::Status(status));
                         let _ = sock.send(to, &encoded, encoded.len()).await;
                     }
@@ -798,11 +918,9 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
         )];
     }
     // A paired half whose NAT gave it a new mapping (a NAT reboot, a carrier rebalancing)
-    // comes back from a new address with the ticket that admitted it: the session follows
-    // it there. Only a ticket this relay's key signed for that session and side moves it
-    // (expired or not: expiry bounds joining, and a session may outlive it).
-    // While the old address is still heard from, the half has not moved, and the hello is
-    // a replay (refused below).
+    // comes back from a new address and proves its ticket's secret there: the session
+    // follows it (expired ticket or not: expiry bounds joining, and a session may outlive
+    // it). While the old address is still heard from, the half has not moved.
     let i = match h.ticket.side {
         Side::Initiator => 0,
         Side::Responder => 1,

@@ -8,7 +8,7 @@ use relay::server::{RelayConfig, RelayHandle, RelayServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use wire::frame::{self, FrameReader};
-use wire::relay::client::{JoinError, join_tcp, join_udp};
+use wire::relay::client::{JoinError, UdpJoin};
 use wire::relay::{Hello, RELAY_VERSION, RefusalCode, Status};
 use wire::ticket::{SessionId, Side, Ticket, TicketKey};
 
@@ -29,6 +29,28 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+/// Joins over TCP as the ticket's holder (with the secret the rendezvous would hand it).
+async fn join_tcp(
+    relay: SocketAddr,
+    t: Ticket,
+    within: Duration,
+) -> Result<tokio::net::TcpStream, JoinError> {
+    let secret = key().join_secret(&t);
+    wire::relay::client::join_tcp(relay, t, secret, within).await
+}
+
+/// Joins over UDP as the ticket's holder.
+async fn join_udp(
+    sock: &UdpSocket,
+    relay: SocketAddr,
+    t: Ticket,
+    every: Duration,
+    within: Duration,
+) -> Result<(), JoinError> {
+    let join = UdpJoin::new(t.clone(), key().join_secret(&t));
+    wire::relay::client::join_udp(sock, relay, &join, every, within).await
 }
 
 fn tickets(session: u8) -> (Ticket, Ticket) {
@@ -339,12 +361,19 @@ async fn waiting_half(relay: SocketAddr, ticket: Ticket) -> FrameReader<TcpStrea
         &mut s,
         &Hello {
             version: RELAY_VERSION,
-            ticket,
+            ticket: ticket.clone(),
         },
     )
     .await
     .unwrap();
     let mut r = FrameReader::new(s);
+    let Status::Challenge { nonce } = within("challenge", r.read::<Status>()).await.unwrap() else {
+        panic!("the relay must challenge a hello");
+    };
+    let mac = key().join_secret(&ticket).prove(b"tcp", &nonce);
+    frame::write(r.get_mut(), &wire::relay::Proof { mac })
+        .await
+        .unwrap();
     let status = within("waiting", r.read::<Status>()).await.unwrap();
     assert!(matches!(status, Status::Waiting), "{status:?}");
     r
@@ -424,4 +453,86 @@ async fn halves_arriving_at_the_same_moment_always_pair() {
         };
         assert_eq!(got, other as u8, "half {i}");
     }
+}
+
+/// What an on-path observer of a peer's relay traffic has is the ticket, never its secret:
+/// with it alone it cannot join, cannot take a waiting half's place, cannot move a paired
+/// UDP half to itself (not even by replaying that half's own proof from elsewhere), and
+/// hellos it sprays hold no place in the relay.
+#[tokio::test]
+async fn a_ticket_seen_on_the_wire_is_worth_nothing_without_its_secret() {
+    let relay = relay_with(|c| c.limits.max_sessions = 4).await;
+    let addr = relay.addr();
+
+    // TCP: the observer presents a waiting half's ticket with a guessed secret.
+    let (ta, tb) = tickets(20);
+    let a = waiting_half(addr, ta.clone()).await;
+    let guess = wire::ticket::JoinSecret([0; 32]);
+    let r = wire::relay::client::join_tcp(addr, ta.clone(), guess, BOUND).await;
+    assert!(
+        matches!(r, Err(JoinError::Refused(ref x)) if x.code == RefusalCode::NoProof),
+        "{r:?}"
+    );
+    // The real half is still there, and its partner pairs with it.
+    completes(addr, a, tb).await;
+
+    // UDP: a paired session; the observer captures one of c's proofs...
+    let (tc, td) = tickets(21);
+    let (c, d) = udp_pair(addr, tc.clone(), td).await;
+    let join_c = UdpJoin::new(tc.clone(), key().join_secret(&tc));
+    c.send_to(&join_c.hello(), addr).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let captured = loop {
+        let (n, _) = within("challenge", c.recv_from(&mut buf)).await.unwrap();
+        if let Some(p) = join_c.answer(&buf[..n]) {
+            break p;
+        }
+    };
+    // ...and replays it from its own address once c is quiet (when a real move would be
+    // accepted): refused, the cookie was c's.
+    tokio::time::sleep(relay::defaults::UDP_REBIND_QUIET).await;
+    let mallory = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    mallory.send_to(&captured, addr).await.unwrap();
+    let refusal = loop {
+        let (n, _) = within("refusal", mallory.recv_from(&mut buf))
+            .await
+            .unwrap();
+        if let Some(Ok(wire::relay::UdpControl::Status(Status::Refused(r)))) =
+            wire::relay::decode_udp(&buf[..n])
+        {
+            break r;
+        }
+    };
+    assert_eq!(refusal.code, RefusalCode::NoProof);
+    // Its own hello gets a challenge it cannot answer without the secret.
+    let fake = UdpJoin::new(tc.clone(), guess);
+    let r = wire::relay::client::join_udp(
+        &mallory,
+        addr,
+        &fake,
+        Duration::from_millis(50),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(
+        matches!(r, Err(JoinError::Refused(ref x)) if x.code == RefusalCode::NoProof),
+        "{r:?}"
+    );
+    // The session still goes to c.
+    d.send_to(b"still c", addr).await.unwrap();
+    assert_eq!(data(&c).await, b"still c");
+
+    // Spoofed hellos for a thousand sessions hold nothing: two more real pairs still fit
+    // in a relay of four sessions.
+    for i in 0..1000u32 {
+        let t = key().issue(
+            SessionId([(i % 251) as u8; 16]),
+            Side::Initiator,
+            unix_now() + 60,
+        );
+        let hello = UdpJoin::new(t, guess).hello();
+        mallory.send_to(&hello, addr).await.unwrap();
+    }
+    let (te, tf) = tickets(22);
+    let _pair = udp_pair(addr, te, tf).await;
 }

@@ -105,12 +105,16 @@ pub fn broker(
     relay: Option<RelayIssue<'_>>,
 ) -> (Broker, Broker) {
     let offer = |role: Role| {
-        relay.as_ref().map(|r| RelayOffer {
-            addr: match role {
-                Role::Initiator => r.addr_for_initiator,
-                Role::Responder => r.addr_for_responder,
-            },
-            ticket: r.key.issue(session, role, r.expires),
+        relay.as_ref().map(|r| {
+            let ticket = r.key.issue(session, role, r.expires);
+            RelayOffer {
+                addr: match role {
+                    Role::Initiator => r.addr_for_initiator,
+                    Role::Responder => r.addr_for_responder,
+                },
+                secret: r.key.join_secret(&ticket),
+                ticket,
+            }
         })
     };
     let (da, db) = start_delays(initiator.rtt, responder.rtt);

@@ -1623,7 +1623,9 @@ fn connect(
     );
     their
         .tx
-        .try_send(Push::Frame(Box::new(ServerFrame::Broker(to_them))))
+        .try_send(Push::Frame(Box::new(ServerFrame::Broker(Box::new(
+            to_them,
+        )))))
         .map_err(|_| {
             ErrorFrame::new(
                 ErrorCode::Busy,
@@ -1632,7 +1634,7 @@ fn connect(
         })?;
     metrics::inc(&shared.metrics.sessions_brokered);
     info!(%session, from = %me, to = %target, service = %to_me.service.reference(), "brokered session");
-    Ok(Reply::Brokered(to_me))
+    Ok(Reply::Brokered(Box::new(to_me)))
 }
 
 fn peer_info(now: Instant, name: &str, e: &registry::Entry) -> PeerInfo {

@@ -29,8 +29,8 @@ async fn brokered_tickets_pair_at_the_embedded_relay() {
     assert_eq!(to.addr, relay_addr);
     let limit = Duration::from_secs(10);
     let (a, b) = tokio::join!(
-        join_tcp(mo.addr, mo.ticket, limit),
-        join_tcp(to.addr, to.ticket, limit)
+        join_tcp(mo.addr, mo.ticket, mo.secret, limit),
+        join_tcp(to.addr, to.ticket, to.secret, limit)
     );
     let (mut a, mut b) = (a.unwrap(), b.unwrap());
     a.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();

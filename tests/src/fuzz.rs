@@ -13,8 +13,11 @@ use serde::de::DeserializeOwned;
 use wire::frame::{self, FrameReader, HEADER_LEN, MAX_FRAME_LEN};
 use wire::signal::{ClientFrame, ServerFrame};
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name (the directory of its corpus under `fuzz/corpus/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("signaling_client_frames", signaling_client_frames),
     ("signaling_server_frames", signaling_server_frames),
     ("frame_reader", frame_reader),

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use wire::signal::ErrorCode;
 use wire::signal::client::{Client, ClientConfig, ClientError};
 
-const HEARTBEAT: Duration = Duration::from_secs(2);
+/// The default heartbeat: "within two heartbeats" is then the 30 s a user would see.
+const HEARTBEAT: Duration = rendezvous::defaults::HEARTBEAT_INTERVAL;
 
 /// A server on `port` (0: any) keeping its names in `state`, with a fixed identity.
 async fn server(state: &std::path::Path, port: u16) -> ServerHandle {

@@ -89,8 +89,8 @@ async fn registered_relay_carries_brokered_sessions() {
     assert_eq!(b.addr, relay_addr);
     let t = Duration::from_secs(10);
     let (x, y) = tokio::join!(
-        wire::relay::client::join_tcp(a.addr, a.ticket, t),
-        wire::relay::client::join_tcp(b.addr, b.ticket, t)
+        wire::relay::client::join_tcp(a.addr, a.ticket, a.secret, t),
+        wire::relay::client::join_tcp(b.addr, b.ticket, b.secret, t)
     );
     let (mut x, mut y) = (x.unwrap(), y.unwrap());
     x.write_all(b"through the standalone relay").await.unwrap();

@@ -79,6 +79,30 @@ pub enum TicketError {
     Expired(u64),
 }
 
+/// The secret that goes with a ticket: the rendezvous hands both to the half the ticket
+/// admits, over encrypted signaling; the relay derives it from the ticket with its key.
+/// A join proves possession of it (an HMAC over a fresh challenge), so a ticket seen on
+/// the wire is worth nothing without it.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinSecret(pub [u8; 32]);
+
+impl fmt::Debug for JoinSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JoinSecret(..)")
+    }
+}
+
+impl JoinSecret {
+    /// The proof of possession for `challenge`, over `transport` (b"tcp" or b"udp", so a
+    /// proof made for one cannot be used on the other).
+    pub fn prove(&self, transport: &[u8], challenge: &[u8; 32]) -> [u8; 32] {
+        hmac_sha256(
+            &self.0,
+            &[b"chuantou relay join v1\0", transport, challenge],
+        )
+    }
+}
+
 /// The key shared by a rendezvous and its relays.
 #[derive(Clone)]
 pub struct TicketKey([u8; 32]);
@@ -140,6 +164,27 @@ impl TicketKey {
             expires,
             mac: mac.into(),
         }
+    }
+
+    /// The secret that goes with `t` (see [`JoinSecret`]).
+    pub fn join_secret(&self, t: &Ticket) -> JoinSecret {
+        JoinSecret(self.hmac(&[
+            b"chuantou relay join secret v1\0",
+            &t.session.0,
+            &[t.side.byte()],
+            &t.expires.to_be_bytes(),
+        ]))
+    }
+
+    /// Checks a join's proof for `challenge` over `transport` (constant time).
+    pub fn check_proof(
+        &self,
+        t: &Ticket,
+        transport: &[u8],
+        challenge: &[u8; 32],
+        proof: &[u8; 32],
+    ) -> bool {
+        constant_time_eq(&self.join_secret(t).prove(transport, challenge), proof)
     }
 
     /// Checks a ticket's MAC (in constant time) and expiry at `now_unix`.

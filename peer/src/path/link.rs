@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use wire::batch::{BATCH_BUF, BatchSocket};
+use wire::relay::client::UdpJoin;
 
 use super::{PathKind, mapped};
 use crate::defaults::{LINK_QUEUE, RELAY_REHELLO};
@@ -342,15 +343,16 @@ impl Links {
     }
 
     /// A link over a UDP socket of its own whose datagrams all go to, and are taken only
-    /// from, `remote`. With `hello` (a relay's join datagram), that is sent again every
-    /// [`RELAY_REHELLO`], so that a relay follows us when our NAT gives us a new mapping,
-    /// and the relay's answers (control datagrams) are kept from QUIC.
+    /// from, `remote`. With `join` (a relay join), its hello is sent again every
+    /// [`RELAY_REHELLO`] and the relay's challenges are answered, so that a relay follows
+    /// us when our NAT gives us a new mapping; the relay's control datagrams are kept from
+    /// QUIC.
     pub fn add_udp(
         self: &Arc<Self>,
         kind: PathKind,
         sock: UdpSocket,
         remote: SocketAddr,
-        hello: Option<Vec<u8>>,
+        join: Option<UdpJoin>,
     ) -> Link {
         let (link, mut out) = self.register(kind, remote, false);
         let (addr, closed, incoming) = (link.addr, link.closed.clone(), self.incoming.clone());
@@ -368,7 +370,9 @@ impl Links {
             e.direct = Some((sock.clone(), remote));
         }
         let (tx, done) = (sock.clone(), closed.clone());
-        let control = hello.is_some();
+        let control = join.is_some();
+        let hello = join.as_ref().map(UdpJoin::hello);
+        let answers = sock.clone();
         tokio::spawn(async move {
             let mut rehello = tokio::time::interval(RELAY_REHELLO);
             rehello.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -402,6 +406,14 @@ impl Links {
                     continue;
                 }
                 let is_control = |d: &[u8]| control && wire::relay::decode_udp(d).is_some();
+                // The relay's challenge (after a re-hello): prove the ticket's secret again.
+                if let Some(j) = &join {
+                    for d in batch.datagrams(&buf).filter(|d| is_control(d)) {
+                        if let Some(answer) = j.answer(d) {
+                            let _ = answers.send(remote, &answer, answer.len()).await;
+                        }
+                    }
+                }
                 let run = if batch.datagrams(&buf).any(is_control) {
                     // The relay's answers are not QUIC: keep them out, the rest in order
                     // (dropping whole datagrams keeps every stride but the last).

@@ -31,19 +31,23 @@ pub async fn join(links: &Arc<Links>, offer: &RelayOffer, udp: bool) -> Result<L
         };
         let sock = UdpSocket::bind(any).await.map_err(JoinError::Io)?;
         wire::sockbuf::grow_udp_buffers(&sock);
+        let join = wire::relay::client::UdpJoin::new(offer.ticket.clone(), offer.secret);
         wire::relay::client::join_udp(
             &sock,
             offer.addr,
-            offer.ticket.clone(),
+            &join,
             defaults::RELAY_UDP_HELLO,
             defaults::RELAY_JOIN,
         )
         .await?;
-        let hello = wire::relay::client::udp_hello(offer.ticket.clone());
-        return Ok(links.add_udp(PathKind::Relay, sock, offer.addr, Some(hello)));
+        return Ok(links.add_udp(PathKind::Relay, sock, offer.addr, Some(join)));
     }
-    let stream =
-        wire::relay::client::join_tcp(offer.addr, offer.ticket.clone(), defaults::RELAY_JOIN)
-            .await?;
+    let stream = wire::relay::client::join_tcp(
+        offer.addr,
+        offer.ticket.clone(),
+        offer.secret,
+        defaults::RELAY_JOIN,
+    )
+    .await?;
     Ok(links.add_stream(PathKind::RelayTcp, stream))
 }

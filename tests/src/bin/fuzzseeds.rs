@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         .map_or_else(|| PathBuf::from("fuzz/corpus"), PathBuf::from);
     let key = SigningKey::from_bytes(&[3; 32]);
     let public = PublicKey(key.verifying_key().to_bytes());
-    let client_frames = vec![
+    let client_frames = [
         ClientFrame::Hello(Hello {
             version: wire::signal::PROTOCOL_VERSION,
             token: Some("token".into()),
@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         ClientFrame::Relay(RelayMsg::Proof { mac: [9; 32] }),
         ClientFrame::Relay(RelayMsg::Load { sessions: 3 }),
     ];
-    let server_frames = vec![
+    let server_frames = [
         ServerFrame::Welcome(Welcome {
             version: wire::signal::PROTOCOL_VERSION,
             nonce: [1; 32],

@@ -9,8 +9,10 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::frame::{self, FrameError, FrameReader};
-use crate::relay::{Hello, RELAY_VERSION, Refusal, Status, UdpControl, decode_udp, encode_udp};
-use crate::ticket::Ticket;
+use crate::relay::{
+    Hello, Proof, RELAY_VERSION, Refusal, Status, UdpControl, decode_udp, encode_udp,
+};
+use crate::ticket::{JoinSecret, Ticket};
 
 /// Why joining a relay session failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +55,13 @@ const JOIN_RETRY: Duration = Duration::from_millis(50);
 pub async fn join_tcp(
     relay: SocketAddr,
     ticket: Ticket,
+    secret: JoinSecret,
     within: Duration,
 ) -> Result<TcpStream, JoinError> {
     let work = async {
         let mut attempt = 1;
         loop {
-            match join_once(relay, ticket.clone()).await {
+            match join_once(relay, ticket.clone(), secret).await {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     let transient = matches!(e, JoinError::Connect { .. } | JoinError::Frame(_));
@@ -77,7 +80,11 @@ pub async fn join_tcp(
         .map_err(|_| JoinError::Timeout(relay, within))?
 }
 
-async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, JoinError> {
+async fn join_once(
+    relay: SocketAddr,
+    ticket: Ticket,
+    secret: JoinSecret,
+) -> Result<TcpStream, JoinError> {
     let mut stream = TcpStream::connect(relay)
         .await
         .map_err(|source| JoinError::Connect {
@@ -95,6 +102,12 @@ async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, JoinE
     let mut reader = FrameReader::new(stream);
     loop {
         match reader.read::<Status>().await? {
+            Status::Challenge { nonce } => {
+                let proof = Proof {
+                    mac: secret.prove(b"tcp", &nonce),
+                };
+                frame::write(reader.get_mut(), &proof).await?;
+            }
             Status::Waiting => {}
             Status::Paired => return Ok(reader.into_inner()),
             Status::Refused(r) => return Err(JoinError::Refused(r)),
@@ -102,25 +115,58 @@ async fn join_once(relay: SocketAddr, ticket: Ticket) -> Result<TcpStream, JoinE
     }
 }
 
-/// The UDP hello that presents `ticket`: sent until the relay pairs the session, and
-/// again whenever the half's address may have changed (the relay then follows it).
-pub fn udp_hello(ticket: Ticket) -> Vec<u8> {
-    encode_udp(&UdpControl::Hello(Hello {
-        version: RELAY_VERSION,
-        ticket,
-    }))
+/// A half's UDP join: the hello it sends (until paired, and again whenever its address
+/// may have changed, so that the relay follows it), and its answers to the relay's
+/// challenges.
+#[derive(Debug, Clone)]
+pub struct UdpJoin {
+    hello: Hello,
+    secret: JoinSecret,
 }
 
-/// Presents `ticket` from `sock` to `relay` over UDP, repeating every `every` until the
-/// relay says both halves are in. Datagrams from elsewhere are ignored.
+impl UdpJoin {
+    /// The join for `ticket`, proving `secret`.
+    pub fn new(ticket: Ticket, secret: JoinSecret) -> UdpJoin {
+        UdpJoin {
+            hello: Hello {
+                version: RELAY_VERSION,
+                ticket,
+            },
+            secret,
+        }
+    }
+
+    /// The hello datagram.
+    pub fn hello(&self) -> Vec<u8> {
+        encode_udp(&UdpControl::Hello(self.hello.clone()))
+    }
+
+    /// The answer to `datagram`, if it is the relay's challenge.
+    pub fn answer(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+        match decode_udp(datagram)? {
+            Ok(UdpControl::Status(Status::Challenge { nonce })) => {
+                Some(encode_udp(&UdpControl::Proven {
+                    hello: self.hello.clone(),
+                    nonce,
+                    mac: self.secret.prove(b"udp", &nonce),
+                }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Joins `join`'s session from `sock` at `relay` over UDP: hellos every `every`, answers to
+/// challenges, until the relay says both halves are in. Datagrams from elsewhere are
+/// ignored.
 pub async fn join_udp(
     sock: &UdpSocket,
     relay: SocketAddr,
-    ticket: Ticket,
+    join: &UdpJoin,
     every: Duration,
     within: Duration,
 ) -> Result<(), JoinError> {
-    let hello = udp_hello(ticket);
+    let hello = join.hello();
     let give_up = Instant::now() + within;
     let mut buf = [0u8; 2048];
     loop {
@@ -132,6 +178,10 @@ pub async fn join_udp(
             };
             let (n, from) = got.map_err(JoinError::Io)?;
             if from != relay {
+                continue;
+            }
+            if let Some(answer) = join.answer(&buf[..n]) {
+                sock.send_to(&answer, relay).await.map_err(JoinError::Io)?;
                 continue;
             }
             match decode_udp(&buf[..n]) {

@@ -1,14 +1,23 @@
-//! Relay control messages. The flow:
+//! Relay control messages. A half proves it holds its ticket's [`JoinSecret`] (which only
+//! it and the relay know) by an HMAC over a fresh challenge, so a ticket seen on the wire
+//! can neither join, nor replace, nor stall a half. The flow:
 //!
-//! - TCP: the client sends one frame `Hello { version, ticket }`; the relay answers
-//!   `Status::Waiting` while the other half is missing, then `Status::Paired`, after which
-//!   the stream carries the session's bytes, opaque, until either side closes. A refused
-//!   hello gets `Status::Refused` and the connection is closed.
+//! - TCP: the client sends a frame `Hello { version, ticket }`; the relay answers
+//!   `Status::Challenge { nonce }` (random); the client sends `Proof { mac }`; then the
+//!   relay says `Status::Waiting` while the other half is missing, and `Status::Paired`,
+//!   after which the stream carries the session's bytes, opaque, until either side closes.
+//!   A refused hello or proof gets `Status::Refused` and the connection is closed.
 //! - UDP: the client sends [`UDP_MAGIC`] followed by a postcard `UdpControl::Hello` from the
-//!   socket it will use, repeating until it hears `UdpControl::Status(Paired)`. After that
-//!   every datagram it sends without the magic prefix is forwarded to the other half. Data
-//!   never starts with the magic: its first byte is 0, which no QUIC packet has (RFC 9000
-//!   §17.2 and §17.3 fix the 0x40 bit).
+//!   socket it will use; the relay answers `Status::Challenge` with a cookie bound to that
+//!   source address (stateless, and smaller than the hello: a spoofed hello holds nothing
+//!   and reflects nothing); the client sends `UdpControl::Proven { hello, nonce, mac }`,
+//!   repeating until it hears `Status(Paired)`. A half whose address changes proves again
+//!   from the new one, and the session follows it. After that every datagram it sends
+//!   without the magic prefix is forwarded to the other half. Data never starts with the
+//!   magic: its first byte is 0, which no QUIC packet has (RFC 9000 §17.2 and §17.3 fix
+//!   the 0x40 bit).
+//!
+//! [`JoinSecret`]: crate::ticket::JoinSecret
 
 pub mod client;
 
@@ -16,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ticket::Ticket;
 
-/// The relay control protocol version.
-pub const RELAY_VERSION: u16 = 1;
+/// The relay control protocol version (2: joins prove possession of the ticket's secret).
+pub const RELAY_VERSION: u16 = 2;
 
 /// Prefix of every UDP control datagram.
 pub const UDP_MAGIC: [u8; 4] = [0x00, b'C', b'T', b'R'];
@@ -40,6 +49,18 @@ pub enum Status {
     Paired,
     /// Not admitted, or the session ended; the relay closes after sending it.
     Refused(Refusal),
+    /// Prove you hold the ticket's secret: answer with an HMAC over this nonce.
+    Challenge {
+        /// Fresh (TCP), or a cookie bound to the source address (UDP).
+        nonce: [u8; 32],
+    },
+}
+
+/// The client's answer to [`Status::Challenge`] on TCP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proof {
+    /// [`JoinSecret::prove`](crate::ticket::JoinSecret::prove) over `b"tcp"` and the nonce.
+    pub mac: [u8; 32],
 }
 
 /// Why the relay refused or ended a session.
@@ -82,6 +103,8 @@ pub enum RefusalCode {
     BadFrame,
     /// The ticket's lifetime is longer than this relay accepts.
     TicketTooLong,
+    /// The join did not prove possession of the ticket's secret.
+    NoProof,
 }
 
 /// UDP control datagrams (after [`UDP_MAGIC`]).
@@ -91,6 +114,16 @@ pub enum UdpControl {
     Hello(Hello),
     /// Relay → client.
     Status(Status),
+    /// Client → relay: the hello again, with the relay's cookie and the proof over it.
+    Proven {
+        /// The hello being proven.
+        hello: Hello,
+        /// The relay's challenge for this source address.
+        nonce: [u8; 32],
+        /// [`JoinSecret::prove`](crate::ticket::JoinSecret::prove) over `b"udp"` and the
+        /// nonce.
+        mac: [u8; 32],
+    },
 }
 
 /// Encodes a UDP control datagram.

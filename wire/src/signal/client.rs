@@ -403,7 +403,7 @@ impl Client {
             })
             .await?
         {
-            Reply::Brokered(b) => Ok(b),
+            Reply::Brokered(b) => Ok(*b),
             other => Err(unexpected(other)),
         }
     }
@@ -470,7 +470,7 @@ async fn run(
                     }
                 }
                 Ok(ServerFrame::Broker(b)) => {
-                    let _ = events.send(ClientEvent::Broker(Box::new(b))).await;
+                    let _ = events.send(ClientEvent::Broker(b)).await;
                 }
                 Ok(ServerFrame::Error(e)) => break ClientError::Closed(Some(e)),
                 Ok(ServerFrame::Welcome(_)) => break ClientError::Protocol("second welcome".into()),

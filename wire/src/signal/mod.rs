@@ -255,7 +255,7 @@ pub enum ServerFrame {
         body: Result<Reply, ErrorFrame>,
     },
     /// Pushed to a peer another peer has asked to reach.
-    Broker(Broker),
+    Broker(Box<Broker>),
     /// A fatal error; the server closes the connection after sending it.
     Error(ErrorFrame),
     /// To a standalone relay ([`crate::announce`]).
@@ -298,7 +298,7 @@ pub enum Reply {
     /// One peer.
     Peer(PeerInfo),
     /// The session the server brokered for a `Connect`.
-    Brokered(Broker),
+    Brokered(Box<Broker>),
     /// The name is free.
     Released,
 }
@@ -371,6 +371,8 @@ pub struct RelayOffer {
     pub addr: SocketAddr,
     /// This side's signed admission.
     pub ticket: crate::ticket::Ticket,
+    /// The secret a join proves it holds (only this side and the relay know it).
+    pub secret: crate::ticket::JoinSecret,
 }
 
 /// Addresses at which a peer may be reachable.
@@ -964,7 +966,7 @@ mod wire_tests {
             body: Err(ErrorFrame::new(ErrorCode::NameTaken, "x")),
         };
         assert_eq!(hex_of(&err), "00000006010401 08 0178".replace(' ', ""));
-        let broker = ServerFrame::Broker(sample_broker());
+        let broker = ServerFrame::Broker(Box::new(sample_broker()));
         assert_eq!(
             hex_of(&broker),
             concat!(
@@ -1004,10 +1006,10 @@ mod wire_tests {
 
     #[test]
     fn round_trips() {
-        round_trip(&ServerFrame::Broker(sample_broker()));
+        round_trip(&ServerFrame::Broker(Box::new(sample_broker())));
         round_trip(&ServerFrame::Response {
             id: u32::MAX,
-            body: Ok(Reply::Brokered(sample_broker())),
+            body: Ok(Reply::Brokered(Box::new(sample_broker()))),
         });
         round_trip(&ServerFrame::Error(ErrorFrame::new(
             ErrorCode::Other(4242),
