@@ -56,7 +56,14 @@ pub struct NameStore {
 impl NameStore {
     /// Opens (or makes) the database at `path`.
     pub fn open(path: &Path) -> Result<NameStore, StoreError> {
-        let db = Database::create(path).map_err(err)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError(
+                "in use by another process: is another rendezvous running with this state \
+                 directory? give each its own --state"
+                    .into(),
+            ),
+            e => err(e),
+        })?;
         // Make the table exist, so that a fresh store reads as empty.
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(NAMES).map_err(err)?;

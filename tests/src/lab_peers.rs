@@ -145,6 +145,17 @@ pub struct Proc {
     lines: mpsc::Receiver<String>,
     /// Every line read so far.
     pub seen: Vec<String>,
+    /// A directory of its own (a rendezvous' state), removed with it.
+    dir: Option<std::path::PathBuf>,
+}
+
+/// A fresh state directory for one rendezvous process: each has its own identity and name
+/// database (the database takes a lock, so two servers cannot share one).
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "chuantou-rv-state-{}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ))
 }
 
 impl Proc {
@@ -168,6 +179,7 @@ impl Proc {
             child,
             lines,
             seen: Vec::new(),
+            dir: None,
         }
     }
 
@@ -214,6 +226,9 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -295,7 +310,9 @@ pub fn start_rendezvous(lab: &Lab, rendezvous: &Path) -> Proc {
 
 /// [`start_rendezvous`] with more flags (relay limits, say).
 pub fn start_rendezvous_with(lab: &Lab, rendezvous: &Path, extra: &[&str]) -> Proc {
+    let state = state_dir();
     let mut cmd = lab.command("server", rendezvous);
+    cmd.arg("--state").arg(&state);
     cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
         .arg(format!("{SERVER_IP}:3478"))
         .args(["--alt-ip", &SERVER_ALT_IP.to_string(), "--no-http"])
@@ -303,6 +320,7 @@ pub fn start_rendezvous_with(lab: &Lab, rendezvous: &Path, extra: &[&str]) -> Pr
         .args(extra);
     cmd.env("RUST_LOG", "info,relay=debug");
     let mut server = Proc::start(cmd);
+    server.dir = Some(state);
     server.wait_for(&["relay listening"]);
     server
 }

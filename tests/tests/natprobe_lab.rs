@@ -16,9 +16,13 @@ const OURS: u16 = 3478;
 /// coturn in the lab: 198.18.0.1:4478, alternate port 4479.
 const COTURN: u16 = 4478;
 
-fn start_servers(lab: &Lab) {
+/// Starts our STUN server and coturn in the lab; the returned state directory (of our
+/// server) lives as long as it is held.
+fn start_servers(lab: &Lab) -> chuantou_tests::TempHome {
     let rendezvous = workspace_bin("rendezvous");
+    let state = chuantou_tests::TempHome::new();
     let mut cmd = lab.command("server", &rendezvous);
+    cmd.arg("--state").arg(&state.0);
     cmd.args(["--listen", "198.18.0.1:7000", "--stun"])
         .arg(format!("{SERVER_IP}:{OURS}"))
         .args([
@@ -58,6 +62,7 @@ fn start_servers(lab: &Lab) {
         await_stun(lab, SocketAddr::from((SERVER_IP, port)));
         await_stun(lab, SocketAddr::from((SERVER_ALT_IP, port + 1)));
     }
+    state
 }
 
 /// Waits until a STUN server answers (asking again every 100 ms, as a client would).
@@ -112,7 +117,7 @@ fn natprobe_names_every_router_kind_like_coturn_does() {
     let Some(lab) = Lab::for_test(&EVERY_KIND_ROUTERS) else {
         return;
     };
-    start_servers(&lab);
+    let _state = start_servers(&lab);
     let bin = workspace_bin("natprobe");
     // (host, nat_type, mapping, filtering, port_allocation, hairpin)
     let ei = "endpoint-independent";
@@ -182,7 +187,7 @@ fn natprobe_finds_a_five_second_mapping_lifetime() {
     let Some(lab) = Lab::for_test(&["short=port-restricted,timeout=5"]) else {
         return;
     };
-    start_servers(&lab);
+    let _state = start_servers(&lab);
     let bin = workspace_bin("natprobe");
     // Both servers at once: the search takes about as long as the lifetime.
     let runs = [OURS, COTURN].map(|port| {
@@ -219,7 +224,7 @@ fn natprobe_says_udp_is_blocked_and_still_sees_tcp() {
     )
     .unwrap();
     // Readiness is checked from `third`, whose UDP is not blocked.
-    start_servers(&lab);
+    let _state = start_servers(&lab);
     let bin = workspace_bin("natprobe");
     let args = vec![
         "--server".to_string(),
@@ -247,8 +252,13 @@ fn two_plain_servers_tell_whether_the_mapping_varies() {
     };
     // Two plain STUN servers (no --alt-ip, so no OTHER-ADDRESS), one per server IP.
     let rendezvous = workspace_bin("rendezvous");
+    let states = [
+        chuantou_tests::TempHome::new(),
+        chuantou_tests::TempHome::new(),
+    ];
     for (i, ip) in [SERVER_IP, SERVER_ALT_IP].into_iter().enumerate() {
         let mut cmd = lab.command("server", &rendezvous);
+        cmd.arg("--state").arg(&states[i].0);
         cmd.args(["--listen", &format!("{ip}:{}", 7000 + i), "--stun"])
             .arg(format!("{ip}:5000"))
             .args(["--no-http", "--no-relay"])
