@@ -147,6 +147,9 @@ pub struct Entry {
     /// Its last reported round trip to the server.
     pub rtt: Option<Duration>,
     stun: StunCredential,
+    /// The highest freshness counter a credentialed STUN request of this registration has
+    /// carried: an observation needs a higher one, so a replayed request moves nothing.
+    stun_counter: u64,
     /// What the peer measured of its NAT.
     pub nat: Option<wire::signal::NatInfo>,
     /// The TCP port's latest mapping, from a credentialed STUN Binding over TCP.
@@ -272,6 +275,7 @@ impl Registry {
             last_seen: now,
             rtt: None,
             stun: reg.stun,
+            stun_counter: 0,
             nat: reg.nat,
             tcp_seen: None,
             tcp_nat: None,
@@ -312,27 +316,43 @@ impl Registry {
         Some(self.peers.get(name)?.stun.password.as_str())
     }
 
-    /// Records the address a credentialed STUN request came from; returns the peer's name
-    /// and whether the address differs from the one seen before.
-    pub fn observe_udp(&mut self, username: &str, addr: SocketAddr) -> Option<(&str, bool)> {
+    /// Records the address a credentialed STUN request came from, if its freshness
+    /// `counter` is higher than any before (else it is a replay: `None`); returns the
+    /// peer's name and whether the address differs from the one seen before.
+    pub fn observe_udp(
+        &mut self,
+        username: &str,
+        counter: u64,
+        addr: SocketAddr,
+    ) -> Option<(&str, bool)> {
         let name = self.by_stun.get(username)?;
         let entry = self.peers.get_mut(name)?;
+        if counter <= entry.stun_counter {
+            return None;
+        }
+        entry.stun_counter = counter;
         let changed = entry.udp_addr != Some(addr);
         entry.udp_addr = Some(addr);
         Some((name.as_str(), changed))
     }
 
-    /// Records the address a credentialed STUN request over TCP came from: the latest
+    /// Records the address a credentialed STUN request over TCP came from (if `counter`
+    /// is fresh, as for [`Registry::observe_udp`]): the latest
     /// mapping of the peer's TCP port. Only the first one after registering measures the
     /// NAT (the signaling connection's mapping and this one, in that order); later ones
     /// only move the candidate. Returns the peer's name and its TCP NAT.
     pub fn observe_tcp(
         &mut self,
         username: &str,
+        counter: u64,
         addr: SocketAddr,
     ) -> Option<(&str, wire::signal::NatInfo)> {
         let name = self.by_stun.get(username)?;
         let entry = self.peers.get_mut(name)?;
+        if counter <= entry.stun_counter {
+            return None;
+        }
+        entry.stun_counter = counter;
         let nat = *entry
             .tcp_nat
             .get_or_insert_with(|| wire::signal::NatInfo::from_tcp_mappings(entry.tcp_addr, addr));
@@ -575,7 +595,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Registry::new(Timing::default(), 10);
         r.register(t0, reg("pc", 1, 1)).unwrap();
-        r.observe_udp("u1", "198.18.0.1:5000".parse().unwrap());
+        r.observe_udp("u1", 1, "198.18.0.1:5000".parse().unwrap());
         let ok = r.register(t0 + S, reg("pc", 1, 2)).unwrap();
         assert_eq!(
             ok,
@@ -717,10 +737,27 @@ mod tests {
         let mut r = Registry::new(Timing::default(), 10);
         r.register(t0, reg("pc", 1, 1)).unwrap();
         let a: SocketAddr = "198.18.5.5:6000".parse().unwrap();
-        assert_eq!(r.observe_udp("nobody", a), None);
-        assert_eq!(r.observe_udp("u1", a), Some(("pc", true)));
-        assert_eq!(r.observe_udp("u1", a), Some(("pc", false)));
+        assert_eq!(r.observe_udp("nobody", 1, a), None);
+        assert_eq!(r.observe_udp("u1", 1, a), Some(("pc", true)));
+        assert_eq!(r.observe_udp("u1", 2, a), Some(("pc", false)));
         assert_eq!(r.heartbeat(t0, 1, None), Ok(Some(a)));
+    }
+
+    #[test]
+    fn a_replayed_stun_request_moves_nothing() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        let real: SocketAddr = "198.18.5.5:6000".parse().unwrap();
+        let mallory: SocketAddr = "198.18.6.6:7000".parse().unwrap();
+        assert_eq!(r.observe_udp("u1", 5, real), Some(("pc", true)));
+        // The same request (counter 5), or an older one (3), from elsewhere: ignored.
+        assert_eq!(r.observe_udp("u1", 5, mallory), None);
+        assert_eq!(r.observe_udp("u1", 3, mallory), None);
+        assert_eq!(r.observe_tcp("u1", 4, mallory).map(|(n, _)| n), None);
+        assert_eq!(r.heartbeat(t0, 1, None), Ok(Some(real)));
+        // The peer's next refresh (a higher counter) is taken.
+        assert_eq!(r.observe_udp("u1", 6, real), Some(("pc", false)));
     }
 
     #[test]

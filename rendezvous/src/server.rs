@@ -261,7 +261,8 @@ impl Shared {
         let responder = self.responder.as_ref()?;
         let mut r = responder.lock().unwrap_or_else(|p| p.into_inner());
         Some(
-            r.handle(Instant::now(), Received { slot, src, data }, |user| {
+            r.handle(Instant::now(), Received { slot, src, data }, |stamped| {
+                let (user, _) = wire::stun::unstamp(stamped)?;
                 self.state().registry.stun_password(user).map(str::to_owned)
             }),
         )
@@ -758,9 +759,11 @@ async fn stun_tcp_task(
                         }
                         None => return,
                     };
-                    if let Some(user) = &reply.authenticated {
+                    if let Some((user, counter)) =
+                        reply.authenticated.as_deref().and_then(wire::stun::unstamp)
+                    {
                         let mut st = shared.state();
-                        if let Some((name, nat)) = st.registry.observe_tcp(user, src) {
+                        if let Some((name, nat)) = st.registry.observe_tcp(user, counter, src) {
                             info!(peer = %name, tcp = %src, mapping = ?nat.mapping,
                                 allocation = ?nat.allocation, delta = nat.delta,
                                 "observed tcp mapping");
@@ -813,9 +816,10 @@ async fn stun_task(
                 continue;
             }
         };
-        if let Some(user) = &reply.authenticated {
+        if let Some((user, counter)) = reply.authenticated.as_deref().and_then(wire::stun::unstamp)
+        {
             let mut st = shared.state();
-            if let Some((name, true)) = st.registry.observe_udp(user, src) {
+            if let Some((name, true)) = st.registry.observe_udp(user, counter, src) {
                 info!(peer = %name, udp = %src, "observed udp mapping");
             }
         }

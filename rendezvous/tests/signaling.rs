@@ -456,3 +456,35 @@ async fn a_credentialed_stun_binding_over_tcp_gives_the_tcp_candidate_and_nat() 
     assert_eq!(b.candidates.tcp, Some(s.local_addr().unwrap()));
     assert_eq!(b.candidates.tcp_nat.unwrap().delta, i32::from(step));
 }
+
+/// An on-path observer captures a peer's credentialed STUN Binding and sends it again
+/// from its own address: the peer's observed UDP address does not move.
+#[tokio::test]
+async fn a_replayed_stun_binding_moves_nothing() {
+    let server = start(loopback_config()).await;
+    let pc = client(&server).await;
+    let reg = pc
+        .register(&key(1), "pc", vec![web(80)], vec![])
+        .await
+        .unwrap();
+    let stun = server.addrs().stun.unwrap().primary;
+    let real = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let user = wire::stun::stamp(&reg.stun_username);
+    let captured = wire::stun::binding_request(Some((&user, &reg.stun_password)), None).unwrap();
+    real.send_to(&captured.bytes, stun).await.unwrap();
+    let mut buf = [0u8; 512];
+    within("answer", real.recv_from(&mut buf)).await.unwrap();
+    assert_eq!(
+        pc.lookup("pc").await.unwrap().udp_addr,
+        Some(real.local_addr().unwrap())
+    );
+    let mallory = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    mallory.send_to(&captured.bytes, stun).await.unwrap();
+    // It is answered like any Binding (the answer goes to the sender, nothing more)...
+    within("answer", mallory.recv_from(&mut buf)).await.unwrap();
+    // ...but the peer's address stays where it was.
+    assert_eq!(
+        pc.lookup("pc").await.unwrap().udp_addr,
+        Some(real.local_addr().unwrap())
+    );
+}

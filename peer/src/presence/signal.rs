@@ -73,7 +73,10 @@ async fn refresh(
 ) {
     loop {
         tokio::time::sleep(UDP_REFRESH).await;
-        let Ok(req) = wire::stun::binding_request(Some((&cred.0, &cred.1)), None) else {
+        // A fresh counter each round: the rendezvous takes observations only from requests
+        // newer than any before (retransmissions of this one are answered, not counted).
+        let user = wire::stun::stamp(&cred.0);
+        let Ok(req) = wire::stun::binding_request(Some((&user, &cred.1)), None) else {
             return;
         };
         for _ in 0..3 {

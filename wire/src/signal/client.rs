@@ -500,7 +500,8 @@ pub async fn stun_binding(
     credential: Option<(&str, &str)>,
     timing: Timing,
 ) -> Result<BindingResponse, ClientError> {
-    let req = stun::binding_request(credential, None)?;
+    let stamped = credential.map(|(u, p)| (stun::stamp(u), p));
+    let req = stun::binding_request(stamped.as_ref().map(|(u, p)| (u.as_str(), *p)), None)?;
     let mut buf = [0u8; 1500];
     let mut schedule = Retransmit::new(tokio::time::Instant::now().into_std(), timing);
     loop {
@@ -541,7 +542,8 @@ pub async fn stun_binding_tcp(
 ) -> Result<BindingResponse, ClientError> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let server = stream.peer_addr().map_err(ClientError::StunIo)?;
-    let req = stun::binding_request(credential, None)?;
+    let stamped = credential.map(|(u, p)| (stun::stamp(u), p));
+    let req = stun::binding_request(stamped.as_ref().map(|(u, p)| (u.as_str(), *p)), None)?;
     let exchange = async {
         stream.write_all(&req.bytes).await?;
         let mut msg = vec![0u8; 20];

@@ -212,3 +212,20 @@ pub fn parse_response(
             .map(|a| *a.socket_address()),
     })
 }
+
+/// Credentialed Binding requests carry `USERNAME:COUNTER`: the counter only grows (per
+/// process), and the rendezvous takes an observation only from a request whose counter is
+/// higher than any it saw for that registration, so a captured request replayed later, or
+/// from elsewhere, moves nothing. No clocks are compared.
+pub fn stamp(username: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("{username}:{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Splits a stamped USERNAME into the registration's username and its counter (`None`
+/// when it carries no counter).
+pub fn unstamp(stamped: &str) -> Option<(&str, u64)> {
+    let (user, counter) = stamped.rsplit_once(':')?;
+    Some((user, counter.parse().ok()?))
+}
