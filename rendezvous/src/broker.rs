@@ -119,6 +119,16 @@ pub fn broker(
     };
     let (da, db) = start_delays(initiator.rtt, responder.rtt);
     let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    // LAN addresses are only worth trying behind one public IP (one NAT, one site).
+    // Elsewhere they are someone else's network: handing them out would let a peer that
+    // claims LAN addresses make the other probe any host it names there.
+    let same_site = initiator.candidates.tcp.map(|a| a.ip()).is_some()
+        && initiator.candidates.tcp.map(|a| a.ip()) == responder.candidates.tcp.map(|a| a.ip());
+    let (mut initiator, mut responder) = (initiator, responder);
+    if !same_site {
+        initiator.candidates.lan.clear();
+        responder.candidates.lan.clear();
+    }
     let to_initiator = Broker {
         session,
         role: Role::Initiator,
@@ -148,6 +158,47 @@ pub fn broker(
 mod tests {
     use super::*;
     use wire::signal::Proto;
+
+    #[test]
+    fn lan_addresses_go_only_to_a_peer_behind_the_same_public_ip() {
+        let side = |name, public: &str, lan: &str| Side {
+            name,
+            key: PublicKey([1; 32]),
+            candidates: Candidates {
+                tcp: Some(public.parse().unwrap()),
+                lan: vec![lan.parse().unwrap()],
+                ..Candidates::default()
+            },
+            rtt: None,
+        };
+        let svc = Service {
+            port: 80,
+            proto: Proto::Tcp,
+            description: String::new(),
+        };
+        let session = SessionId([1; 16]);
+        // Different public IPs: no LAN addresses either way.
+        let (to_a, to_b) = broker(
+            session,
+            [0; 32],
+            side("a", "198.18.0.10:4000", "10.0.0.5:4000"),
+            side("b", "198.18.0.20:4000", "10.0.0.6:4000"),
+            svc.clone(),
+            None,
+        );
+        assert!(to_a.candidates.lan.is_empty() && to_b.candidates.lan.is_empty());
+        // Behind one NAT: each gets the other's.
+        let (to_a, to_b) = broker(
+            session,
+            [0; 32],
+            side("a", "198.18.0.10:4000", "10.0.0.5:4000"),
+            side("b", "198.18.0.10:5000", "10.0.0.6:4000"),
+            svc,
+            None,
+        );
+        assert_eq!(to_a.candidates.lan, vec!["10.0.0.6:4000".parse().unwrap()]);
+        assert_eq!(to_b.candidates.lan, vec!["10.0.0.5:4000".parse().unwrap()]);
+    }
 
     fn svc(port: u16, proto: Proto) -> Service {
         Service {
