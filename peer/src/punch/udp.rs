@@ -77,6 +77,11 @@ pub const SPRAY_EVERY: Duration = Duration::from_millis(1);
 /// Sockets the hard side opens in birthday mode.
 pub const BIRTHDAY_SOCKETS: usize = 256;
 
+/// How long before our start a probe of the other side may arrive: both sides start at
+/// the moment the rendezvous named, each by its own estimate of the delay, which errs by
+/// a fraction of a round trip. Anything earlier is not this punch's and is ignored.
+pub const EARLY_PROBES: Duration = Duration::from_millis(500);
+
 /// Everything one punch needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -274,7 +279,23 @@ impl Punch {
         }
     }
 
+    /// Whether a probe from `from` can be the other side's: it comes from one of its
+    /// candidates' IPs (any port: a symmetric NAT picks one nobody could tell us), or from
+    /// the IP birthday mode sprays.
+    fn from_candidate(&self, from: SocketAddr) -> bool {
+        self.cfg.remote.iter().any(|r| r.ip() == from.ip())
+            || self
+                .cfg
+                .spray
+                .is_some_and(|s| std::net::IpAddr::V4(s.ip) == from.ip())
+    }
+
     fn receive(&mut self, socket: usize, from: SocketAddr, data: &[u8]) {
+        // Before the start (allowing for the start's error) or from outside the other
+        // side's addresses, a probe, even an authentic one replayed, is not this punch's.
+        if self.now + EARLY_PROBES < self.cfg.start || !self.from_candidate(from) {
+            return;
+        }
         let Some(p) = self.cfg.key.decode(data) else {
             return;
         };
@@ -611,6 +632,37 @@ mod tests {
                 Output::Timeout(at) => return (t, e, at),
             }
         }
+    }
+
+    #[test]
+    fn probes_too_early_or_from_strangers_are_ignored() {
+        let t0 = Instant::now();
+        let start = t0 + Duration::from_secs(2);
+        let peer: SocketAddr = "198.18.2.1:40000".parse().unwrap();
+        let mut p = agent(Side::Responder, vec![peer], start);
+        let request = ProbeKey::new([1; 16], [2; 32]).encode(&Probe {
+            kind: Kind::Request,
+            from: Side::Initiator,
+            transaction: 7,
+            observed: None,
+        });
+        let answers = |p: &mut Punch, now, from| {
+            p.handle_input(Input::Receive {
+                now,
+                socket: 0,
+                from,
+                data: &request,
+            });
+            drain(p).0.into_iter().filter(|t| t.to == from).count()
+        };
+        // Long before the start: ignored.
+        assert_eq!(answers(&mut p, t0, peer), 0);
+        // A replay of the same authentic probe from another IP: ignored.
+        let mallory: SocketAddr = "198.18.9.9:40000".parse().unwrap();
+        assert_eq!(answers(&mut p, start, mallory), 0);
+        // From the peer's IP, on any port (a symmetric NAT's), at the start: answered.
+        let other_port: SocketAddr = "198.18.2.1:51234".parse().unwrap();
+        assert!(answers(&mut p, start, other_port) > 0);
     }
 
     #[test]
