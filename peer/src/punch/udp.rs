@@ -282,7 +282,7 @@ impl Punch {
     /// Whether a probe from `from` can be the other side's: it comes from one of its
     /// candidates' IPs (any port: a symmetric NAT picks one nobody could tell us), or from
     /// the IP birthday mode sprays.
-    fn from_candidate(&self, from: SocketAddr) -> bool {
+    fn is_candidate_source(&self, from: SocketAddr) -> bool {
         self.cfg.remote.iter().any(|r| r.ip() == from.ip())
             || self
                 .cfg
@@ -293,7 +293,7 @@ impl Punch {
     fn receive(&mut self, socket: usize, from: SocketAddr, data: &[u8]) {
         // Before the start (allowing for the start's error) or from outside the other
         // side's addresses, a probe, even an authentic one replayed, is not this punch's.
-        if self.now + EARLY_PROBES < self.cfg.start || !self.from_candidate(from) {
+        if self.now + EARLY_PROBES < self.cfg.start || !self.is_candidate_source(from) {
             return;
         }
         let Some(p) = self.cfg.key.decode(data) else {
