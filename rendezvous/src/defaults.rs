@@ -97,3 +97,16 @@ pub const REFUSALS_IN_FLIGHT: usize = 64;
 
 /// How long delivering one refusal may take.
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connect requests a registered peer may make, per second sustained (bursts of
+/// [`CONNECT_BURST`]). A session serves every connection between two peers, so a real
+/// peer asks rarely; each request makes the target open a relay connection and send
+/// probes, so an unlimited stream of them would turn the target into an amplifier.
+pub const CONNECT_RATE: u32 = 1;
+/// Connect requests a peer may make at once.
+pub const CONNECT_BURST: u32 = 10;
+/// Connect requests one target may receive, per second (from everyone together): a PC
+/// reached by a whole class still gets through, a flood does not.
+pub const CONNECT_TARGET_RATE: u32 = 5;
+/// Connect requests one target may receive at once.
+pub const CONNECT_TARGET_BURST: u32 = 30;

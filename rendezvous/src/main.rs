@@ -89,6 +89,13 @@ struct Cli {
     #[arg(long, default_value_t = rendezvous::defaults::NAME_RETENTION.as_secs() / 3600, value_name = "HOURS")]
     name_retention: u64,
 
+    /// Connect requests a registered peer may make per second (bursts of ten times this);
+    /// one target may receive five times as many from everyone together. Each request
+    /// makes the target join a relay and probe the requester, so this bounds what a peer
+    /// can make another send.
+    #[arg(long, default_value_t = rendezvous::defaults::CONNECT_RATE, value_name = "PER_SEC")]
+    connect_rate: u32,
+
     /// Most names the server keeps (online or offline). Names are never evicted to make
     /// room: when full, new names are refused until one is released or expires.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_PEERS, value_name = "N")]
@@ -208,6 +215,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = ServerConfig {
         identity,
         names_db: Some(state_dir.join("names.redb")),
+        connect_rate: cli.connect_rate.max(1),
         relay,
         shared_relay_key,
         listen: cli.listen,

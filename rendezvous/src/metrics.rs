@@ -19,6 +19,8 @@ pub struct Metrics {
     pub registrations_total: AtomicU64,
     /// Registrations refused: the name taken by another key, or the registry full.
     pub registrations_refused: AtomicU64,
+    /// Connect requests refused by the quotas.
+    pub connects_refused: AtomicU64,
     /// STUN responses sent.
     pub stun_responses: AtomicU64,
     /// STUN datagrams dropped unanswered (malformed, not a request, rate limited).
@@ -40,7 +42,7 @@ impl Metrics {
     /// registry: peers online now, and names bound (online or retained).
     pub fn render(&self, registered: usize, names: usize) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 11] = [
+        let rows: [(&str, &str, &str, u64); 12] = [
             (
                 "chuantou_registered_peers",
                 "gauge",
@@ -94,6 +96,12 @@ impl Metrics {
                 "counter",
                 "Registrations refused: the name is another key's, or the registry is full.",
                 get(&self.registrations_refused),
+            ),
+            (
+                "chuantou_connects_refused_total",
+                "counter",
+                "Connect requests refused: a requester or a target over its quota.",
+                get(&self.connects_refused),
             ),
             (
                 "chuantou_stun_responses_total",

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// Where name → key bindings are kept across restarts (a redb file); `None` keeps
     /// them in memory only.
     pub names_db: Option<std::path::PathBuf>,
+    /// Connect requests per second a registered peer may make (bursts of 10 times this);
+    /// a target may receive five times as many from everyone together.
+    pub connect_rate: u32,
 }
 
 impl ServerConfig {
@@ -126,6 +129,7 @@ impl Default for ServerConfig {
             // A fresh one: a server that must keep its key is given it (main.rs).
             identity: SigningKey::from_bytes(&rand::random()),
             names_db: None,
+            connect_rate: defaults::CONNECT_RATE,
         }
     }
 }
@@ -210,6 +214,9 @@ struct State {
     next_conn: ConnId,
     /// Connections per source IP that have not said hello yet.
     pending: HashMap<IpAddr, usize>,
+    /// Connect requests by requester (its key), and to each target.
+    connects_by: crate::ratelimit::RateLimiter<PublicKey>,
+    connects_to: crate::ratelimit::RateLimiter<String>,
 }
 
 /// A signaling connection as other tasks see it.
@@ -396,6 +403,20 @@ impl Server {
                 conns: HashMap::new(),
                 next_conn: 1,
                 pending: HashMap::new(),
+                connects_by: crate::ratelimit::RateLimiter::new(
+                    config.connect_rate,
+                    config.connect_rate.saturating_mul(defaults::CONNECT_BURST),
+                    defaults::MAX_PEERS,
+                ),
+                connects_to: crate::ratelimit::RateLimiter::new(
+                    config
+                        .connect_rate
+                        .saturating_mul(defaults::CONNECT_TARGET_RATE),
+                    config
+                        .connect_rate
+                        .saturating_mul(defaults::CONNECT_TARGET_BURST),
+                    defaults::MAX_PEERS,
+                ),
             }),
             responder: layout.map(|l| Mutex::new(Responder::new(l))),
             metrics: Metrics::default(),
@@ -1567,6 +1588,32 @@ fn connect(
         ));
     };
     let svc = broker::select_service(target, &them.services, service)?;
+    let mine = st
+        .registry
+        .get(me)
+        .ok_or_else(|| ErrorFrame::new(ErrorCode::NotRegistered, "registration vanished"))?;
+    // Quotas: each request makes the target join a relay and probe us, so neither one
+    // requester nor all of them together may ask without limit.
+    let (my_key, now) = (mine.key, Instant::now());
+    let (target_name, me_name) = (target.to_owned(), me.to_owned());
+    let mut st = st;
+    let by_me = st.connects_by.allow(now, &my_key);
+    if !by_me || !st.connects_to.allow(now, &target_name) {
+        metrics::inc(&shared.metrics.connects_refused);
+        let rate = shared.config.connect_rate;
+        let why = if by_me {
+            format!("{target_name} is asked for too often right now; try again in a few seconds")
+        } else {
+            format!("too many connect requests from {me_name} (at most {rate} a second); slow down")
+        };
+        return Err(ErrorFrame::new(ErrorCode::Busy, why));
+    }
+    let me = st.registry.name_of(conn).unwrap_or_default().to_owned();
+    let me = me.as_str();
+    let them = st
+        .registry
+        .get(target)
+        .ok_or_else(|| unknown_peer(target))?;
     let mine = st
         .registry
         .get(me)

@@ -301,3 +301,37 @@ fn rss_kib() -> u64 {
         })
         .expect("VmRSS in /proc/self/status")
 }
+
+/// A peer that asks to reach others in a loop is held to its quota (each request makes
+/// the target join a relay and probe), and so is the traffic towards one target; others
+/// are served meanwhile, and the refusals are counted.
+#[tokio::test]
+async fn connect_floods_are_held_to_their_quotas() {
+    let server = start(loopback_config()).await;
+    let http = server.addrs().http.unwrap();
+    let (pc, phone) = pc_and_phone(&server, "pc-home", web(7274)).await;
+    let mut refused = 0;
+    for _ in 0..40 {
+        match phone.connect_to("pc-home", None).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(e.to_string().contains("too many connect requests"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    // The burst (10) went through, the rest of the flood did not.
+    assert!((25..=30).contains(&refused), "{refused} of 40 refused");
+    assert_eq!(
+        metric(http, "chuantou_connects_refused_total").await,
+        refused
+    );
+    // Another peer reaching the same PC is still served.
+    let laptop = client(&server).await;
+    laptop
+        .register(&key(3), "laptop", vec![], vec![])
+        .await
+        .unwrap();
+    laptop.connect_to("pc-home", None).await.unwrap();
+    drop(pc);
+}
