@@ -124,3 +124,12 @@ pub const TCP_KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 /// between cores on the way. Measured on a 2-core machine, one connection through a
 /// session on loopback: 4.63 Gbit/s with one worker against 3.09 with two.
 pub const WORKER_THREADS: usize = 1;
+
+/// QUIC handshakes a peer lets wait at once. A peer expects a handshake only from a peer
+/// the rendezvous brokered (one per session, so a few at a time); stray or forged Initials
+/// beyond this are refused at once instead of each holding state.
+pub const MAX_INCOMING: usize = 16;
+/// Bytes buffered for one waiting handshake, and for all of them together.
+pub const INCOMING_BUFFER: u64 = 64 * 1024;
+/// See [`INCOMING_BUFFER`].
+pub const INCOMING_BUFFER_TOTAL: u64 = 1024 * 1024;

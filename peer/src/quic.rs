@@ -87,5 +87,10 @@ pub fn server_config(me: &SigningKey, peer: PublicKey) -> Result<noq::ServerConf
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut config = noq::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
+    // Bounds what stray Initials can make the endpoint hold (memory, not just CPU).
+    config
+        .max_incoming(defaults::MAX_INCOMING)
+        .incoming_buffer_size(defaults::INCOMING_BUFFER)
+        .incoming_buffer_size_total(defaults::INCOMING_BUFFER_TOTAL);
     Ok(config)
 }

@@ -135,3 +135,30 @@ async fn relay_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// A server started under a low soft limit of open files raises it to the hard limit, so
+/// that many users are not refused with "Too many open files" long before its own limits.
+#[tokio::test]
+async fn servers_raise_their_open_file_limit() {
+    let relay = Proc::start(Command::new("sh").arg("-c").arg(format!(
+        "ulimit -Sn 256 && exec {} --listen 127.0.0.1:0 --key {}",
+        workspace_bin("relay").display(),
+        "cd".repeat(32)
+    )));
+    relay.wait_line("relay listening");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a limit line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // "Max open files  SOFT  HARD  files"
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+    relay.signal(Signal::TERM);
+    let status = tokio::task::spawn_blocking(move || relay.exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
