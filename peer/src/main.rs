@@ -16,7 +16,6 @@ use peer::reach::{Reach, Reacher};
 use peer::status::{self, Board};
 use peer::transport::Transport;
 use tokio_util::sync::CancellationToken;
-use wire::signal::client::ClientConfig;
 use wire::signal::{Proto, PublicKey, Service};
 
 /// Prints a line to stdout; a reader that went away (`peer status | head -1`) ends the
@@ -311,15 +310,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             reacher.run().await
         }
         Command::Release { name } => {
-            let client = trust
-                .connect(
-                    &need_rendezvous()?,
-                    ClientConfig {
-                        token,
-                        ..ClientConfig::default()
-                    },
-                )
-                .await?;
+            let client = trust.connect_with_token(&need_rendezvous()?, token).await?;
             client
                 .register(&key, &name, vec![], vec![])
                 .await
@@ -329,15 +320,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ls { json } => {
-            let client = trust
-                .connect(
-                    &need_rendezvous()?,
-                    ClientConfig {
-                        token,
-                        ..ClientConfig::default()
-                    },
-                )
-                .await?;
+            let client = trust.connect_with_token(&need_rendezvous()?, token).await?;
             let peers = client.list().await?;
             if json {
                 let rows: Vec<_> = peers

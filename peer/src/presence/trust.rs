@@ -51,6 +51,20 @@ impl Trust {
         Ok(())
     }
 
+    /// [`Trust::connect`] with default settings and `token`: one-off commands (`ls`,
+    /// `release`).
+    pub async fn connect_with_token(
+        &self,
+        rendezvous: &str,
+        token: Option<String>,
+    ) -> Result<Client, ClientError> {
+        let config = ClientConfig {
+            token,
+            ..ClientConfig::default()
+        };
+        self.connect(rendezvous, config).await
+    }
+
     /// Connects to `rendezvous` with `config`, insisting on the pinned key or pinning the
     /// one the server proves.
     pub async fn connect(
