@@ -110,3 +110,8 @@ pub const CONNECT_BURST: u32 = 10;
 pub const CONNECT_TARGET_RATE: u32 = 5;
 /// Connect requests one target may receive at once.
 pub const CONNECT_TARGET_BURST: u32 = 30;
+
+/// Names one address (or IPv6 /64) may bind. A campus or carrier NAT puts many honest
+/// users behind one address, so this is generous; it stops one machine from taking
+/// thousands of names (`--max-names-per-ip`).
+pub const MAX_NAMES_PER_IP: usize = 256;

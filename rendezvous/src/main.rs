@@ -96,6 +96,11 @@ struct Cli {
     #[arg(long, default_value_t = rendezvous::defaults::CONNECT_RATE, value_name = "PER_SEC")]
     connect_rate: u32,
 
+    /// Names one address (IPv6: one /64) may bind. Generous by default: a campus or
+    /// carrier NAT puts many honest users behind one address.
+    #[arg(long, default_value_t = rendezvous::defaults::MAX_NAMES_PER_IP, value_name = "N")]
+    max_names_per_ip: usize,
+
     /// Most names the server keeps (online or offline). Names are never evicted to make
     /// room: when full, new names are refused until one is released or expires.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_PEERS, value_name = "N")]
@@ -216,6 +221,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         identity,
         names_db: Some(state_dir.join("names.redb")),
         connect_rate: cli.connect_rate.max(1),
+        max_names_per_ip: cli.max_names_per_ip.max(1),
         relay,
         shared_relay_key,
         listen: cli.listen,

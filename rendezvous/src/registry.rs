@@ -83,6 +83,16 @@ pub enum RegistryError {
     /// The connection has no registration.
     #[error("not registered: register before heartbeats or connects")]
     NotRegistered,
+    /// The address the name is registered from already holds its share of names.
+    #[error(
+        "{prefix} already holds {max} names (the most one address may); release one with `peer release`"
+    )]
+    TooManyNames {
+        /// The address (IPv4) or /64 (IPv6).
+        prefix: String,
+        /// The limit.
+        max: usize,
+    },
     /// Only the name's owner, registered under it, may release it.
     #[error("only {0:?}'s owner, registered under that name on this connection, may release it")]
     NotOwner(String),
@@ -130,6 +140,8 @@ pub struct Registered {
 /// A registered peer.
 #[derive(Debug, Clone)]
 pub struct Entry {
+    /// The address (or IPv6 /64) the name was first bound from.
+    pub origin: std::net::IpAddr,
     /// Its key.
     pub key: PublicKey,
     /// What it offers.
@@ -205,6 +217,10 @@ pub struct Registry {
     /// Bindings restored from the store whose peers have not registered since: the key and
     /// when the peer was last seen.
     held: BTreeMap<String, (PublicKey, Instant)>,
+    /// Names bound from each address (IPv4) or /64 (IPv6), by where they were first
+    /// registered from, and the most one may hold.
+    by_origin: HashMap<std::net::IpAddr, usize>,
+    max_per_origin: usize,
     by_conn: HashMap<ConnId, String>,
     by_stun: HashMap<String, String>,
     next_wake: Option<Instant>,
@@ -219,11 +235,19 @@ impl Registry {
             max_peers,
             peers: BTreeMap::new(),
             held: BTreeMap::new(),
+            by_origin: HashMap::new(),
+            max_per_origin: defaults::MAX_NAMES_PER_IP,
             by_conn: HashMap::new(),
             by_stun: HashMap::new(),
             next_wake: None,
             events: VecDeque::new(),
         }
+    }
+
+    /// Sets the most names one address (IPv4) or /64 (IPv6) may bind.
+    pub fn with_max_names_per_ip(mut self, max: usize) -> Self {
+        self.max_per_origin = max.max(1);
+        self
     }
 
     /// Its liveness settings.
@@ -261,11 +285,31 @@ impl Registry {
                         max: self.max_peers,
                     });
                 }
+                let origin = origin_of(reg.tcp_addr.ip());
+                if self.by_origin.get(&origin).copied().unwrap_or(0) >= self.max_per_origin {
+                    return Err(RegistryError::TooManyNames {
+                        prefix: match origin {
+                            std::net::IpAddr::V6(_) => format!("{origin}/64"),
+                            std::net::IpAddr::V4(_) => origin.to_string(),
+                        },
+                        max: self.max_per_origin,
+                    });
+                }
                 false
             }
         };
         self.held.remove(&reg.name);
+        // Where the binding was first made from: it counts against that address for as
+        // long as it lasts, wherever its peer registers from later.
+        let origin = self
+            .peers
+            .get(&reg.name)
+            .map_or_else(|| origin_of(reg.tcp_addr.ip()), |e| e.origin);
+        if !replaced {
+            *self.by_origin.entry(origin).or_default() += 1;
+        }
         let entry = Entry {
+            origin,
             key: reg.key,
             services: reg.services,
             lan_addrs: reg.lan_addrs,
@@ -485,6 +529,12 @@ impl Registry {
 
     fn remove(&mut self, name: &str) {
         if let Some(e) = self.peers.remove(name) {
+            if let Some(n) = self.by_origin.get_mut(&e.origin) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.by_origin.remove(&e.origin);
+                }
+            }
             self.by_stun.remove(&e.stun.username);
             if let Some(c) = e.conn {
                 self.by_conn.remove(&c);
@@ -523,6 +573,21 @@ impl Registry {
     /// Whether `name` is held for a peer that has not come back since a restart.
     pub fn is_held(&self, name: &str) -> bool {
         self.held.contains_key(name)
+    }
+}
+
+/// What a binding counts against: the IPv4 address, or the IPv6 /64 (one household or
+/// phone gets a whole /64, so its addresses are one origin).
+fn origin_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(v4) => std::net::IpAddr::V4(v4),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -782,6 +847,35 @@ mod tests {
         r.release(4, "b").unwrap();
         r.register(t0 + 4 * S, reg("c", 3, 3)).unwrap();
         assert!(r.get("b").is_none());
+    }
+
+    #[test]
+    fn one_address_holds_a_bounded_share_of_names() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 100).with_max_names_per_ip(3);
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            r.register(t0, reg(name, 1, i as u64 + 1)).unwrap();
+        }
+        // reg() registers from 198.18.0.KEY: key 1's address is full.
+        assert!(matches!(
+            r.register(t0, reg("d", 1, 9)).unwrap_err(),
+            RegistryError::TooManyNames { max: 3, .. }
+        ));
+        // Re-registering a name it holds is no new name.
+        r.register(t0, reg("a", 1, 10)).unwrap();
+        // Another address is not affected; a released name frees a place.
+        r.register(t0, reg("e", 2, 11)).unwrap();
+        r.release(10, "a").unwrap();
+        r.register(t0, reg("d", 1, 12)).unwrap();
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_origin() {
+        let a = origin_of("2001:2:0:1::5".parse().unwrap());
+        let b = origin_of("2001:2:0:1:ffff::9".parse().unwrap());
+        let c = origin_of("2001:2:0:2::5".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct ServerConfig {
     /// Connect requests per second a registered peer may make (bursts of 10 times this);
     /// a target may receive five times as many from everyone together.
     pub connect_rate: u32,
+    /// Names one address (IPv6: one /64) may bind.
+    pub max_names_per_ip: usize,
 }
 
 impl ServerConfig {
@@ -130,6 +132,7 @@ impl Default for ServerConfig {
             identity: SigningKey::from_bytes(&rand::random()),
             names_db: None,
             connect_rate: defaults::CONNECT_RATE,
+            max_names_per_ip: defaults::MAX_NAMES_PER_IP,
         }
     }
 }
@@ -371,7 +374,8 @@ impl Server {
 
         let tls = wire::tls::signaling_server_config(&config.identity)
             .map_err(|e| ServerError::Config(format!("signaling tls: {e}")))?;
-        let mut registry = Registry::new(config.timing, config.max_peers);
+        let mut registry = Registry::new(config.timing, config.max_peers)
+            .with_max_names_per_ip(config.max_names_per_ip);
         let names = match &config.names_db {
             Some(path) => {
                 let store = crate::names::NameStore::open(path)
@@ -1712,6 +1716,7 @@ fn registry_error(e: RegistryError) -> ErrorFrame {
         RegistryError::OtherName(_) => ErrorCode::BadRequest,
         RegistryError::NotRegistered => ErrorCode::NotRegistered,
         RegistryError::NotOwner(_) => ErrorCode::NotOwner,
+        RegistryError::TooManyNames { .. } => ErrorCode::Busy,
     };
     ErrorFrame::new(code, e.to_string())
 }

@@ -335,3 +335,38 @@ async fn connect_floods_are_held_to_their_quotas() {
     laptop.connect_to("pc-home", None).await.unwrap();
     drop(pc);
 }
+
+/// One address cannot take names without end (a squatter registering thousands): past
+/// its share, new names are refused with a reason; names it holds re-register freely.
+#[tokio::test]
+async fn one_address_holds_only_its_share_of_names() {
+    let server = start(ServerConfig {
+        max_names_per_ip: 3,
+        ..loopback_config()
+    })
+    .await;
+    let http = server.addrs().http.unwrap();
+    let mut held = Vec::new();
+    for i in 0..3u8 {
+        let c = client(&server).await;
+        c.register(&key(10 + i), &format!("squat-{i}"), vec![], vec![])
+            .await
+            .unwrap();
+        held.push(c);
+    }
+    let c = client(&server).await;
+    let err = c
+        .register(&key(20), "squat-3", vec![], vec![])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already holds 3 names"), "{err}");
+    assert_eq!(
+        metric(http, "chuantou_registrations_refused_total").await,
+        1
+    );
+    // A name already held registers again (a reconnect is no new name).
+    held[0]
+        .register(&key(10), "squat-0", vec![], vec![])
+        .await
+        .unwrap();
+}
