@@ -115,3 +115,8 @@ pub const CONNECT_TARGET_BURST: u32 = 30;
 /// users behind one address, so this is generous; it stops one machine from taking
 /// thousands of names (`--max-names-per-ip`).
 pub const MAX_NAMES_PER_IP: usize = 256;
+
+/// Signaling connections one address may hold open. One per peer, and a campus or carrier
+/// NAT puts many peers behind one address: twice the names one address may bind, so that
+/// reconnects overlap; beyond, one machine could take every descriptor the server has.
+pub const MAX_CONNECTIONS_PER_IP: usize = 2 * MAX_NAMES_PER_IP;

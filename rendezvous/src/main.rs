@@ -150,6 +150,10 @@ struct Cli {
     /// Most connections from one IP address that may be waiting to say hello.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_PENDING_PER_IP, value_name = "N")]
     max_pending_per_ip: usize,
+
+    /// Most signaling connections one IP address may hold open.
+    #[arg(long, default_value_t = rendezvous::defaults::MAX_CONNECTIONS_PER_IP, value_name = "N")]
+    max_connections_per_ip: usize,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -238,6 +242,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         max_peers: cli.max_peers,
         max_connections: cli.max_connections,
         max_pending_per_ip: cli.max_pending_per_ip,
+        max_connections_per_ip: cli.max_connections_per_ip.max(1),
         ..ServerConfig::default()
     };
     if config.token.is_none() {

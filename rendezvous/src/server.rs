@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most connections from one IP that have not said hello yet.
     pub max_pending_per_ip: usize,
+    /// Most signaling connections one IP address may hold open (hello said or not).
+    pub max_connections_per_ip: usize,
     /// Time a new connection has to say hello.
     pub hello_timeout: Duration,
     /// Time a started frame has to complete.
@@ -120,6 +122,7 @@ impl Default for ServerConfig {
             max_peers: defaults::MAX_PEERS,
             max_connections: defaults::MAX_CONNECTIONS,
             max_pending_per_ip: defaults::MAX_PENDING_PER_IP,
+            max_connections_per_ip: defaults::MAX_CONNECTIONS_PER_IP,
             hello_timeout: defaults::HELLO_TIMEOUT,
             frame_timeout: defaults::FRAME_TIMEOUT,
             relay: Some(RelayConfig::new(
@@ -217,6 +220,8 @@ struct State {
     next_conn: ConnId,
     /// Connections per source IP that have not said hello yet.
     pending: HashMap<IpAddr, usize>,
+    /// Open connections per source IP.
+    open: HashMap<IpAddr, usize>,
     /// Connect requests by requester (its key), and to each target.
     connects_by: crate::ratelimit::RateLimiter<PublicKey>,
     connects_to: crate::ratelimit::RateLimiter<String>,
@@ -235,6 +240,16 @@ struct Conn {
 struct Pending<'a> {
     shared: &'a Shared,
     ip: IpAddr,
+}
+
+/// One connection from `ip` fewer.
+fn release_open(st: &mut State, ip: IpAddr) {
+    if let Some(n) = st.open.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            st.open.remove(&ip);
+        }
+    }
 }
 
 impl Drop for Pending<'_> {
@@ -407,6 +422,7 @@ impl Server {
                 conns: HashMap::new(),
                 next_conn: 1,
                 pending: HashMap::new(),
+                open: HashMap::new(),
                 connects_by: crate::ratelimit::RateLimiter::new(
                     config.connect_rate,
                     config.connect_rate.saturating_mul(defaults::CONNECT_BURST),
@@ -538,8 +554,25 @@ impl Server {
             }
             {
                 let mut st = shared.state();
+                let open = st.open.get(&remote.ip()).copied().unwrap_or(0);
+                if open >= shared.config.max_connections_per_ip {
+                    drop(st);
+                    warn!(ip = %remote.ip(), "too many connections from one address; refusing");
+                    refuse(
+                        &shared,
+                        stream,
+                        format!(
+                            "{} already holds {} connections, the most one address may; try later",
+                            remote.ip(),
+                            shared.config.max_connections_per_ip
+                        ),
+                    );
+                    continue;
+                }
+                *st.open.entry(remote.ip()).or_default() += 1;
                 let n = st.pending.entry(remote.ip()).or_default();
                 if *n >= shared.config.max_pending_per_ip {
+                    release_open(&mut st, remote.ip());
                     drop(st);
                     warn!(ip = %remote.ip(), "too many connections waiting for hello; refusing");
                     refuse(
@@ -563,6 +596,7 @@ impl Server {
             tracker.spawn(async move {
                 serve_conn(&shared, stream, remote, shutdown).await;
                 metrics::dec(&shared.metrics.connections_open);
+                release_open(&mut shared.state(), remote.ip());
             });
         }
         drop(listener);

@@ -370,3 +370,37 @@ async fn one_address_holds_only_its_share_of_names() {
         .await
         .unwrap();
 }
+
+/// One address cannot hold every connection the server has, even connections that said
+/// hello: past its share the next is refused with a reason, and a closed one frees a place.
+#[tokio::test]
+async fn one_address_holds_only_its_share_of_connections() {
+    let server = start(ServerConfig {
+        max_connections_per_ip: 4,
+        ..loopback_config()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(client(&server).await);
+    }
+    let e = closing_error(raw(&server).await)
+        .await
+        .expect("a busy error frame");
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert!(e.message.contains("the most one address may"), "{e}");
+    drop(held.pop());
+    within("a place frees", async {
+        loop {
+            let addr = server.addrs().signaling.to_string();
+            if wire::signal::client::Client::connect(&addr, Default::default())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
