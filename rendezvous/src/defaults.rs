@@ -120,3 +120,10 @@ pub const MAX_NAMES_PER_IP: usize = 256;
 /// NAT puts many peers behind one address: twice the names one address may bind, so that
 /// reconnects overlap; beyond, one machine could take every descriptor the server has.
 pub const MAX_CONNECTIONS_PER_IP: usize = 2 * MAX_NAMES_PER_IP;
+
+/// HTTP API connections served at once; more wait in the listen backlog.
+pub const HTTP_MAX_CONNECTIONS: usize = 256;
+
+/// Time an HTTP API client has to send a request's headers; a connection lives at most six
+/// times as long. The API answers small, quick requests only.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);

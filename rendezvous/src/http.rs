@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::defaults;
 use crate::registry::Entry;
 use crate::server::Shared;
 
@@ -45,7 +46,14 @@ struct ErrorJson {
     error: String,
 }
 
+/// Serves the API: at most [`defaults::HTTP_MAX_CONNECTIONS`] connections at once (more
+/// wait in the kernel's backlog), each given [`ServerConfig::http_timeout`] to send a
+/// request's headers and as long to live in all, so that neither a half-sent header nor
+/// idle keep-alive connections can pile up.
+///
+/// [`ServerConfig::http_timeout`]: crate::server::ServerConfig::http_timeout
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let limit = shared.config.http_timeout;
     let app = Router::new()
         .route("/v1/peers", get(peers))
         .route("/v1/peers/{name}", get(peer))
@@ -53,11 +61,35 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(shared);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        warn!(error = %e, "http api stopped");
+    let slots = Arc::new(tokio::sync::Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limit)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::timeout(limit * 6, conn) => {}
+            }
+        });
     }
 }
 

@@ -92,6 +92,9 @@ pub struct ServerConfig {
     pub connect_rate: u32,
     /// Names one address (IPv6: one /64) may bind.
     pub max_names_per_ip: usize,
+    /// Time an HTTP API client has to send a request's headers (a connection lives at most
+    /// six times as long).
+    pub http_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -136,6 +139,7 @@ impl Default for ServerConfig {
             names_db: None,
             connect_rate: defaults::CONNECT_RATE,
             max_names_per_ip: defaults::MAX_NAMES_PER_IP,
+            http_timeout: defaults::HTTP_TIMEOUT,
         }
     }
 }

@@ -404,3 +404,28 @@ async fn one_address_holds_only_its_share_of_connections() {
     })
     .await;
 }
+
+/// A client that sends half a header and then nothing is closed after the header timeout;
+/// others are answered meanwhile.
+#[tokio::test]
+async fn a_slow_http_client_is_cut_off() {
+    use tokio::io::AsyncReadExt;
+    let server = start(ServerConfig {
+        http_timeout: Duration::from_millis(300),
+        ..loopback_config()
+    })
+    .await;
+    let http = server.addrs().http.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(http).await.unwrap();
+    slow.write_all(b"GET /v1/peers HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    let mut rest = Vec::new();
+    // The server closes it (with or without a 408): the read ends.
+    within("slow client closed", slow.read_to_end(&mut rest))
+        .await
+        .ok();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("200 OK"), "{text}");
+}
