@@ -50,7 +50,14 @@ where
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(stop_on_signals(name.to_owned(), shutdown.clone()));
+        // The handlers are in place before the work starts: a SIGTERM that comes right
+        // after start-up must stop the work, not kill the process unannounced.
+        let installed = Signals::install();
+        let signals = tokio::spawn(stop_on_signals(
+            name.to_owned(),
+            shutdown.clone(),
+            installed,
+        ));
         let result = work(shutdown).await;
         signals.abort();
         result
@@ -84,27 +91,45 @@ fn raise_open_files() {
     }
 }
 
+/// SIGINT and SIGTERM, their handlers registered.
+struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.int) => "interrupted",
+            _ = recv(&mut self.term) => "terminated",
+        }
+    }
+}
+
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; exits on the second.
-async fn stop_on_signals(name: String, shutdown: CancellationToken) {
-    let which = next_signal().await;
+async fn stop_on_signals(name: String, shutdown: CancellationToken, mut signals: Signals) {
+    let which = signals.next().await;
     info!("{which}: shutting down");
     shutdown.cancel();
-    let again = next_signal().await;
+    let again = signals.next().await;
     eprintln!("{name}: {again} again: exiting now");
     // 128 + SIGINT, as a shell reports an interrupted command.
     std::process::exit(130);
-}
-
-async fn next_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => "interrupted",
-            _ = term.recv() => "terminated",
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            "interrupted"
-        }
-    }
 }
