@@ -1606,19 +1606,43 @@ fn connect(
 ) -> Result<Reply, ErrorFrame> {
     let session = SessionId(rand::random());
     let secret: [u8; 32] = rand::random();
-    let st = shared.state();
-    let me = st.registry.name_of(conn).ok_or_else(|| {
-        ErrorFrame::new(
-            ErrorCode::NotRegistered,
-            "register before asking to connect",
-        )
-    })?;
+    let mut st = shared.state();
+    let me = st
+        .registry
+        .name_of(conn)
+        .ok_or_else(|| {
+            ErrorFrame::new(
+                ErrorCode::NotRegistered,
+                "register before asking to connect",
+            )
+        })?
+        .to_owned();
     if me == target {
         return Err(ErrorFrame::new(
             ErrorCode::SelfConnect,
             "a peer cannot connect to itself",
         ));
     }
+    let my_key = st
+        .registry
+        .get(&me)
+        .ok_or_else(|| ErrorFrame::new(ErrorCode::NotRegistered, "registration vanished"))?
+        .key;
+    // Quotas: each request makes the target join a relay and probe us, so neither one
+    // requester nor all of them together may ask without limit.
+    let now = Instant::now();
+    let by_me = st.connects_by.allow(now, &my_key);
+    if !by_me || !st.connects_to.allow(now, &target.to_owned()) {
+        metrics::inc(&shared.metrics.connects_refused);
+        let rate = shared.config.connect_rate;
+        let why = if by_me {
+            format!("{target} is asked for too often right now; try again in a few seconds")
+        } else {
+            format!("too many connect requests from {me} (at most {rate} a second); slow down")
+        };
+        return Err(ErrorFrame::new(ErrorCode::Busy, why));
+    }
+    let me = me.as_str();
     let them = st
         .registry
         .get(target)
@@ -1630,32 +1654,6 @@ fn connect(
         ));
     };
     let svc = broker::select_service(target, &them.services, service)?;
-    let mine = st
-        .registry
-        .get(me)
-        .ok_or_else(|| ErrorFrame::new(ErrorCode::NotRegistered, "registration vanished"))?;
-    // Quotas: each request makes the target join a relay and probe us, so neither one
-    // requester nor all of them together may ask without limit.
-    let (my_key, now) = (mine.key, Instant::now());
-    let (target_name, me_name) = (target.to_owned(), me.to_owned());
-    let mut st = st;
-    let by_me = st.connects_by.allow(now, &my_key);
-    if !by_me || !st.connects_to.allow(now, &target_name) {
-        metrics::inc(&shared.metrics.connects_refused);
-        let rate = shared.config.connect_rate;
-        let why = if by_me {
-            format!("{target_name} is asked for too often right now; try again in a few seconds")
-        } else {
-            format!("too many connect requests from {me_name} (at most {rate} a second); slow down")
-        };
-        return Err(ErrorFrame::new(ErrorCode::Busy, why));
-    }
-    let me = st.registry.name_of(conn).unwrap_or_default().to_owned();
-    let me = me.as_str();
-    let them = st
-        .registry
-        .get(target)
-        .ok_or_else(|| unknown_peer(target))?;
     let mine = st
         .registry
         .get(me)
