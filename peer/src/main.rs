@@ -320,7 +320,16 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ls { json } => {
+            let has_token = token.is_some();
             let client = trust.connect_with_token(&need_rendezvous()?, token).await?;
+            if !has_token {
+                // Without the token the rendezvous lists peers only to a key that holds
+                // a name there.
+                client.identify(&key).await.context(
+                    "listing peers needs this home's key to hold a name on the rendezvous \
+                     (run `peer expose` or `peer reach` once) or the rendezvous' token",
+                )?;
+            }
             let peers = client.list().await?;
             if json {
                 let rows: Vec<_> = peers

@@ -39,6 +39,49 @@ pub struct RelayIssue<'a> {
     pub addr_for_responder: SocketAddr,
 }
 
+/// The relays a rendezvous can hand out right now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Relays<'a> {
+    /// The registered standalone relay with the fewest sessions, with the key shared with
+    /// it (standalone relays register only when the rendezvous has that key).
+    pub standalone: Option<(SocketAddr, &'a TicketKey)>,
+    /// The embedded relay: the address it is bound to, and its key.
+    pub embedded: Option<(SocketAddr, &'a TicketKey)>,
+}
+
+/// Which relay carries a session, and at which address each side should dial it.
+///
+/// Standalone relays come first: they are what a deployment adds to spare the rendezvous'
+/// own bandwidth. The embedded relay shares the rendezvous' host, so each side is told to
+/// dial it where that side reached the rendezvous (`*_local`: the server's end of its
+/// signaling connection) unless it is bound to one concrete address.
+pub fn choose_relay<'a>(
+    relays: Relays<'a>,
+    initiator_local: Option<SocketAddr>,
+    responder_local: Option<SocketAddr>,
+    expires: u64,
+) -> Option<RelayIssue<'a>> {
+    if let Some((addr, key)) = relays.standalone {
+        return Some(RelayIssue {
+            key,
+            expires,
+            addr_for_initiator: addr,
+            addr_for_responder: addr,
+        });
+    }
+    let (bound, key) = relays.embedded?;
+    let dial = |local: Option<SocketAddr>| match local {
+        Some(l) if bound.ip().is_unspecified() => SocketAddr::new(l.ip(), bound.port()),
+        _ => bound,
+    };
+    Some(RelayIssue {
+        key,
+        expires,
+        addr_for_initiator: dial(initiator_local),
+        addr_for_responder: dial(responder_local),
+    })
+}
+
 /// Picks the service `wanted` among `offered`, or the only one when `wanted` is `None`.
 pub fn select_service(
     peer: &str,
@@ -243,6 +286,54 @@ mod tests {
         // An absurd RTT claim is capped.
         let (a, _) = start_delays(Some(Duration::from_secs(3600)), None);
         assert!(a <= defaults::MAX_PUNCH_LEAD);
+    }
+
+    #[test]
+    fn standalone_relays_come_first_and_the_embedded_one_is_dialled_where_each_side_reached_us() {
+        let (k1, k2) = (
+            TicketKey::from_bytes([1; 32]),
+            TicketKey::from_bytes([2; 32]),
+        );
+        let a: SocketAddr = "198.18.0.1:7000".parse().unwrap();
+        let b: SocketAddr = "198.18.5.1:7000".parse().unwrap();
+        let wildcard: SocketAddr = "0.0.0.0:7001".parse().unwrap();
+        let standalone: SocketAddr = "198.18.7.7:7001".parse().unwrap();
+        assert!(choose_relay(Relays::default(), Some(a), Some(b), 9).is_none());
+
+        let embedded = Relays {
+            standalone: None,
+            embedded: Some((wildcard, &k1)),
+        };
+        let r = choose_relay(embedded, Some(a), Some(b), 9).unwrap();
+        assert_eq!(r.addr_for_initiator, "198.18.0.1:7001".parse().unwrap());
+        assert_eq!(r.addr_for_responder, "198.18.5.1:7001".parse().unwrap());
+        assert_eq!((r.key.to_hex(), r.expires), (k1.to_hex(), 9));
+
+        // Bound to one address, it is dialled there whatever the side reached.
+        let concrete: SocketAddr = "198.18.3.3:7001".parse().unwrap();
+        let r = choose_relay(
+            Relays {
+                standalone: None,
+                embedded: Some((concrete, &k1)),
+            },
+            Some(a),
+            None,
+            9,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.addr_for_initiator, r.addr_for_responder),
+            (concrete, concrete)
+        );
+
+        let both = Relays {
+            standalone: Some((standalone, &k2)),
+            embedded: Some((wildcard, &k1)),
+        };
+        let r = choose_relay(both, Some(a), Some(b), 9).unwrap();
+        assert_eq!(r.addr_for_initiator, standalone);
+        assert_eq!(r.addr_for_responder, standalone);
+        assert_eq!(r.key.to_hex(), k2.to_hex());
     }
 
     #[test]

@@ -570,6 +570,18 @@ impl Registry {
             .map(|(n, e)| (n.as_str(), e.key))
     }
 
+    /// Up to `limit` names bound to `key`, online, offline or held since a restart.
+    pub fn names_of(&self, key: &PublicKey, limit: usize) -> Vec<String> {
+        let bound = self.peers.iter().map(|(n, e)| (n, &e.key));
+        let held = self.held.iter().map(|(n, (k, _))| (n, k));
+        bound
+            .chain(held)
+            .filter(|(_, k)| *k == key)
+            .map(|(n, _)| n.clone())
+            .take(limit)
+            .collect()
+    }
+
     /// Whether `name` is held for a peer that has not come back since a restart.
     pub fn is_held(&self, name: &str) -> bool {
         self.held.contains_key(name)

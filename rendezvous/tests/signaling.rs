@@ -171,6 +171,51 @@ fn hex_key(seed: u8) -> String {
 }
 
 #[tokio::test]
+async fn only_members_list_and_look_up_peers() {
+    let server = start(loopback_config()).await;
+    let pc = client(&server).await;
+    pc.register(&key(1), "pc-home", vec![], vec![])
+        .await
+        .unwrap();
+    // A stranger learns nothing: not who is online, not a name's key or addresses.
+    let stranger = client(&server).await;
+    for err in [
+        stranger.list().await.unwrap_err(),
+        stranger.lookup("pc-home").await.unwrap_err(),
+    ] {
+        assert_eq!(refused_code(err), ErrorCode::NotRegistered);
+    }
+    // A key that holds no name cannot identify, nor can a signature by another key.
+    assert_eq!(
+        refused_code(stranger.identify(&key(9)).await.unwrap_err()),
+        ErrorCode::NotRegistered
+    );
+    let why = stranger.lookup("pc-home").await.unwrap_err().to_string();
+    assert!(why.contains("register"), "{why}");
+    // The owner's key, proved on another connection (`peer ls`), may browse.
+    let ls = client(&server).await;
+    assert_eq!(ls.identify(&key(1)).await.unwrap(), vec!["pc-home"]);
+    assert_eq!(ls.list().await.unwrap().len(), 1);
+    assert!(ls.lookup("pc-home").await.unwrap().online);
+    // With a token, passing hello is membership enough.
+    let server = start(ServerConfig {
+        token: Some("s3cret".into()),
+        ..loopback_config()
+    })
+    .await;
+    let member = wire::signal::client::Client::connect(
+        &server.addrs().signaling.to_string(),
+        ClientConfig {
+            token: Some("s3cret".into()),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(member.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_name_belongs_to_its_first_key() {
     let server = start(loopback_config()).await;
     let owner = client(&server).await;
@@ -184,7 +229,14 @@ async fn a_name_belongs_to_its_first_key() {
         .await
         .unwrap_err();
     assert_eq!(refused_code(err), ErrorCode::NameTaken);
-    // Still the owner's, and the thief's connection still works for other things.
+    // Still the owner's, and the thief's connection still works for other things (looking
+    // up needs a name: the thief's other key holds one).
+    let other = client(&server).await;
+    other
+        .register(&key(67), "thief", vec![], vec![])
+        .await
+        .unwrap();
+    assert_eq!(thief.identify(&key(67)).await.unwrap(), vec!["thief"]);
     assert_eq!(
         thief.lookup("pc-home").await.unwrap().key,
         PublicKey(key(1).verifying_key().to_bytes())

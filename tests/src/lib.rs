@@ -322,6 +322,12 @@ pub async fn online(server: &ServerHandle, name: &str) {
     )
     .await
     .unwrap();
+    // Only members may look peers up: register a watcher of our own.
+    let watcher = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+    let watcher_name = format!("watch-{}", hex::encode(rand::random::<[u8; 4]>()));
+    c.register(&watcher, &watcher_name, vec![], vec![])
+        .await
+        .unwrap();
     within("peer online", async {
         loop {
             if c.lookup(name).await.is_ok_and(|p| p.online) {

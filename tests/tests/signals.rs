@@ -162,3 +162,50 @@ async fn servers_raise_their_open_file_limit() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+// `peer ls` speaks for the home's key: a rendezvous without a token lists peers only to a
+// key that holds a name there, so a stranger learns nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_ls_lists_only_for_a_home_that_holds_a_name() {
+    let server = rendezvous().await;
+    let signaling = server.addrs().signaling.to_string();
+    let home = TempHome::new();
+    let ls = {
+        let (home, signaling) = (home.0.clone(), signaling.clone());
+        move || {
+            Command::new(workspace_bin("peer"))
+                .arg("--home")
+                .arg(&home)
+                .args(["ls", "--rendezvous", &signaling])
+                .output()
+                .expect("peer ls runs")
+        }
+    };
+    let stranger = tokio::task::spawn_blocking(ls.clone()).await.unwrap();
+    let why = String::from_utf8_lossy(&stranger.stderr);
+    assert!(!stranger.status.success(), "a stranger was served a list");
+    assert!(why.contains("hold a name"), "{why}");
+
+    let exposer = Proc::start(
+        Command::new(workspace_bin("peer"))
+            .arg("--home")
+            .arg(&home.0)
+            .args([
+                "expose",
+                "7274",
+                "--name",
+                "ls-pc",
+                "--rendezvous",
+                &signaling,
+            ]),
+    );
+    exposer.wait_line("registered");
+    let member = tokio::task::spawn_blocking(ls).await.unwrap();
+    let listing = String::from_utf8_lossy(&member.stdout);
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    assert!(listing.contains("ls-pc"), "{listing}");
+}

@@ -21,7 +21,7 @@ use crate::frame::{self, FrameError, FrameReader};
 use crate::signal::{
     Broker, ClientFrame, ErrorFrame, Hello, NatInfo, PROTOCOL_VERSION, PeerInfo, PublicKey,
     Register, Registered, Reply, Request, ServerFrame, Service, ServiceRef, Signature, Welcome,
-    register_payload,
+    identify_payload, register_payload,
 };
 use crate::stun::transaction::{Retransmit, Timing};
 use crate::stun::{self, BindingError, BindingResponse};
@@ -333,6 +333,21 @@ impl Client {
         };
         match self.request(Request::Register(reg)).await? {
             Reply::Registered(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Proves this connection holds `key` without registering a name; returns the names
+    /// bound to it. A rendezvous without a token lists and looks up peers only for a
+    /// registered connection or one whose key holds a name.
+    pub async fn identify(&self, key: &SigningKey) -> Result<Vec<String>, ClientError> {
+        let sig = key.sign(&identify_payload(&self.welcome.nonce));
+        let req = Request::Identify {
+            key: PublicKey(key.verifying_key().to_bytes()),
+            signature: Signature(sig.to_bytes()),
+        };
+        match self.request(req).await? {
+            Reply::Identified { names } => Ok(names),
             other => Err(unexpected(other)),
         }
     }

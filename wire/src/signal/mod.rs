@@ -98,6 +98,14 @@ pub enum Request {
         /// The name to free.
         name: String,
     },
+    /// Prove this connection holds `key` without registering (a signature of
+    /// [`identify_payload`]): a key that holds a name here may then list and look up peers.
+    Identify {
+        /// The key proved.
+        key: PublicKey,
+        /// Ed25519 signature of [`identify_payload`]`(nonce)`.
+        signature: Signature,
+    },
 }
 
 /// A registration: who the peer is and what it offers.
@@ -301,6 +309,11 @@ pub enum Reply {
     Brokered(Box<Broker>),
     /// The name is free.
     Released,
+    /// The key is proved; these names are bound to it.
+    Identified {
+        /// Names bound to the key (at most a page of them).
+        names: Vec<String>,
+    },
 }
 
 /// What a peer learns when it registers.
@@ -594,6 +607,16 @@ pub fn register_payload(nonce: &[u8; 32], name: &str) -> Vec<u8> {
     out.extend_from_slice(TAG);
     out.extend_from_slice(nonce);
     out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// The bytes a peer signs to prove its key without registering ([`Request::Identify`]):
+/// another domain tag than [`register_payload`]'s, so neither signature stands for the other.
+pub fn identify_payload(nonce: &[u8; 32]) -> Vec<u8> {
+    const TAG: &[u8] = b"chuantou identify v1\0";
+    let mut out = Vec::with_capacity(TAG.len() + 32);
+    out.extend_from_slice(TAG);
+    out.extend_from_slice(nonce);
     out
 }
 

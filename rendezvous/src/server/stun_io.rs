@@ -1,0 +1,229 @@
+//! The STUN responder's sockets: binding them (UDP and TCP on each RFC 5780 slot) and the
+//! task serving each; the answers come from the sans-IO [`Responder`].
+
+use super::*;
+
+/// The STUN responder's UDP sockets, TCP listeners and layout.
+type StunSockets = (Vec<(Slot, UdpSocket)>, Vec<(Slot, TcpListener)>, Layout);
+
+/// Binds the STUN responder: UDP and TCP (RFC 8489 §6.2.2) on each slot's address.
+pub(super) async fn bind_stun(
+    primary: SocketAddr,
+    alt_ip: Option<IpAddr>,
+    alt_port: Option<u16>,
+) -> Result<StunSockets, ServerError> {
+    let bind = |addr: SocketAddr| async move {
+        UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "stun",
+                addr,
+                source,
+            })
+    };
+    let bind_tcp = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "stun (tcp)",
+                addr,
+                source,
+            })
+    };
+    let Some(alt_ip) = alt_ip else {
+        // With port 0 the UDP socket picks the port and TCP must get the same one; a
+        // port free for UDP can be taken for TCP, so try a few.
+        let mut attempts = if primary.port() == 0 { 8 } else { 1 };
+        loop {
+            attempts -= 1;
+            let sock = bind(primary).await?;
+            let bound = sock.local_addr().map_err(|source| ServerError::Bind {
+                what: "stun",
+                addr: primary,
+                source,
+            })?;
+            match bind_tcp(bound).await {
+                Ok(l) => {
+                    return Ok((
+                        vec![(Slot::PRIMARY, sock)],
+                        vec![(Slot::PRIMARY, l)],
+                        Layout {
+                            primary: bound,
+                            alternate: None,
+                        },
+                    ));
+                }
+                Err(e) if attempts == 0 => return Err(e),
+                Err(_) => continue,
+            }
+        }
+    };
+    if primary.ip().is_unspecified() {
+        return Err(ServerError::Config(format!(
+            "--alt-ip {alt_ip} needs --stun on a concrete IP of this host (e.g. --stun \
+             203.0.113.1:{}), not {}: RFC 5780 replies must come from a known address",
+            primary.port(),
+            primary.ip()
+        )));
+    }
+    if alt_ip == primary.ip() || alt_ip.is_ipv4() != primary.is_ipv4() {
+        return Err(ServerError::Config(format!(
+            "--alt-ip {alt_ip} must be a second address of the same family as {}",
+            primary.ip()
+        )));
+    }
+    if primary.port() == 0 {
+        return Err(ServerError::Config(
+            "--alt-ip needs a fixed STUN port (not 0)".into(),
+        ));
+    }
+    let alt_port = alt_port.unwrap_or(primary.port().wrapping_add(1).max(1));
+    if alt_port == primary.port() {
+        return Err(ServerError::Config(format!(
+            "--alt-port {alt_port} must differ from the STUN port"
+        )));
+    }
+    let layout = Layout {
+        primary,
+        alternate: Some(SocketAddr::new(alt_ip, alt_port)),
+    };
+    let mut socks = Vec::new();
+    let mut listeners = Vec::new();
+    for slot in layout.slots() {
+        socks.push((slot, bind(layout.addr(slot)).await?));
+        listeners.push((slot, bind_tcp(layout.addr(slot)).await?));
+    }
+    Ok((socks, listeners, layout))
+}
+
+/// STUN over TCP on one slot: Binding requests on the stream, answered on the stream.
+/// CHANGE-REQUEST and RESPONSE-PORT cannot be honoured over a connection, so such requests
+/// end it (RFC 5780 defines them for UDP only).
+pub(super) async fn stun_tcp_task(
+    shared: Arc<Shared>,
+    slot: Slot,
+    listener: TcpListener,
+    limit: Arc<tokio::sync::Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (mut stream, src) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => { debug!(error = %e, "stun tcp accept"); continue; }
+            },
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let serve = async {
+                loop {
+                    let mut msg = vec![0u8; 20];
+                    let read = tokio::time::timeout(defaults::STUN_TCP_IDLE, async {
+                        stream.read_exact(&mut msg).await?;
+                        let len = usize::from(u16::from_be_bytes([msg[2], msg[3]]));
+                        if 20 + len > defaults::STUN_MAX_REQUEST {
+                            return Err(std::io::Error::other("oversized stun message"));
+                        }
+                        msg.resize(20 + len, 0);
+                        stream.read_exact(&mut msg[20..]).await?;
+                        Ok::<_, std::io::Error>(())
+                    })
+                    .await;
+                    match read {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return debug!(%src, error = %e, "stun tcp closed"),
+                        Err(_) => return debug!(%src, "stun tcp idle, closed"),
+                    }
+                    let reply = shared.stun_answer(slot, src, &msg);
+                    let reply = match reply {
+                        Some(Ok(r)) if r.from == slot && r.to == src => r,
+                        Some(Ok(_)) => {
+                            return debug!(%src, "stun tcp: CHANGE-REQUEST or RESPONSE-PORT, closed");
+                        }
+                        Some(Err(why)) => {
+                            metrics::inc(&shared.metrics.stun_dropped);
+                            return debug!(%src, %why, "stun tcp message dropped, closed");
+                        }
+                        None => return,
+                    };
+                    if let Some((user, counter)) =
+                        reply.authenticated.as_deref().and_then(wire::stun::unstamp)
+                    {
+                        let mut st = shared.state();
+                        if let Some((name, nat)) = st.registry.observe_tcp(user, counter, src) {
+                            info!(peer = %name, tcp = %src, mapping = ?nat.mapping,
+                                allocation = ?nat.allocation, delta = nat.delta,
+                                "observed tcp mapping");
+                        }
+                    }
+                    if stream.write_all(&reply.bytes).await.is_err() {
+                        return;
+                    }
+                    metrics::inc(&shared.metrics.stun_responses);
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                _ = serve => {}
+            }
+        });
+    }
+}
+
+pub(super) async fn stun_task(
+    shared: Arc<Shared>,
+    sockets: Arc<Vec<(Slot, UdpSocket)>>,
+    index: usize,
+    shutdown: CancellationToken,
+) {
+    let (slot, sock) = &sockets[index];
+    if shared.responder.is_none() {
+        return;
+    }
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, src) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                // ICMP errors from earlier sends surface here on some systems; keep serving.
+                Err(e) => { debug!(error = %e, "stun recv"); continue; }
+            },
+        };
+        let Some(reply) = shared.stun_answer(*slot, src, &buf[..n]) else {
+            return;
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(why) => {
+                metrics::inc(&shared.metrics.stun_dropped);
+                debug!(%src, %why, "stun datagram dropped");
+                continue;
+            }
+        };
+        if let Some((user, counter)) = reply.authenticated.as_deref().and_then(wire::stun::unstamp)
+        {
+            let mut st = shared.state();
+            if let Some((name, true)) = st.registry.observe_udp(user, counter, src) {
+                info!(peer = %name, udp = %src, "observed udp mapping");
+            }
+        }
+        let Some((_, out)) = sockets.iter().find(|(s, _)| *s == reply.from) else {
+            continue;
+        };
+        match out.send_to(&reply.bytes, reply.to).await {
+            Ok(_) => metrics::inc(&shared.metrics.stun_responses),
+            Err(e) => debug!(to = %reply.to, error = %e, "stun send failed"),
+        }
+    }
+}
