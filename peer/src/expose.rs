@@ -205,14 +205,14 @@ async fn session(
             r = rx.recv() => {
                 pending = pending.saturating_sub(1);
                 match r {
-                    Some(Made::Path { kind, addr, link }) => {
+                    Some(Made::Path { kind, addr, link, fallbacks }) => {
                         if let Some(s) = &live {
                             if let Some(l) = link {
                                 s.hold(l);
                             }
                             s.open_path(addr);
                         } else {
-                            match dial(&ctx, &b, kind, addr, link, refused).await {
+                            match dial(&ctx, &b, kind, (addr, &fallbacks), link, refused).await {
                                 Some(s) => {
                                     info!(%peer, session = %b.session, path = kind.name(), "session up in {:.0} ms over the {kind} path", started.elapsed().as_secs_f64() * 1000.0);
                                     serve(&ctx, &s);
@@ -245,12 +245,15 @@ async fn session(
     }
 }
 
-/// Dials the session's QUIC connection over its first path.
+/// Dials the session's QUIC connection over its first path: at `addrs.0`, else at each
+/// further address of the same link in turn (a punched pair whose handshake fails, say
+/// because the nominated address was not the peer's, falls back to the next pair that
+/// answered).
 async fn dial(
     ctx: &Ctx,
     b: &Broker,
     kind: PathKind,
-    addr: SocketAddr,
+    addrs: (SocketAddr, &[SocketAddr]),
     link: Option<Link>,
     refused: bool,
 ) -> Option<Session> {
@@ -261,28 +264,35 @@ async fn dial(
             return None;
         }
     };
-    let connecting =
-        match ctx
-            .from
-            .endpoint
-            .quic()
-            .connect_with(config, for_quic(addr), wire::tls::SERVER_NAME)
-        {
+    let mut tries = std::iter::once(addrs.0)
+        .chain(addrs.1.iter().copied())
+        .peekable();
+    let conn = loop {
+        let addr = tries.next()?;
+        let connecting = match ctx.from.endpoint.quic().connect_with(
+            config.clone(),
+            for_quic(addr),
+            wire::tls::SERVER_NAME,
+        ) {
             Ok(c) => c,
             Err(e) => {
                 warn!(peer = %b.peer, error = %e, "cannot dial the session");
                 return None;
             }
         };
-    let conn = match tokio::time::timeout(defaults::HANDSHAKE, connecting).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            warn!(peer = %b.peer, path = kind.name(), error = %e, "session handshake failed");
-            return None;
-        }
-        Err(_) => {
-            warn!(peer = %b.peer, path = kind.name(), "session handshake timed out");
-            return None;
+        let why = match tokio::time::timeout(defaults::HANDSHAKE, connecting).await {
+            Ok(Ok(c)) => break c,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        match tries.peek() {
+            Some(next) => {
+                warn!(peer = %b.peer, path = kind.name(), %addr, %next, "session handshake failed ({why}); trying the next pair")
+            }
+            None => {
+                warn!(peer = %b.peer, path = kind.name(), %addr, "session handshake failed: {why}");
+                return None;
+            }
         }
     };
     if refused {

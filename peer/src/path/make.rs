@@ -52,6 +52,9 @@ pub enum Made {
         addr: SocketAddr,
         /// The link under it, which must be held while the path lives.
         link: Option<Link>,
+        /// Further addresses for QUIC on the same link, to dial if the handshake fails on
+        /// `addr` (punched UDP on the shared socket: other pairs that answered).
+        fallbacks: Vec<SocketAddr>,
     },
     /// No path of this kind, and why (for the log lines of connections on the relay).
     Failed {
@@ -82,6 +85,7 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
                             kind: link.kind,
                             addr: link.addr,
                             link: Some(link),
+                            fallbacks: Vec::new(),
                         },
                         Err(e) => {
                             warn!(%peer, relay = %offer.addr, error = %e, "could not join the relay");
@@ -116,6 +120,7 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
                                 kind: PathKind::DirectUdp,
                                 addr: p.remote,
                                 link: None,
+                                fallbacks: p.fallbacks,
                             },
                             Some(sock) => {
                                 let links = endpoint.links();
@@ -124,6 +129,7 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
                                     kind: PathKind::DirectUdp,
                                     addr: link.addr,
                                     link: Some(link),
+                                    fallbacks: Vec::new(),
                                 }
                             }
                         },
@@ -164,6 +170,7 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
                             kind: PathKind::DirectTcp,
                             addr: link.addr,
                             link: Some(link),
+                            fallbacks: Vec::new(),
                         }
                     }
                     Err(e) => {

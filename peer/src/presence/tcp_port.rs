@@ -3,10 +3,15 @@
 //! these sockets set SO_REUSEADDR and SO_REUSEPORT before binding, which is what lets a
 //! listener and several connections share P. Connections accepted on P are routed by the
 //! session id in their first punch probe to that session's punch.
+//!
+//! Anyone can connect to P, so what a stranger can hold there is bounded: a connection is
+//! kept only from an IP some punch under way expects (the other side's candidates), at
+//! most [`MAX_UNIDENTIFIED_PER_IP`] per IP and [`MAX_UNIDENTIFIED`] in all until each sends
+//! its first probe. A filler elsewhere on the internet takes no slot at all.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncReadExt as _;
@@ -24,10 +29,15 @@ pub type Accepted = (TcpStream, SocketAddr, [u8; probe::LEN]);
 /// connect to P, so what they can hold is bounded.
 const MAX_UNIDENTIFIED: usize = 32;
 
+/// Of those, from one IP: a peer's NAT needs a few (one per predicted port it tries), an
+/// attacker at a candidate's IP gets no more.
+pub const MAX_UNIDENTIFIED_PER_IP: usize = 4;
+
 /// Accepted connections waiting for their session's punch to take them.
 const ROUTE_QUEUE: usize = 16;
 
-type Routes = Arc<Mutex<HashMap<[u8; 16], mpsc::Sender<Accepted>>>>;
+/// Each session punching now: where its connections go, and the IPs it expects them from.
+type Routes = Arc<Mutex<HashMap<[u8; 16], (mpsc::Sender<Accepted>, Vec<IpAddr>)>>>;
 
 /// The TCP port P and its acceptor; dropping it stops listening.
 #[derive(Debug)]
@@ -79,11 +89,11 @@ impl TcpPort {
         s.connect(to).await
     }
 
-    /// Routes connections accepted for `session` to the returned receiver, until it is
-    /// dropped.
-    pub fn route(&self, session: [u8; 16]) -> Route {
+    /// Routes connections accepted for `session` from the IPs in `expect` to the returned
+    /// receiver, until it is dropped.
+    pub fn route(&self, session: [u8; 16], expect: Vec<IpAddr>) -> Route {
         let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
-        lock(&self.routes).insert(session, tx);
+        lock(&self.routes).insert(session, (tx, expect));
         Route {
             rx,
             session,
@@ -111,8 +121,45 @@ impl Drop for Route {
     }
 }
 
+/// Connections per IP that have not sent their first probe.
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// Holds one of `ip`'s unidentified slots until dropped.
+struct IpSlot {
+    per_ip: PerIp,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(per_ip: &PerIp, ip: IpAddr) -> Option<IpSlot> {
+        let mut m = lock(per_ip);
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_UNIDENTIFIED_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            per_ip: per_ip.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.per_ip);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, routes: Routes) {
     let unidentified = Arc::new(Semaphore::new(MAX_UNIDENTIFIED));
+    let per_ip = PerIp::default();
     loop {
         let (mut stream, from) = match listener.accept().await {
             Ok(c) => c,
@@ -122,6 +169,17 @@ async fn accept_loop(listener: TcpListener, routes: Routes) {
                 tokio::time::sleep(ACCEPT_PAUSE).await;
                 continue;
             }
+        };
+        let expected = lock(&routes)
+            .values()
+            .any(|(_, ips)| ips.contains(&from.ip()));
+        if !expected {
+            debug!(%from, "no punch expects a connection from there; closed");
+            continue;
+        }
+        let Some(ip_slot) = IpSlot::take(&per_ip, from.ip()) else {
+            debug!(%from, "too many unidentified connections from one address; closed");
+            continue;
         };
         let Ok(permit) = unidentified.clone().try_acquire_owned() else {
             debug!(%from, "too many unidentified connections on the tcp port; closed");
@@ -134,11 +192,14 @@ async fn accept_loop(listener: TcpListener, routes: Routes) {
             if !matches!(read.await, Ok(Ok(_))) {
                 return debug!(%from, "no probe on an accepted connection; closed");
             }
-            drop(permit);
+            drop((permit, ip_slot));
             let Some(session) = probe::session_of(&first) else {
                 return debug!(%from, "not a punch probe on the tcp port; closed");
             };
-            let tx = lock(&routes).get(&session).cloned();
+            let tx = lock(&routes)
+                .get(&session)
+                .filter(|(_, ips)| ips.contains(&from.ip()))
+                .map(|(tx, _)| tx.clone());
             match tx {
                 Some(tx) => {
                     let _ = tx.try_send((stream, from, first));
@@ -159,7 +220,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_reach_their_session_and_strangers_are_closed() {
         let port = TcpPort::bind().unwrap();
-        let mut route = port.route([1; 16]);
+        let mut route = port.route([1; 16], vec![IpAddr::from([127, 0, 0, 1])]);
         let to = SocketAddr::from(([127, 0, 0, 1], port.port()));
         let probe = ProbeKey::new([1; 16], [2; 32]).encode(&Probe {
             kind: Kind::Request,
@@ -197,5 +258,70 @@ mod tests {
         assert_eq!(first, probe);
         drop(route);
         assert!(lock(&port.routes).is_empty());
+    }
+
+    /// Connects from `ip` (a loopback address) to `to`.
+    async fn connect_from(ip: [u8; 4], to: SocketAddr) -> TcpStream {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((ip, 0))).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    /// Whether the port closed `s` (it reads end of stream or a reset).
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1];
+        let bound = std::time::Duration::from_secs(10);
+        matches!(
+            tokio::time::timeout(bound, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_filler_cannot_take_the_slots_a_punch_needs() {
+        let port = TcpPort::bind().unwrap();
+        let to = SocketAddr::from(([127, 0, 0, 1], port.port()));
+        // The punch expects the peer at 127.0.0.1 and a candidate at 127.0.0.3.
+        let expect = vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 3])];
+        let mut route = port.route([1; 16], expect);
+        // A filler elsewhere opens 100 silent connections, and one at a candidate's IP
+        // ten, all before the real peer's connection arrives.
+        let mut elsewhere = Vec::new();
+        for _ in 0..100 {
+            elsewhere.push(connect_from([127, 0, 0, 2], to).await);
+        }
+        let mut near = Vec::new();
+        for _ in 0..10 {
+            near.push(connect_from([127, 0, 0, 3], to).await);
+        }
+        // The real peer's connection still gets through to the punch (were the filler's
+        // connections held, every slot would be taken and it would be closed).
+        let probe = ProbeKey::new([1; 16], [2; 32]).encode(&Probe {
+            kind: Kind::Request,
+            from: Side::Initiator,
+            transaction: 1,
+            observed: None,
+        });
+        let mut c = connect_from([127, 0, 0, 1], to).await;
+        c.write_all(&probe).await.unwrap();
+        let bound = std::time::Duration::from_secs(10);
+        let (_, from, _) = tokio::time::timeout(bound, route.rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from, c.local_addr().unwrap());
+        // The stranger's are closed; the near filler keeps its share and no more, until
+        // its first-probe time runs out.
+        for s in &mut elsewhere {
+            assert!(closed(s).await, "a stranger's connection was kept");
+        }
+        for s in near.iter_mut().skip(MAX_UNIDENTIFIED_PER_IP) {
+            assert!(closed(s).await, "more than its share was kept");
+        }
+        for s in &near[..MAX_UNIDENTIFIED_PER_IP] {
+            let kept = matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            assert!(kept, "a connection within the share was closed early");
+        }
+        drop(near);
     }
 }

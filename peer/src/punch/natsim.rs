@@ -172,7 +172,7 @@ pub(crate) struct Outcome {
 impl Outcome {
     pub(crate) fn paths(&self) -> Option<(Path, Path)> {
         match (&self.initiator, &self.responder) {
-            (Some(Event::Connected(a)), Some(Event::Connected(b))) => Some((*a, *b)),
+            (Some(Event::Connected(a)), Some(Event::Connected(b))) => Some((a.clone(), b.clone())),
             _ => None,
         }
     }

@@ -386,7 +386,16 @@ impl TcpPunch {
                     a.1 = Attempt::Idle(retry);
                 }
             }
-            Input::Accepted { conn, from, .. } => self.open(conn, from, true),
+            Input::Accepted { conn, from, now } => {
+                // Before the start (allowing for its error) or from outside the other
+                // side's IPs, a connection is not this punch's, whatever it would send.
+                let early = now + crate::punch::udp::EARLY_PROBES < self.cfg.start;
+                if early || !self.cfg.remote.iter().any(|r| r.ip() == from.ip()) {
+                    self.out.push_back(Output::Close(conn));
+                } else {
+                    self.open(conn, from, true);
+                }
+            }
             Input::Receive { conn, data, .. } => self.receive(conn, data),
             Input::Closed { conn, .. } => {
                 self.close(conn);
@@ -524,6 +533,40 @@ mod tests {
         assert_eq!(next, t1 + TcpTiming::default().retry);
         a.handle_input(Input::Timeout(next));
         assert_eq!(drain(&mut a).0, [Output::Connect(addr("198.18.1.3:20003"))]);
+    }
+
+    #[test]
+    fn connections_accepted_too_early_or_from_strangers_are_closed_unanswered() {
+        let t0 = Instant::now();
+        let start = t0 + Duration::from_secs(2);
+        let mut a = agent(Side::Responder, &["198.18.1.3:20003"], start);
+        // (The agent's own connects are not what this test is about.)
+        let accept = |a: &mut TcpPunch, now, conn, from: &str| {
+            a.handle_input(Input::Accepted {
+                now,
+                conn,
+                from: addr(from),
+            });
+            let mut out = drain(a).0;
+            out.retain(|o| !matches!(o, Output::Connect(_)));
+            out
+        };
+        // Long before the start, even from the peer's IP: closed, no request sent.
+        assert_eq!(
+            accept(&mut a, t0, 1, "198.18.1.3:20003"),
+            [Output::Close(1)]
+        );
+        // At the start, from an IP that is not a candidate's: closed.
+        assert_eq!(
+            accept(&mut a, start, 2, "198.18.9.9:20003"),
+            [Output::Close(2)]
+        );
+        // From the peer's IP on another port (its NAT's choice): answered with a request.
+        let out = accept(&mut a, start, 3, "198.18.1.3:31000");
+        assert_eq!(
+            sends(&out, 3).iter().map(kind).collect::<Vec<_>>(),
+            [Kind::Request]
+        );
     }
 
     /// Runs both agents against each other over `links`: pairs of connection ids (one per
@@ -689,7 +732,7 @@ mod tests {
         r.handle_input(Input::Accepted {
             now: t0,
             conn: 1,
-            from: addr("198.18.0.3:5555"),
+            from: addr("198.18.1.1:5555"),
         });
         let other = ProbeKey::new(SESSION, [1; 32]).encode(&Probe {
             kind: Kind::Nominate,
@@ -709,7 +752,7 @@ mod tests {
         r.handle_input(Input::Accepted {
             now: t0,
             conn: 2,
-            from: addr("198.18.0.3:5556"),
+            from: addr("198.18.1.1:5556"),
         });
         let (out, _) = drain(&mut r);
         let mine = sends(&out, 2)[0];
@@ -730,7 +773,7 @@ mod tests {
         i.handle_input(Input::Accepted {
             now: t0,
             conn: 9,
-            from: addr("198.18.0.3:1"),
+            from: addr("198.18.1.2:1"),
         });
         let (_, next) = drain(&mut i);
         assert_eq!(next, t0 + TcpTiming::default().give_up);

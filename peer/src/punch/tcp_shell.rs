@@ -76,7 +76,8 @@ pub async fn establish_tcp(
         Strategy::Relay { why } => return Err(DirectError::Hopeless(why)),
     };
     debug!(session = %b.session, %why, candidates = ?remote, port = tcp.port.port(), "punching tcp");
-    let mut route = tcp.port.route(b.session.0);
+    let expect = remote.iter().map(|r| r.ip()).collect();
+    let mut route = tcp.port.route(b.session.0, expect);
     let mut agent = TcpPunch::new(Config {
         role: b.role,
         key: ProbeKey::new(b.session.0, b.secret),

@@ -115,7 +115,7 @@ pub struct Transmit {
 }
 
 /// The pair both sides agreed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
     /// The local socket.
     pub socket: usize,
@@ -125,6 +125,10 @@ pub struct Path {
     pub rtt: Option<Duration>,
     /// Time from the start to the agreement.
     pub elapsed: Duration,
+    /// Other addresses of the other side that proved themselves on the same socket (an
+    /// authentic request or response came from each), in the order heard: where to try the
+    /// session's handshake next if it fails on `remote`.
+    pub fallbacks: Vec<SocketAddr>,
 }
 
 /// What the agent tells the shell.
@@ -195,6 +199,9 @@ const MAX_PENDING: usize = 8192;
 /// (only the other side can make them) still cannot grow the agent without bound.
 const MAX_PAIRS: usize = 4096;
 
+/// Most addresses remembered as heard from (for [`Path::fallbacks`]).
+const MAX_HEARD: usize = 8;
+
 /// The agent. After every [`Punch::handle_input`], drain [`Punch::poll_output`] until it
 /// yields [`Output::Timeout`].
 #[derive(Debug)]
@@ -215,6 +222,8 @@ pub struct Punch {
     spray_next: Instant,
     spray_step: u32,
     spray_offset: u32,
+    /// Pairs an authentic probe came in on, in order, at most [`MAX_HEARD`].
+    heard: Vec<(usize, SocketAddr)>,
 }
 
 /// Ports a spray draws from: 1024–65535.
@@ -259,6 +268,7 @@ impl Punch {
             state: State::Punching,
             sent: 0,
             spray_sent: 0,
+            heard: Vec::new(),
         }
     }
 
@@ -302,6 +312,12 @@ impl Punch {
         // Our own probe, come back through a hairpinning NAT or a reflector: not the peer.
         if p.from == self.cfg.role || socket >= self.cfg.sockets.max(1) {
             return;
+        }
+        if matches!(p.kind, Kind::Request | Kind::Response)
+            && self.heard.len() < MAX_HEARD
+            && !self.heard.contains(&(socket, from))
+        {
+            self.heard.push((socket, from));
         }
         match p.kind {
             Kind::Request => {
@@ -366,6 +382,7 @@ impl Punch {
                         remote: from,
                         rtt: None,
                         elapsed: self.now.saturating_duration_since(self.cfg.start),
+                        fallbacks: self.fallbacks(socket, from),
                     }));
                 }
             }
@@ -385,11 +402,21 @@ impl Punch {
                             remote,
                             rtt: Some(rtt),
                             elapsed: self.now.saturating_duration_since(self.cfg.start),
+                            fallbacks: self.fallbacks(socket, remote),
                         }));
                     }
                 }
             }
         }
+    }
+
+    /// The other addresses heard from on `socket`, besides the agreed `remote`.
+    fn fallbacks(&self, socket: usize, remote: SocketAddr) -> Vec<SocketAddr> {
+        self.heard
+            .iter()
+            .filter(|&&(s, r)| s == socket && r != remote)
+            .map(|&(_, r)| r)
+            .collect()
     }
 
     /// The next thing to do; [`Output::Timeout`] when there is nothing until then.
@@ -757,5 +784,42 @@ mod tests {
         });
         let (t, _, _) = drain(&mut p);
         assert_eq!(right.decode(&t[0].payload).unwrap().kind, Kind::Nominate);
+    }
+
+    #[test]
+    fn the_agreed_pair_comes_with_the_other_pairs_that_answered_as_fallbacks() {
+        let t0 = Instant::now();
+        // The initiator is reachable at its LAN and its public address.
+        let lan: SocketAddr = "198.18.2.1:40000".parse().unwrap();
+        let public: SocketAddr = "198.18.7.1:51000".parse().unwrap();
+        let mut p = agent(Side::Responder, vec![lan, public], t0);
+        let key = ProbeKey::new([1; 16], [2; 32]);
+        let probe = |kind, transaction| {
+            key.encode(&Probe {
+                kind,
+                from: Side::Initiator,
+                transaction,
+                observed: None,
+            })
+        };
+        let mut feed = |from, data: &[u8]| {
+            p.handle_input(Input::Receive {
+                now: t0,
+                socket: 0,
+                from,
+                data,
+            });
+            drain(&mut p).1
+        };
+        assert!(feed(public, &probe(Kind::Request, 1)).is_empty());
+        assert!(feed(lan, &probe(Kind::Request, 2)).is_empty());
+        // A stranger's garbage is not a pair that answered.
+        assert!(feed("198.18.7.1:1".parse().unwrap(), b"junk").is_empty());
+        // The initiator nominates the LAN pair: the public one is the fallback.
+        let events = feed(lan, &probe(Kind::Nominate, 3));
+        let [Event::Connected(path)] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!((path.remote, path.fallbacks.clone()), (lan, vec![public]));
     }
 }

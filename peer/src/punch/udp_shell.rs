@@ -51,6 +51,9 @@ pub struct Punched {
     pub why: String,
     /// From the punch's start to the pair being agreed.
     pub elapsed: Duration,
+    /// Other addresses of the other side heard on the same socket: where to try the
+    /// handshake next if it fails on `remote` (see [`crate::punch::udp::Path::fallbacks`]).
+    pub fallbacks: Vec<SocketAddr>,
 }
 
 /// What natprobe-style probing at registration told a peer, as the strategy wants it.
@@ -231,6 +234,7 @@ pub async fn establish(
         socket,
         why,
         elapsed: started.elapsed(),
+        fallbacks: path.fallbacks,
     })
 }
 
