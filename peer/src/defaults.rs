@@ -133,3 +133,7 @@ pub const MAX_INCOMING: usize = 16;
 pub const INCOMING_BUFFER: u64 = 64 * 1024;
 /// See [`INCOMING_BUFFER`].
 pub const INCOMING_BUFFER_TOTAL: u64 = 1024 * 1024;
+
+/// Sessions an exposer serves at once (live or being set up), one per reaching key: each
+/// costs a relay half and punch probes, so a flood of brokered keys is held here.
+pub const MAX_SESSIONS: usize = 256;

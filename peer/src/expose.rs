@@ -45,6 +45,9 @@ pub struct Expose {
     pub transport: Transport,
     /// Never join the relay: sessions live on direct paths only.
     pub no_relay: bool,
+    /// Sessions served at once (one per reaching key); brokers for further keys are
+    /// refused.
+    pub max_sessions: usize,
 }
 
 impl Expose {
@@ -101,12 +104,31 @@ pub async fn run(
                         .unwrap_or_else(|e| e.into_inner())
                         .get(&b.peer_key)
                         .cloned();
-                    match known {
-                        Some(tx) if tx.try_send(b.clone()).is_ok() => {
-                            info!(peer = %b.peer, session = %b.session, "re-punching for the live session");
-                        }
-                        _ => {
-                            let (tx, rx) = mpsc::channel(4);
+                    // One session per reaching key: a further broker for the same key is
+                    // a re-punch, and one queued is enough.
+                    let open = match known {
+                        Some(tx) => match tx.try_send(b.clone()) {
+                            Ok(()) => {
+                                info!(peer = %b.peer, session = %b.session, "re-punching for the live session");
+                                false
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                debug!(peer = %b.peer, "a re-punch is already queued; this one is dropped");
+                                false
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => true,
+                        },
+                        None => true,
+                    };
+                    let serving = sessions.lock().unwrap_or_else(|e| e.into_inner()).len();
+                    if open && serving >= cfg.max_sessions {
+                        warn!(peer = %b.peer, key = %b.peer_key, "refused: already serving {serving} sessions (--max-sessions)");
+                        continue;
+                    }
+                    match open {
+                        false => {}
+                        true => {
+                            let (tx, rx) = mpsc::channel(1);
                             sessions
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
@@ -199,6 +221,9 @@ async fn session(
             _ = shutdown.cancelled() => break,
             _ = closed => break,
             nb = repunch.recv() => match nb {
+                // At most one re-punch runs beside the first attempt: a flood of brokers
+                // for this key costs no more probes than that.
+                Some(_) if pending > 3 => debug!(%peer, "re-punch asked while punching; ignored"),
                 Some(nb) => pending += start_paths(&ctx, &nb, false, &tx),
                 None => break,
             },

@@ -107,6 +107,10 @@ enum Command {
         /// whose NATs allow none get nothing).
         #[arg(long)]
         no_relay: bool,
+        /// Most reaching peers served at once (each key is one session); brokers for
+        /// further keys are refused until one ends.
+        #[arg(long, default_value_t = peer::defaults::MAX_SESSIONS, value_name = "N")]
+        max_sessions: usize,
     },
     /// Open a local port that is a named peer's service.
     Reach {
@@ -224,6 +228,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             allow,
             transport,
             no_relay,
+            max_sessions,
         } => {
             if no_relay && transport == Transport::Relay {
                 anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
@@ -261,6 +266,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                 udp,
                 transport,
                 no_relay,
+                max_sessions: max_sessions.max(1),
             };
             let board = Board::default();
             tokio::spawn(serve_status(

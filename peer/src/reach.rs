@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wire::signal::client::{Client, ClientError};
-use wire::signal::{Broker, PeerInfo, Proto, ServiceRef};
+use wire::signal::{Broker, ErrorCode, PeerInfo, Proto, ServiceRef};
 
 use crate::defaults;
 use crate::forward::tcp as forward;
@@ -570,7 +570,11 @@ impl State {
     /// Asks the rendezvous for a session, reconnecting once if our signaling died.
     async fn broker(self: &Arc<Self>) -> anyhow::Result<Broker> {
         let mut client = self.client.lock().await;
-        for attempt in 0..2 {
+        // A target asked too often right now (the rendezvous' quota, perhaps spent by
+        // someone flooding it) frees up within a second or two: wait a little, a few times.
+        let mut busy_waits = [250u64, 500, 1000, 2000].into_iter();
+        let mut attempt = 0;
+        while attempt < 2 {
             if client.is_none() {
                 let reg = self
                     .cfg
@@ -594,11 +598,21 @@ impl State {
             let Some(c) = client.as_ref() else { continue };
             match c.connect_to(&self.cfg.target, Some(self.service)).await {
                 Ok(b) => return Ok(b),
+                Err(ClientError::Refused(e)) if e.code == ErrorCode::Busy => {
+                    let Some(ms) = busy_waits.next() else {
+                        return Err(ClientError::Refused(e))
+                            .with_context(|| format!("asking to reach {}", self.cfg.target));
+                    };
+                    info!(target = %self.cfg.target, "rendezvous busy ({}); asking again in {ms} ms", e.message);
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    continue;
+                }
                 Err(ClientError::Closed(_) | ClientError::Frame(_) | ClientError::Timeout(_))
                     if attempt == 0 =>
                 {
                     warn!("lost the rendezvous; reconnecting");
                     *client = None;
+                    attempt += 1;
                 }
                 Err(e) => {
                     return Err(e).with_context(|| format!("asking to reach {}", self.cfg.target));

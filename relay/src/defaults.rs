@@ -6,6 +6,11 @@ use std::time::Duration;
 /// sessions comfortably; past that, add relays.
 pub const MAX_SESSIONS: usize = 10_000;
 
+/// Halves from one IP address waiting for their partner at once. A healthy partner comes
+/// within a round trip, so even a carrier NAT's many users seldom have more than a few
+/// waiting; without a cap, one address could hold the whole table for the pairing timeout.
+pub const MAX_WAITING_PER_IP: usize = 64;
+
 /// How long the first half waits for the second. Both get their tickets in the same
 /// broker exchange, so a healthy partner arrives within a round trip or two; 30 s covers
 /// a slow mobile link and a retry.

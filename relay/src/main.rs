@@ -57,6 +57,9 @@ struct Cli {
     /// Most sessions (paired or waiting) at once.
     #[arg(long, default_value_t = relay::defaults::MAX_SESSIONS, value_name = "N")]
     max_sessions: usize,
+    /// Most halves from one IP address waiting for their partner at once.
+    #[arg(long, default_value_t = relay::defaults::MAX_WAITING_PER_IP, value_name = "N")]
+    max_waiting_per_ip: usize,
     /// Bytes (both directions) after which a session is closed [default: no limit].
     #[arg(long, value_name = "BYTES")]
     max_bytes: Option<u64>,
@@ -78,6 +81,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         .context("--key / CHUANTOU_RELAY_KEY must be 64 hex digits")?;
     let mut config = RelayConfig::new(cli.listen, key);
     config.limits.max_sessions = cli.max_sessions;
+    config.limits.max_waiting_per_ip = cli.max_waiting_per_ip.max(1);
     config.max_bytes_per_session = cli.max_bytes;
     config.rate_per_session = cli.rate;
     config.idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));

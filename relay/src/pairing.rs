@@ -16,6 +16,7 @@
 //! [`Limits::max_ticket_lifetime`], which bounds that memory.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::defaults;
@@ -34,6 +35,8 @@ pub struct Limits {
     pub pairing_timeout: Duration,
     /// Longest ticket lifetime accepted (bounds the used-ticket memory).
     pub max_ticket_lifetime: Duration,
+    /// Halves from one IP address waiting at once.
+    pub max_waiting_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             max_sessions: defaults::MAX_SESSIONS,
             pairing_timeout: defaults::PAIRING_TIMEOUT,
             max_ticket_lifetime: defaults::MAX_TICKET_LIFETIME,
+            max_waiting_per_ip: defaults::MAX_WAITING_PER_IP,
         }
     }
 }
@@ -82,6 +86,8 @@ struct Waiter {
     conn: ConnId,
     side: Side,
     deadline: Instant,
+    /// Where it came from, when the shell said ([`Pairing::handle_hello_from`]).
+    ip: Option<IpAddr>,
 }
 
 /// The pairing table.
@@ -94,6 +100,8 @@ pub struct Pairing {
     used: HashMap<(SessionId, Side), u64>,
     paired: usize,
     events: VecDeque<Event>,
+    /// Waiting halves per source address.
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl Pairing {
@@ -107,6 +115,7 @@ impl Pairing {
             used: HashMap::new(),
             paired: 0,
             events: VecDeque::new(),
+            per_ip: HashMap::new(),
         }
     }
 
@@ -120,13 +129,58 @@ impl Pairing {
         self.waiting.len()
     }
 
-    /// Admits (or refuses) `conn` presenting `ticket` at `now` (`now_unix` for expiry).
+    /// Admits (or refuses) `conn` presenting `ticket` at `now` (`now_unix` for expiry),
+    /// not counting where it came from.
     pub fn handle_hello(
         &mut self,
         now: Instant,
         now_unix: u64,
         conn: ConnId,
         ticket: &Ticket,
+    ) -> Result<Admit, Refusal> {
+        self.admit(now, now_unix, conn, ticket, None)
+    }
+
+    /// [`Pairing::handle_hello`] for a half from `ip`: at most
+    /// [`Limits::max_waiting_per_ip`] halves from one address wait at once.
+    pub fn handle_hello_from(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        conn: ConnId,
+        ticket: &Ticket,
+        ip: IpAddr,
+    ) -> Result<Admit, Refusal> {
+        self.admit(now, now_unix, conn, ticket, Some(ip))
+    }
+
+    fn count(&mut self, ip: Option<IpAddr>, up: bool) {
+        let Some(ip) = ip else { return };
+        let n = self.per_ip.entry(ip).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Removes the waiter of `session`, keeping the per-address counts.
+    fn unwait(&mut self, session: &SessionId) -> Option<Waiter> {
+        let w = self.waiting.remove(session)?;
+        self.count(w.ip, false);
+        Some(w)
+    }
+
+    fn admit(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        conn: ConnId,
+        ticket: &Ticket,
+        ip: Option<IpAddr>,
     ) -> Result<Admit, Refusal> {
         self.key.verify(ticket, now_unix).map_err(|e| match e {
             TicketError::BadMac => Refusal::new(RefusalCode::BadTicket, e.to_string()),
@@ -151,8 +205,11 @@ impl Pairing {
             // the newer connection is the one to keep. The deadline stays: coming back
             // does not buy more waiting.
             let old = std::mem::replace(&mut w.conn, conn);
+            let old_ip = std::mem::replace(&mut w.ip, ip);
             self.by_conn.remove(&old);
             self.by_conn.insert(conn, ticket.session);
+            self.count(old_ip, false);
+            self.count(ip, true);
             return Ok(Admit::Replace { old });
         }
         if self.used.contains_key(&key) {
@@ -165,7 +222,7 @@ impl Pairing {
             && w.side != ticket.side
         {
             let other = w.conn;
-            self.waiting.remove(&ticket.session);
+            self.unwait(&ticket.session);
             self.by_conn.remove(&other);
             self.used.insert(key, ticket.expires);
             self.paired += 1;
@@ -180,14 +237,27 @@ impl Pairing {
                 ),
             ));
         }
+        if let Some(ip) = ip
+            && self.per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.max_waiting_per_ip
+        {
+            return Err(Refusal::new(
+                RefusalCode::Busy,
+                format!(
+                    "{} halves from {ip} are already waiting, the most one address may",
+                    self.limits.max_waiting_per_ip
+                ),
+            ));
+        }
         self.used.insert(key, ticket.expires);
         self.by_conn.insert(conn, ticket.session);
+        self.count(ip, true);
         self.waiting.insert(
             ticket.session,
             Waiter {
                 conn,
                 side: ticket.side,
                 deadline: now + self.limits.pairing_timeout,
+                ip,
             },
         );
         Ok(Admit::Wait)
@@ -197,7 +267,7 @@ impl Pairing {
     /// was relayed on it, and its holder may be retrying over a fresh connection.
     pub fn handle_gone(&mut self, conn: ConnId) {
         if let Some(session) = self.by_conn.remove(&conn)
-            && let Some(w) = self.waiting.remove(&session)
+            && let Some(w) = self.unwait(&session)
         {
             self.used.remove(&(session, w.side));
         }
@@ -222,7 +292,7 @@ impl Pairing {
             .map(|(s, w)| (*s, w.conn))
             .collect();
         for (session, conn) in late {
-            self.waiting.remove(&session);
+            self.unwait(&session);
             self.by_conn.remove(&conn);
             self.events.push_back(Event::PairTimeout { conn, session });
         }
@@ -425,5 +495,52 @@ mod tests {
         assert_eq!(p.used.len(), 200);
         p.handle_timeout(t0, NOW_UNIX + 61);
         assert!(p.used.is_empty());
+    }
+
+    #[test]
+    fn one_address_holds_only_its_share_of_waiting_halves() {
+        let key = TicketKey::from_bytes([5; 32]);
+        let limits = Limits {
+            max_waiting_per_ip: 3,
+            ..Limits::default()
+        };
+        let mut p = Pairing::new(key.clone(), limits);
+        let t0 = Instant::now();
+        let (hog, other): (IpAddr, IpAddr) = ([198, 18, 0, 66].into(), [198, 18, 0, 7].into());
+        for s in 1..=3 {
+            let t = ticket(&key, s, Side::Initiator);
+            assert_eq!(
+                p.handle_hello_from(t0, NOW_UNIX, u64::from(s), &t, hog),
+                Ok(Admit::Wait)
+            );
+        }
+        let t = ticket(&key, 4, Side::Initiator);
+        let refused = p.handle_hello_from(t0, NOW_UNIX, 4, &t, hog).unwrap_err();
+        assert_eq!(refused.code, RefusalCode::Busy);
+        // Another address still gets in, and a partner pairs with a waiting half.
+        let t = ticket(&key, 5, Side::Initiator);
+        assert_eq!(
+            p.handle_hello_from(t0, NOW_UNIX, 5, &t, other),
+            Ok(Admit::Wait)
+        );
+        let t = ticket(&key, 1, Side::Responder);
+        assert_eq!(
+            p.handle_hello_from(t0, NOW_UNIX, 6, &t, other),
+            Ok(Admit::Pair { other: 1 })
+        );
+        // A paired, a gone and a timed-out half each free their address' slot.
+        let t = ticket(&key, 4, Side::Initiator);
+        assert_eq!(
+            p.handle_hello_from(t0, NOW_UNIX, 7, &t, hog),
+            Ok(Admit::Wait)
+        );
+        p.handle_gone(2);
+        let t = ticket(&key, 8, Side::Initiator);
+        assert_eq!(
+            p.handle_hello_from(t0, NOW_UNIX, 8, &t, hog),
+            Ok(Admit::Wait)
+        );
+        p.handle_timeout(t0 + Limits::default().pairing_timeout, NOW_UNIX);
+        assert!(p.per_ip.is_empty(), "{:?}", p.per_ip);
     }
 }

@@ -346,7 +346,8 @@ async fn serve_tcp(
         // A waiting half is parked under the same lock that admits it: a partner admitted
         // a moment later must find it there, or its stream would be dropped unpaired.
         let mut pairing = lock(&shared.pairing);
-        let admit = pairing.handle_hello(Instant::now(), unix_now(), conn, &hello.ticket);
+        let admit =
+            pairing.handle_hello_from(Instant::now(), unix_now(), conn, &hello.ticket, remote.ip());
         if let Ok(Admit::Wait | Admit::Replace { .. }) = admit {
             let mut parked = lock(&shared.parked);
             if let Ok(Admit::Replace { old }) = admit {
@@ -381,6 +382,8 @@ async fn serve_tcp(
         Ok(admit @ (Admit::Wait | Admit::Replace { .. })) => {
             if let Admit::Replace { .. } = admit {
                 info!(%session, %remote, "relay half came back on a new connection");
+            } else {
+                shared.stats.halves_total.fetch_add(1, Ordering::Relaxed);
             }
             shared.deadlines.notify_one();
             if let Err(e) = write_status(&mut stream, &Status::Waiting).await {
@@ -938,7 +941,13 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
         return vec![(src, Status::Paired)];
     }
     let conn = shared.conn_id();
-    let admit = lock(&shared.pairing).handle_hello(Instant::now(), unix_now(), conn, &h.ticket);
+    let admit = lock(&shared.pairing).handle_hello_from(
+        Instant::now(),
+        unix_now(),
+        conn,
+        &h.ticket,
+        src.ip(),
+    );
     match admit {
         Err(r) => {
             drop(udp);
@@ -953,6 +962,9 @@ fn udp_hello(shared: &Shared, src: SocketAddr, h: &Hello) -> Vec<(SocketAddr, St
                 udp.by_addr.remove(&old_addr);
                 info!(session = %h.ticket.session, from = %old_addr, to = %src,
                     "relay udp half came back from a new address");
+            }
+            if admit == Admit::Wait {
+                shared.stats.halves_total.fetch_add(1, Ordering::Relaxed);
             }
             udp.waiting.insert(conn, src);
             udp.by_addr

@@ -14,6 +14,8 @@ pub struct RelayStats {
     pub sessions_total: AtomicU64,
     /// Hellos refused (bad, expired or reused tickets; limits).
     pub refused_total: AtomicU64,
+    /// Halves admitted to wait for their partner since start.
+    pub halves_total: AtomicU64,
 }
 
 impl RelayStats {
@@ -44,6 +46,12 @@ impl RelayStats {
                 "counter",
                 "Relay hellos refused (bad, expired or reused tickets; limits).",
                 get(&self.refused_total),
+            ),
+            (
+                "chuantou_relay_halves_total",
+                "counter",
+                "Relay halves admitted to wait for their partner since start.",
+                get(&self.halves_total),
             ),
         ];
         prometheus(&rows)

@@ -154,6 +154,8 @@ pub struct ExposeOpts {
     pub transport: Transport,
     /// Never join the relay.
     pub no_relay: bool,
+    /// Sessions served at once [default: the peer's default].
+    pub max_sessions: Option<usize>,
 }
 
 /// Like [`expose`], with options.
@@ -170,6 +172,7 @@ pub fn expose_proto(
         udp,
         transport,
         no_relay,
+        max_sessions,
     } = opts;
     let key = home.open().key().unwrap();
     let public = PublicKey(key.verifying_key().to_bytes());
@@ -193,6 +196,7 @@ pub fn expose_proto(
         udp,
         transport,
         no_relay,
+        max_sessions: max_sessions.unwrap_or(peer::defaults::MAX_SESSIONS),
     };
     let board = serve_status(home, shutdown);
     tokio::spawn(expose::run(cfg, key, board, shutdown.clone()));
@@ -312,6 +316,22 @@ fn serve_status(home: &TempHome, shutdown: &CancellationToken) -> peer::status::
             .expect("status socket")
     });
     board
+}
+
+/// The value of the Prometheus metric `name` at the HTTP API `http` (0 when absent).
+pub async fn metric(http: SocketAddr, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let prefix = format!("{name} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits until `name` is online at the rendezvous.

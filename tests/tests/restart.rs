@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use chuantou_tests::{BOUND, TempHome, echo_service, expose, online, within};
+use chuantou_tests::{BOUND, TempHome, echo_service, expose, metric, online, within};
 use ed25519_dalek::SigningKey;
 use rendezvous::registry::Timing;
 use rendezvous::server::{Server, ServerConfig, ServerHandle};
@@ -170,15 +170,5 @@ async fn an_exposer_whose_name_is_taken_keeps_trying_and_gets_it_when_freed() {
 
 /// `chuantou_registrations_refused_total` from the server's /metrics.
 async fn refused(http: std::net::SocketAddr) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("chuantou_registrations_refused_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the metric")
+    metric(http, "chuantou_registrations_refused_total").await
 }
