@@ -137,3 +137,9 @@ pub const INCOMING_BUFFER_TOTAL: u64 = 1024 * 1024;
 /// Sessions an exposer serves at once (live or being set up), one per reaching key: each
 /// costs a relay half and punch probes, so a flood of brokered keys is held here.
 pub const MAX_SESSIONS: usize = 256;
+
+/// How long the credentialed STUN Binding right after registering may take. The server
+/// answered this socket a moment before, so a longer silence means it went away (a
+/// restart mid-registration): waiting out the full RFC 8489 schedule (39.5 s) would keep
+/// the peer from noticing and coming back; the refresher observes the mapping later.
+pub const REGISTERED_STUN_WITHIN: Duration = Duration::from_secs(5);

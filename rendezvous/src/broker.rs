@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::defaults;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use wire::ticket::TicketKey;
 
@@ -52,13 +52,14 @@ pub struct Relays<'a> {
 /// Which relay carries a session, and at which address each side should dial it.
 ///
 /// Standalone relays come first: they are what a deployment adds to spare the rendezvous'
-/// own bandwidth. The embedded relay shares the rendezvous' host, so each side is told to
-/// dial it where that side reached the rendezvous (`*_local`: the server's end of its
-/// signaling connection) unless it is bound to one concrete address.
+/// own bandwidth. The embedded relay shares the rendezvous' host: it is dialled at the
+/// address the operator advertises for that host (`--advertise`, for servers behind a
+/// cloud's 1:1 NAT), else where it is bound, or, bound to every address, on "the host you
+/// reached the rendezvous on" (an unspecified IP the peer resolves, see
+/// [`wire::signal::same_host`]): the one address sure to reach this host from that peer.
 pub fn choose_relay<'a>(
     relays: Relays<'a>,
-    initiator_local: Option<SocketAddr>,
-    responder_local: Option<SocketAddr>,
+    advertise: Option<IpAddr>,
     expires: u64,
 ) -> Option<RelayIssue<'a>> {
     if let Some((addr, key)) = relays.standalone {
@@ -70,15 +71,15 @@ pub fn choose_relay<'a>(
         });
     }
     let (bound, key) = relays.embedded?;
-    let dial = |local: Option<SocketAddr>| match local {
-        Some(l) if bound.ip().is_unspecified() => SocketAddr::new(l.ip(), bound.port()),
-        _ => bound,
+    let dial = match advertise {
+        Some(ip) => SocketAddr::new(ip, bound.port()),
+        None => bound,
     };
     Some(RelayIssue {
         key,
         expires,
-        addr_for_initiator: dial(initiator_local),
-        addr_for_responder: dial(responder_local),
+        addr_for_initiator: dial,
+        addr_for_responder: dial,
     })
 }
 
@@ -289,38 +290,37 @@ mod tests {
     }
 
     #[test]
-    fn standalone_relays_come_first_and_the_embedded_one_is_dialled_where_each_side_reached_us() {
+    fn standalone_relays_come_first_and_the_embedded_one_is_dialled_on_the_advertised_host() {
         let (k1, k2) = (
             TicketKey::from_bytes([1; 32]),
             TicketKey::from_bytes([2; 32]),
         );
-        let a: SocketAddr = "198.18.0.1:7000".parse().unwrap();
-        let b: SocketAddr = "198.18.5.1:7000".parse().unwrap();
         let wildcard: SocketAddr = "0.0.0.0:7001".parse().unwrap();
         let standalone: SocketAddr = "198.18.7.7:7001".parse().unwrap();
-        assert!(choose_relay(Relays::default(), Some(a), Some(b), 9).is_none());
+        assert!(choose_relay(Relays::default(), None, 9).is_none());
 
+        // Bound to every address, not advertised: "the host you reached us on".
         let embedded = Relays {
             standalone: None,
             embedded: Some((wildcard, &k1)),
         };
-        let r = choose_relay(embedded, Some(a), Some(b), 9).unwrap();
-        assert_eq!(r.addr_for_initiator, "198.18.0.1:7001".parse().unwrap());
-        assert_eq!(r.addr_for_responder, "198.18.5.1:7001".parse().unwrap());
+        let r = choose_relay(embedded, None, 9).unwrap();
+        assert_eq!(
+            (r.addr_for_initiator, r.addr_for_responder),
+            (wildcard, wildcard)
+        );
         assert_eq!((r.key.to_hex(), r.expires), (k1.to_hex(), 9));
-
-        // Bound to one address, it is dialled there whatever the side reached.
+        // Advertised (a 1:1 NAT in front): that address, on the relay's port.
+        let public: IpAddr = "198.18.1.9".parse().unwrap();
+        let r = choose_relay(embedded, Some(public), 9).unwrap();
+        assert_eq!(r.addr_for_responder, "198.18.1.9:7001".parse().unwrap());
+        // Bound to one address: there.
         let concrete: SocketAddr = "198.18.3.3:7001".parse().unwrap();
-        let r = choose_relay(
-            Relays {
-                standalone: None,
-                embedded: Some((concrete, &k1)),
-            },
-            Some(a),
-            None,
-            9,
-        )
-        .unwrap();
+        let one = Relays {
+            standalone: None,
+            embedded: Some((concrete, &k1)),
+        };
+        let r = choose_relay(one, None, 9).unwrap();
         assert_eq!(
             (r.addr_for_initiator, r.addr_for_responder),
             (concrete, concrete)
@@ -330,9 +330,11 @@ mod tests {
             standalone: Some((standalone, &k2)),
             embedded: Some((wildcard, &k1)),
         };
-        let r = choose_relay(both, Some(a), Some(b), 9).unwrap();
-        assert_eq!(r.addr_for_initiator, standalone);
-        assert_eq!(r.addr_for_responder, standalone);
+        let r = choose_relay(both, Some(public), 9).unwrap();
+        assert_eq!(
+            (r.addr_for_initiator, r.addr_for_responder),
+            (standalone, standalone)
+        );
         assert_eq!(r.key.to_hex(), k2.to_hex());
     }
 

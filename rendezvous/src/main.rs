@@ -27,6 +27,11 @@ use wire::signal::PublicKey;
 /// Example on a server with two public addresses:
 ///
 ///   rendezvous --stun 203.0.113.1:3478 --alt-ip 203.0.113.2 --token "$(cat token)"
+///
+/// On a cloud VM whose public address is not on the machine (a 1:1 NAT, as most cheap
+/// VPS offers have), say which it is:
+///
+///   rendezvous --advertise 203.0.113.1
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -61,6 +66,14 @@ struct Cli {
     /// The alternate STUN port used with --alt-ip [default: the STUN port + 1].
     #[arg(long, value_name = "PORT", requires = "alt_ip")]
     alt_port: Option<u16>,
+
+    /// This host's public address(es) when they are not on the machine (a cloud's 1:1
+    /// NAT): peers are told to use IP for STUN and the embedded relay, and STUN answers
+    /// name IP (and IP2, the public side of --alt-ip) in OTHER-ADDRESS and RESPONSE-ORIGIN.
+    /// [default: the bound addresses; bound to every address, peers use the host they
+    /// reached this server on]
+    #[arg(long, value_name = "IP[,IP2]", value_delimiter = ',', num_args = 1)]
+    advertise: Vec<IpAddr>,
 
     /// Address of the read-only HTTP JSON API and /metrics. It lists every registered
     /// peer, so keep it on loopback unless something guards it.
@@ -232,6 +245,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         stun: (!cli.no_stun).then_some(cli.stun),
         alt_ip: cli.alt_ip,
         alt_port: cli.alt_port,
+        advertise: cli.advertise,
         http: (!cli.no_http).then_some(cli.http),
         token: cli.token,
         timing: Timing {

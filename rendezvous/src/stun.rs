@@ -164,6 +164,8 @@ pub enum Dropped {
 #[derive(Debug)]
 pub struct Responder {
     layout: Layout,
+    /// The layout as clients see it: the same, unless the host sits behind a 1:1 NAT.
+    advertised: Layout,
     limiter: RateLimiter<IpAddr>,
 }
 
@@ -182,8 +184,19 @@ impl Responder {
     pub fn with_limits(layout: Layout, rate: u32, burst: u32, table: usize) -> Self {
         Responder {
             layout,
+            advertised: layout,
             limiter: RateLimiter::new(rate, burst, table),
         }
+    }
+
+    /// Names `advertised` in OTHER-ADDRESS and RESPONSE-ORIGIN instead of the bound
+    /// addresses: the public side of a 1:1 NAT, as coturn's `--external-ip PUBLIC/PRIVATE`.
+    /// It must have the same slots as the bound layout.
+    pub fn with_advertised(mut self, advertised: Layout) -> Self {
+        if advertised.alternate.is_some() == self.layout.alternate.is_some() {
+            self.advertised = advertised;
+        }
+        self
     }
 
     /// Its layout.
@@ -316,7 +329,7 @@ impl Responder {
             Some(port) => SocketAddr::new(rx.src.ip(), port),
             None => rx.src,
         };
-        let layout = self.layout;
+        let layout = self.advertised;
         let build = |padding: Option<Padding>| {
             let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
                 .with_transaction_id(tid)
@@ -433,13 +446,13 @@ impl Responder {
         push_attr(
             &mut out,
             ATTR_SOURCE_ADDRESS,
-            &address_value(self.layout.addr(from)),
+            &address_value(self.advertised.addr(from)),
         );
         if self.layout.alternate.is_some() {
             push_attr(
                 &mut out,
                 ATTR_CHANGED_ADDRESS,
-                &address_value(self.layout.addr(rx.slot.changed(true, true))),
+                &address_value(self.advertised.addr(rx.slot.changed(true, true))),
             );
         }
         finish_classic(&mut out);
@@ -580,6 +593,28 @@ mod tests {
         let resp = parse_response(&reply.bytes, &req.tid, None).unwrap();
         assert_eq!(resp.other, Some("198.18.0.1:3478".parse().unwrap()));
         assert_eq!(reply.from, alt);
+    }
+
+    #[test]
+    fn behind_a_one_to_one_nat_the_public_addresses_are_named() {
+        // Bound to private addresses, published as 198.18.1.5/198.18.1.6.
+        let public = Layout {
+            primary: "198.18.1.5:3478".parse().unwrap(),
+            alternate: Some("198.18.1.6:3479".parse().unwrap()),
+        };
+        let mut r = rfc5780().with_advertised(public);
+        let req = binding_request(None, Some((true, false))).unwrap();
+        let reply = ask(&mut r, Slot::PRIMARY, &req.bytes, None).unwrap();
+        // Sent from the bound alternate socket...
+        assert_eq!(
+            r.layout().addr(reply.from),
+            "198.18.0.2:3478".parse().unwrap()
+        );
+        // ...and named by the addresses clients can reach.
+        let resp = parse_response(&reply.bytes, &req.tid, None).unwrap();
+        assert_eq!(resp.origin, Some("198.18.1.6:3478".parse().unwrap()));
+        assert_eq!(resp.other, Some("198.18.1.6:3479".parse().unwrap()));
+        assert_eq!(resp.mapped, CLIENT.parse().unwrap());
     }
 
     #[test]

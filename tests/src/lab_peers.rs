@@ -325,6 +325,19 @@ pub fn start_rendezvous_with(lab: &Lab, rendezvous: &Path, extra: &[&str]) -> Pr
     server
 }
 
+/// A rendezvous on lab host `host` with exactly `args` (and a fresh `--state`), returned
+/// once its relay listens.
+pub fn start_rendezvous_on(lab: &Lab, rendezvous: &Path, host: &str, args: &[&str]) -> Proc {
+    let state = state_dir();
+    let mut cmd = lab.command(host, rendezvous);
+    cmd.arg("--state").arg(&state).args(args);
+    cmd.env("RUST_LOG", "info,relay=debug");
+    let mut server = Proc::start(cmd);
+    server.dir = Some(state);
+    server.wait_for(&["relay listening"]);
+    server
+}
+
 /// `peer expose SERVICE --name NAME` on `host`, registered when this returns.
 pub fn start_expose(
     lab: &Lab,
@@ -340,6 +353,9 @@ pub fn start_expose(
     start_peer(lab, peer, host, home, &args, "registered")
 }
 
+/// Where [`start_rendezvous`] serves signaling.
+pub const RENDEZVOUS: &str = "198.18.0.1:7000";
+
 /// `peer --home HOME --rendezvous … ARGS` on `host`, returned once its log says `ready`.
 pub fn start_peer(
     lab: &Lab,
@@ -349,10 +365,23 @@ pub fn start_peer(
     args: &[&str],
     ready: &str,
 ) -> Proc {
+    start_peer_via(lab, peer, host, home, RENDEZVOUS, args, ready)
+}
+
+/// [`start_peer`] with the rendezvous at `rendezvous`.
+pub fn start_peer_via(
+    lab: &Lab,
+    peer: &Path,
+    host: &str,
+    home: &Path,
+    rendezvous: &str,
+    args: &[&str],
+    ready: &str,
+) -> Proc {
     let mut cmd = lab.command(host, peer);
     cmd.arg("--home")
         .arg(home)
-        .args(["--rendezvous", "198.18.0.1:7000"])
+        .args(["--rendezvous", rendezvous])
         .args(args);
     let mut p = Proc::start(cmd);
     p.wait_for(&[ready]);
@@ -385,12 +414,43 @@ pub fn run_pair(
     name: &str,
     transport: &str,
 ) -> PairRun {
+    run_pair_via(lab, peer, RENDEZVOUS, host_a, host_b, name, transport)
+}
+
+/// [`run_pair`] with the rendezvous at `rendezvous`.
+pub fn run_pair_via(
+    lab: &Lab,
+    peer: &Path,
+    rendezvous: &str,
+    host_a: &str,
+    host_b: &str,
+    name: &str,
+    transport: &str,
+) -> PairRun {
     let (home_a, home_b) = (TempHome::new(), TempHome::new());
-    let service = echo_service(lab, host_a);
-    let expose = start_expose(lab, peer, host_a, &home_a.0, service, name, transport);
+    let service = echo_service(lab, host_a).to_string();
+    let args = ["expose", &service, "--name", name, "--transport", transport];
+    let expose = start_peer_via(
+        lab,
+        peer,
+        host_a,
+        &home_a.0,
+        rendezvous,
+        &args,
+        "registered",
+    );
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
     let started = Instant::now();
-    let mut reach = start_reach(lab, peer, host_b, &home_b.0, name, local, transport);
+    let local_arg = local.to_string();
+    let args = [
+        "reach",
+        name,
+        "--local",
+        &local_arg,
+        "--transport",
+        transport,
+    ];
+    let mut reach = start_peer_via(lab, peer, host_b, &home_b.0, rendezvous, &args, "reaching");
     // The first connection brokers the session: relay at once, punching beside it.
     let mut expose = expose;
     let fail = |e: String, reach: &mut Proc, expose: &mut Proc| PairRun {

@@ -29,6 +29,7 @@
 //! | `port-restricted` | endpoint-independent | address-and-port-dependent (conntrack) |
 //! | `symmetric-random` | address-and-port-dependent, random ports | address-and-port-dependent |
 //! | `symmetric-sequential` | address-and-port-dependent, port + delta per mapping (UDP and TCP counted apart) | address-and-port-dependent |
+//! | `one-to-one` | the first host *is* the WAN address, every port both ways (a cloud VM's 1:1 NAT: the host does not know its public address) | none |
 //!
 //! Options per router: `hairpin` (LAN packets to the WAN address are sent back in through
 //! the map), `timeout=S` (UDP conntrack and map entries), `loss=PCT` (dropped at random in
@@ -92,6 +93,9 @@ pub enum Kind {
     SymmetricRandom,
     /// A new port for every destination, each `delta` above the last.
     SymmetricSequential,
+    /// Static 1:1 NAT of the first host: a cloud server's public address that is not on
+    /// the machine. Not among [`Kind::ALL`] (those are what peers sit behind).
+    OneToOne,
 }
 
 impl Kind {
@@ -114,6 +118,7 @@ impl Kind {
             Kind::PortRestricted => "port-restricted",
             Kind::SymmetricRandom => "symmetric-random",
             Kind::SymmetricSequential => "symmetric-sequential",
+            Kind::OneToOne => "one-to-one",
         }
     }
 
@@ -126,6 +131,7 @@ impl Kind {
             Kind::PortRestricted => "pr",
             Kind::SymmetricRandom => "symr",
             Kind::SymmetricSequential => "syms",
+            Kind::OneToOne => "vps",
         }
     }
 }
@@ -141,11 +147,12 @@ impl FromStr for Kind {
     fn from_str(s: &str) -> Result<Kind, LabError> {
         Kind::ALL
             .into_iter()
+            .chain([Kind::OneToOne])
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 LabError::Spec(format!(
                     "unknown router kind {s:?}: one of none, full-cone, address-restricted, \
-                 port-restricted, symmetric-random, symmetric-sequential"
+                 port-restricted, symmetric-random, symmetric-sequential, one-to-one"
                 ))
             })
     }
@@ -584,6 +591,13 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
             }
             s += &format!("    oifname \"wan0\" snat ip to {wan}\n");
         }
+        Kind::OneToOne => {
+            // The host's own connections leave from the WAN address, ports kept.
+            s += &format!(
+                "    oifname \"wan0\" ip saddr {} snat ip to {wan}\n",
+                host_addr(i, r.kind, 0)
+            );
+        }
         Kind::None => {}
     }
     s += "  }\n";
@@ -603,6 +617,12 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
         Kind::AddressRestricted => {
             s += "    iifname \"wan0\" meta l4proto { udp, tcp } meta l4proto . th dport . ip saddr @peers \
                   dnat ip to meta l4proto . th dport map @mapping\n";
+        }
+        Kind::OneToOne => {
+            s += &format!(
+                "    iifname \"wan0\" dnat ip to {}\n",
+                host_addr(i, r.kind, 0)
+            );
         }
         _ => {}
     }

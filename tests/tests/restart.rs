@@ -152,9 +152,14 @@ async fn an_exposer_whose_name_is_taken_keeps_trying_and_gets_it_when_freed() {
     }
     // ...and once the holder releases the name, it takes it.
     holder.release("pc-home").await.unwrap();
+    // Looking up needs a name of one's own.
+    let probe = connect(&rv).await;
+    probe
+        .register(&SigningKey::from_bytes(&[8; 32]), "watcher", vec![], vec![])
+        .await
+        .unwrap();
     let deadline = Instant::now() + BOUND;
     loop {
-        let probe = connect(&rv).await;
         match probe.lookup("pc-home").await {
             Ok(p) if p.online && p.services.len() == 1 => break,
             _ => {}

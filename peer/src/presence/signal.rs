@@ -9,7 +9,10 @@ use tokio::net::UdpSocket;
 use wire::signal::client::{Client, ClientConfig, ClientError};
 use wire::signal::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 
-use crate::defaults::{BACKOFF_MAX, BACKOFF_MIN, STUN_ANSWER_WITHIN, TCP_STUN_WITHIN, UDP_REFRESH};
+use crate::defaults::{
+    BACKOFF_MAX, BACKOFF_MIN, REGISTERED_STUN_WITHIN, STUN_ANSWER_WITHIN, TCP_STUN_WITHIN,
+    UDP_REFRESH,
+};
 use crate::presence::endpoint::UdpEndpoint;
 use crate::presence::tcp_port::TcpPort;
 use std::sync::Arc;
@@ -251,15 +254,17 @@ impl Signaling {
         let udp = match udp {
             Some((socket, stun)) if nat.is_some() => {
                 let cred = (reg.stun_username.clone(), reg.stun_password.clone());
-                let observed = wire::signal::client::stun_binding(
+                let binding = wire::signal::client::stun_binding(
                     &socket,
                     stun,
                     Some((&cred.0, &cred.1)),
                     wire::stun::transaction::Timing::RFC8489,
-                )
-                .await
-                .map(|r| r.mapped)
-                .ok();
+                );
+                let observed = tokio::time::timeout(REGISTERED_STUN_WITHIN, binding)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|r| r.mapped);
                 if let (Some(o), Some(n)) = (observed, nat) {
                     info!(udp = %o, mapping = ?n.mapping, allocation = ?n.allocation,
                         delta = n.delta, "udp mapping observed");

@@ -23,10 +23,6 @@ pub(super) async fn serve_conn(
         shared,
         ip: remote.ip(),
     };
-    // Where the peer reached us (the server may listen on every address).
-    let local = stream
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     // The TLS handshake counts against the hello timeout and the per-IP pending limit.
     let started = tokio::time::Instant::now();
     let hello_timeout = shared.config.hello_timeout;
@@ -64,20 +60,11 @@ pub(super) async fn serve_conn(
     let (rd, mut wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
     let left = hello_timeout.saturating_sub(started.elapsed());
-    let greeted = hello(shared, &mut reader, &mut wr, &shutdown, left, local).await;
+    let greeted = hello(shared, &mut reader, &mut wr, &shutdown, left).await;
     drop(pending);
     let end = match greeted {
         Ok(Greeting::Peer(nonce)) => {
-            session(
-                shared,
-                &mut reader,
-                &mut wr,
-                remote,
-                local,
-                nonce,
-                &shutdown,
-            )
-            .await
+            session(shared, &mut reader, &mut wr, remote, nonce, &shutdown).await
         }
         Ok(Greeting::Relay { port, public }) => {
             relay_session(
@@ -165,7 +152,6 @@ pub(super) async fn hello(
     wr: &mut Wr,
     shutdown: &CancellationToken,
     within: Duration,
-    local: SocketAddr,
 ) -> Result<Greeting, End> {
     let cfg = &shared.config;
     let first = tokio::select! {
@@ -236,13 +222,13 @@ pub(super) async fn hello(
         heartbeat_interval_ms: u32::try_from(cfg.timing.heartbeat_interval.as_millis())
             .unwrap_or(u32::MAX),
         software: crate::stun::SOFTWARE.into(),
+        // Advertised, else bound; bound to every address, the unspecified IP tells the
+        // client "the host you reached me on" (wire::signal::same_host).
         stun: shared.responder.as_ref().map(|r| {
             let primary = r.lock().unwrap_or_else(|p| p.into_inner()).layout().primary;
-            // Bound to every address: tell the client the one it reached us on.
-            if primary.ip().is_unspecified() {
-                SocketAddr::new(local.ip(), primary.port())
-            } else {
-                primary
+            match cfg.advertise.first() {
+                Some(&ip) => SocketAddr::new(ip, primary.port()),
+                None => primary,
             }
         }),
     });
@@ -274,7 +260,6 @@ pub(super) async fn session(
     reader: &mut FrameReader<Rd>,
     wr: &mut Wr,
     remote: SocketAddr,
-    local: SocketAddr,
     nonce: [u8; 32],
     shutdown: &CancellationToken,
 ) -> End {
@@ -287,7 +272,6 @@ pub(super) async fn session(
             id,
             Conn {
                 tx,
-                local,
                 identified: None,
             },
         );

@@ -107,6 +107,11 @@ pub struct ServerConfig {
     /// Time an HTTP API client has to send a request's headers (a connection lives at most
     /// six times as long).
     pub http_timeout: Duration,
+    /// The public addresses of this host, when they are not its own (a cloud's 1:1 NAT):
+    /// the first for STUN's primary address and the embedded relay, the second for the
+    /// STUN alternate IP (`--alt-ip`). Empty: the bound addresses, or where a peer
+    /// reached the server when bound to every address.
+    pub advertise: Vec<IpAddr>,
 }
 
 impl ServerConfig {
@@ -152,6 +157,7 @@ impl Default for ServerConfig {
             connect_rate: defaults::CONNECT_RATE,
             max_names_per_ip: defaults::MAX_NAMES_PER_IP,
             http_timeout: defaults::HTTP_TIMEOUT,
+            advertise: Vec::new(),
         }
     }
 }
@@ -248,8 +254,6 @@ struct State {
 struct Conn {
     /// Pushes to its task.
     tx: mpsc::Sender<Push>,
-    /// The server address this peer reached: the address it can reach the relay on too.
-    local: SocketAddr,
     /// The key this connection proved with `Identify`, when it holds a name.
     identified: Option<PublicKey>,
 }
@@ -349,6 +353,23 @@ impl Server {
             .local_addr()
             .map_err(bind_err("signaling", config.listen))?;
 
+        if config.advertise.len() > 2 {
+            return Err(ServerError::Config(
+                "--advertise takes one IP, or two with --alt-ip (the public side of each)".into(),
+            ));
+        }
+        if config.advertise.len() == 2 && config.alt_ip.is_none() {
+            return Err(ServerError::Config(format!(
+                "--advertise {} names a second IP, which is the public side of --alt-ip: give \
+                 --alt-ip too, or advertise one IP",
+                config.advertise[1]
+            )));
+        }
+        if let Some(ip) = config.advertise.iter().find(|ip| ip.is_unspecified()) {
+            return Err(ServerError::Config(format!(
+                "--advertise {ip}: give the public address peers reach this host on"
+            )));
+        }
         let mut stun = Vec::new();
         let mut stun_tcp = Vec::new();
         let mut layout = None;
@@ -456,7 +477,18 @@ impl Server {
                     defaults::MAX_PEERS,
                 ),
             }),
-            responder: layout.map(|l| Mutex::new(Responder::new(l))),
+            responder: layout.map(|l| {
+                let public = match config.advertise.as_slice() {
+                    [] => l,
+                    [ip, rest @ ..] => Layout {
+                        primary: SocketAddr::new(*ip, l.primary.port()),
+                        alternate: l.alternate.map(|a| {
+                            SocketAddr::new(rest.first().copied().unwrap_or(a.ip()), a.port())
+                        }),
+                    },
+                };
+                Mutex::new(Responder::new(l).with_advertised(public))
+            }),
             metrics: Metrics::default(),
             expiry_changed: Notify::new(),
             relay: embedded,

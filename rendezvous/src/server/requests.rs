@@ -245,7 +245,6 @@ pub(super) fn connect(
             format!("{target} just went offline"),
         )
     })?;
-    let my_local = st.conns.get(&conn).map(|c| c.local);
     let embedded = shared.relay.as_ref().map(|r| (r.addr, &r.key));
     let standalone = shared
         .least_loaded_relay()
@@ -255,8 +254,7 @@ pub(super) fn connect(
             standalone,
             embedded,
         },
-        my_local,
-        Some(their.local),
+        shared.config.advertise.first().copied(),
         unix_now() + shared.config.ticket_lifetime.as_secs(),
     );
     let (to_me, to_them) = broker::broker(

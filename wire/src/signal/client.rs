@@ -21,7 +21,7 @@ use crate::frame::{self, FrameError, FrameReader};
 use crate::signal::{
     Broker, ClientFrame, ErrorFrame, Hello, NatInfo, PROTOCOL_VERSION, PeerInfo, PublicKey,
     Register, Registered, Reply, Request, ServerFrame, Service, ServiceRef, Signature, Welcome,
-    identify_payload, register_payload,
+    identify_payload, register_payload, same_host,
 };
 use crate::stun::transaction::{Retransmit, Timing};
 use crate::stun::{self, BindingError, BindingResponse};
@@ -183,6 +183,8 @@ pub struct Client {
     cmds: mpsc::Sender<Cmd>,
     events: mpsc::Receiver<ClientEvent>,
     welcome: Welcome,
+    /// Where the client reached the server.
+    server_addr: SocketAddr,
     local_addr: SocketAddr,
     server_key: PublicKey,
     config: ClientConfig,
@@ -254,15 +256,18 @@ impl Client {
         })
         .await
         .map_err(|_| ClientError::Timeout(config.connect_timeout))??;
+        let mut welcome = welcome;
+        welcome.stun = welcome.stun.map(|a| same_host(a, remote.ip()));
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (ev_tx, ev_rx) = mpsc::channel(16);
         let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
-        let task = tokio::spawn(run(reader, wr, cmd_rx, ev_tx, interval));
+        let task = tokio::spawn(run(reader, wr, cmd_rx, ev_tx, interval, remote.ip()));
         Ok(Client {
             cmds: cmd_tx,
             events: ev_rx,
             welcome,
             local_addr,
+            server_addr: remote,
             server_key,
             config,
             task,
@@ -418,7 +423,10 @@ impl Client {
             })
             .await?
         {
-            Reply::Brokered(b) => Ok(*b),
+            Reply::Brokered(mut b) => {
+                b.resolve(self.server_addr.ip());
+                Ok(*b)
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -439,6 +447,7 @@ async fn run(
     mut cmds: mpsc::Receiver<Cmd>,
     events: mpsc::Sender<ClientEvent>,
     interval: Duration,
+    server_ip: std::net::IpAddr,
 ) {
     let mut pending: HashMap<u32, oneshot::Sender<Result<Reply, ClientError>>> = HashMap::new();
     let mut heartbeats: HashMap<u32, Instant> = HashMap::new();
@@ -484,7 +493,8 @@ async fn run(
                         let _ = tx.send(body.map_err(ClientError::Refused));
                     }
                 }
-                Ok(ServerFrame::Broker(b)) => {
+                Ok(ServerFrame::Broker(mut b)) => {
+                    b.resolve(server_ip);
                     let _ = events.send(ClientEvent::Broker(b)).await;
                 }
                 Ok(ServerFrame::Error(e)) => break ClientError::Closed(Some(e)),

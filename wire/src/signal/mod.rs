@@ -19,7 +19,7 @@
 pub mod client;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -282,8 +282,29 @@ pub struct Welcome {
     /// Server software and version, for logs.
     pub software: String,
     /// The STUN responder's primary address as reachable over this connection, so
-    /// peers observe their UDP mapping there; `None` when STUN is off.
+    /// peers observe their UDP mapping there; `None` when STUN is off. An unspecified IP
+    /// means the host the client reached the server on ([`same_host`]).
     pub stun: Option<SocketAddr>,
+}
+
+/// Resolves an address the server gave with an unspecified IP ("on the host you reached me
+/// on", what a server that does not know its public address says, behind a cloud's 1:1
+/// NAT say) against `server`, the address the client connected to. Other addresses stay.
+pub fn same_host(addr: SocketAddr, server: IpAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(server, addr.port())
+    } else {
+        addr
+    }
+}
+
+impl Broker {
+    /// [`same_host`] on the relay offer's address.
+    pub fn resolve(&mut self, server: IpAddr) {
+        if let Some(r) = &mut self.relay {
+            r.addr = same_host(r.addr, server);
+        }
+    }
 }
 
 /// Successful answers.
@@ -380,7 +401,8 @@ pub use crate::ticket::Side as Role;
 /// Where to find a relay for a session and the ticket that admits this side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayOffer {
-    /// The relay's address (TCP and UDP).
+    /// The relay's address (TCP and UDP); an unspecified IP means the host the client
+    /// reached the rendezvous on ([`same_host`]).
     pub addr: SocketAddr,
     /// This side's signed admission.
     pub ticket: crate::ticket::Ticket,
@@ -831,6 +853,35 @@ mod wire_tests {
             secret: [7; 32],
             relay: None,
         }
+    }
+
+    #[test]
+    fn an_unspecified_relay_address_means_the_host_the_client_reached() {
+        let key = crate::ticket::TicketKey::from_bytes([3; 32]);
+        let ticket = key.issue(SessionId([1; 16]), Role::Initiator, 9);
+        let offer = |addr: &str| RelayOffer {
+            addr: addr.parse().unwrap(),
+            secret: key.join_secret(&ticket),
+            ticket: ticket.clone(),
+        };
+        let server: IpAddr = "198.18.1.1".parse().unwrap();
+        let mut b = Broker {
+            relay: Some(offer("0.0.0.0:7001")),
+            ..sample_broker()
+        };
+        b.resolve(server);
+        assert_eq!(b.relay.unwrap().addr, "198.18.1.1:7001".parse().unwrap());
+        // A concrete address (a standalone relay, an advertised one) stays as given.
+        let mut b = Broker {
+            relay: Some(offer("198.18.7.7:7001")),
+            ..sample_broker()
+        };
+        b.resolve(server);
+        assert_eq!(b.relay.unwrap().addr, "198.18.7.7:7001".parse().unwrap());
+        assert_eq!(
+            same_host("0.0.0.0:3478".parse().unwrap(), server),
+            "198.18.1.1:3478".parse().unwrap()
+        );
     }
 
     /// Every frame kind, pinned byte for byte: a change here breaks deployed peers, so it
