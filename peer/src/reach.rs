@@ -104,6 +104,10 @@ struct State {
     /// Why there is no direct UDP / TCP path, for the relay's log lines.
     why_not: SyncMutex<[Option<String>; 2]>,
     board: Board,
+    /// The other side's IPs from the latest broker message: the only sources, besides our
+    /// own links, whose QUIC handshakes are taken. Anyone else's Initials are ignored
+    /// before any TLS work or connection state.
+    expected: SyncMutex<Vec<std::net::IpAddr>>,
 }
 
 fn pick_service(peer: &PeerInfo, wanted: Option<u16>, proto: Proto) -> anyhow::Result<ServiceRef> {
@@ -200,6 +204,7 @@ impl Reacher {
             spare: SyncMutex::default(),
             why_not: SyncMutex::new([None, None]),
             board,
+            expected: SyncMutex::default(),
         });
         state.accept_on(&*state.presence.lock().await)?;
         Ok(Reacher {
@@ -306,6 +311,17 @@ fn split(reg: Registration) -> (Client, Presence) {
 }
 
 impl State {
+    /// Whether a QUIC handshake from `from` may be the other side's: over one of our
+    /// links (a made-up address only we hand out), or from an IP the broker named.
+    fn expects(&self, from: std::net::SocketAddr) -> bool {
+        crate::path::is_mapped(&from)
+            || self
+                .expected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&crate::path::canonical(from).ip())
+    }
+
     fn policy(&self) -> Policy {
         Policy {
             transport: self.cfg.transport,
@@ -333,6 +349,12 @@ impl State {
                     _ = state.shutdown.cancelled() => return,
                     i = endpoint.quic().accept() => match i { Some(i) => i, None => return },
                 };
+                let from = incoming.remote_address();
+                if !state.expects(from) {
+                    debug!(%from, "a QUIC handshake from outside the peer's addresses; ignored");
+                    incoming.ignore();
+                    continue;
+                }
                 let conn = match incoming.await {
                     Ok(c) => c,
                     Err(e) => {
@@ -418,6 +440,10 @@ impl State {
             }
         };
         *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
+        let c = &b.candidates;
+        let ips = c.udp.iter().chain(&c.tcp).chain(&c.lan);
+        *self.expected.lock().unwrap_or_else(|e| e.into_inner()) =
+            ips.map(|a| crate::path::canonical(*a).ip()).collect();
         let want = Wanted {
             relay: relay && !self.cfg.no_relay,
             udp: self.cfg.transport.udp(),
