@@ -372,6 +372,13 @@ async fn serve_stream(
     stats: Arc<TunnelStats>,
     peer: String,
 ) {
+    let (send, mut recv) = (send, recv);
+    if let Err(e) = tokio::time::timeout(defaults::HANDSHAKE, forward::accept(&mut recv))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("no announcement in time")))
+    {
+        return debug!(%peer, error = %e, "a stream that is not a connection; ignored");
+    }
     match TcpStream::connect(&target).await {
         Ok(local) => {
             let _ = local.set_nodelay(true);

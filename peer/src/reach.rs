@@ -258,13 +258,17 @@ impl Reacher {
                         return;
                     }
                 };
-                let (send, recv) = match s.conn().open_bi().await {
+                let (mut send, recv) = match s.conn().open_bi().await {
                     Ok(x) => x,
                     Err(e) => {
                         warn!(%from, error = %e, "opening a stream failed");
                         return;
                     }
                 };
+                if let Err(e) = forward::announce(&mut send).await {
+                    warn!(%from, error = %e, "opening a stream failed");
+                    return;
+                }
                 let after = started.elapsed();
                 match s.active() {
                     Some(PathKind::DirectUdp) => {

@@ -39,6 +39,9 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 /// Shows the in-process peers' and servers' logs when `RUST_LOG` asks for them (with
 /// `--nocapture`), to look into a failing test.
 pub fn logs() {
+    // In-process servers and peers hold a descriptor per connection, as the binaries do
+    // (which raise the limit themselves): hundreds of connections must not meet 1,024.
+    wire::cli::raise_open_files();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()

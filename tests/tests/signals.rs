@@ -209,3 +209,82 @@ async fn peer_ls_lists_only_for_a_home_that_holds_a_name() {
     );
     assert!(listing.contains("ls-pc"), "{listing}");
 }
+
+/// A service that streams bytes to each connection until the reader goes away (at most
+/// 1 GiB, so it always stops).
+async fn endless_service() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                for _ in 0..16 * 1024 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+// SIGTERM to an exposer in the middle of a download: the exposer closes its sessions with a
+// reason before it exits, so the downloading side's connection ends at once (not after an
+// idle timeout), and it says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_an_exposer_ends_the_download_on_the_other_side_within_a_second() {
+    use tokio::io::AsyncReadExt;
+    chuantou_tests::logs();
+    let server = rendezvous().await;
+    let signaling = server.addrs().signaling.to_string();
+    let service = endless_service().await;
+    let home = TempHome::new();
+    let exposer = Proc::start(
+        Command::new(workspace_bin("peer"))
+            .arg("--home")
+            .arg(&home.0)
+            .args(["expose", &service.port().to_string(), "--name", "dl-pc"])
+            .args(["--rendezvous", &signaling]),
+    );
+    exposer.wait_line("registered");
+    let phone = TempHome::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let local = chuantou_tests::reach(&server, &phone, "dl-pc", &stop)
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    while got < 4 * 1024 * 1024 {
+        let n = chuantou_tests::within("download", s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the download ended early");
+        got += n;
+    }
+    exposer.signal(Signal::TERM);
+    let signalled = Instant::now();
+    let ended = chuantou_tests::within("the download ends", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let took = ended - signalled;
+    println!("the download ended {took:?} after SIGTERM to the exposer");
+    let status = tokio::task::spawn_blocking(move || exposer.exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "the download ran on {took:?} after the exposer was stopped"
+    );
+    stop.cancel();
+}

@@ -76,8 +76,9 @@ where
 
 /// Raises the soft limit of open files to the hard one: a server holds a descriptor per
 /// connection, and the usual soft limit (1,024) would refuse users long before any of its
-/// own limits does ("Too many open files").
-fn raise_open_files() {
+/// own limits does ("Too many open files"). Also for test processes that host servers and
+/// peers in-process.
+pub fn raise_open_files() {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let lim = getrlimit(Resource::Nofile);
     if lim.current != lim.maximum {

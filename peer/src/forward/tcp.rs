@@ -26,6 +26,35 @@ const WRITE_CHUNKS: usize = 32;
 /// side closes its end at once (rather than taking a truncated transfer for a complete one).
 pub const LOCAL_FAILED: u32 = 1;
 
+/// The first byte the reaching side sends on every connection's stream. A QUIC stream is
+/// announced to the other side only by data on it, so without this the exposer would
+/// never see the connection of a client that waits for the server to speak first (SSH,
+/// SMTP, a database, a download that starts on connect).
+pub const OPEN: u8 = 0x01;
+
+/// Announces a connection on a freshly opened stream (see [`OPEN`]).
+pub async fn announce(send: &mut SendStream) -> io::Result<()> {
+    send.write_all(&[OPEN]).await.map_err(io::Error::other)
+}
+
+/// Takes the announcement off a stream the other side opened; an error when it is not one.
+pub async fn accept(recv: &mut RecvStream) -> io::Result<()> {
+    let mut first = [0u8; 1];
+    recv.read_exact(&mut first)
+        .await
+        .map_err(io::Error::other)?;
+    if first[0] != OPEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "unknown stream kind {:#04x} (a newer or older peer?)",
+                first[0]
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Byte counters of one session's local connections.
 #[derive(Debug, Default)]
 pub struct TunnelStats {

@@ -69,6 +69,13 @@ fn main() -> anyhow::Result<()> {
                 name: "pc-home".into(),
             },
         },
+        ClientFrame::Request {
+            id: 7,
+            body: Request::Identify {
+                key: PublicKey([3; 32]),
+                signature: Signature([7; 64]),
+            },
+        },
         ClientFrame::Relay(RelayMsg::Hello {
             version: 1,
             port: 7001,
@@ -88,6 +95,12 @@ fn main() -> anyhow::Result<()> {
         ServerFrame::Response {
             id: 1,
             body: Ok(Reply::Released),
+        },
+        ServerFrame::Response {
+            id: 3,
+            body: Ok(Reply::Identified {
+                names: vec!["pc-home".into()],
+            }),
         },
         ServerFrame::Response {
             id: 2,
