@@ -79,9 +79,17 @@ fn main() -> std::process::ExitCode {
             _ = shutdown.cancelled() => anyhow::bail!("stopped before the probes finished"),
         };
         if cli.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            wire::cli::print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
         } else {
-            print!("{}", report.text());
+            wire::cli::print(&report.text())?;
+        }
+        // Nothing measured is not a result: say so in the exit status too, so scripts
+        // do not take "UDP blocked" for a finding when the server may just be down.
+        if !report.answered() {
+            anyhow::bail!(
+                "no STUN answer from {}: UDP is blocked here or the server is down",
+                report.server
+            );
         }
         Ok(())
     })

@@ -232,7 +232,7 @@ pub async fn run(cfg: &Config) -> Result<Report, ProbeError> {
             } else {
                 None
             };
-            return Ok(Report::blocked(local, why, tcp));
+            return Ok(Report::blocked(primary, local, why, tcp));
         }
     };
     let m1 = first.mapped;
@@ -323,6 +323,20 @@ pub async fn run(cfg: &Config) -> Result<Report, ProbeError> {
     let (obs, both, port, hairpin) = (obs?, both?, port?, hairpin?);
 
     let lifetime = match cfg.lifetime {
+        // No translation: the "mapping" is this socket's own address, which never
+        // expires; a search would only measure something else (a firewall, the server).
+        Some(max) if m1 == local => {
+            let n = &mut notes.lock().unwrap_or_else(|e| e.into_inner());
+            n.push(
+                "no NAT in the way: the address the server sees is this socket's own, so \
+                    it does not expire"
+                    .to_string(),
+            );
+            Some(Lifetime {
+                alive_at: Some(max.as_secs_f64()),
+                gone_at: None,
+            })
+        }
         Some(max) => lifetime(ip, primary, max, timing, &notes).await?,
         None => None,
     };

@@ -104,9 +104,14 @@ impl Report {
     }
 
     /// No UDP answer: `why` says so plainly.
-    pub fn blocked(local: SocketAddr, why: String, tcp: Option<TcpReport>) -> Report {
+    pub fn blocked(
+        server: SocketAddr,
+        local: SocketAddr,
+        why: String,
+        tcp: Option<TcpReport>,
+    ) -> Report {
         Report::new(
-            local,
+            server,
             None,
             UdpReport {
                 nat_type: Some(NatType::UdpBlocked),
@@ -129,6 +134,12 @@ impl Report {
     fn with_server_unknown(mut self) -> Report {
         self.server_other = None;
         self
+    }
+
+    /// Whether the server answered at all (over UDP, or over TCP when asked): without an
+    /// answer nothing was measured, and the report says why.
+    pub fn answered(&self) -> bool {
+        self.udp.public_addr.is_some() || self.tcp.as_ref().is_some_and(|t| t.public_addr.is_some())
     }
 
     /// The text report: what the NAT is, what it means, what to expect.

@@ -102,19 +102,21 @@ async fn a_plain_server_gives_what_it_can_and_says_what_it_cannot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silence_is_a_verdict_not_a_hang() {
+async fn silence_is_reported_not_a_hang_and_not_a_success() {
     // A port where nothing listens: no answer ever comes.
     let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let r = natprobe_json(vec![
-        "--server".into(),
-        addr.to_string(),
-        "--rto".into(),
-        "100".into(),
-    ])
-    .await;
+    let server = addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        natprobe(&["--server", &server, "--rto", "100", "--json"])
+    })
+    .await
+    .unwrap();
+    // The report still says what was seen, naming the server asked (not a local port)...
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["udp"]["nat_type"], "udp-blocked", "{r}");
+    assert_eq!(r["server"], addr.to_string(), "{r}");
     assert!(
         r["notes"][0]
             .as_str()
@@ -123,6 +125,10 @@ async fn silence_is_a_verdict_not_a_hang() {
         "{r}"
     );
     assert_eq!(r["tcp"], Value::Null);
+    // ...and the exit status says nothing was measured.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("no STUN answer from {addr}")), "{err}");
 }
 
 #[test]

@@ -230,7 +230,7 @@ impl Reacher {
                         match state.session().await {
                             Ok(s) => Some(s.conn().clone()),
                             Err(e) => {
-                                warn!(error = %format!("{e:#}"), "no session with {}", state.cfg.target);
+                                warn!(error = %wire::cli::chain(&e), "no session with {}", state.cfg.target);
                                 None
                             }
                         }
@@ -254,7 +254,7 @@ impl Reacher {
                 let s = match state.session().await {
                     Ok(s) => s,
                     Err(e) => {
-                        warn!(%from, error = %format!("{e:#}"), "no session with {}", state.cfg.target);
+                        warn!(%from, error = %wire::cli::chain(&e), "no session with {}", state.cfg.target);
                         return;
                     }
                 };
@@ -578,7 +578,7 @@ impl State {
                         info!(peer = %b.peer, session = %b.session, "re-punching after losing the direct path");
                         self.start_paths(&b, false, None).await;
                     }
-                    Err(e) => debug!(error = %format!("{e:#}"), "re-punch: no broker exchange"),
+                    Err(e) => debug!(error = %wire::cli::chain(&e), "re-punch: no broker exchange"),
                 }
                 wait = (wait * 2).min(defaults::REPUNCH_MAX);
                 // A re-punch takes a few seconds; give it that before the next.

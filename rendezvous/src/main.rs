@@ -183,8 +183,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Some(Command::Key) => {
                 let (key, _) = identity(cli.state.clone())?;
-                println!("{}", PublicKey(key.verifying_key().to_bytes()));
-                Ok(())
+                wire::cli::print(&format!("{}\n", PublicKey(key.verifying_key().to_bytes())))
             }
             None => serve(cli, shutdown).await,
         }

@@ -34,6 +34,9 @@ where
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Its own report of a failed write is an `eprintln!`, which panics when stderr
+        // is closed: a log line nobody can read is simply lost.
+        .log_internal_errors(false)
         .init();
     raise_open_files();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -44,7 +47,7 @@ where
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("{name}: cannot start the async runtime: {e}");
+            say(&format!("{name}: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -68,10 +71,47 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line with the whole chain: "starting rendezvous: cannot bind …: …".
-            eprintln!("{name}: {e:#}");
+            say(&format!("{name}: {}", chain(&e)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: an error whose message already
+/// ends with its cause ("connecting to X: Connection refused") does not get it again.
+pub fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head`) ends the output quietly,
+/// as for any Unix tool, instead of a panic.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One line on stderr; a closed stderr (`2>&-`, a pipe whose reader left) is no reason to
+/// panic, so a failed write is dropped.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Raises the soft limit of open files to the hard one: a server holds a descriptor per
@@ -130,7 +170,29 @@ async fn stop_on_signals(name: String, shutdown: CancellationToken, mut signals:
     info!("{which}: shutting down");
     shutdown.cancel();
     let again = signals.next().await;
-    eprintln!("{name}: {again} again: exiting now");
+    say(&format!("{name}: {again} again: exiting now"));
     // 128 + SIGINT, as a shell reports an interrupted command.
     std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        #[derive(Debug, thiserror::Error)]
+        #[error("connecting to rendezvous 198.18.0.1:7000: {source}")]
+        struct Connect {
+            source: std::io::Error,
+        }
+        let e = anyhow::Error::new(Connect { source: io }).context("registering");
+        assert_eq!(
+            chain(&e),
+            "registering: connecting to rendezvous 198.18.0.1:7000: connection refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(chain(&plain), "outer: inner");
+    }
 }

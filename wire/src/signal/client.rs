@@ -166,14 +166,34 @@ pub async fn handshake(
 /// Splits `HOST:PORT#KEY` into the address and the pinned key (`HOST:PORT` alone: none).
 pub fn split_pinned(spec: &str) -> Result<(String, Option<PublicKey>), String> {
     match spec.split_once('#') {
-        None => Ok((spec.to_owned(), None)),
+        None => Ok((with_default_port(spec), None)),
         Some((addr, key)) => Ok((
-            addr.to_owned(),
+            with_default_port(addr),
             Some(
                 key.parse()
                     .map_err(|e| format!("rendezvous {spec:?}: after '#', {e}"))?,
             ),
         )),
+    }
+}
+
+/// The rendezvous' signaling port when an address names none.
+pub const DEFAULT_PORT: u16 = 7000;
+
+/// `addr` with [`DEFAULT_PORT`] added when it names a host or IP only (`example.org`,
+/// `198.18.0.1`, `::1`, `[::1]`); an address with a port stays as it is.
+pub fn with_default_port(addr: &str) -> String {
+    let addr = addr.trim();
+    if addr.parse::<SocketAddr>().is_ok() {
+        return addr.to_owned();
+    }
+    let bare = addr.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return SocketAddr::new(ip, DEFAULT_PORT).to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => addr.to_owned(),
+        _ => format!("{addr}:{DEFAULT_PORT}"),
     }
 }
 
@@ -200,6 +220,7 @@ impl Drop for Client {
 impl Client {
     /// Connects to `addr` (`HOST:PORT`) and says hello.
     pub async fn connect(addr: &str, config: ClientConfig) -> Result<Client, ClientError> {
+        let addr = &with_default_port(addr);
         let err = |source| ClientError::Connect {
             addr: addr.to_owned(),
             source,
@@ -590,4 +611,29 @@ pub async fn stun_binding_tcp(
         &req.tid,
         credential.map(|c| c.1),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rendezvous_without_a_port_is_on_7000() {
+        for (given, want) in [
+            ("198.18.0.1", "198.18.0.1:7000"),
+            ("198.18.0.1:7444", "198.18.0.1:7444"),
+            ("rv.example.org", "rv.example.org:7000"),
+            ("rv.example.org:80", "rv.example.org:80"),
+            ("::1", "[::1]:7000"),
+            ("[2001:2::1]", "[2001:2::1]:7000"),
+            ("[2001:2::1]:7001", "[2001:2::1]:7001"),
+        ] {
+            assert_eq!(with_default_port(given), want, "{given}");
+        }
+        let key = PublicKey([0xab; 32]);
+        assert_eq!(
+            split_pinned(&format!("rv.example.org#{key}")).unwrap(),
+            ("rv.example.org:7000".to_owned(), Some(key))
+        );
+    }
 }
