@@ -128,7 +128,10 @@ async fn silence_is_reported_not_a_hang_and_not_a_success() {
     // ...and the exit status says nothing was measured.
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(&format!("no STUN answer from {addr}")), "{err}");
+    assert!(
+        err.contains(&format!("no STUN answer from {addr}")),
+        "{err}"
+    );
 }
 
 #[test]

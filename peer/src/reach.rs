@@ -284,8 +284,12 @@ impl Reacher {
                         info!(%from, path = "none", "connection waiting for a path after {after:?}")
                     }
                 }
-                if let Err(e) = forward::splice(local, send, recv, s.stats()).await {
-                    debug!(%from, error = %e, "connection ended with an error");
+                match forward::splice(local, send, recv, s.stats()).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        warn!(%from, peer = %state.cfg.target, "{} cannot reach the service it exposes (nothing listens there?): connection reset", state.cfg.target);
+                    }
+                    Err(e) => debug!(%from, error = %e, "connection ended with an error"),
+                    Ok(()) => {}
                 }
             });
         }
@@ -499,10 +503,10 @@ impl State {
             bail!(
                 "no path to {} is possible ({}{})",
                 self.cfg.target,
-                if self.cfg.no_relay {
-                    "--no-relay; "
-                } else {
-                    ""
+                match (&b.relay, self.cfg.no_relay) {
+                    (_, true) => "--no-relay; ",
+                    (None, false) => "the rendezvous offers no relay (it runs with --no-relay); ",
+                    (Some(_), false) => "",
                 },
                 self.why_relay()
             );
@@ -533,7 +537,13 @@ impl State {
                         None => pending = 0,
                     }
                     if pending == 0 && made == 0 {
-                        bail!("no path to {}: {}", self.cfg.target, self.why_relay());
+                        let relay = match (&b.relay, self.cfg.no_relay) {
+                            (_, true) => "; --no-relay",
+                            (None, false) => "; and the rendezvous offers no relay (it runs with \
+                                --no-relay): only a punched path can carry this pair",
+                            (Some(_), false) => "",
+                        };
+                        bail!("no path to {}: {}{relay}", self.cfg.target, self.why_relay());
                     }
                 }
                 _ = &mut give_up => bail!(

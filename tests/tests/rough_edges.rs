@@ -85,3 +85,118 @@ async fn natprobe_lifetime_without_a_nat_is_at_least_the_searched_maximum() {
         .unwrap_or_default();
     assert!(line.contains("at least 5 s"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaching_through_a_rendezvous_without_a_relay_says_so() {
+    use tokio::io::AsyncReadExt;
+    let config = rendezvous::server::ServerConfig {
+        relay: None,
+        ..rendezvous::server::ServerConfig::loopback()
+    };
+    let server = rendezvous::server::Server::bind(config)
+        .await
+        .unwrap()
+        .spawn();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let echo = chuantou_tests::echo_service().await;
+    chuantou_tests::expose(&server, &pc, "pc-home", echo, vec![], &stop);
+    chuantou_tests::online(&server, "pc-home").await;
+    let local = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = phone.0.with_extension("log");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let reach = Kill(
+        peer(&phone)
+            .args(["reach", "pc-home", "--transport", "relay"])
+            .args(["--local", &local.to_string()])
+            .args(["--rendezvous", &server.addrs().signaling.to_string()])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // The connection is taken and closed: there is no path to carry it.
+    let mut s = chuantou_tests::within("reach listening", async {
+        loop {
+            match tokio::net::TcpStream::connect(local).await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    let mut buf = [0u8; 1];
+    let n = chuantou_tests::within("closed", s.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    drop(reach);
+    let said = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        said.contains("the rendezvous offers no relay (it runs with --no-relay)"),
+        "{said}"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_port_where_nothing_listens_is_a_reset_and_the_reaching_side_says_why() {
+    let server = rendezvous().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let free = |_| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (nothing, local) = (free(0), free(1));
+    chuantou_tests::expose(&server, &pc, "pc-home", nothing, vec![], &stop);
+    chuantou_tests::online(&server, "pc-home").await;
+    let log = phone.0.with_extension("log");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let reach = Kill(
+        peer(&phone)
+            .args(["reach", "pc-home", "--local", &local.to_string()])
+            .args(["--rendezvous", &server.addrs().signaling.to_string()])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{local}/");
+    let curl = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--retry", "20"])
+            .args(["--retry-connrefused", "--retry-delay", "0", &url])
+            .output()
+            .expect("curl is installed (scripts/test installs it)")
+    })
+    .await
+    .unwrap();
+    // Not "(52) Empty reply from server", which reads as a broken server: a reset.
+    let said = String::from_utf8_lossy(&curl.stderr);
+    drop(reach);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(curl.status.code(), Some(56), "{said}\n{log_text}");
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        log_text.contains("pc-home cannot reach the service it exposes"),
+        "{log_text}"
+    );
+    stop.cancel();
+}

@@ -95,9 +95,18 @@ pub async fn splice(
                 return Ok(());
             }
             stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            send.write_chunk(buf.split().freeze())
-                .await
-                .map_err(io::Error::other)?;
+            if let Err(e) = send.write_chunk(buf.split().freeze()).await {
+                // The other side stopped reading (its local connection failed) or the
+                // session is gone: the local client learns it by a reset, as below.
+                abort(local_r.as_ref());
+                let unreachable = matches!(&e, noq::WriteError::Stopped(code)
+                    if *code == noq::VarInt::from_u32(LOCAL_FAILED));
+                return Err(if unreachable {
+                    unreachable_error()
+                } else {
+                    io::Error::other(e)
+                });
+            }
         }
     };
     let inbound = async {
@@ -119,9 +128,14 @@ pub async fn splice(
                 Err(e) => {
                     // Reset by the other side or the session is gone: the local connection
                     // learns it by an abortive close (RST), not by a clean end of file.
-                    let _ =
-                        socket2::SockRef::from(local_w.as_ref()).set_linger(Some(Duration::ZERO));
-                    return Err(io::Error::other(e));
+                    abort(local_w.as_ref());
+                    let unreachable = matches!(&e, noq::ReadError::Reset(code)
+                        if *code == noq::VarInt::from_u32(LOCAL_FAILED));
+                    return Err(if unreachable {
+                        unreachable_error()
+                    } else {
+                        io::Error::other(e)
+                    });
                 }
             }
         }
@@ -130,7 +144,26 @@ pub async fn splice(
     // waiting for an answer must not wait for the session that is gone.
     let r = tokio::try_join!(outbound, inbound);
     stats.open.fetch_sub(1, Ordering::Relaxed);
+    if r.is_err() {
+        // A write half dropped the usual way sends FIN first, which the client would
+        // read as a clean end before the reset: no FIN, only the RST of [`abort`].
+        local_w.forget();
+    }
     r.map(|_| ())
+}
+
+/// Makes the local connection end with a reset (RST) when it is dropped: a client must not
+/// take a failed transfer for a complete one, nor a refused connection for an empty reply.
+fn abort(local: &TcpStream) {
+    let _ = socket2::SockRef::from(local).set_linger(Some(Duration::ZERO));
+}
+
+/// What a stream failed with when the other side could not connect to its local service.
+fn unreachable_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        "the other side could not connect to its local service",
+    )
 }
 
 /// Writes every chunk, several per system call.
