@@ -19,8 +19,11 @@ use natprobe::probe::{self, Config};
 ///   natprobe --server stun.example.org
 ///   natprobe --server 203.0.113.1:3478 --tcp --lifetime --json
 #[derive(Parser)]
-#[command(name = "natprobe", version, verbatim_doc_comment)]
+#[command(name = "natprobe", version = wire::cli::VERSION, verbatim_doc_comment)]
 struct Cli {
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell) and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
     /// STUN server HOST[:PORT] (port 3478 by default); give it twice for two plain
     /// servers. Default: the host of $CHUANTOU_RENDEZVOUS, port 3478.
     #[arg(long, value_name = "HOST[:PORT]")]
@@ -47,6 +50,9 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     wire::cli::run("natprobe", |shutdown| async move {
         let cli = Cli::parse();
+        if let Some(shell) = cli.completions {
+            return wire::cli::completions::<Cli>(shell, "natprobe");
+        }
         let mut names = cli.server.clone();
         if names.is_empty() {
             let rv = std::env::var("CHUANTOU_RENDEZVOUS")

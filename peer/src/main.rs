@@ -43,7 +43,7 @@ macro_rules! out {
 /// (UDP, or TCP simultaneous open) as soon as one is proven — open connections included —
 /// and back to the relay if that path dies. `peer status` shows every path.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, verbatim_doc_comment)]
+#[command(version = wire::cli::VERSION, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// Directory with this peer's key, config.toml and known_peers
     /// [default: $XDG_CONFIG_HOME/chuantou or ~/.config/chuantou].
@@ -83,6 +83,11 @@ struct Cli {
 enum Command {
     /// Print this peer's public key (what others put in --allow).
     Id,
+    /// Print a shell completion script: `peer completions bash > /etc/bash_completion.d/peer`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Keep a local service reachable under a name.
     Expose {
         /// The service's port.
@@ -181,6 +186,10 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Needs no home, and must not make one.
+    if let Command::Completions { shell } = cli.command {
+        return wire::cli::completions::<Cli>(shell, "peer");
+    }
     let home = Home::open(cli.home.clone())?;
     let file = home.config()?;
     let (rendezvous, inline_key) = match cli.rendezvous.or(file.rendezvous) {
@@ -216,6 +225,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     };
     let key = home.key()?;
     match cli.command {
+        Command::Completions { shell } => wire::cli::completions::<Cli>(shell, "peer"),
         Command::Id => {
             out!("{}", PublicKey(key.verifying_key().to_bytes()));
             Ok(())

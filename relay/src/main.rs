@@ -24,7 +24,7 @@ use wire::ticket::TicketKey;
 ///   rendezvous --relay-key "$KEY" ...            # on the rendezvous host
 ///   relay --rendezvous rv.example:7000 --key "$KEY"   # on each relay host
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, verbatim_doc_comment)]
+#[command(version = wire::cli::VERSION, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// TCP and UDP address to serve on.
     #[arg(long, default_value = "0.0.0.0:7001", value_name = "ADDR:PORT")]
@@ -51,9 +51,13 @@ struct Cli {
         long,
         env = "CHUANTOU_RELAY_KEY",
         hide_env_values = true,
-        value_name = "HEX"
+        value_name = "HEX",
+        required_unless_present = "completions"
     )]
-    key: String,
+    key: Option<String>,
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell) and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
     /// Most sessions (paired or waiting) at once.
     #[arg(long, default_value_t = relay::defaults::MAX_SESSIONS, value_name = "N")]
     max_sessions: usize,
@@ -77,7 +81,13 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let key = TicketKey::from_hex(&cli.key)
+    if let Some(shell) = cli.completions {
+        return wire::cli::completions::<Cli>(shell, "relay");
+    }
+    let key = cli
+        .key
+        .as_deref()
+        .and_then(TicketKey::from_hex)
         .context("--key / CHUANTOU_RELAY_KEY must be 64 hex digits")?;
     let mut config = RelayConfig::new(cli.listen, key);
     config.limits.max_sessions = cli.max_sessions;

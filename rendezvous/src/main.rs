@@ -33,7 +33,7 @@ use wire::signal::PublicKey;
 ///
 ///   rendezvous --advertise 203.0.113.1
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, verbatim_doc_comment)]
+#[command(version = wire::cli::VERSION, about, long_about, verbatim_doc_comment)]
 struct Cli {
     /// Directory kept across restarts: the server's identity key, which peers pin
     /// [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/chuantou-rendezvous, else
@@ -175,12 +175,21 @@ enum Command {
     /// to peers as `HOST:PORT#KEY` (or `--rendezvous-key`) so that they check the server
     /// instead of trusting the first answer.
     Key,
+    /// Print a shell completion script: `rendezvous completions bash >
+    /// /etc/bash_completion.d/rendezvous`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     wire::cli::run("rendezvous", |shutdown| async move {
         match cli.command {
+            Some(Command::Completions { shell }) => {
+                wire::cli::completions::<Cli>(shell, "rendezvous")
+            }
             Some(Command::Key) => {
                 let (key, _) = identity(cli.state.clone())?;
                 wire::cli::print(&format!("{}\n", PublicKey(key.verifying_key().to_bytes())))

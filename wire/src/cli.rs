@@ -10,6 +10,25 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+/// The version every binary prints: the crate version and the commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("CHUANTOU_COMMIT"),
+    ")"
+);
+
+/// Writes `shell`'s completion script for the command `C` (named `name`) to stdout:
+/// `peer completions bash > /etc/bash_completion.d/peer`.
+pub fn completions<C: clap::CommandFactory>(
+    shell: clap_complete::Shell,
+    name: &str,
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut C::command(), name, &mut out);
+    print(&String::from_utf8_lossy(&out))
+}
+
 /// Runs `work` as the binary `name`; returns the process exit status. `work` gets a token
 /// that is cancelled on the first SIGINT or SIGTERM.
 pub fn run<F, Fut>(name: &str, work: F) -> ExitCode
