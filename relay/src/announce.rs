@@ -138,7 +138,7 @@ async fn send(r: &mut FrameReader<Tls>, msg: &RelayMsg) -> Result<(), AnnounceEr
     Ok(())
 }
 
-/// Keeps the relay registered: re-registers with backoff (1 s doubling to 30 s) whenever
+/// Keeps the relay registered: re-registers with jittered backoff (1 s doubling to 30 s) whenever
 /// the rendezvous goes away, until `shutdown`.
 pub async fn announce(
     rendezvous: String,
@@ -151,16 +151,19 @@ pub async fn announce(
 ) {
     let mut wait = Duration::from_secs(1);
     while !shutdown.is_cancelled() {
+        // Jitter (0.5x to 1.5x): relays that lost a restarted rendezvous come back spread
+        // out, not in lockstep.
+        let pause = wait.mul_f64(0.5 + rand::random::<f64>());
         match announce_once(&rendezvous, &mut pin, &key, port, public, &stats, &shutdown).await {
             Ok(()) => return,
             Err(e @ AnnounceError::Signal(ClientError::KeyMismatch { .. })) => {
-                tracing::error!(error = %e, "relay registration refused; retrying in {wait:?}")
+                tracing::error!(error = %e, "relay registration refused; retrying in {pause:.1?}")
             }
-            Err(e) => warn!(error = %e, "relay registration lost; retrying in {wait:?}"),
+            Err(e) => warn!(error = %e, "relay registration lost; retrying in {pause:.1?}"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         wait = (wait * 2).min(Duration::from_secs(30));
     }
