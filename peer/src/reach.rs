@@ -170,6 +170,18 @@ impl Reacher {
         let local = cfg
             .local
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.port)));
+        // Reaching our own exposed port on the port it exposes: when nothing listens there
+        // the exposer's connections land on this very listener, and each one opens another.
+        let me = wire::signal::PublicKey(key.verifying_key().to_bytes());
+        if peer.key == me && local.port() == service.port && local.ip().is_loopback() {
+            bail!(
+                "{} is this peer itself (the same key), exposing port {}: listening on {local} \
+                 would forward every connection back into itself; choose another --local \
+                 ADDR:PORT",
+                peer.name,
+                service.port
+            );
+        }
         let hint = || format!("listening on {local} (choose another with --local ADDR:PORT)");
         let listener = if cfg.udp {
             Local::Udp(

@@ -200,3 +200,65 @@ async fn an_exposed_port_where_nothing_listens_is_a_reset_and_the_reaching_side_
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_ride_a_direct_path_while_the_rendezvous_is_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = rendezvous().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let echo = chuantou_tests::echo_service().await;
+    let (_homes, local, board) =
+        chuantou_tests::expose_and_reach(&server, "pc-home", echo, Default::default(), &stop).await;
+    let once = |msg: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(local).await?;
+        s.write_all(msg).await?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await?;
+        Ok::<_, std::io::Error>(back)
+    };
+    // The first connection brokers the session; then a direct path takes over.
+    assert_eq!(
+        chuantou_tests::within("echo", once(b"first"))
+            .await
+            .unwrap(),
+        b"first"
+    );
+    chuantou_tests::within("direct path", board.wait_path("pc-home", "direct-udp")).await;
+    // The rendezvous (and its relay) goes away; the session does not need it.
+    server.shutdown().await;
+    for _ in 0..3 {
+        let back = chuantou_tests::within("echo without the rendezvous", once(b"again"))
+            .await
+            .unwrap();
+        assert_eq!(back, b"again");
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaching_ones_own_exposed_port_on_that_port_is_refused_not_a_loop() {
+    let server = rendezvous().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let home = TempHome::new();
+    // A port where nothing listens yet: the reach would take it and feed itself.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    chuantou_tests::expose(&server, &home, "pc-home", port, vec![], &stop);
+    chuantou_tests::online(&server, "pc-home").await;
+    let signaling = server.addrs().signaling.to_string();
+    let mut cmd = peer(&home);
+    cmd.args(["reach", "pc-home", "--local", &port.to_string()])
+        .args(["--rendezvous", &signaling]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("would forward every connection back into itself"),
+        "{err}"
+    );
+    stop.cancel();
+}
