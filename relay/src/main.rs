@@ -24,8 +24,24 @@ use wire::ticket::TicketKey;
 ///   rendezvous --relay-key "$KEY" ...            # on the rendezvous host
 ///   relay --rendezvous rv.example:7000 --key "$KEY"   # on each relay host
 #[derive(Debug, Parser)]
-#[command(version = wire::cli::VERSION, about, long_about, verbatim_doc_comment)]
+#[command(
+    version = wire::cli::VERSION,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 struct Cli {
+    /// A TOML file of settings: the long flags without their dashes (`listen =
+    /// "0.0.0.0:7000"`, `no-http = true`, `advertise = ["203.0.113.1"]`). Flags given on
+    /// the command line win over the file.
+    #[arg(
+        long,
+        env = "CHUANTOU_RELAY_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    config: Option<std::path::PathBuf>,
     /// TCP and UDP address to serve on.
     #[arg(long, default_value = "0.0.0.0:7001", value_name = "ADDR:PORT")]
     listen: SocketAddr,
@@ -76,7 +92,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = wire::cli::parse_with_config("relay", "CHUANTOU_RELAY_CONFIG");
     wire::cli::run("relay", |shutdown| serve(cli, shutdown))
 }
 

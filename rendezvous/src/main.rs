@@ -33,8 +33,24 @@ use wire::signal::PublicKey;
 ///
 ///   rendezvous --advertise 203.0.113.1
 #[derive(Debug, Parser)]
-#[command(version = wire::cli::VERSION, about, long_about, verbatim_doc_comment)]
+#[command(
+    version = wire::cli::VERSION,
+    about,
+    long_about,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 struct Cli {
+    /// A TOML file of settings: the long flags without their dashes (`listen =
+    /// "0.0.0.0:7000"`, `no-http = true`, `advertise = ["203.0.113.1"]`). Flags given on
+    /// the command line win over the file.
+    #[arg(
+        long,
+        env = "CHUANTOU_RENDEZVOUS_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    config: Option<std::path::PathBuf>,
     /// Directory kept across restarts: the server's identity key, which peers pin
     /// [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/chuantou-rendezvous, else
     /// ~/.local/state/chuantou-rendezvous].
@@ -184,7 +200,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = wire::cli::parse_with_config("rendezvous", "CHUANTOU_RENDEZVOUS_CONFIG");
     wire::cli::run("rendezvous", |shutdown| async move {
         match cli.command {
             Some(Command::Completions { shell }) => {

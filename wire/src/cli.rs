@@ -18,6 +18,107 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// The arguments to parse: the command line, preceded by the settings of the TOML file
+/// named by `--config FILE` (or the environment variable `env`) turned into the flags they
+/// name, so that a flag on the command line wins over the file (the command must let an
+/// argument override itself: `#[command(args_override_self = true)]`).
+///
+/// Keys are the long flags of `--help` without the dashes (`listen = "0.0.0.0:7000"`,
+/// `max-peers = 100000`, `no-http = true`; `_` may stand for `-`); an array gives the flag
+/// once per element. An unknown key is an error naming the file and the key.
+pub fn args_with_config<C: clap::CommandFactory>(
+    env: &str,
+) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    use anyhow::Context as _;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut path = std::env::var_os(env).map(std::path::PathBuf::from);
+    let mut i = 1;
+    while i < argv.len() {
+        let arg = argv[i].to_string_lossy();
+        if arg == "--" {
+            break;
+        }
+        if arg == "--config" {
+            path = argv.get(i + 1).map(std::path::PathBuf::from);
+            i += 1;
+        } else if let Some(p) = arg.strip_prefix("--config=") {
+            path = Some(p.into());
+        }
+        i += 1;
+    }
+    let Some(path) = path else { return Ok(argv) };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("config file {}", path.display()))?;
+    let command = C::command();
+    let mut from_file = Vec::new();
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()) && flag != "config")
+            .ok_or_else(|| {
+                let known: Vec<&str> = command
+                    .get_arguments()
+                    .filter_map(|a| a.get_long())
+                    .filter(|l| !["config", "help", "version"].contains(l))
+                    .collect();
+                anyhow::anyhow!(
+                    "config file {}: unknown setting `{key}`; settings are the long flags of \
+                     --help: {}",
+                    path.display(),
+                    known.join(", ")
+                )
+            })?;
+        let takes_value = arg.get_action().takes_values();
+        let values = match value {
+            toml::Value::Array(items) => items,
+            other => vec![other],
+        };
+        for v in values {
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(n) => n.to_string(),
+                toml::Value::Boolean(b) if !takes_value => {
+                    if b {
+                        from_file.push(format!("--{flag}").into());
+                    }
+                    continue;
+                }
+                toml::Value::Boolean(b) => b.to_string(),
+                other => anyhow::bail!(
+                    "config file {}: `{key}` must be a string, number, boolean or array, not {}",
+                    path.display(),
+                    other.type_str()
+                ),
+            };
+            from_file.push(format!("--{flag}").into());
+            from_file.push(text.into());
+        }
+    }
+    let mut args = Vec::with_capacity(argv.len() + from_file.len());
+    args.extend(argv.first().cloned());
+    args.extend(from_file);
+    args.extend(argv.into_iter().skip(1));
+    Ok(args)
+}
+
+/// Parses the command line of binary `name` with its config file ([`args_with_config`]);
+/// a config file that cannot be read or names an unknown setting ends the process with
+/// one line saying why and status 1.
+pub fn parse_with_config<C: clap::Parser>(name: &str, env: &str) -> C {
+    match args_with_config::<C>(env) {
+        Ok(args) => C::parse_from(args),
+        Err(e) => {
+            say(&format!("{name}: {}", chain(&e)));
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Writes `shell`'s completion script for the command `C` (named `name`) to stdout:
 /// `peer completions bash > /etc/bash_completion.d/peer`.
 pub fn completions<C: clap::CommandFactory>(
