@@ -59,6 +59,27 @@ pub enum HomeError {
     /// No home directory can be worked out.
     #[error("no home directory: set --home, CHUANTOU_HOME or HOME")]
     NoHome,
+    /// Another process of this home already registers the name.
+    #[error(
+        "{name} is already served from {home} by process {holder}; two processes with one \
+         name would take it from each other forever: stop that one, or give this one \
+         another --name (or --home)"
+    )]
+    NameBusy {
+        /// The name.
+        name: String,
+        /// The home directory.
+        home: PathBuf,
+        /// The holder's PID and command, as it wrote them.
+        holder: String,
+    },
+}
+
+/// A name this process registers from its home, held until dropped (or the process ends:
+/// the lock is the kernel's, so a crash leaves nothing stale).
+#[derive(Debug)]
+pub struct NameLock {
+    _file: fs::File,
 }
 
 /// Settings read from `config.toml`; command-line flags and environment variables win.
@@ -106,6 +127,47 @@ impl Home {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Holds `name` for this process (`what` says how it was started, for the message
+    /// another process gets): one home, one process per name.
+    pub fn hold_name(&self, name: &str, what: &str) -> Result<NameLock, HomeError> {
+        use std::io::{Read as _, Seek as _};
+        let dir = self.dir.join("names");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(format!("{name}.lock"));
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                let note = format!("{} ({what})", std::process::id());
+                file.set_len(0)
+                    .and_then(|()| file.seek(std::io::SeekFrom::Start(0)).map(drop))
+                    .and_then(|()| file.write_all(note.as_bytes()))
+                    .map_err(io_err(&path))?;
+                Ok(NameLock { _file: file })
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                Err(HomeError::NameBusy {
+                    name: name.to_owned(),
+                    home: self.dir.clone(),
+                    holder: if holder.trim().is_empty() {
+                        "(unknown)".into()
+                    } else {
+                        holder.trim().to_owned()
+                    },
+                })
+            }
+            Err(e) => Err(io_err(&path)(e.into())),
+        }
     }
 
     /// The identity key, made (and saved with mode 0600) on first use.

@@ -256,6 +256,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let name = name.unwrap_or_else(hostname);
+            let _held = home.hold_name(&name, &format!("peer expose {port} --name {name}"))?;
             let cfg = Expose {
                 signaling: Signaling {
                     rendezvous: need_rendezvous()?,
@@ -298,12 +299,17 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             if no_relay && transport == Transport::Relay {
                 anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
             }
+            // One name per target by default: two reaches from one home (to different
+            // peers) must not take one name from each other.
             let me = as_name.unwrap_or_else(|| {
-                format!(
-                    "reach-{}",
+                let mut n = format!(
+                    "reach-{}-{name}",
                     &hex::encode(key.verifying_key().to_bytes())[..12]
-                )
+                );
+                n.truncate(wire::signal::MAX_NAME_LEN);
+                n
             });
+            let _held = home.hold_name(&me, &format!("peer reach {name} --as {me}"))?;
             let cfg = Reach {
                 signaling: Signaling {
                     rendezvous: need_rendezvous()?,

@@ -288,3 +288,53 @@ async fn sigterm_to_an_exposer_ends_the_download_on_the_other_side_within_a_seco
     );
     stop.cancel();
 }
+
+// Two processes exposing one name from one home used to take the name from each other
+// forever ("registered again from another connection"); the second now says who holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_for_the_same_name_says_which_process_holds_it() {
+    let server = rendezvous().await;
+    let signaling = server.addrs().signaling.to_string();
+    let home = TempHome::new();
+    let expose = |port: &str| {
+        let mut c = Command::new(workspace_bin("peer"));
+        c.arg("--home").arg(&home.0).args([
+            "expose",
+            port,
+            "--name",
+            "twice",
+            "--rendezvous",
+            &signaling,
+        ]);
+        c
+    };
+    let first = Proc::start(&mut expose("7274"));
+    first.wait_line("registered");
+    let mut second = expose("8080");
+    let out = tokio::task::spawn_blocking(move || second.output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let pid = first.child.id().to_string();
+    assert!(
+        err.contains("twice is already served from") && err.contains(&pid),
+        "{err}"
+    );
+    assert!(err.contains("peer expose 7274 --name twice"), "{err}");
+    // Another name from the same home is fine.
+    let other = Proc::start(
+        Command::new(workspace_bin("peer"))
+            .arg("--home")
+            .arg(&home.0)
+            .args([
+                "expose",
+                "8080",
+                "--name",
+                "other",
+                "--rendezvous",
+                &signaling,
+            ]),
+    );
+    other.wait_line("registered");
+}
