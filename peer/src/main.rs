@@ -130,7 +130,7 @@ enum Command {
         /// Reach a UDP service.
         #[arg(long)]
         udp: bool,
-        /// Our own name at the rendezvous [default: reach-<key prefix>].
+        /// Our own name at the rendezvous [default: reach-<key prefix>-<name>].
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
         /// Paths the session may use: auto punches UDP and TCP and carries traffic on
@@ -142,6 +142,21 @@ enum Command {
         /// are closed when none works.
         #[arg(long)]
         no_relay: bool,
+    },
+    /// Open a session with a named peer (brokered through the rendezvous) and show every
+    /// path it has, with round trips, and which one carries traffic, as `tailscale ping`.
+    Ping {
+        /// The peer's name.
+        name: String,
+        /// Rounds to show.
+        #[arg(long, short = 'c', default_value_t = 5, value_name = "N")]
+        count: u32,
+        /// Milliseconds between rounds.
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        interval: u64,
+        /// Paths to try, as for `reach`.
+        #[arg(long, value_enum, default_value_t = Transport::Auto)]
+        transport: Transport,
     },
     /// Give a name up at the rendezvous (it must be this peer's: same key). Stop the
     /// `expose` that uses it first, or it takes the name again.
@@ -330,6 +345,45 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let reacher = Reacher::bind(cfg, home, key, board.clone(), shutdown.clone()).await?;
             tokio::spawn(serve_status(dir, board, shutdown));
             reacher.run().await
+        }
+        Command::Ping {
+            name,
+            count,
+            interval,
+            transport,
+        } => {
+            let me = {
+                let mut n = format!(
+                    "ping-{}-{name}",
+                    &hex::encode(key.verifying_key().to_bytes())[..12]
+                );
+                n.truncate(wire::signal::MAX_NAME_LEN);
+                n
+            };
+            let _held = home.hold_name(&me, &format!("peer ping {name}"))?;
+            let cfg = Reach {
+                signaling: Signaling {
+                    rendezvous: need_rendezvous()?,
+                    token,
+                    name: me,
+                    services: vec![],
+                    trust: trust.clone(),
+                },
+                target: name.clone(),
+                service: None,
+                local: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                udp: false,
+                transport,
+                no_relay: false,
+            };
+            let reacher = Reacher::bind(cfg, home, key, Board::default(), shutdown).await?;
+            let every = std::time::Duration::from_millis(interval.max(10));
+            reacher
+                .ping(count, every, |seq, paths| {
+                    out!("{}", peer::status::ping_line(&name, seq, paths));
+                    Ok(())
+                })
+                .await
         }
         Command::Release { name } => {
             let client = trust.connect_with_token(&need_rendezvous()?, token).await?;

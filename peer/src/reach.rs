@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex as SyncMutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
@@ -145,6 +145,29 @@ fn pick_service(peer: &PeerInfo, wanted: Option<u16>, proto: Proto) -> anyhow::R
 }
 
 impl Reacher {
+    /// `peer ping`: the session with the peer (brokered now if there is none), then its
+    /// paths `count` times, `every` apart, each time handed to `round` (which prints).
+    pub async fn ping(
+        &self,
+        count: u32,
+        every: Duration,
+        mut round: impl FnMut(u32, &[crate::session::PathReport]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let s = self.state.session().await?;
+        for seq in 1..=count.max(1) {
+            if seq > 1 {
+                tokio::select! {
+                    _ = self.state.shutdown.cancelled() => return Ok(()),
+                    _ = s.closed().cancelled() => anyhow::bail!("the session with {} closed", s.peer()),
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+            round(seq, &s.report())?;
+        }
+        s.close("ping done");
+        Ok(())
+    }
+
     /// Registers, looks the peer up, pins its key and binds the local port.
     pub async fn bind(
         cfg: Reach,
@@ -656,7 +679,7 @@ impl State {
                             .with_context(|| format!("asking to reach {}", self.cfg.target));
                     };
                     info!(target = %self.cfg.target, "rendezvous busy ({}); asking again in {ms} ms", e.message);
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
                     continue;
                 }
                 Err(ClientError::Closed(_) | ClientError::Frame(_) | ClientError::Timeout(_))

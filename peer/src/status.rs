@@ -177,3 +177,53 @@ pub async fn query(home: &Path) -> std::io::Result<Vec<TunnelStatus>> {
     }
     Ok(all)
 }
+
+/// One line of `peer ping`: round `seq`, the path carrying traffic with its round trip,
+/// then the paths standing by.
+pub fn ping_line(peer: &str, seq: u32, paths: &[PathReport]) -> String {
+    let rtt = |p: &PathReport| p.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms"));
+    let active = paths.iter().find(|p| p.state == "active");
+    let mut line = match active {
+        Some(p) => format!("seq={seq} {peer} via {} ({}) {}", p.kind, p.remote, rtt(p)),
+        None => format!("seq={seq} {peer}: no path carries traffic yet"),
+    };
+    let standby: Vec<String> = paths
+        .iter()
+        .filter(|p| p.state != "active")
+        .map(|p| format!("{} {}", p.kind, rtt(p)))
+        .collect();
+    if !standby.is_empty() {
+        line += &format!(" | standby: {}", standby.join(", "));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ping_line_names_the_active_path_first_and_the_others_after() {
+        let path = |kind: &str, state: &str, rtt| PathReport {
+            kind: kind.into(),
+            remote: "198.18.1.2:40000".into(),
+            state: state.into(),
+            rtt_ms: rtt,
+            bytes_out: 0,
+            bytes_in: 0,
+        };
+        let paths = [
+            path("relay", "standby", Some(3.0)),
+            path("direct-udp", "active", Some(0.5)),
+            path("direct-tcp", "standby", None),
+        ];
+        assert_eq!(
+            ping_line("pc-home", 2, &paths),
+            "seq=2 pc-home via direct-udp (198.18.1.2:40000) 0.50 ms | standby: relay 3.00 ms, direct-tcp -"
+        );
+        assert_eq!(
+            ping_line("pc-home", 0, &[]),
+            "seq=0 pc-home: no path carries traffic yet"
+        );
+    }
+}

@@ -262,3 +262,33 @@ async fn reaching_ones_own_exposed_port_on_that_port_is_refused_not_a_loop() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_ping_shows_each_path_and_which_carries_traffic() {
+    let server = rendezvous().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let echo = chuantou_tests::echo_service().await;
+    chuantou_tests::expose(&server, &pc, "pc-home", echo, vec![], &stop);
+    chuantou_tests::online(&server, "pc-home").await;
+    let mut cmd = peer(&phone);
+    cmd.args(["ping", "pc-home", "-c", "4", "--interval", "300"])
+        .args(["--rendezvous", &server.addrs().signaling.to_string()]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{text}\n{err}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.starts_with(&format!("seq={} pc-home", i + 1)), "{text}");
+    }
+    // By the last round the session has settled on a path and measured its round trip.
+    let last = lines[3];
+    assert!(last.contains(" via ") && last.contains(" ms"), "{text}");
+    stop.cancel();
+}
