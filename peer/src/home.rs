@@ -92,6 +92,12 @@ pub struct FileConfig {
     pub rendezvous_key: Option<String>,
     /// The rendezvous token.
     pub token: Option<String>,
+    /// Services `peer up` exposes.
+    #[serde(default)]
+    pub expose: Vec<crate::up::ExposeEntry>,
+    /// Peers `peer up` reaches.
+    #[serde(default)]
+    pub reach: Vec<crate::up::ReachEntry>,
 }
 
 /// An opened home directory.

@@ -12,7 +12,8 @@
 //! - [`punch`]: the sans-IO UDP and TCP punch agents, their strategy and shells.
 //! - [`presence`]: registration with the rendezvous, the UDP endpoint and the TCP port.
 //! - [`forward`]: local TCP connections and UDP flows carried by a session.
-//! - [`expose`] and [`reach`]: the two commands, listeners and forwarders on sessions.
+//! - [`expose`] and [`reach`]: the two commands, listeners and forwarders on sessions;
+//!   [`up`]: every `[[expose]]` and `[[reach]]` of `config.toml` in one process.
 //! - [`status`]: the board of live sessions and the control socket `peer status` reads.
 //! - [`home`]: identity key, `config.toml`, `known_peers` pinning.
 //! - [`quic`]: the session's QUIC settings (TLS 1.3 pinned to ed25519 keys is `wire::tls`).
@@ -33,3 +34,4 @@ pub mod reach;
 pub mod session;
 pub mod status;
 pub mod transport;
+pub mod up;

@@ -143,6 +143,10 @@ enum Command {
         #[arg(long)]
         no_relay: bool,
     },
+    /// Serve every [[expose]] and [[reach]] of the home's config.toml in this one process,
+    /// with one identity. SIGHUP reloads the lists: what left stops, what came starts,
+    /// what stayed (and its sessions) goes on.
+    Up,
     /// Open a session with a named peer (brokered through the rendezvous) and show every
     /// path it has, with round trips, and which one carries traffic, as `tailscale ping`.
     Ping {
@@ -345,6 +349,33 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let reacher = Reacher::bind(cfg, home, key, board.clone(), shutdown.clone()).await?;
             tokio::spawn(serve_status(dir, board, shutdown));
             reacher.run().await
+        }
+        Command::Up => {
+            let board = Board::default();
+            tokio::spawn(serve_status(
+                home.dir().to_owned(),
+                board.clone(),
+                shutdown.clone(),
+            ));
+            let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("listening for SIGHUP")?;
+            let on_hangup = reload.clone();
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    on_hangup.notify_one();
+                }
+            });
+            let up = peer::up::Up {
+                home,
+                key: std::sync::Arc::new(key),
+                rendezvous: need_rendezvous()?,
+                token,
+                trust: trust.clone(),
+                default_name: hostname(),
+                board,
+            };
+            up.run(reload, shutdown).await
         }
         Command::Ping {
             name,
