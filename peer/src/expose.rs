@@ -85,6 +85,13 @@ pub async fn run(
         };
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
+        board.registered(crate::status::RegistrationStatus::of(
+            &cfg.signaling.name,
+            "expose",
+            &cfg.signaling.rendezvous,
+            &cfg.signaling.services,
+            &registration,
+        ));
         let (mut client, udp) = (registration.client, registration.udp);
         let from = From {
             endpoint: registration.endpoint,
@@ -154,6 +161,7 @@ pub async fn run(
                 }
                 Some(ClientEvent::Closed(e)) => {
                     warn!(error = %e, "lost the rendezvous; sessions keep serving, reconnecting");
+                    board.unregistered(&cfg.signaling.name);
                     break;
                 }
                 None => break,

@@ -176,9 +176,13 @@ enum Command {
     },
     /// Show this peer's sessions and their paths.
     Status {
-        /// JSON instead of text.
+        /// JSON instead of text: the sessions, an array.
         #[arg(long)]
         json: bool,
+        /// With --json: one object with `registrations` (also those with no session) and
+        /// `sessions`.
+        #[arg(long, requires = "json")]
+        all: bool,
     },
 }
 
@@ -474,52 +478,92 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Status { json } => {
-            let tunnels = status::query(home.dir())
+        Command::Status { json, all } => {
+            let snap = status::query_all(home.dir())
                 .await
                 .with_context(|| format!("reading control sockets in {}", home.dir().display()))?;
+            if json && all {
+                out!("{}", serde_json::to_string_pretty(&snap)?);
+                return Ok(());
+            }
             if json {
-                out!("{}", serde_json::to_string_pretty(&tunnels)?);
-            } else if tunnels.is_empty() {
+                out!("{}", serde_json::to_string_pretty(&snap.sessions)?);
+                return Ok(());
+            }
+            if snap.registrations.is_empty() && snap.sessions.is_empty() {
                 out!(
-                    "no sessions: no `peer expose` or `peer reach` with a session up uses {}",
+                    "nothing running: no `peer expose`, `reach` or `up` uses {}",
                     home.dir().display()
                 );
-            } else {
+                return Ok(());
+            }
+            let now = status::unix_now();
+            if !snap.registrations.is_empty() {
                 out!(
-                    "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
-                    "PEER",
+                    "{:<24} {:<7} {:<22} {:<22} {:<22} {:>7}  SERVICES",
+                    "REGISTERED AS",
                     "ROLE",
-                    "PATH",
-                    "RTT",
-                    "SENT",
-                    "RECEIVED",
-                    "OPEN"
+                    "RENDEZVOUS",
+                    "PUBLIC TCP",
+                    "PUBLIC UDP",
+                    "SINCE"
                 );
-                for t in tunnels {
-                    let rtt = t.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
+                for r in &snap.registrations {
                     out!(
-                        "{:<20} {:<7} {:<11} {:>8} {:>12} {:>12} {:>5}",
-                        t.peer,
-                        t.role,
-                        t.path,
-                        rtt,
-                        t.bytes_out,
-                        t.bytes_in,
-                        t.open_connections
+                        "{:<24} {:<7} {:<22} {:<22} {:<22} {:>7}  {}",
+                        r.name,
+                        r.role,
+                        r.rendezvous,
+                        r.observed_tcp.as_deref().unwrap_or("-"),
+                        r.observed_udp.as_deref().unwrap_or("-"),
+                        status::age(r.since, now),
+                        if r.services.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            r.services.join(", ")
+                        }
                     );
-                    for p in &t.paths {
-                        let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
-                        out!(
-                            "  {:<10} {:<26} {:<8} {:>8} {:>12} {:>12}",
-                            p.kind,
-                            p.remote,
-                            p.state,
-                            rtt,
-                            p.bytes_out,
-                            p.bytes_in
-                        );
-                    }
+                }
+            }
+            if snap.sessions.is_empty() {
+                out!("no sessions yet");
+                return Ok(());
+            }
+            out!(
+                "\n{:<20} {:<7} {:<11} {:>8} {:>11} {:>11} {:>5} {:>7}",
+                "SESSION WITH",
+                "ROLE",
+                "PATH",
+                "RTT",
+                "SENT",
+                "RECEIVED",
+                "OPEN",
+                "UP"
+            );
+            for t in snap.sessions {
+                let rtt = t.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
+                out!(
+                    "{:<20} {:<7} {:<11} {:>8} {:>11} {:>11} {:>5} {:>7}",
+                    t.peer,
+                    t.role,
+                    t.path,
+                    rtt,
+                    status::bytes(t.bytes_out),
+                    status::bytes(t.bytes_in),
+                    t.open_connections,
+                    status::age(t.since, now)
+                );
+                for p in &t.paths {
+                    let rtt = p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
+                    out!(
+                        "  {:<10} {:<26} {:<8} {:>8} {:>11} {:>11}",
+                        p.kind,
+                        p.remote,
+                        p.state,
+                        rtt,
+                        status::bytes(p.bytes_out),
+                        status::bytes(p.bytes_in)
+                    );
                 }
             }
             Ok(())

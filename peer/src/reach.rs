@@ -180,6 +180,13 @@ impl Reacher {
             cfg.signaling.register_udp(&key).await.with_context(|| {
                 format!("registering with rendezvous {}", cfg.signaling.rendezvous)
             })?;
+        board.registered(crate::status::RegistrationStatus::of(
+            &cfg.signaling.name,
+            "reach",
+            &cfg.signaling.rendezvous,
+            &[],
+            &registration,
+        ));
         let peer = registration
             .client
             .lookup(&cfg.target)

@@ -42,6 +42,36 @@ pub struct TunnelStatus {
     pub paths: Vec<PathReport>,
 }
 
+/// One registration of a running process, for `peer status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationStatus {
+    /// The registered name.
+    pub name: String,
+    /// `expose` or `reach`.
+    pub role: String,
+    /// The rendezvous it is registered with.
+    pub rendezvous: String,
+    /// The services it offers (`7274/tcp`), none for a reach.
+    pub services: Vec<String>,
+    /// Its signaling connection's public address as the rendezvous saw it.
+    pub observed_tcp: Option<String>,
+    /// Its UDP endpoint's public address as the rendezvous saw it (null without STUN).
+    pub observed_udp: Option<String>,
+    /// Unix seconds when it registered.
+    pub since: u64,
+    /// The process.
+    pub pid: u32,
+}
+
+/// What one process reports on its control socket (and `peer status --json --all`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Its registrations, also those with no session.
+    pub registrations: Vec<RegistrationStatus>,
+    /// Its live sessions.
+    pub sessions: Vec<TunnelStatus>,
+}
+
 #[derive(Debug)]
 struct Entry {
     role: &'static str,
@@ -53,9 +83,23 @@ struct Entry {
 pub struct Board {
     entries: Arc<Mutex<Vec<Entry>>>,
     added: Arc<tokio::sync::Notify>,
+    registrations: Arc<Mutex<Vec<RegistrationStatus>>>,
 }
 
 impl Board {
+    /// Records a registration (replacing an earlier one of the same name).
+    pub fn registered(&self, r: RegistrationStatus) {
+        let mut regs = self.registrations.lock().unwrap_or_else(|p| p.into_inner());
+        regs.retain(|x| x.name != r.name);
+        regs.push(r);
+    }
+
+    /// Forgets the registration of `name` (the rendezvous was lost).
+    pub fn unregistered(&self, name: &str) {
+        let mut regs = self.registrations.lock().unwrap_or_else(|p| p.into_inner());
+        regs.retain(|x| x.name != name);
+    }
+
     /// Records a session; it leaves the board when it closes.
     pub fn add(&self, peer: &str, role: &'static str, session: &Session) {
         debug_assert_eq!(peer, session.peer());
@@ -140,7 +184,15 @@ pub async fn serve(home: &Path, board: Board, shutdown: CancellationToken) -> st
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
-        let json = serde_json::to_vec(&board.snapshot()).unwrap_or_default();
+        let snapshot = Snapshot {
+            registrations: board
+                .registrations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            sessions: board.snapshot(),
+        };
+        let json = serde_json::to_vec(&snapshot).unwrap_or_default();
         let _ = s.write_all(&json).await;
         let _ = s.shutdown().await;
         tracing::trace!(uptime = ?started.elapsed(), "status served");
@@ -151,7 +203,12 @@ pub async fn serve(home: &Path, board: Board, shutdown: CancellationToken) -> st
 
 /// Asks every peer process of `home` for its tunnels.
 pub async fn query(home: &Path) -> std::io::Result<Vec<TunnelStatus>> {
-    let mut all = Vec::new();
+    Ok(query_all(home).await?.sessions)
+}
+
+/// Asks every peer process of `home` for its registrations and tunnels.
+pub async fn query_all(home: &Path) -> std::io::Result<Snapshot> {
+    let mut all = Snapshot::default();
     // A handful of entries: reading the directory synchronously is fine.
     for entry in std::fs::read_dir(home)? {
         let entry = entry?;
@@ -164,8 +221,12 @@ pub async fn query(home: &Path) -> std::io::Result<Vec<TunnelStatus>> {
             Ok(mut s) => {
                 let mut buf = Vec::new();
                 tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await?;
-                if let Ok(v) = serde_json::from_slice::<Vec<TunnelStatus>>(&buf) {
-                    all.extend(v);
+                if let Ok(v) = serde_json::from_slice::<Snapshot>(&buf) {
+                    all.registrations.extend(v.registrations);
+                    all.sessions.extend(v.sessions);
+                } else if let Ok(v) = serde_json::from_slice::<Vec<TunnelStatus>>(&buf) {
+                    // A process of the version before registrations were reported.
+                    all.sessions.extend(v);
                 }
             }
             // A socket nobody listens on belongs to a process that died: clean it up.
@@ -176,6 +237,65 @@ pub async fn query(home: &Path) -> std::io::Result<Vec<TunnelStatus>> {
         }
     }
     Ok(all)
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl RegistrationStatus {
+    /// `name` registered just now as `role` with `rendezvous`, as `r` tells.
+    pub fn of(
+        name: &str,
+        role: &str,
+        rendezvous: &str,
+        services: &[wire::signal::Service],
+        r: &crate::presence::signal::Registration,
+    ) -> RegistrationStatus {
+        RegistrationStatus {
+            name: name.to_owned(),
+            role: role.to_owned(),
+            rendezvous: rendezvous.to_owned(),
+            services: services.iter().map(|s| s.reference().to_string()).collect(),
+            observed_tcp: r.tcp.as_ref().map(|t| t.observed.to_string()),
+            observed_udp: r
+                .udp
+                .as_ref()
+                .and_then(|u| u.observed)
+                .map(|a| a.to_string()),
+            since: unix_now(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// A byte count in human units: `812 B`, `4.2 KiB`, `17.9 MiB`, `1.3 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// How long ago unix second `since` was, at `now`: `42 s`, `3 min`, `5 h`, `2 d`.
+pub fn age(since: u64, now: u64) -> String {
+    let s = now.saturating_sub(since);
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86_400 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
 }
 
 /// One line of `peer ping`: round `seq`, the path carrying traffic with its round trip,
@@ -225,5 +345,18 @@ mod tests {
             ping_line("pc-home", 0, &[]),
             "seq=0 pc-home: no path carries traffic yet"
         );
+    }
+
+    #[test]
+    fn bytes_and_ages_read_as_people_say_them() {
+        assert_eq!(bytes(812), "812 B");
+        assert_eq!(bytes(4300), "4.2 KiB");
+        assert_eq!(bytes(18_769_000), "17.9 MiB");
+        assert_eq!(bytes(1_395_864_371), "1.3 GiB");
+        assert_eq!(age(100, 142), "42 s");
+        assert_eq!(age(0, 200), "3 min");
+        assert_eq!(age(0, 5 * 3600 + 10), "5 h");
+        assert_eq!(age(0, 2 * 86_400 + 1), "2 d");
+        assert_eq!(age(10, 5), "0 s");
     }
 }

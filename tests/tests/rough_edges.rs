@@ -292,3 +292,32 @@ async fn peer_ping_shows_each_path_and_which_carries_traffic() {
     assert!(last.contains(" via ") && last.contains(" ms"), "{text}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_status_shows_a_registered_expose_that_has_no_session_yet() {
+    let server = rendezvous().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pc = TempHome::new();
+    let echo = chuantou_tests::echo_service().await;
+    chuantou_tests::expose(&server, &pc, "pc-home", echo, vec![], &stop);
+    chuantou_tests::online(&server, "pc-home").await;
+    let (text, all) = {
+        let mut status = peer(&pc);
+        status.arg("status");
+        let mut json = peer(&pc);
+        json.args(["status", "--json", "--all"]);
+        tokio::task::spawn_blocking(move || (status.output().unwrap(), json.output().unwrap()))
+            .await
+            .unwrap()
+    };
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("pc-home") && text.contains("expose") && text.contains("no sessions yet"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{}/tcp", echo.port())), "{text}");
+    let all: serde_json::Value = serde_json::from_slice(&all.stdout).unwrap();
+    assert_eq!(all["registrations"][0]["name"], "pc-home", "{all}");
+    assert_eq!(all["sessions"], serde_json::json!([]), "{all}");
+    stop.cancel();
+}
