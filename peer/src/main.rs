@@ -90,8 +90,8 @@ enum Command {
     },
     /// Keep a local service reachable under a name.
     Expose {
-        /// The service's port.
-        port: u16,
+        /// The service's port [default: every [[expose]] of config.toml, as `peer up`].
+        port: Option<u16>,
         /// The name to register [default: this machine's hostname].
         #[arg(long)]
         name: Option<String>,
@@ -119,8 +119,8 @@ enum Command {
     },
     /// Open a local port that is a named peer's service.
     Reach {
-        /// The peer's name.
-        name: String,
+        /// The peer's name [default: every [[reach]] of config.toml, as `peer up`].
+        name: Option<String>,
         /// Which of its services (port) [default: its only one].
         #[arg(long, value_name = "PORT")]
         service: Option<u16>,
@@ -193,6 +193,45 @@ async fn serve_status(dir: PathBuf, board: Board, shutdown: CancellationToken) {
     }
 }
 
+/// `peer up` (or `expose`/`reach` with no arguments): the lists of config.toml, one
+/// process; SIGHUP reloads them.
+async fn serve_lists(
+    lists: peer::up::Lists,
+    home: Home,
+    key: ed25519_dalek::SigningKey,
+    rendezvous: String,
+    token: Option<String>,
+    trust: Trust,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let board = Board::default();
+    tokio::spawn(serve_status(
+        home.dir().to_owned(),
+        board.clone(),
+        shutdown.clone(),
+    ));
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let on_hangup = reload.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            on_hangup.notify_one();
+        }
+    });
+    let up = peer::up::Up {
+        home,
+        key: std::sync::Arc::new(key),
+        rendezvous,
+        token,
+        trust,
+        default_name: hostname(),
+        board,
+        lists,
+    };
+    up.run(reload, shutdown).await
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -263,6 +302,11 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             no_relay,
             max_sessions,
         } => {
+            let Some(port) = port else {
+                let rendezvous = need_rendezvous()?;
+                let lists = peer::up::Lists::Expose;
+                return serve_lists(lists, home, key, rendezvous, token, trust, shutdown).await;
+            };
             if no_relay && transport == Transport::Relay {
                 anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
             }
@@ -319,6 +363,11 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             transport,
             no_relay,
         } => {
+            let Some(name) = name else {
+                let rendezvous = need_rendezvous()?;
+                let lists = peer::up::Lists::Reach;
+                return serve_lists(lists, home, key, rendezvous, token, trust, shutdown).await;
+            };
             if no_relay && transport == Transport::Relay {
                 anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
             }
@@ -355,31 +404,16 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             reacher.run().await
         }
         Command::Up => {
-            let board = Board::default();
-            tokio::spawn(serve_status(
-                home.dir().to_owned(),
-                board.clone(),
-                shutdown.clone(),
-            ));
-            let reload = std::sync::Arc::new(tokio::sync::Notify::new());
-            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .context("listening for SIGHUP")?;
-            let on_hangup = reload.clone();
-            tokio::spawn(async move {
-                while hangup.recv().await.is_some() {
-                    on_hangup.notify_one();
-                }
-            });
-            let up = peer::up::Up {
+            serve_lists(
+                peer::up::Lists::Both,
                 home,
-                key: std::sync::Arc::new(key),
-                rendezvous: need_rendezvous()?,
+                key,
+                need_rendezvous()?,
                 token,
-                trust: trust.clone(),
-                default_name: hostname(),
-                board,
-            };
-            up.run(reload, shutdown).await
+                trust.clone(),
+                shutdown,
+            )
+            .await
         }
         Command::Ping {
             name,

@@ -165,6 +165,18 @@ pub fn plan(running: &[Unit], wanted: &[Unit]) -> Plan {
     }
 }
 
+/// Which lists a run serves: `peer up` both, `peer expose` with no port the `[[expose]]`
+/// list only, `peer reach` with no name the `[[reach]]` list only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lists {
+    /// Both.
+    Both,
+    /// `[[expose]]` only.
+    Expose,
+    /// `[[reach]]` only.
+    Reach,
+}
+
 /// What every unit shares.
 #[derive(Debug, Clone)]
 pub struct Up {
@@ -182,6 +194,8 @@ pub struct Up {
     pub default_name: String,
     /// Where `peer status` finds the sessions.
     pub board: Board,
+    /// Which lists to serve.
+    pub lists: Lists,
 }
 
 impl Up {
@@ -240,7 +254,12 @@ impl Up {
 
     fn wanted(&self) -> anyhow::Result<Vec<Unit>> {
         let file = self.home.config()?;
-        units(&file.expose, &file.reach, &self.default_name).map_err(|why| {
+        let (expose, reach) = match self.lists {
+            Lists::Both => (&file.expose[..], &file.reach[..]),
+            Lists::Expose => (&file.expose[..], &[][..]),
+            Lists::Reach => (&[][..], &file.reach[..]),
+        };
+        units(expose, reach, &self.default_name).map_err(|why| {
             anyhow::anyhow!("{}: {why}", self.home.dir().join("config.toml").display())
         })
     }

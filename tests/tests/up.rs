@@ -206,3 +206,62 @@ async fn one_process_serves_every_listed_service_and_sighup_adds_one_without_a_h
         b"again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expose_and_reach_without_arguments_serve_their_lists() {
+    let server = rendezvous().await;
+    let rv = format!("{}#{}", server.addrs().signaling, server.key());
+    let a = echo_service().await;
+    let la = free();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    // Each file has both lists; each command takes only its own.
+    write_config(
+        &pc,
+        &format!(
+            "rendezvous = \"{rv}\"\n[[expose]]\nport = {}\nname = \"bare-a\"\n\
+             [[reach]]\nname = \"nobody\"\n",
+            a.port()
+        ),
+    );
+    write_config(
+        &phone,
+        &format!(
+            "rendezvous = \"{rv}\"\n[[reach]]\nname = \"bare-a\"\nlocal = \"{la}\"\n\
+             [[expose]]\nport = 1\nname = \"not-this\"\n"
+        ),
+    );
+    let bare = |home: &TempHome, cmd: &str| {
+        Proc(
+            Command::new(workspace_bin("peer"))
+                .arg("--home")
+                .arg(&home.0)
+                .arg(cmd)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _exposer = bare(&pc, "expose");
+    online(&server, "bare-a").await;
+    let _reacher = bare(&phone, "reach");
+    drop(connected(la).await);
+    assert_eq!(within("echo", tcp_echo(la, b"bare")).await, b"bare");
+    // The other list of each file was left alone.
+    let watcher = wire::signal::client::Client::connect(
+        &server.addrs().signaling.to_string(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    watcher
+        .register(
+            &ed25519_dalek::SigningKey::from_bytes(&[5; 32]),
+            "watcher",
+            vec![],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(watcher.lookup("not-this").await.is_err());
+}
