@@ -373,14 +373,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             }
             // One name per target by default: two reaches from one home (to different
             // peers) must not take one name from each other.
-            let me = as_name.unwrap_or_else(|| {
-                let mut n = format!(
-                    "reach-{}-{name}",
-                    &hex::encode(key.verifying_key().to_bytes())[..12]
-                );
-                n.truncate(wire::signal::MAX_NAME_LEN);
-                n
-            });
+            let me = as_name.unwrap_or_else(|| peer::up::own_name("reach", &key, &name));
             let _held = home.hold_name(&me, &format!("peer reach {name} --as {me}"))?;
             let cfg = Reach {
                 signaling: Signaling {
@@ -421,14 +414,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             interval,
             transport,
         } => {
-            let me = {
-                let mut n = format!(
-                    "ping-{}-{name}",
-                    &hex::encode(key.verifying_key().to_bytes())[..12]
-                );
-                n.truncate(wire::signal::MAX_NAME_LEN);
-                n
-            };
+            let me = peer::up::own_name("ping", &key, &name);
             let _held = home.hold_name(&me, &format!("peer ping {name}"))?;
             let cfg = Reach {
                 signaling: Signaling {

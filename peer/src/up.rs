@@ -138,6 +138,18 @@ pub fn units(
     Ok(out)
 }
 
+/// The name a reaching side registers under by default: `ROLE-<key prefix>-TARGET`, one
+/// per target, so processes (or units) of one home that reach different peers do not take
+/// one name from each other.
+pub fn own_name(role: &str, key: &SigningKey, target: &str) -> String {
+    let mut n = format!(
+        "{role}-{}-{target}",
+        &hex::encode(key.verifying_key().to_bytes())[..12]
+    );
+    n.truncate(wire::signal::MAX_NAME_LEN);
+    n
+}
+
 /// What a reload does.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -313,12 +325,7 @@ impl Up {
     }
 
     async fn reach(&self, r: &ReachEntry, stop: CancellationToken) -> anyhow::Result<()> {
-        let mut me = format!(
-            "reach-{}-{}",
-            &hex::encode(self.key.verifying_key().to_bytes())[..12],
-            r.name
-        );
-        me.truncate(wire::signal::MAX_NAME_LEN);
+        let me = own_name("reach", &self.key, &r.name);
         let _held = self
             .home
             .hold_name(&me, &format!("peer up: reach {}", r.name))?;

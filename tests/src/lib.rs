@@ -55,6 +55,16 @@ pub async fn rendezvous() -> ServerHandle {
     Server::bind(config).await.unwrap().spawn()
 }
 
+/// A child process killed (and reaped) when dropped, also when a test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A fresh, empty peer home in the temp directory (removed on drop).
 pub struct TempHome(pub PathBuf);
 

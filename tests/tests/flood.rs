@@ -115,14 +115,7 @@ async fn stray_quic_initials_leave_a_reach_small_and_working() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let reach = Kill(
+    let reach = chuantou_tests::KillOnDrop(
         std::process::Command::new(workspace_bin("peer"))
             .arg("--home")
             .arg(&phone.0)

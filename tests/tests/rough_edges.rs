@@ -107,14 +107,7 @@ async fn reaching_through_a_rendezvous_without_a_relay_says_so() {
         .local_addr()
         .unwrap();
     let log = phone.0.with_extension("log");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let reach = Kill(
+    let reach = chuantou_tests::KillOnDrop(
         peer(&phone)
             .args(["reach", "pc-home", "--transport", "relay"])
             .args(["--local", &local.to_string()])
@@ -163,14 +156,7 @@ async fn an_exposed_port_where_nothing_listens_is_a_reset_and_the_reaching_side_
     chuantou_tests::expose(&server, &pc, "pc-home", nothing, vec![], &stop);
     chuantou_tests::online(&server, "pc-home").await;
     let log = phone.0.with_extension("log");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let reach = Kill(
+    let reach = chuantou_tests::KillOnDrop(
         peer(&phone)
             .args(["reach", "pc-home", "--local", &local.to_string()])
             .args(["--rendezvous", &server.addrs().signaling.to_string()])
