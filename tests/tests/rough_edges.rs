@@ -307,3 +307,31 @@ async fn peer_status_shows_a_registered_expose_that_has_no_session_yet() {
     assert_eq!(all["sessions"], serde_json::json!([]), "{all}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_port_given_as_the_rendezvous_is_named_as_such() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // What an HTTP server says to a TLS ClientHello.
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = http.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let home = TempHome::new();
+    let mut cmd = peer(&home);
+    cmd.args(["ls", "--rendezvous", &addr.to_string()]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("answered in plaintext"), "{err}");
+    assert!(err.contains("signaling port (7000 by default)"), "{err}");
+    assert!(!err.contains("bytes exceeds"), "{err}");
+}

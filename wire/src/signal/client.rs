@@ -147,6 +147,14 @@ pub async fn handshake(
         .map_err(|e| tls_err(e.to_string()))?;
     let tls = connector.connect(name, stream).await.map_err(|e| {
         tls_err(match e.kind() {
+            // Bytes that are no TLS record at all: a plaintext server (an HTTP port given
+            // for the signaling port, or a rendezvous older than TLS signaling).
+            std::io::ErrorKind::InvalidData if e.to_string().contains("InvalidContentType") => {
+                format!(
+                    "it answered in plaintext, not TLS: is {addr} the rendezvous' signaling \
+                     port (7000 by default), not its HTTP API or another service?"
+                )
+            }
             std::io::ErrorKind::InvalidData => {
                 format!("{e} (is this a chuantou rendezvous of this version?)")
             }
