@@ -153,7 +153,7 @@ pub async fn announce(
     while !shutdown.is_cancelled() {
         // Jitter (0.5x to 1.5x): relays that lost a restarted rendezvous come back spread
         // out, not in lockstep.
-        let pause = wait.mul_f64(0.5 + rand::random::<f64>());
+        let pause = wire::cli::jitter(wait, rand::random());
         match announce_once(&rendezvous, &mut pin, &key, port, public, &stats, &shutdown).await {
             Ok(()) => return,
             Err(e @ AnnounceError::Signal(ClientError::KeyMismatch { .. })) => {

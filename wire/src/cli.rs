@@ -10,6 +10,13 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+/// `wait` spread between half and one and a half times itself by `r` (a random number in
+/// 0..1): after a rendezvous restart its peers and relays come back spread out over the
+/// backoff, not all at the same instant.
+pub fn jitter(wait: std::time::Duration, r: f64) -> std::time::Duration {
+    wait.mul_f64(0.5 + r.clamp(0.0, 1.0))
+}
+
 /// The version every binary prints: the crate version and the commit it was built from.
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -298,6 +305,20 @@ async fn stop_on_signals(name: String, shutdown: CancellationToken, mut signals:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_spreads_a_wait_over_half_to_one_and_a_half_times() {
+        let s = std::time::Duration::from_secs(8);
+        assert_eq!(jitter(s, 0.0), std::time::Duration::from_secs(4));
+        assert_eq!(jitter(s, 1.0), std::time::Duration::from_secs(12));
+        assert_eq!(jitter(s, 0.25), std::time::Duration::from_secs(6));
+        // A thousand peers drawing at random do not come back in lockstep.
+        let draws: std::collections::BTreeSet<u128> = (0..1000)
+            .map(|_| jitter(s, rand::random()).as_millis())
+            .collect();
+        assert!(draws.len() > 900, "{} distinct waits", draws.len());
+        assert!(draws.iter().all(|ms| (4000..=12000).contains(ms)));
+    }
 
     #[test]
     fn each_cause_is_printed_once() {

@@ -367,7 +367,7 @@ impl Signaling {
         loop {
             // Jitter (0.5x to 1.5x): after a rendezvous restart its peers come back spread
             // out, not in lockstep.
-            let pause = wait.mul_f64(0.5 + rand::random::<f64>());
+            let pause = wire::cli::jitter(wait, rand::random());
             match self.register_udp(key).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if is_fatal(&e) => return Err(e),
