@@ -143,3 +143,9 @@ pub const MAX_SESSIONS: usize = 256;
 /// restart mid-registration): waiting out the full RFC 8489 schedule (39.5 s) would keep
 /// the peer from noticing and coming back; the refresher observes the mapping later.
 pub const REGISTERED_STUN_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a stopping peer waits for its sessions' closes to go out (a close is a packet
+/// or two; a drained endpoint on loopback takes a few milliseconds, over the internet a
+/// few round trips). The other side then ends its connections at once instead of after
+/// [`SESSION_IDLE`].
+pub const CLOSE_FLUSH: Duration = Duration::from_secs(1);

@@ -79,9 +79,16 @@ pub async fn run(
         cfg.signaling.name
     );
     let sessions: Sessions = Arc::default();
+    // Session tasks, so that a stop waits (briefly) until each has told its peer.
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stopped = || async {
+        tasks.close();
+        let _ = tokio::time::timeout(defaults::CLOSE_FLUSH * 2, tasks.wait()).await;
+        Ok(())
+    };
     loop {
         let Some(registration) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
-            return Ok(());
+            return stopped().await;
         };
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
@@ -100,7 +107,7 @@ pub async fn run(
         };
         loop {
             let event = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return stopped().await,
                 e = client.next_event() => e,
             };
             match event {
@@ -148,7 +155,7 @@ pub async fn run(
                             };
                             let sessions = sessions.clone();
                             let shutdown = shutdown.clone();
-                            tokio::spawn(async move {
+                            tasks.spawn(async move {
                                 let peer_key = b.peer_key;
                                 session(ctx, b, rx, shutdown).await;
                                 let mut s = sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,7 +274,16 @@ async fn session(
         }
     }
     if let Some(s) = live {
-        s.close("session over");
+        s.close(if shutdown.is_cancelled() {
+            "the exposing peer stopped"
+        } else {
+            "session over"
+        });
+        // The close goes out from the endpoint's driver: let it, before a stopping
+        // process ends, so the other side's connections end now, not at an idle timeout.
+        if shutdown.is_cancelled() {
+            crate::session::flush_closes(ctx.from.endpoint.quic()).await;
+        }
         let stats = s.stats();
         info!(
             %peer,

@@ -278,15 +278,20 @@ impl Reacher {
                         }
                     }
                 };
-                return tokio::select! {
+                let r = tokio::select! {
                     _ = self.state.shutdown.cancelled() => Ok(()),
                     r = crate::forward::udp::reach_udp(sock, session) => r.context("local udp socket"),
                 };
+                self.state.stop().await;
+                return r;
             }
         };
         loop {
             let (local, from) = tokio::select! {
-                _ = self.state.shutdown.cancelled() => return Ok(()),
+                _ = self.state.shutdown.cancelled() => {
+                    self.state.stop().await;
+                    return Ok(());
+                }
                 r = listener.accept() => r.context("accepting local connections")?,
             };
             let _ = local.set_nodelay(true);
@@ -361,6 +366,15 @@ fn split(reg: Registration) -> (Client, Presence) {
 }
 
 impl State {
+    /// On the way out: closes the session with a reason and lets the close go out, so the
+    /// other side's connections end now, not at its idle timeout.
+    async fn stop(&self) {
+        let Some(s) = self.live() else { return };
+        s.close("the reaching peer stopped");
+        let endpoint = self.presence.lock().await.endpoint.clone();
+        crate::session::flush_closes(endpoint.quic()).await;
+    }
+
     /// Whether a QUIC handshake from `from` may be the other side's: over one of our
     /// links (a made-up address only we hand out), or from an IP the broker named.
     fn expects(&self, from: std::net::SocketAddr) -> bool {

@@ -14,7 +14,7 @@
 //! [[expose]]
 //! port = 5353
 //! name = "pc-dns"
-//! udp = true
+//! proto = "udp"
 //!
 //! [[reach]]
 //! name = "nas"
@@ -40,6 +40,17 @@ use crate::reach::{Reach, Reacher};
 use crate::status::Board;
 use crate::transport::Transport;
 
+/// `tcp` or `udp`, as `proto = "udp"` in an entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryProto {
+    /// TCP (the default).
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
 /// One `[[expose]]`: `peer expose PORT --name NAME [--udp] [--to HOST] [--allow KEY]...`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,9 +59,9 @@ pub struct ExposeEntry {
     pub port: u16,
     /// The name to register [default: this machine's hostname].
     pub name: Option<String>,
-    /// A UDP service.
+    /// `tcp` (the default) or `udp`.
     #[serde(default)]
-    pub udp: bool,
+    pub proto: EntryProto,
     /// The host the service runs on [default: 127.0.0.1].
     pub to: Option<String>,
     /// Keys allowed in [default: any brokered peer].
@@ -68,9 +79,9 @@ pub struct ReachEntry {
     pub service: Option<u16>,
     /// Where to listen [default: 127.0.0.1:<service port>].
     pub local: Option<SocketAddr>,
-    /// A UDP service.
+    /// `tcp` (the default) or `udp`.
     #[serde(default)]
-    pub udp: bool,
+    pub proto: EntryProto,
 }
 
 /// What `peer up` runs: one expose or one reach.
@@ -89,7 +100,11 @@ impl std::fmt::Display for Unit {
                 f,
                 "expose {}{} as {}",
                 e.port,
-                if e.udp { "/udp" } else { "" },
+                if e.proto == EntryProto::Udp {
+                    "/udp"
+                } else {
+                    ""
+                },
                 e.name.as_deref().unwrap_or("?")
             ),
             Unit::Reach(r) => write!(
@@ -310,13 +325,16 @@ impl Up {
                 trust: self.trust.clone(),
                 services: vec![Service {
                     port: e.port,
-                    proto: if e.udp { Proto::Udp } else { Proto::Tcp },
+                    proto: match e.proto {
+                        EntryProto::Tcp => Proto::Tcp,
+                        EntryProto::Udp => Proto::Udp,
+                    },
                     description: format!("exposed by chuantou from {target}"),
                 }],
             },
             target,
             allow,
-            udp: e.udp,
+            udp: e.proto == EntryProto::Udp,
             transport: Transport::Auto,
             no_relay: false,
             max_sessions: crate::defaults::MAX_SESSIONS,
@@ -340,7 +358,7 @@ impl Up {
             target: r.name.clone(),
             service: r.service,
             local: r.local,
-            udp: r.udp,
+            udp: r.proto == EntryProto::Udp,
             transport: Transport::Auto,
             no_relay: false,
         };
@@ -364,7 +382,7 @@ mod tests {
         ExposeEntry {
             port,
             name: name.map(str::to_owned),
-            udp: false,
+            proto: EntryProto::Tcp,
             to: None,
             allow: vec![],
         }
@@ -375,7 +393,7 @@ mod tests {
             name: name.into(),
             service: None,
             local: None,
-            udp: false,
+            proto: EntryProto::Tcp,
         }
     }
 

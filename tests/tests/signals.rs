@@ -286,6 +286,10 @@ async fn sigterm_to_an_exposer_ends_the_download_on_the_other_side_within_a_seco
         took < std::time::Duration::from_secs(1),
         "the download ran on {took:?} after the exposer was stopped"
     );
+    assert!(
+        control_sockets(&home).is_empty(),
+        "control socket left behind"
+    );
     stop.cancel();
 }
 

@@ -99,7 +99,7 @@ async fn one_process_serves_every_listed_service_and_sighup_adds_one_without_a_h
     let exposes = format!(
         "rendezvous = \"{rv}\"\n\n\
          [[expose]]\nport = {}\nname = \"up-a\"\n\n\
-         [[expose]]\nport = {}\nname = \"up-b\"\nudp = true\n\n\
+         [[expose]]\nport = {}\nname = \"up-b\"\nproto = \"udp\"\n\n\
          [[expose]]\nport = {}\nname = \"up-c\"\n",
         a.port(),
         b.port(),
@@ -108,7 +108,7 @@ async fn one_process_serves_every_listed_service_and_sighup_adds_one_without_a_h
     let reaches = format!(
         "rendezvous = \"{rv}\"\n\n\
          [[reach]]\nname = \"up-a\"\nlocal = \"{la}\"\n\n\
-         [[reach]]\nname = \"up-b\"\nlocal = \"{lb}\"\nudp = true\n\n\
+         [[reach]]\nname = \"up-b\"\nlocal = \"{lb}\"\nproto = \"udp\"\n\n\
          [[reach]]\nname = \"up-c\"\nlocal = \"{lc}\"\n"
     );
     write_config(&pc, &exposes);
