@@ -149,3 +149,7 @@ pub const REGISTERED_STUN_WITHIN: Duration = Duration::from_secs(5);
 /// few round trips). The other side then ends its connections at once instead of after
 /// [`SESSION_IDLE`].
 pub const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// How long a closed session keeps its links (relay, punched TCP) so that its own close,
+/// queued on one of them, is written out before the link goes.
+pub const LINK_LINGER: Duration = Duration::from_millis(250);

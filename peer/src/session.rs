@@ -482,18 +482,18 @@ async fn watch_paths(inner: Arc<Inner>, mut events: noq::PathEvents) {
             _ = tick.tick() => inner.rechoose(None),
         }
     }
-    inner.table().links.clear();
     inner.active.send_replace(None);
     inner.closed.cancel();
+    // The links go a moment later: a close of ours is still on its way out through them
+    // (noq hands it to the link after `closed()` fired), and dropping a link drops what it
+    // has not written yet, so the other side would wait for its idle timeout instead.
+    tokio::time::sleep(defaults::LINK_LINGER).await;
+    inner.table().links.clear();
 }
 
 /// On the way out of a process, after its sessions were closed: lets the closes go out
-/// (the endpoint drains each for three PTOs), then lingers one keep-alive interval more.
-/// A CONNECTION_CLOSE is sent once and never acknowledged; should it be lost, the other
-/// side's next keep-alive (every [`defaults::PATH_KEEPALIVE`]) is answered with a close
-/// again, or a stateless reset once the connection is gone, so the other side's
-/// connections still end within a second, not at its idle timeout.
+/// (the endpoint drains each for three PTOs, with the links kept for [`defaults::
+/// LINK_LINGER`]), so the other side's connections end now, not at its idle timeout.
 pub async fn flush_closes(endpoint: &noq::Endpoint) {
     let _ = tokio::time::timeout(defaults::CLOSE_FLUSH, endpoint.wait_idle()).await;
-    tokio::time::sleep(defaults::PATH_KEEPALIVE + defaults::PATH_KEEPALIVE / 4).await;
 }

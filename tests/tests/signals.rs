@@ -342,3 +342,81 @@ async fn a_second_process_for_the_same_name_says_which_process_holds_it() {
     );
     other.wait_line("registered");
 }
+
+// And the other way: SIGTERM to a `peer reach` mid-download ends the exposing side's
+// connection to its service at once, not after the session's idle timeout. (Its close
+// used to be lost now and then: the session dropped its links, relay and punched TCP,
+// the moment the connection closed, taking the close still queued on one with them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_a_reach_ends_the_exposers_service_connection_within_a_second() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = rendezvous().await;
+    let signaling = server.addrs().signaling.to_string();
+    // A service that reports when its client (the exposer's connection) goes away.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = l.local_addr().unwrap();
+    let (gone_tx, mut gone_rx) = tokio::sync::mpsc::channel::<Instant>(1);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let gone_tx = gone_tx.clone();
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 64 * 1024];
+                for _ in 0..16 * 1024 {
+                    if s.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = gone_tx.send(Instant::now()).await;
+            });
+        }
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pc = TempHome::new();
+    chuantou_tests::expose(&server, &pc, "dl-pc2", service, vec![], &stop);
+    chuantou_tests::online(&server, "dl-pc2").await;
+    let local = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let phone = TempHome::new();
+    let reach = Proc::start(
+        Command::new(workspace_bin("peer"))
+            .arg("--home")
+            .arg(&phone.0)
+            .args(["reach", "dl-pc2", "--local", &local.to_string()])
+            .args(["--rendezvous", &signaling]),
+    );
+    reach.wait_line("reaching");
+    let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    while got < 4 * 1024 * 1024 {
+        let n = chuantou_tests::within("download", s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the download ended early");
+        got += n;
+    }
+    // No more reading: the service's writes block, so only the stop can end them.
+    reach.signal(Signal::TERM);
+    let signalled = Instant::now();
+    let gone = chuantou_tests::within("the service's connection ends", gone_rx.recv())
+        .await
+        .unwrap();
+    let took = gone.saturating_duration_since(signalled);
+    println!("the service's connection ended {took:?} after SIGTERM to the reach");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "the exposer held the service's connection {took:?} after the reach stopped"
+    );
+    let status = tokio::task::spawn_blocking(move || reach.exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        control_sockets(&phone).is_empty(),
+        "control socket left behind"
+    );
+    drop(s);
+    stop.cancel();
+}
