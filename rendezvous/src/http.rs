@@ -1,13 +1,17 @@
-//! The read-only HTTP JSON API: `GET /v1/peers`, `GET /v1/peers/{name}` ("where is my PC
-//! now"), `GET /healthz` and `GET /metrics` (Prometheus text). Binds to loopback by default;
-//! it exposes who is registered, so put it behind something before opening it wider.
+//! The read-only HTTP API: the dashboard page at `/` (one self-contained page that polls
+//! `GET /v1/dashboard`), `GET /v1/peers`, `GET /v1/peers/{name}` ("where is my PC now"),
+//! `GET /healthz` and `GET /metrics` (Prometheus text). Binds to loopback by default; it
+//! shows who is registered, so anywhere else it needs `--http-token`: every request but
+//! `/healthz` then carries it as `Authorization: Bearer TOKEN` or as the password of basic
+//! auth (which a browser asks for).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
@@ -54,12 +58,17 @@ struct ErrorJson {
 /// [`ServerConfig::http_timeout`]: crate::server::ServerConfig::http_timeout
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let limit = shared.config.http_timeout;
-    let app = Router::new()
+    let guarded = Router::new()
+        .route("/", get(dashboard))
+        .route("/v1/dashboard", get(dashboard_json))
         .route("/v1/peers", get(peers))
         .route("/v1/peers/{name}", get(peer))
-        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), auth));
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .merge(guarded)
         .with_state(shared);
     let slots = Arc::new(tokio::sync::Semaphore::new(defaults::HTTP_MAX_CONNECTIONS));
     loop {
@@ -91,6 +100,137 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
             }
         });
     }
+}
+
+/// With `--http-token`, lets a request through only when it carries the token.
+async fn auth(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    match &shared.config.http_token {
+        Some(token) if !carries(request.headers(), token) => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"chuantou rendezvous\"",
+            )],
+            axum::Json(ErrorJson {
+                error: "this API needs the --http-token: Authorization: Bearer TOKEN, or \
+                        basic auth with the token as password"
+                    .into(),
+            }),
+        )
+            .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// Whether `headers` carry `token`: as a bearer token, or as the password of basic auth
+/// (any user name).
+fn carries(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let same = |got: &[u8]| {
+        got.len() == token.len()
+            && got
+                .iter()
+                .zip(token.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    };
+    if let Some(bearer) = value.strip_prefix("Bearer ") {
+        return same(bearer.trim().as_bytes());
+    }
+    if let Some(basic) = value.strip_prefix("Basic ") {
+        let Some(decoded) = base64_decode(basic.trim()) else {
+            return false;
+        };
+        let password = decoded
+            .iter()
+            .position(|b| *b == b':')
+            .map_or(&decoded[..0], |i| &decoded[i + 1..]);
+        return same(password);
+    }
+    false
+}
+
+/// Standard base64 (RFC 4648, padded or not); `None` on anything else.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let text = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text {
+        acc = (acc << 6) | u32::from(value(c)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The dashboard page, shipped in the binary.
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// What the dashboard shows, in one request.
+async fn dashboard_json(State(shared): State<Arc<Shared>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = Instant::now();
+    let (online, names, peers) = shared.with_registry(|r| {
+        let peers: Vec<serde_json::Value> = r
+            .iter()
+            .map(|(name, e)| {
+                serde_json::json!({
+                    "name": name,
+                    "key": e.key.to_string(),
+                    "online": e.online(),
+                    "nat": e.nat.map(|n| format!("{:?} / {:?}", n.mapping, n.allocation)),
+                    "tcp_addr": e.tcp_addr.to_string(),
+                    "udp_addr": e.udp_addr.map(|a| a.to_string()),
+                    "last_seen_ago_s": now.saturating_duration_since(e.last_seen).as_secs(),
+                    "services": e.services.iter().map(|s| s.reference().to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        (r.online(), r.len(), peers)
+    });
+    let m = &shared.metrics;
+    let relays: Vec<serde_json::Value> = shared
+        .relay_list()
+        .into_iter()
+        .map(|(addr, kind, sessions)| {
+            serde_json::json!({ "addr": addr.to_string(), "kind": kind, "sessions": sessions })
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "totals": {
+            "online_peers": online,
+            "known_names": names,
+            "sessions_brokered": m.sessions_brokered.load(Relaxed),
+            "connects_refused": m.connects_refused.load(Relaxed),
+            "registrations": m.registrations_total.load(Relaxed),
+        },
+        "peers": peers,
+        "relays": relays,
+    }))
+    .into_response()
 }
 
 fn to_json(now: Instant, wall: SystemTime, name: &str, e: &Entry) -> PeerJson {
@@ -169,7 +309,9 @@ async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
         axum::Json(ErrorJson {
-            error: "no such endpoint; try /v1/peers, /v1/peers/{name}, /healthz, /metrics".into(),
+            error: "no such endpoint; try /, /v1/dashboard, /v1/peers, /v1/peers/{name}, \
+                    /healthz, /metrics"
+                .into(),
         }),
     )
         .into_response()
@@ -201,6 +343,24 @@ fn rfc3339(t: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_token_is_taken_as_bearer_or_as_the_basic_password() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            h
+        };
+        assert!(carries(&with("Bearer s3cret"), "s3cret"));
+        assert!(!carries(&with("Bearer s3cre"), "s3cret"));
+        // "admin:s3cret" and ":s3cret" in base64.
+        assert!(carries(&with("Basic YWRtaW46czNjcmV0"), "s3cret"));
+        assert!(carries(&with("Basic OnMzY3JldA=="), "s3cret"));
+        assert!(!carries(&with("Basic YWRtaW46d3Jvbmc="), "s3cret"));
+        assert!(!carries(&with("Basic !!!"), "s3cret"));
+        assert!(!carries(&HeaderMap::new(), "s3cret"));
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+    }
 
     #[test]
     fn rfc3339_known_instants() {

@@ -91,10 +91,20 @@ struct Cli {
     #[arg(long, value_name = "IP[,IP2]", value_delimiter = ',', num_args = 1)]
     advertise: Vec<IpAddr>,
 
-    /// Address of the read-only HTTP JSON API and /metrics. It lists every registered
-    /// peer, so keep it on loopback unless something guards it.
+    /// Address of the dashboard (/), the read-only JSON API and /metrics. It lists every
+    /// registered peer: off loopback it needs --http-token.
     #[arg(long, default_value = "127.0.0.1:7080", value_name = "ADDR:PORT")]
     http: SocketAddr,
+
+    /// Token the HTTP API and dashboard ask for (`Authorization: Bearer TOKEN`, or basic
+    /// auth with it as the password); required when --http is not on loopback.
+    #[arg(
+        long,
+        env = "CHUANTOU_HTTP_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    http_token: Option<String>,
 
     /// Turn the HTTP API off.
     #[arg(long)]
@@ -270,6 +280,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         alt_ip: cli.alt_ip,
         alt_port: cli.alt_port,
         advertise: cli.advertise,
+        http_token: cli.http_token,
         http: (!cli.no_http).then_some(cli.http),
         token: cli.token,
         timing: Timing {

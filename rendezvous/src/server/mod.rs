@@ -107,6 +107,9 @@ pub struct ServerConfig {
     /// Time an HTTP API client has to send a request's headers (a connection lives at most
     /// six times as long).
     pub http_timeout: Duration,
+    /// The token the HTTP API (and its dashboard) asks for; required when `http` is not a
+    /// loopback address.
+    pub http_token: Option<String>,
     /// The public addresses of this host, when they are not its own (a cloud's 1:1 NAT):
     /// the first for STUN's primary address and the embedded relay, the second for the
     /// STUN alternate IP (`--alt-ip`). Empty: the bound addresses, or where a peer
@@ -158,6 +161,7 @@ impl Default for ServerConfig {
             max_names_per_ip: defaults::MAX_NAMES_PER_IP,
             http_timeout: defaults::HTTP_TIMEOUT,
             advertise: Vec::new(),
+            http_token: None,
         }
     }
 }
@@ -325,6 +329,26 @@ impl Shared {
         self.relay.as_ref().map(|r| r.stats.as_ref())
     }
 
+    /// Every relay: the embedded one (if it runs) and the standalone ones registered now,
+    /// with their sessions.
+    pub(crate) fn relay_list(&self) -> Vec<(SocketAddr, &'static str, u64)> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.relay {
+            let sessions = r
+                .stats
+                .sessions_active
+                .load(std::sync::atomic::Ordering::Relaxed);
+            out.push((r.addr, "embedded", sessions));
+        }
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            relays
+                .values()
+                .map(|(a, n)| (*a, "standalone", u64::from(*n))),
+        );
+        out
+    }
+
     /// Standalone relays registered now.
     pub(crate) fn relay_count(&self) -> usize {
         self.relays.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -353,6 +377,15 @@ impl Server {
             .local_addr()
             .map_err(bind_err("signaling", config.listen))?;
 
+        if let Some(addr) = config.http
+            && !addr.ip().is_loopback()
+            && config.http_token.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(ServerError::Config(format!(
+                "--http {addr}: the API and its dashboard list every peer to whoever reaches \
+                 them; give --http-token TOKEN (openssl rand -hex 32), or keep it on loopback"
+            )));
+        }
         if config.advertise.len() > 2 {
             return Err(ServerError::Config(
                 "--advertise takes one IP, or two with --alt-ip (the public side of each)".into(),
