@@ -376,13 +376,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let me = as_name.unwrap_or_else(|| peer::up::own_name("reach", &key, &name));
             let _held = home.hold_name(&me, &format!("peer reach {name} --as {me}"))?;
             let cfg = Reach {
-                signaling: Signaling {
-                    rendezvous: need_rendezvous()?,
-                    token,
-                    name: me,
-                    services: vec![],
-                    trust: trust.clone(),
-                },
+                signaling: Signaling::reaching(need_rendezvous()?, token, me, trust.clone()),
                 target: name,
                 service,
                 local,
@@ -417,13 +411,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let me = peer::up::own_name("ping", &key, &name);
             let _held = home.hold_name(&me, &format!("peer ping {name}"))?;
             let cfg = Reach {
-                signaling: Signaling {
-                    rendezvous: need_rendezvous()?,
-                    token,
-                    name: me,
-                    services: vec![],
-                    trust: trust.clone(),
-                },
+                signaling: Signaling::reaching(need_rendezvous()?, token, me, trust.clone()),
                 target: name.clone(),
                 service: None,
                 local: Some(SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -348,13 +348,12 @@ impl Up {
             .home
             .hold_name(&me, &format!("peer up: reach {}", r.name))?;
         let cfg = Reach {
-            signaling: Signaling {
-                rendezvous: self.rendezvous.clone(),
-                token: self.token.clone(),
-                name: me,
-                services: vec![],
-                trust: self.trust.clone(),
-            },
+            signaling: Signaling::reaching(
+                self.rendezvous.clone(),
+                self.token.clone(),
+                me,
+                self.trust.clone(),
+            ),
             target: r.name.clone(),
             service: r.service,
             local: r.local,

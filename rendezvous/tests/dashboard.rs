@@ -7,26 +7,6 @@ mod common;
 
 use common::*;
 use rendezvous::server::{Server, ServerConfig, ServerError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// GET `path` with an extra header line; returns status and the whole response.
-async fn get_with(addr: std::net::SocketAddr, path: &str, header: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{header}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    within("http response", s.read_to_end(&mut buf))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
 
 #[tokio::test]
 async fn the_page_is_self_contained_and_its_data_lists_peers_and_relays() {
@@ -87,24 +67,24 @@ async fn with_a_token_only_its_holders_see_anything_but_health() {
     .await;
     let http = server.addrs().http.unwrap();
     for path in ["/", "/v1/dashboard", "/v1/peers", "/metrics"] {
-        let (status, text) = get_with(http, path, "").await;
+        let (status, text) = http_get_with(http, path, "").await;
         assert_eq!(status, 401, "{path}: {text}");
         assert!(
             text.to_ascii_lowercase()
                 .contains("www-authenticate: basic"),
             "{path}: a browser must be asked: {text}"
         );
-        let (status, _) = get_with(http, path, "Authorization: Bearer wrong\r\n").await;
+        let (status, _) = http_get_with(http, path, "Authorization: Bearer wrong\r\n").await;
         assert_eq!(status, 401, "{path}");
-        let (status, _) = get_with(http, path, "Authorization: Bearer s3cret\r\n").await;
+        let (status, _) = http_get_with(http, path, "Authorization: Bearer s3cret\r\n").await;
         assert_eq!(status, 200, "{path}");
         // "admin:s3cret", as a browser sends it.
         let basic = "Authorization: Basic YWRtaW46czNjcmV0\r\n";
-        let (status, _) = get_with(http, path, basic).await;
+        let (status, _) = http_get_with(http, path, basic).await;
         assert_eq!(status, 200, "{path}");
     }
     // Health checks need nothing.
-    let (status, _) = get_with(http, "/healthz", "").await;
+    let (status, _) = http_get_with(http, "/healthz", "").await;
     assert_eq!(status, 200);
 }
 

@@ -210,6 +210,19 @@ async fn peer_ls_lists_only_for_a_home_that_holds_a_name() {
     assert!(listing.contains("ls-pc"), "{listing}");
 }
 
+/// Reads at least `bytes` of a download from `s` (bounded in time), so it is under way.
+async fn download(s: &mut tokio::net::TcpStream, buf: &mut [u8], bytes: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut got = 0usize;
+    while got < bytes {
+        let n = chuantou_tests::within("download", s.read(buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the download ended early");
+        got += n;
+    }
+}
+
 /// A service that streams bytes to each connection until the reader goes away (at most
 /// 1 GiB, so it always stops).
 async fn endless_service() -> std::net::SocketAddr {
@@ -257,14 +270,7 @@ async fn sigterm_to_an_exposer_ends_the_download_on_the_other_side_within_a_seco
         .unwrap();
     let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0usize;
-    while got < 4 * 1024 * 1024 {
-        let n = chuantou_tests::within("download", s.read(&mut buf))
-            .await
-            .unwrap();
-        assert!(n > 0, "the download ended early");
-        got += n;
-    }
+    download(&mut s, &mut buf, 4 * 1024 * 1024).await;
     exposer.signal(Signal::TERM);
     let signalled = Instant::now();
     let ended = chuantou_tests::within("the download ends", async {
@@ -349,7 +355,7 @@ async fn a_second_process_for_the_same_name_says_which_process_holds_it() {
 // the moment the connection closed, taking the close still queued on one with them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_a_reach_ends_the_exposers_service_connection_within_a_second() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let server = rendezvous().await;
     let signaling = server.addrs().signaling.to_string();
     // A service that reports when its client (the exposer's connection) goes away.
@@ -389,14 +395,7 @@ async fn sigterm_to_a_reach_ends_the_exposers_service_connection_within_a_second
     reach.wait_line("reaching");
     let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0usize;
-    while got < 4 * 1024 * 1024 {
-        let n = chuantou_tests::within("download", s.read(&mut buf))
-            .await
-            .unwrap();
-        assert!(n > 0, "the download ended early");
-        got += n;
-    }
+    download(&mut s, &mut buf, 4 * 1024 * 1024).await;
     // No more reading: the service's writes block, so only the stop can end them.
     reach.signal(Signal::TERM);
     let signalled = Instant::now();

@@ -34,6 +34,25 @@ pub struct Signaling {
     pub trust: super::trust::Trust,
 }
 
+impl Signaling {
+    /// The registration of a reaching side (`reach`, `ping`, a `[[reach]]`): a name, no
+    /// services.
+    pub fn reaching(
+        rendezvous: String,
+        token: Option<String>,
+        name: String,
+        trust: super::trust::Trust,
+    ) -> Signaling {
+        Signaling {
+            rendezvous,
+            token,
+            name,
+            services: vec![],
+            trust,
+        }
+    }
+}
+
 /// Errors no retry can fix: they end the command with a clear message. A taken name is
 /// not one of them: its owner may release it, or it may expire (the peer keeps trying).
 pub fn is_fatal(e: &ClientError) -> bool {

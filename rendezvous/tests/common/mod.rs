@@ -117,8 +117,19 @@ pub async fn closing_error(
 
 /// GET `path` from the HTTP API; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, text) = http_get_with(addr, path, "").await;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// GET `path` with extra header lines (each ending in CRLF); returns status and the whole
+/// response, headers included.
+pub async fn http_get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("http connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     within("http response", s.read_to_end(&mut buf))
@@ -130,11 +141,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    (status, text)
 }
 
 /// The value of an unlabelled metric from `/metrics`.
