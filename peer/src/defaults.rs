@@ -153,3 +153,9 @@ pub const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// How long a closed session keeps its links (relay, punched TCP) so that its own close,
 /// queued on one of them, is written out before the link goes.
 pub const LINK_LINGER: Duration = Duration::from_millis(250);
+
+/// Public clients one exposer carries at once (the rendezvous allows 256 per service).
+pub const MAX_PUBLIC_CONNS: usize = 512;
+
+/// Time to join the relay session of a public client.
+pub const PUBLIC_JOIN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wire::signal::client::ClientEvent;
-use wire::signal::{Broker, PublicKey};
+use wire::signal::{Broker, HttpAuth, PublicKey, PublicOpen, Publish};
 
 use crate::defaults;
 use crate::forward::tcp::{self as forward, TunnelStats};
@@ -48,6 +48,40 @@ pub struct Expose {
     /// Sessions served at once (one per reaching key); brokers for further keys are
     /// refused.
     pub max_sessions: usize,
+    /// Publish the service to clients that run no `peer` (through the rendezvous' public
+    /// entries), asked again at every registration.
+    pub public: Option<Publish>,
+}
+
+/// What the `--public*` flags ask for, as a publish request for `service`.
+pub fn public_request(
+    service: wire::signal::ServiceRef,
+    http: bool,
+    tls: bool,
+    port: Option<u16>,
+    auth: Option<&str>,
+) -> anyhow::Result<Option<Publish>> {
+    if !http && !tls && port.is_none() {
+        anyhow::ensure!(
+            auth.is_none(),
+            "--public-auth protects --public: add --public"
+        );
+        return Ok(None);
+    }
+    let auth = match auth {
+        Some(a) => {
+            anyhow::ensure!(http, "--public-auth protects the HTTP entry: add --public");
+            Some(HttpAuth::parse(a).map_err(|e| anyhow::anyhow!("--public-auth: {e}"))?)
+        }
+        None => None,
+    };
+    Ok(Some(Publish {
+        service,
+        http,
+        tls,
+        port: port.map(|p| (p != 0).then_some(p)),
+        auth,
+    }))
 }
 
 impl Expose {
@@ -86,19 +120,45 @@ pub async fn run(
         let _ = tokio::time::timeout(defaults::CLOSE_FLUSH * 2, tasks.wait()).await;
         Ok(())
     };
+    let mut first = true;
+    // Public clients being carried: bounded, as the rendezvous bounds them per service.
+    let public_slots = Arc::new(tokio::sync::Semaphore::new(defaults::MAX_PUBLIC_CONNS));
     loop {
         let Some(registration) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
             return stopped().await;
         };
-        // The UDP presence lives as long as this registration: its refreshes keep the
-        // observed mapping the one the rendezvous hands out.
-        board.registered(crate::status::RegistrationStatus::of(
+        let mut status = crate::status::RegistrationStatus::of(
             &cfg.signaling.name,
             "expose",
             &cfg.signaling.rendezvous,
             &cfg.signaling.services,
             &registration,
-        ));
+        );
+        if let Some(p) = &cfg.public {
+            match registration.client.publish(p.clone()).await {
+                Ok(published) => {
+                    let urls = published.urls();
+                    info!(name = %cfg.signaling.name, "public at {}", urls.join(", "));
+                    status.public = urls;
+                }
+                // The first time, a refusal is the answer to what the user asked: say it
+                // and stop. After a reconnect (a server restarted with other settings),
+                // peers can still reach the service: keep serving them.
+                Err(e) if first => {
+                    return Err(anyhow::anyhow!(e).context(format!(
+                        "publishing {} to public clients",
+                        cfg.signaling.name
+                    )));
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not publish again after reconnecting; peers still reach the service");
+                }
+            }
+        }
+        first = false;
+        // The UDP presence lives as long as this registration: its refreshes keep the
+        // observed mapping the one the rendezvous hands out.
+        board.registered(status);
         let (mut client, udp) = (registration.client, registration.udp);
         let from = From {
             endpoint: registration.endpoint,
@@ -166,6 +226,17 @@ pub async fn run(
                         }
                     }
                 }
+                Some(ClientEvent::Open(o)) => {
+                    let Ok(slot) = public_slots.clone().try_acquire_owned() else {
+                        warn!(client = %o.client, "public client dropped: already carrying {} (the most)", defaults::MAX_PUBLIC_CONNS);
+                        continue;
+                    };
+                    let cfg = cfg.clone();
+                    tokio::spawn(async move {
+                        serve_public(&cfg, *o).await;
+                        drop(slot);
+                    });
+                }
                 Some(ClientEvent::Closed(e)) => {
                     warn!(error = %e, "lost the rendezvous; sessions keep serving, reconnecting");
                     board.unregistered(&cfg.signaling.name);
@@ -174,6 +245,54 @@ pub async fn run(
                 None => break,
             }
         }
+    }
+}
+
+/// Carries one public client: joins the relay session the rendezvous opened, connects it
+/// to the service, and says whether the service took it (so that an HTTP client gets a
+/// page saying so instead of an empty reply).
+async fn serve_public(cfg: &Expose, o: PublicOpen) {
+    use tokio::io::AsyncWriteExt as _;
+    use wire::signal::public::{OPEN_OK, OPEN_REFUSED};
+    let ours = cfg
+        .signaling
+        .services
+        .iter()
+        .any(|s| s.reference() == o.service);
+    if !ours || cfg.udp {
+        warn!(service = %o.service, "public client for a service this process does not expose; ignored");
+        return;
+    }
+    let mut relay = match wire::relay::client::join_tcp(
+        o.relay.addr,
+        o.relay.ticket,
+        o.relay.secret,
+        defaults::PUBLIC_JOIN_TIMEOUT,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(client = %o.client, error = %e, "public client lost: cannot join the relay");
+            return;
+        }
+    };
+    let mut service = match TcpStream::connect(&cfg.target).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(target = %cfg.target, client = %o.client, error = %e, "cannot reach the exposed service for a public client");
+            let _ = relay.write_all(&[OPEN_REFUSED]).await;
+            return;
+        }
+    };
+    let _ = service.set_nodelay(true);
+    if relay.write_all(&[OPEN_OK]).await.is_err() {
+        return;
+    }
+    debug!(client = %o.client, entry = o.entry.as_str(), "public client connected to the service");
+    match tokio::io::copy_bidirectional(&mut relay, &mut service).await {
+        Ok((up, down)) => debug!(client = %o.client, up, down, "public client done"),
+        Err(e) => debug!(client = %o.client, error = %e, "public client ended"),
     }
 }
 

@@ -116,6 +116,23 @@ enum Command {
         /// further keys are refused until one ends.
         #[arg(long, default_value_t = peer::defaults::MAX_SESSIONS, value_name = "N")]
         max_sessions: usize,
+        /// Publish the service to clients that run no `peer` (a browser, a phone app, a
+        /// webhook) at http://NAME.DOMAIN/ on the rendezvous' public HTTP entry (its
+        /// operator turns it on with --public-http). The URL is logged and shown by
+        /// `peer status`.
+        #[arg(long, help_heading = "Public entry")]
+        public: bool,
+        /// Publish by TLS server name NAME.DOMAIN on the rendezvous' TLS entry: passed
+        /// through undecrypted, so the service serves its own certificate (end to end).
+        #[arg(long, help_heading = "Public entry")]
+        public_tls: bool,
+        /// Publish on a raw TCP port of the rendezvous: N, or any free one without N.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "0", help_heading = "Public entry")]
+        public_port: Option<u16>,
+        /// Ask public HTTP clients for USER:PASS (basic auth; a browser prompts), or for
+        /// a bearer secret with bearer:SECRET.
+        #[arg(long, value_name = "USER:PASS", help_heading = "Public entry")]
+        public_auth: Option<String>,
     },
     /// Open a local port that is a named peer's service.
     Reach {
@@ -301,6 +318,10 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             transport,
             no_relay,
             max_sessions,
+            public,
+            public_tls,
+            public_port,
+            public_auth,
         } => {
             let Some(port) = port else {
                 let rendezvous = need_rendezvous()?;
@@ -322,6 +343,18 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                         })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let proto = if udp { Proto::Udp } else { Proto::Tcp };
+            let public = expose::public_request(
+                wire::signal::ServiceRef { port, proto },
+                public,
+                public_tls,
+                public_port,
+                public_auth.as_deref(),
+            )?;
+            anyhow::ensure!(
+                !(udp && public.is_some()),
+                "--public*: only TCP services can be published to plain clients"
+            );
             let name = name.unwrap_or_else(hostname);
             let _held = home.hold_name(&name, &format!("peer expose {port} --name {name}"))?;
             let cfg = Expose {
@@ -332,7 +365,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                     trust: trust.clone(),
                     services: vec![Service {
                         port,
-                        proto: if udp { Proto::Udp } else { Proto::Tcp },
+                        proto,
                         description: format!(
                             "exposed by chuantou from {}",
                             expose::target(&to, port)
@@ -345,6 +378,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                 transport,
                 no_relay,
                 max_sessions: max_sessions.max(1),
+                public,
             };
             let board = Board::default();
             tokio::spawn(serve_status(
@@ -531,6 +565,9 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                             r.services.join(", ")
                         }
                     );
+                    for url in &r.public {
+                        out!("{:<24} public at {url}", "");
+                    }
                 }
             }
             if snap.sessions.is_empty() {

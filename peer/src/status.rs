@@ -61,6 +61,9 @@ pub struct RegistrationStatus {
     pub since: u64,
     /// The process.
     pub pid: u32,
+    /// Where clients that run no `peer` reach the service (`--public*`), if published.
+    #[serde(default)]
+    pub public: Vec<String>,
 }
 
 /// What one process reports on its control socket (and `peer status --json --all`).
@@ -268,6 +271,7 @@ impl RegistrationStatus {
                 .map(|a| a.to_string()),
             since: unix_now(),
             pid: std::process::id(),
+            public: Vec::new(),
         }
     }
 }

@@ -67,6 +67,16 @@ pub struct ExposeEntry {
     /// Keys allowed in [default: any brokered peer].
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Publish at http://NAME.DOMAIN/ of the rendezvous' public HTTP entry (`--public`).
+    #[serde(default)]
+    pub public: bool,
+    /// Publish by TLS server name (`--public-tls`).
+    #[serde(default)]
+    pub public_tls: bool,
+    /// Publish on a raw TCP port of the rendezvous: a port, or 0 for any (`--public-port`).
+    pub public_port: Option<u16>,
+    /// `USER:PASS` or `bearer:SECRET` for the HTTP entry (`--public-auth`).
+    pub public_auth: Option<String>,
 }
 
 /// One `[[reach]]`: `peer reach NAME [--service PORT] [--local ADDR:PORT] [--udp]`.
@@ -338,6 +348,20 @@ impl Up {
             transport: Transport::Auto,
             no_relay: false,
             max_sessions: crate::defaults::MAX_SESSIONS,
+            public: expose::public_request(
+                wire::signal::ServiceRef {
+                    port: e.port,
+                    proto: if e.proto == EntryProto::Udp {
+                        Proto::Udp
+                    } else {
+                        Proto::Tcp
+                    },
+                },
+                e.public,
+                e.public_tls,
+                e.public_port,
+                e.public_auth.as_deref(),
+            )?,
         };
         expose::run(cfg, (*self.key).clone(), self.board.clone(), stop).await
     }
@@ -384,6 +408,10 @@ mod tests {
             proto: EntryProto::Tcp,
             to: None,
             allow: vec![],
+            public: false,
+            public_tls: false,
+            public_port: None,
+            public_auth: None,
         }
     }
 

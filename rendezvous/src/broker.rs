@@ -83,6 +83,54 @@ pub fn choose_relay<'a>(
     })
 }
 
+/// Where the two halves of a public client's relay session dial: the rendezvous itself (the
+/// initiator) and the exposer (the responder).
+#[derive(Debug, Clone)]
+pub struct PublicRelay<'a> {
+    /// The key shared with the relay.
+    pub key: &'a TicketKey,
+    /// Where the rendezvous dials it.
+    pub for_self: SocketAddr,
+    /// Where the exposer dials it (an unspecified IP: the host it reached us on).
+    pub for_exposer: SocketAddr,
+}
+
+/// Which relay carries a public client to its exposer. Unlike a peer session, the bytes
+/// already pass through this host (the public entry is here), so the embedded relay comes
+/// first: a standalone relay would only add a hop. The rendezvous dials the embedded relay
+/// on loopback when it is bound to every address.
+pub fn choose_public_relay<'a>(
+    relays: Relays<'a>,
+    advertise: Option<IpAddr>,
+) -> Option<PublicRelay<'a>> {
+    if let Some((bound, key)) = relays.embedded {
+        let for_self = if bound.ip().is_unspecified() {
+            let lo: IpAddr = match bound {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            SocketAddr::new(lo, bound.port())
+        } else {
+            bound
+        };
+        let for_exposer = match advertise {
+            Some(ip) => SocketAddr::new(ip, bound.port()),
+            None => bound,
+        };
+        return Some(PublicRelay {
+            key,
+            for_self,
+            for_exposer,
+        });
+    }
+    let (addr, key) = relays.standalone?;
+    Some(PublicRelay {
+        key,
+        for_self: addr,
+        for_exposer: addr,
+    })
+}
+
 /// Picks the service `wanted` among `offered`, or the only one when `wanted` is `None`.
 pub fn select_service(
     peer: &str,
@@ -202,6 +250,33 @@ pub fn broker(
 mod tests {
     use super::*;
     use wire::signal::Proto;
+
+    #[test]
+    fn public_clients_prefer_the_embedded_relay_dialled_on_loopback() {
+        let (k1, k2) = (TicketKey::random(), TicketKey::random());
+        let standalone: SocketAddr = "198.18.0.9:7001".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7001".parse().unwrap();
+        let r = choose_public_relay(
+            Relays {
+                standalone: Some((standalone, &k2)),
+                embedded: Some((any, &k1)),
+            },
+            Some("198.18.0.1".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(r.for_self, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(r.for_exposer, "198.18.0.1:7001".parse().unwrap());
+        let r = choose_public_relay(
+            Relays {
+                standalone: Some((standalone, &k2)),
+                embedded: None,
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!((r.for_self, r.for_exposer), (standalone, standalone));
+        assert!(choose_public_relay(Relays::default(), None).is_none());
+    }
 
     #[test]
     fn lan_addresses_go_only_to_a_peer_behind_the_same_public_ip() {

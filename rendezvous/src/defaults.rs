@@ -127,3 +127,9 @@ pub const HTTP_MAX_CONNECTIONS: usize = 256;
 /// Time an HTTP API client has to send a request's headers; a connection lives at most six
 /// times as long. The API answers small, quick requests only.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Public client connections one published name may have open at once.
+pub const PUBLIC_MAX_CONNS: usize = 256;
+
+/// Public client connections one client IP may have open at once, over every entry.
+pub const PUBLIC_MAX_CONNS_PER_IP: usize = 128;

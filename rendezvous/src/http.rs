@@ -156,7 +156,7 @@ fn carries(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Standard base64 (RFC 4648, padded or not); `None` on anything else.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let value = |c: u8| match c {
         b'A'..=b'Z' => Some(c - b'A'),
         b'a'..=b'z' => Some(c - b'a' + 26),
@@ -219,8 +219,23 @@ async fn dashboard_json(State(shared): State<Arc<Shared>>) -> Response {
             serde_json::json!({ "addr": addr.to_string(), "kind": kind, "sessions": sessions })
         })
         .collect();
+    let public: Vec<serde_json::Value> = shared
+        .public_list()
+        .into_iter()
+        .map(|(name, urls, online, open)| {
+            serde_json::json!({
+                "name": name,
+                "urls": urls.urls(),
+                "online": online,
+                "open": open,
+            })
+        })
+        .collect();
     axum::Json(serde_json::json!({
         "totals": {
+            "public_open": m.public_open.load(Relaxed),
+            "public_connections": m.public_connections.iter().map(|c| c.load(Relaxed)).sum::<u64>(),
+            "public_bytes": m.public_bytes_to_client.load(Relaxed) + m.public_bytes_to_service.load(Relaxed),
             "online_peers": online,
             "known_names": names,
             "sessions_brokered": m.sessions_brokered.load(Relaxed),
@@ -229,6 +244,7 @@ async fn dashboard_json(State(shared): State<Arc<Shared>>) -> Response {
         },
         "peers": peers,
         "relays": relays,
+        "public": public,
     }))
     .into_response()
 }

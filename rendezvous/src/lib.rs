@@ -10,6 +10,8 @@
 //!   [`ratelimit`]: the per-source buckets it uses.
 //! - [`server`]: the tokio shell: signaling listener, STUN sockets, expiry timer;
 //!   [`http`]: the read-only JSON API and metrics; [`metrics`]: the counters.
+//! - [`public`]: services published to plain clients ([`public::Publications`], sans-IO;
+//!   [`public::sniff`], routing by Host or TLS server name; [`public::entry`], the shell).
 //! - [`names`]: name → key bindings kept across restarts (redb).
 //! - [`state`]: the state directory (the identity peers pin).
 //! - [`defaults`]: every timeout and limit, with its reason.
@@ -21,6 +23,7 @@ pub mod defaults;
 mod http;
 pub mod metrics;
 pub mod names;
+pub mod public;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;

@@ -193,6 +193,51 @@ struct Cli {
     /// Most signaling connections one IP address may hold open.
     #[arg(long, default_value_t = rendezvous::defaults::MAX_CONNECTIONS_PER_IP, value_name = "N")]
     max_connections_per_ip: usize,
+
+    /// Public HTTP entry: clients that run no `peer` reach a service published with
+    /// `peer expose … --public` at http://NAME.DOMAIN/ (routed by the Host header). Point
+    /// a wildcard DNS record *.DOMAIN at this host. Needs --public-domain.
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Public entries")]
+    public_http: Option<SocketAddr>,
+
+    /// Public TLS entry: TLS connections for NAME.DOMAIN (by SNI) are passed through
+    /// undecrypted to services published with `--public-tls`, which serve their own
+    /// certificate: end-to-end encrypted. Needs --public-domain.
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Public entries")]
+    public_tls: Option<SocketAddr>,
+
+    /// The domain public names live under (NAME.DOMAIN), also shown as the host of
+    /// public ports.
+    #[arg(long, value_name = "DOMAIN", help_heading = "Public entries")]
+    public_domain: Option<String>,
+
+    /// Raw TCP ports handed out to `peer expose … --public-port [N]`: LOW-HIGH, or
+    /// IP:LOW-HIGH to listen on one address (default every address).
+    #[arg(long, value_name = "[IP:]LOW-HIGH", value_parser = rendezvous::public::PublicConfig::parse_ports, help_heading = "Public entries")]
+    public_ports: Option<(IpAddr, std::ops::RangeInclusive<u16>)>,
+
+    /// Keys allowed to publish (repeat, or comma-separated); `any` lets every registered
+    /// peer. [default: every peer when the server has a token, none without]
+    #[arg(
+        long,
+        value_name = "KEY",
+        value_delimiter = ',',
+        help_heading = "Public entries"
+    )]
+    publish_allow: Vec<String>,
+
+    /// Client connections one published service may have open at once.
+    #[arg(long, default_value_t = rendezvous::defaults::PUBLIC_MAX_CONNS, value_name = "N", help_heading = "Public entries")]
+    public_max_conns: usize,
+
+    /// Client connections one client IP may have open at once, over every public entry.
+    #[arg(long, default_value_t = rendezvous::defaults::PUBLIC_MAX_CONNS_PER_IP, value_name = "N", help_heading = "Public entries")]
+    public_max_conns_per_ip: usize,
+
+    /// Bytes per second one published service may move, all its clients together
+    /// [default: no limit].
+    #[arg(long, value_name = "BYTES_PER_SEC", help_heading = "Public entries")]
+    public_rate: Option<u64>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -267,6 +312,38 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         rc.idle_timeout = Duration::from_secs(cli.relay_idle_timeout.max(1));
         Some(rc)
     };
+    let mut allow = Vec::new();
+    let mut allow_any = false;
+    for k in &cli.publish_allow {
+        if k.eq_ignore_ascii_case("any") {
+            allow_any = true;
+        } else {
+            allow.push(
+                k.parse::<PublicKey>()
+                    .map_err(anyhow::Error::msg)
+                    .context("--publish-allow takes peer keys (`peer key`) or `any`")?,
+            );
+        }
+    }
+    let public = rendezvous::public::PublicConfig {
+        http: cli.public_http,
+        tls: cli.public_tls,
+        domain: cli
+            .public_domain
+            .map(|d| d.trim_matches('.').to_ascii_lowercase()),
+        ports: cli.public_ports,
+        allow,
+        allow_any,
+        max_conns: cli.public_max_conns.max(1),
+        max_conns_per_ip: cli.public_max_conns_per_ip.max(1),
+        rate: cli.public_rate,
+        head_timeout: rendezvous::defaults::HTTP_TIMEOUT,
+    };
+    if public.enabled() && public.allow.is_empty() && !public.allow_any && cli.token.is_none() {
+        info!(
+            "public entries are on but no key may publish: give --publish-allow KEY (or a token)"
+        );
+    }
     let (identity, state_dir) = identity(cli.state.clone())?;
     let config = ServerConfig {
         identity,
@@ -292,6 +369,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         max_connections: cli.max_connections,
         max_pending_per_ip: cli.max_pending_per_ip,
         max_connections_per_ip: cli.max_connections_per_ip.max(1),
+        public,
         ..ServerConfig::default()
     };
     if config.token.is_none() {

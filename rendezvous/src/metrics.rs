@@ -25,6 +25,46 @@ pub struct Metrics {
     pub stun_responses: AtomicU64,
     /// STUN datagrams dropped unanswered (malformed, not a request, rate limited).
     pub stun_dropped: AtomicU64,
+    /// Public entries' client connections carried to an exposer, by [`ENTRIES`].
+    pub public_connections: [AtomicU64; 3],
+    /// Public client connections turned away, by [`PUBLIC_REFUSALS`].
+    pub public_refused: [AtomicU64; 6],
+    /// Public client connections open now.
+    pub public_open: AtomicU64,
+    /// Bytes public clients sent to services.
+    pub public_bytes_to_service: AtomicU64,
+    /// Bytes services sent back to public clients.
+    pub public_bytes_to_client: AtomicU64,
+}
+
+/// The public entries, in the order of [`Metrics::public_connections`].
+pub const ENTRIES: [&str; 3] = ["http", "tls", "port"];
+
+/// Why a public client was turned away, in the order of [`Metrics::public_refused`].
+pub const PUBLIC_REFUSALS: [&str; 6] = [
+    "not_found",
+    "unauthorized",
+    "offline",
+    "busy",
+    "bad_request",
+    "failed",
+];
+
+/// Index into [`Metrics::public_refused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicRefusal {
+    /// No such published name (or not by this entry).
+    NotFound = 0,
+    /// HTTP auth missing or wrong.
+    Unauthorized = 1,
+    /// The exposer is offline.
+    Offline = 2,
+    /// A connection limit.
+    Busy = 3,
+    /// Not HTTP, not TLS, too large, too slow.
+    BadRequest = 4,
+    /// The exposer, the relay or the service did not take the connection.
+    Failed = 5,
 }
 
 /// Adds one to a counter.
@@ -116,7 +156,60 @@ impl Metrics {
                 get(&self.stun_dropped),
             ),
         ];
-        relay::stats::prometheus(&rows)
+        let mut text = relay::stats::prometheus(&rows);
+        let mut labelled = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in rows {
+                text.push_str(&format!("{name}{{{labels}}} {v}\n"));
+            }
+        };
+        labelled(
+            "chuantou_public_connections_total",
+            "counter",
+            "Public clients carried to an exposer, by entry.",
+            ENTRIES
+                .iter()
+                .zip(&self.public_connections)
+                .map(|(e, c)| (format!("entry=\"{e}\""), get(c)))
+                .collect(),
+        );
+        labelled(
+            "chuantou_public_refused_total",
+            "counter",
+            "Public clients turned away, by reason.",
+            PUBLIC_REFUSALS
+                .iter()
+                .zip(&self.public_refused)
+                .map(|(r, c)| (format!("reason=\"{r}\""), get(c)))
+                .collect(),
+        );
+        labelled(
+            "chuantou_public_bytes_total",
+            "counter",
+            "Bytes carried for public clients, by direction.",
+            vec![
+                (
+                    "direction=\"to_service\"".into(),
+                    get(&self.public_bytes_to_service),
+                ),
+                (
+                    "direction=\"to_client\"".into(),
+                    get(&self.public_bytes_to_client),
+                ),
+            ],
+        );
+        text.push_str(&format!(
+            "# HELP chuantou_public_connections_open Public client connections open now.\n\
+             # TYPE chuantou_public_connections_open gauge\n\
+             chuantou_public_connections_open {}\n",
+            get(&self.public_open)
+        ));
+        text
+    }
+
+    /// Counts a public client turned away.
+    pub fn public_refused(&self, why: PublicRefusal) {
+        inc(&self.public_refused[why as usize]);
     }
 }
 

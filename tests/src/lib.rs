@@ -50,8 +50,12 @@ pub fn logs() {
 
 /// A rendezvous with STUN, HTTP and relay on ephemeral loopback ports.
 pub async fn rendezvous() -> ServerHandle {
+    rendezvous_with(ServerConfig::loopback()).await
+}
+
+/// A rendezvous set up as `config` says, on a task.
+pub async fn rendezvous_with(config: ServerConfig) -> ServerHandle {
     logs();
-    let config = ServerConfig::loopback();
     Server::bind(config).await.unwrap().spawn()
 }
 
@@ -169,6 +173,8 @@ pub struct ExposeOpts {
     pub no_relay: bool,
     /// Sessions served at once [default: the peer's default].
     pub max_sessions: Option<usize>,
+    /// Publish to plain clients.
+    pub public: Option<wire::signal::Publish>,
 }
 
 /// Like [`expose`], with options.
@@ -186,6 +192,7 @@ pub fn expose_proto(
         transport,
         no_relay,
         max_sessions,
+        public: publication,
     } = opts;
     let key = home.open().key().unwrap();
     let public = PublicKey(key.verifying_key().to_bytes());
@@ -210,6 +217,7 @@ pub fn expose_proto(
         transport,
         no_relay,
         max_sessions: max_sessions.unwrap_or(peer::defaults::MAX_SESSIONS),
+        public: publication,
     };
     let board = serve_status(home, shutdown);
     tokio::spawn(expose::run(cfg, key, board, shutdown.clone()));

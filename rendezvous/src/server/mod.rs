@@ -23,12 +23,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 mod conn;
+mod publish;
 mod relays;
 mod requests;
 mod stun_io;
 mod upkeep;
 
 use conn::{End, constant_time_eq, read_failure, serve_conn, shutting_down, write_frame};
+pub(crate) use publish::OpenError;
 use relays::relay_session;
 use requests::handle_request;
 use stun_io::{bind_stun, stun_task, stun_tcp_task};
@@ -115,6 +117,8 @@ pub struct ServerConfig {
     /// STUN alternate IP (`--alt-ip`). Empty: the bound addresses, or where a peer
     /// reached the server when bound to every address.
     pub advertise: Vec<IpAddr>,
+    /// Public entries for clients that run no `peer`; all off by default.
+    pub public: crate::public::PublicConfig,
 }
 
 impl ServerConfig {
@@ -162,6 +166,12 @@ impl Default for ServerConfig {
             http_timeout: defaults::HTTP_TIMEOUT,
             advertise: Vec::new(),
             http_token: None,
+            public: crate::public::PublicConfig {
+                max_conns: defaults::PUBLIC_MAX_CONNS,
+                max_conns_per_ip: defaults::PUBLIC_MAX_CONNS_PER_IP,
+                head_timeout: defaults::HTTP_TIMEOUT,
+                ..crate::public::PublicConfig::default()
+            },
         }
     }
 }
@@ -196,6 +206,10 @@ pub struct BoundAddrs {
     pub http: Option<SocketAddr>,
     /// The embedded relay (TCP and UDP), if on.
     pub relay: Option<SocketAddr>,
+    /// The public HTTP entry, if on.
+    pub public_http: Option<SocketAddr>,
+    /// The public TLS entry, if on.
+    pub public_tls: Option<SocketAddr>,
 }
 
 /// A bound, not yet running server.
@@ -206,6 +220,8 @@ pub struct Server {
     stun: Vec<(Slot, UdpSocket)>,
     stun_tcp: Vec<(Slot, TcpListener)>,
     http: Option<TcpListener>,
+    public_http: Option<TcpListener>,
+    public_tls: Option<TcpListener>,
     shared: Arc<Shared>,
     addrs: BoundAddrs,
 }
@@ -229,6 +245,16 @@ pub(crate) struct Shared {
     refusals: Arc<tokio::sync::Semaphore>,
     /// Saves name bindings, when they are kept across restarts.
     names: Option<crate::names::Writer>,
+    /// Public entries: what is published, and the clients carried now.
+    pub(crate) public: crate::public::entry::Entries,
+    /// Where the public HTTP and TLS entries listen (for the URLs handed out).
+    public_addrs: PublicAddrs,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PublicAddrs {
+    http: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
 }
 
 /// What brokering needs to know of the embedded relay.
@@ -431,6 +457,29 @@ impl Server {
             _ => None,
         };
 
+        let public = &config.public;
+        if (public.http.is_some() || public.tls.is_some())
+            && public.domain.as_deref().is_none_or(str::is_empty)
+        {
+            return Err(ServerError::Config(
+                "--public-http and --public-tls route by host name: give --public-domain DOMAIN \
+                 (names are published as NAME.DOMAIN; point *.DOMAIN at this host)"
+                    .into(),
+            ));
+        }
+        let bind_public = |addr: Option<SocketAddr>, what: &'static str| async move {
+            match addr {
+                Some(a) => {
+                    let l = TcpListener::bind(a).await.map_err(bind_err(what, a))?;
+                    let bound = l.local_addr().map_err(bind_err(what, a))?;
+                    Ok::<_, ServerError>((Some(l), Some(bound)))
+                }
+                None => Ok((None, None)),
+            }
+        };
+        let (public_http, public_http_addr) = bind_public(public.http, "public http").await?;
+        let (public_tls, public_tls_addr) = bind_public(public.tls, "public tls").await?;
+
         let relay = match &config.relay {
             Some(rc) => Some(RelayServer::bind(rc.clone()).await.map_err(|e| match e {
                 relay::server::RelayError::Bind {
@@ -527,6 +576,11 @@ impl Server {
             relay: embedded,
             relays: Mutex::new(HashMap::new()),
             next_relay: std::sync::atomic::AtomicU64::new(1),
+            public: crate::public::entry::Entries::new(config.public.clone()),
+            public_addrs: PublicAddrs {
+                http: public_http_addr,
+                tls: public_tls_addr,
+            },
             config,
         });
         let relay_addr = relay.as_ref().map(RelayServer::local_addr);
@@ -536,12 +590,16 @@ impl Server {
             stun,
             stun_tcp,
             http,
+            public_http,
+            public_tls,
             shared,
             addrs: BoundAddrs {
                 signaling,
                 stun: layout,
                 http: http_addr,
                 relay: relay_addr,
+                public_http: public_http_addr,
+                public_tls: public_tls_addr,
             },
         })
     }
@@ -564,6 +622,8 @@ impl Server {
             stun,
             stun_tcp,
             http,
+            public_http,
+            public_tls,
             shared,
             addrs,
         } = self;
@@ -596,6 +656,26 @@ impl Server {
         if let Some(l) = http {
             info!(addr = %addrs.http.unwrap_or(addrs.signaling), "http api listening");
             tracker.spawn(crate::http::serve(l, shared.clone(), shutdown.clone()));
+        }
+        {
+            use crate::public::entry::{Kind, accept_loop, sweep_task};
+            let stop = shared.public.stop.clone();
+            if let Some(l) = public_http {
+                info!(addr = %addrs.public_http.unwrap_or(addrs.signaling), "public http entry listening");
+                tracker.spawn(accept_loop(l, shared.clone(), Kind::Http, stop.clone()));
+            }
+            if let Some(l) = public_tls {
+                info!(addr = %addrs.public_tls.unwrap_or(addrs.signaling), "public tls entry listening");
+                tracker.spawn(accept_loop(l, shared.clone(), Kind::Tls, stop.clone()));
+            }
+            if shared.public.config.enabled() {
+                tracker.spawn(sweep_task(shared.clone(), stop.clone()));
+            }
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                stop.cancel();
+            });
         }
         tracker.spawn(expiry_task(shared.clone(), shutdown.clone()));
         if shared.names.is_some() {

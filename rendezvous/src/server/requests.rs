@@ -153,6 +153,7 @@ pub(super) fn handle_request(
             Ok(Reply::Identified { names })
         }
         Request::Connect { name, service } => connect(shared, conn, &name, service),
+        Request::Publish(p) => super::publish::publish(shared, conn, p),
         Request::Release { name } => {
             shared
                 .state()

@@ -121,6 +121,8 @@ impl Default for ClientConfig {
 pub enum ClientEvent {
     /// Another peer asked to reach one of our services.
     Broker(Box<Broker>),
+    /// A public client wants one of our published services.
+    Open(Box<crate::signal::PublicOpen>),
     /// The connection ended; no more events follow.
     Closed(ClientError),
 }
@@ -288,7 +290,7 @@ impl Client {
         let mut welcome = welcome;
         welcome.stun = welcome.stun.map(|a| same_host(a, remote.ip()));
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
-        let (ev_tx, ev_rx) = mpsc::channel(16);
+        let (ev_tx, ev_rx) = mpsc::channel(64);
         let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
         let task = tokio::spawn(run(reader, wr, cmd_rx, ev_tx, interval, remote.ip()));
         Ok(Client {
@@ -439,6 +441,18 @@ impl Client {
         }
     }
 
+    /// Publishes one of the registered services to plain clients; returns where they reach
+    /// it. Ask again after every reconnect.
+    pub async fn publish(
+        &self,
+        p: crate::signal::Publish,
+    ) -> Result<crate::signal::Published, ClientError> {
+        match self.request(Request::Publish(p)).await? {
+            Reply::Published(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Asks to be brokered to `name`'s service; the peer is told at the same moment.
     pub async fn connect_to(
         &self,
@@ -525,6 +539,12 @@ async fn run(
                 Ok(ServerFrame::Broker(mut b)) => {
                     b.resolve(server_ip);
                     let _ = events.send(ClientEvent::Broker(b)).await;
+                }
+                Ok(ServerFrame::Open(mut o)) => {
+                    o.relay.addr = crate::signal::same_host(o.relay.addr, server_ip);
+                    // Never wait on a slow consumer here: heartbeats share this loop, and
+                    // a public client whose open is dropped just gets an error page.
+                    let _ = events.try_send(ClientEvent::Open(o));
                 }
                 Ok(ServerFrame::Error(e)) => break ClientError::Closed(Some(e)),
                 Ok(ServerFrame::Welcome(_)) => break ClientError::Protocol("second welcome".into()),

@@ -17,6 +17,9 @@
 //! [`PROTOCOL_VERSION`] for anything else.
 
 pub mod client;
+pub mod public;
+
+pub use public::{EntryKind, HttpAuth, PublicOpen, Publish, Published};
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -106,6 +109,10 @@ pub enum Request {
         /// Ed25519 signature of [`identify_payload`]`(nonce)`.
         signature: Signature,
     },
+    /// Publish one of this registration's services to plain clients
+    /// ([`public`](self::public)); answered by `Reply::Published`. Again after every
+    /// reconnect: publications live as long as the registration.
+    Publish(Publish),
 }
 
 /// A registration: who the peer is and what it offers.
@@ -268,6 +275,8 @@ pub enum ServerFrame {
     Error(ErrorFrame),
     /// To a standalone relay ([`crate::announce`]).
     Relay(crate::announce::RelayReply),
+    /// Pushed to an exposer: a public client wants one of its published services.
+    Open(Box<PublicOpen>),
 }
 
 /// The server's greeting.
@@ -335,6 +344,8 @@ pub enum Reply {
         /// Names bound to the key (at most a page of them).
         names: Vec<String>,
     },
+    /// The service is published; here is where.
+    Published(Published),
 }
 
 /// What a peer learns when it registers.
@@ -524,6 +535,10 @@ error_codes! {
     RelayRefused = 20, "relay_refused";
     /// Only a name's owner may release it.
     NotOwner = 21, "not_owner";
+    /// The server does not publish services, or not for this key, or not this way.
+    NotAllowed = 22, "not_allowed";
+    /// The public port asked for is taken, or none is free.
+    PortTaken = 23, "port_taken";
 }
 
 impl fmt::Display for ErrorCode {

@@ -1,0 +1,557 @@
+//! Public entries with real clients that run no `peer`: curl by host name
+//! (`http://pc-home.localhost:PORT/`, which curl resolves to loopback) and on a raw public
+//! port, Python `websockets` through the public URL, a TLS service reached by server name
+//! with its own certificate verified by curl end to end, basic auth, the pages for an
+//! offline name, an unknown one and a service where nothing listens, and 100 concurrent
+//! clients each fetching 1 MiB intact.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chuantou_tests::*;
+use rendezvous::public::PublicConfig;
+use rendezvous::server::{ServerConfig, ServerHandle};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use wire::signal::{HttpAuth, Proto, Publish, ServiceRef};
+
+const DOMAIN: &str = "localhost";
+
+/// A threaded HTTP/1.1 file server on an ephemeral loopback port (printed first), with TLS
+/// when given a certificate and key.
+const FILE_SERVER: &str = r#"
+import functools, http.server, ssl, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(H, directory=sys.argv[1]))
+srv.daemon_threads = True
+if len(sys.argv) > 3:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+/// Starts [`FILE_SERVER`] on `dir`; returns it and its port.
+async fn file_server(dir: &Path, tls: Option<(&Path, &Path)>) -> (KillOnDrop, u16) {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", FILE_SERVER]).arg(dir);
+    if let Some((cert, key)) = tls {
+        cmd.arg(cert).arg(key);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = KillOnDrop(child);
+    let port = within(
+        "file server port",
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            line.trim().parse::<u16>().unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    (proc, port)
+}
+
+/// A free range of `n` loopback ports (bound and released: another process could take
+/// one meanwhile, which a test would show as a refused publish, not as a wrong pass).
+fn free_ports(n: u16) -> (u16, u16) {
+    for _ in 0..50 {
+        let base = 20000 + rand::random::<u16>() % 30000;
+        let all_free =
+            (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return (base, base + n - 1);
+        }
+    }
+    panic!("no {n} free ports in a row");
+}
+
+/// A loopback rendezvous with every public entry on.
+async fn public_rendezvous() -> (ServerHandle, (u16, u16)) {
+    let ports = free_ports(4);
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let config = ServerConfig {
+        public: PublicConfig {
+            http: Some(any),
+            tls: Some(any),
+            domain: Some(DOMAIN.into()),
+            ports: Some(("127.0.0.1".parse().unwrap(), ports.0..=ports.1)),
+            allow_any: true,
+            ..ServerConfig::default().public
+        },
+        ..ServerConfig::loopback()
+    };
+    (rendezvous_with(config).await, ports)
+}
+
+fn publish(port: u16, http: bool, tls: bool, raw: bool, auth: Option<HttpAuth>) -> Publish {
+    Publish {
+        service: ServiceRef {
+            port,
+            proto: Proto::Tcp,
+        },
+        http,
+        tls,
+        port: raw.then_some(None),
+        auth,
+    }
+}
+
+/// Exposes `service` as `name` with `publication`, and waits until the rendezvous lists
+/// the publication.
+async fn expose_public(
+    server: &ServerHandle,
+    name: &str,
+    service: u16,
+    publication: Publish,
+    stop: &CancellationToken,
+) -> TempHome {
+    let home = TempHome::new();
+    expose_proto(
+        server,
+        &home,
+        name,
+        ([127, 0, 0, 1], service).into(),
+        ExposeOpts {
+            public: Some(publication),
+            ..ExposeOpts::default()
+        },
+        stop,
+    );
+    let api = server.addrs().http.unwrap();
+    within("publication listed", async {
+        loop {
+            let r = get(api, "127.0.0.1", "/v1/dashboard", "").await;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let listed = v["public"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == name && p["online"] == true);
+            if listed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    home
+}
+
+struct Got {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// One HTTP/1.1 GET with `Connection: close`, read to the end.
+async fn get(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Got {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.unwrap();
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&all)));
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    Got {
+        status,
+        head,
+        body: all[split + 4..].to_vec(),
+    }
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn curl(args: &[&str]) -> (bool, Vec<u8>, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_fetches_by_host_name_and_on_a_public_port() {
+    let dir = TempHome::new();
+    let big_sha = chuantou_tests::web::site(&dir.0, 1);
+    let (_srv, port) = file_server(&dir.0, None).await;
+    let (server, _) = public_rendezvous().await;
+    let stop = CancellationToken::new();
+    let _pc = expose_public(
+        &server,
+        "pc-home",
+        port,
+        publish(port, true, false, true, None),
+        &stop,
+    )
+    .await;
+    let http = server.addrs().public_http.unwrap();
+    let url = format!("http://pc-home.{DOMAIN}:{}/big", http.port());
+    let (ok, body, err) = tokio::task::spawn_blocking(move || curl(&[&url]))
+        .await
+        .unwrap();
+    assert!(ok, "curl by host name: {err}");
+    assert_eq!(sha(&body), big_sha, "the page by host name arrives intact");
+
+    // The raw port: the rendezvous logged and listed it; find it in the dashboard.
+    let api = server.addrs().http.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&get(api, "127.0.0.1", "/v1/dashboard", "").await.body).unwrap();
+    let urls: Vec<String> = v["public"][0]["urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        urls.contains(&format!("http://pc-home.{DOMAIN}:{}/", http.port())),
+        "{urls:?}"
+    );
+    let raw = urls
+        .iter()
+        .find_map(|u| u.strip_prefix("tcp://"))
+        .unwrap_or_else(|| panic!("no raw port in {urls:?}"));
+    let raw_port = raw.rsplit(':').next().unwrap().to_owned();
+    let url = format!("http://127.0.0.1:{raw_port}/small");
+    let (ok, body, err) = tokio::task::spawn_blocking(move || curl(&[&url]))
+        .await
+        .unwrap();
+    assert!(ok, "curl on the public port: {err}");
+    assert_eq!(body, vec![b'x'; 100]);
+
+    // Metrics count what went through.
+    let m = String::from_utf8(get(api, "127.0.0.1", "/metrics", "").await.body).unwrap();
+    for line in [
+        "chuantou_public_connections_total{entry=\"http\"} 1",
+        "chuantou_public_connections_total{entry=\"port\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+    }
+    let to_client: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("chuantou_public_bytes_total{direction=\"to_client\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(to_client > 1 << 20, "{to_client} bytes counted to clients");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_unknown_names_offline_names_and_dead_services_get_clear_pages() {
+    let dir = TempHome::new();
+    chuantou_tests::web::site(&dir.0, 0);
+    let (_srv, port) = file_server(&dir.0, None).await;
+    let (server, _) = public_rendezvous().await;
+    let http = server.addrs().public_http.unwrap();
+    let host = format!("pc-home.{DOMAIN}");
+    let stop = CancellationToken::new();
+    let auth = HttpAuth::Basic {
+        user: "amy".into(),
+        password: "s3cret".into(),
+    };
+    let _pc = expose_public(
+        &server,
+        "pc-home",
+        port,
+        publish(port, true, false, false, Some(auth)),
+        &stop,
+    )
+    .await;
+
+    let r = get(http, &host, "/small", "").await;
+    assert_eq!(r.status, 401, "{}", r.head);
+    assert!(
+        r.head.contains("WWW-Authenticate: Basic realm=\"pc-home\""),
+        "{}",
+        r.head
+    );
+    // "amy:wrong" and "amy:s3cret".
+    let r = get(
+        http,
+        &host,
+        "/small",
+        "Authorization: Basic YW15Ondyb25n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 401, "a wrong password is refused");
+    let r = get(
+        http,
+        &host,
+        "/small",
+        "Authorization: Basic YW15OnMzY3JldA==\r\n",
+    )
+    .await;
+    assert_eq!((r.status, r.body.len()), (200, 100), "{}", r.head);
+
+    // A name nobody published, and a host outside the domain.
+    let r = get(http, &format!("nobody.{DOMAIN}"), "/", "").await;
+    assert_eq!(r.status, 404);
+    assert!(String::from_utf8_lossy(&r.body).contains("nobody"));
+    let r = get(http, "example.org", "/", "").await;
+    assert_eq!(r.status, 404);
+
+    // Malformed requests get 400, not a hang.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+
+    // A published service where nothing listens: 502 saying so.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let _dead = expose_public(
+        &server,
+        "dead",
+        dead_port,
+        publish(dead_port, true, false, false, None),
+        &stop,
+    )
+    .await;
+    let r = get(http, &format!("dead.{DOMAIN}"), "/", "").await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    assert!(String::from_utf8_lossy(&r.body).contains("nothing listens"));
+
+    // The exposer stops: its clients get 503 "offline", at once, not a hang.
+    stop.cancel();
+    let api = server.addrs().http.unwrap();
+    within("pc-home offline", async {
+        loop {
+            let r = get(api, "127.0.0.1", "/v1/peers/pc-home", "").await;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            if v["online"] == false {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let r = get(
+        http,
+        &host,
+        "/",
+        "Authorization: Basic YW15OnMzY3JldA==\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.head);
+    assert!(r.head.contains("Retry-After"));
+    assert!(String::from_utf8_lossy(&r.body).contains("pc-home is offline"));
+}
+
+const WS_SERVER: &str = r#"
+import asyncio, websockets
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+async def main():
+    async with websockets.serve(echo, "127.0.0.1", 0, max_size=None) as srv:
+        print(srv.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+
+/// Connects to the public URL by name, with the socket going to the entry's address.
+const WS_CLIENT: &str = r#"
+import asyncio, os, sys, websockets
+async def main():
+    url, port = sys.argv[1], int(sys.argv[2])
+    async with websockets.connect(url, host="127.0.0.1", port=port, max_size=None) as ws:
+        for i in range(30):
+            msg = os.urandom(997 * i * i + 1)
+            await ws.send(msg)
+            assert await ws.recv() == msg, f"binary message {i}"
+        await ws.send("chuantou ✓ 穿透")
+        assert await ws.recv() == "chuantou ✓ 穿透"
+    print("ok")
+asyncio.run(main())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_work_through_the_public_url() {
+    let mut child = Command::new("python3")
+        .args(["-c", WS_SERVER])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _ws = KillOnDrop(child);
+    let port: u16 = within(
+        "websocket server port",
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            line.trim().parse().unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    let (server, _) = public_rendezvous().await;
+    let stop = CancellationToken::new();
+    let _pc = expose_public(
+        &server,
+        "ws",
+        port,
+        publish(port, true, false, false, None),
+        &stop,
+    )
+    .await;
+    let http = server.addrs().public_http.unwrap();
+    let url = format!("ws://ws.{DOMAIN}:{}/", http.port());
+    let out = within(
+        "websocket client",
+        tokio::task::spawn_blocking(move || {
+            Command::new("timeout")
+                .args([
+                    "60",
+                    "python3",
+                    "-c",
+                    WS_CLIENT,
+                    &url,
+                    &http.port().to_string(),
+                ])
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "client: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_passed_through_and_the_services_certificate_verifies_end_to_end() {
+    let dir = TempHome::new();
+    chuantou_tests::web::site(&dir.0, 0);
+    let name = "secure";
+    let host = format!("{name}.{DOMAIN}");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={host}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (_srv, port) = file_server(&dir.0, Some((&cert, &key))).await;
+    let (server, _) = public_rendezvous().await;
+    let stop = CancellationToken::new();
+    let _pc = expose_public(
+        &server,
+        name,
+        port,
+        publish(port, false, true, false, None),
+        &stop,
+    )
+    .await;
+    let tls = server.addrs().public_tls.unwrap();
+    let url = format!("https://{host}:{}/small", tls.port());
+    let ca = cert.display().to_string();
+    // curl checks the chain against the service's own certificate and the name against
+    // the URL: only the service holds that key, so this is end to end.
+    let (ok, body, err) = tokio::task::spawn_blocking(move || curl(&["--cacert", &ca, &url]))
+        .await
+        .unwrap();
+    assert!(ok, "curl over the TLS entry: {err}");
+    assert_eq!(body, vec![b'x'; 100]);
+    // Without the service's certificate as a trust anchor, curl refuses it: the entry did
+    // not terminate TLS with a certificate of its own.
+    let url = format!("https://{host}:{}/small", tls.port());
+    let (ok, _, err) = tokio::task::spawn_blocking(move || curl(&[&url]))
+        .await
+        .unwrap();
+    assert!(!ok && err.contains("certificate"), "{err}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_public_clients_each_fetch_a_mebibyte_intact() {
+    let dir = TempHome::new();
+    let big_sha = chuantou_tests::web::site(&dir.0, 1);
+    let (_srv, port) = file_server(&dir.0, None).await;
+    let (server, _) = public_rendezvous().await;
+    let stop = CancellationToken::new();
+    let _pc = expose_public(
+        &server,
+        "pc-home",
+        port,
+        publish(port, true, false, false, None),
+        &stop,
+    )
+    .await;
+    let http = server.addrs().public_http.unwrap();
+    let host = format!("pc-home.{DOMAIN}");
+    let clients: Vec<_> = (0..100)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move { get(http, &host, "/big", "").await })
+        })
+        .collect();
+    let got = within("100 clients", futures_join(clients)).await;
+    for (i, r) in got.into_iter().enumerate() {
+        assert_eq!(r.status, 200, "client {i}: {}", r.head);
+        assert_eq!(sha(&r.body), big_sha, "client {i}: the body arrives intact");
+    }
+    stop.cancel();
+}
+
+async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
