@@ -159,3 +159,7 @@ pub const MAX_PUBLIC_CONNS: usize = 512;
 
 /// Time to join the relay session of a public client.
 pub const PUBLIC_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sessions are reported to the rendezvous at least this often (and at once when a path
+/// changes), so its dashboard's byte counts stay fresh.
+pub const REPORT_REFRESH: Duration = Duration::from_secs(10);

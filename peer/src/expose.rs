@@ -156,6 +156,11 @@ pub async fn run(
             }
         }
         first = false;
+        let _reports = crate::presence::report::spawn(
+            registration.client.reporter(),
+            board.clone(),
+            cfg.signaling.name.clone(),
+        );
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
         board.registered(status);
@@ -375,7 +380,7 @@ async fn session(
                                 Some(s) => {
                                     info!(%peer, session = %b.session, path = kind.name(), "session up in {:.0} ms over the {kind} path", started.elapsed().as_secs_f64() * 1000.0);
                                     serve(&ctx, &s);
-                                    ctx.board.add(&peer, "expose", &s);
+                                    ctx.board.add(&ctx.cfg.signaling.name, &peer, "expose", &s);
                                     live = Some(s);
                                 }
                                 None if refused => break,

@@ -108,6 +108,8 @@ struct State {
     /// own links, whose QUIC handshakes are taken. Anyone else's Initials are ignored
     /// before any TLS work or connection state.
     expected: SyncMutex<Vec<std::net::IpAddr>>,
+    /// Reports our session to the rendezvous over the current signaling connection.
+    reports: SyncMutex<Option<crate::presence::report::Reporting>>,
 }
 
 fn pick_service(peer: &PeerInfo, wanted: Option<u16>, proto: Proto) -> anyhow::Result<ServiceRef> {
@@ -232,6 +234,11 @@ impl Reacher {
             if peer.online { "" } else { " (it is offline now)" }
         );
         let (client, presence) = split(registration);
+        let reports = crate::presence::report::spawn(
+            client.reporter(),
+            board.clone(),
+            cfg.signaling.name.clone(),
+        );
         let state = Arc::new(State {
             cfg,
             key,
@@ -247,6 +254,7 @@ impl Reacher {
             why_not: SyncMutex::new([None, None]),
             board,
             expected: SyncMutex::default(),
+            reports: SyncMutex::new(Some(reports)),
         });
         state.accept_on(&*state.presence.lock().await)?;
         Ok(Reacher {
@@ -430,7 +438,9 @@ impl State {
                     std::mem::take(&mut *state.spare.lock().unwrap_or_else(|e| e.into_inner()));
                 let s = Session::start(conn, &state.cfg.target, state.policy(), links);
                 debug!(peer = %state.cfg.target, "session up");
-                state.board.add(&state.cfg.target, "reach", &s);
+                state
+                    .board
+                    .add(&state.cfg.signaling.name, &state.cfg.target, "reach", &s);
                 if let Some(old) = state.session.send_replace(Some(s.clone())) {
                     old.close("replaced by a new session");
                 }
@@ -689,6 +699,12 @@ impl State {
                 let (c, presence) = split(reg);
                 self.accept_on(&presence)?;
                 *self.presence.lock().await = presence;
+                *self.reports.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(crate::presence::report::spawn(
+                        c.reporter(),
+                        self.board.clone(),
+                        self.cfg.signaling.name.clone(),
+                    ));
                 *client = Some(c);
             }
             let Some(c) = client.as_ref() else { continue };

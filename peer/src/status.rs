@@ -18,6 +18,9 @@ use crate::session::{PathReport, Session};
 /// One session as `peer status --json` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TunnelStatus {
+    /// Our registered name the session belongs to.
+    #[serde(default)]
+    pub local: String,
     /// The other peer's name.
     pub peer: String,
     /// `expose` or `reach`.
@@ -77,6 +80,8 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 struct Entry {
+    /// Our registered name the session belongs to.
+    local: String,
     role: &'static str,
     session: Session,
 }
@@ -103,17 +108,34 @@ impl Board {
         regs.retain(|x| x.name != name);
     }
 
-    /// Records a session; it leaves the board when it closes.
-    pub fn add(&self, peer: &str, role: &'static str, session: &Session) {
+    /// Records a session of our registration `local`; it leaves the board when it closes.
+    pub fn add(&self, local: &str, peer: &str, role: &'static str, session: &Session) {
         debug_assert_eq!(peer, session.peer());
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         e.retain(|x| !x.session.closed().is_cancelled());
         e.push(Entry {
+            local: local.to_owned(),
             role,
             session: session.clone(),
         });
         drop(e);
         self.added.notify_waiters();
+    }
+
+    /// The live sessions of our registration `local`.
+    pub fn sessions_of(&self, local: &str) -> Vec<Session> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|x| x.local == local && !x.session.closed().is_cancelled())
+            .map(|x| x.session.clone())
+            .collect()
+    }
+
+    /// Wakes its waiters whenever a session is added.
+    pub fn added(&self) -> Arc<tokio::sync::Notify> {
+        self.added.clone()
     }
 
     /// Waits until a live session with `peer` carries its traffic on `path`.
@@ -156,6 +178,7 @@ impl Board {
                 let session = &x.session;
                 let s = session.stats();
                 TunnelStatus {
+                    local: x.local.clone(),
                     peer: session.peer().to_owned(),
                     role: x.role.to_owned(),
                     path: session.active().map_or("none", |k| k.name()).to_owned(),

@@ -231,8 +231,65 @@ async fn dashboard_json(State(shared): State<Arc<Shared>>) -> Response {
             })
         })
         .collect();
+    let (sessions, punching, switches) = shared.with_sessions(|book| {
+        let sessions: Vec<serde_json::Value> = book
+            .records()
+            .into_iter()
+            .map(|r| {
+                let side = |i: usize| {
+                    r.sides[i].as_ref().map(|s| {
+                        serde_json::json!({
+                            "reported_ago_s": now.saturating_duration_since(s.at).as_secs(),
+                            "active": s.active(),
+                            "paths": s.paths.iter().map(|p| serde_json::json!({
+                                "kind": p.kind,
+                                "active": p.active,
+                                "rtt_ms": p.rtt_us.map(|us| f64::from(us) / 1000.0),
+                                "bytes_out": p.bytes_out,
+                                "bytes_in": p.bytes_in,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                };
+                // The path carrying traffic: what the latest report says.
+                let latest = [0, 1]
+                    .into_iter()
+                    .filter_map(|i| r.sides[i].as_ref())
+                    .max_by_key(|s| s.at)
+                    .and_then(|s| s.active().map(str::to_owned));
+                serde_json::json!({
+                    "peers": r.names,
+                    "nat_pair": r.pair,
+                    "age_s": now.saturating_duration_since(r.brokered).as_secs(),
+                    "path": latest,
+                    "direct_after_ms": r.direct_after.map(|d| d.as_millis() as u64),
+                    "repunches": r.repunches,
+                    "switches": r.switches,
+                    "closed": r.closed,
+                    "sides": [side(0), side(1)],
+                })
+            })
+            .collect();
+        let punching: Vec<serde_json::Value> = book
+            .stats()
+            .into_iter()
+            .map(|(pair, s)| {
+                let ms = |q| s.quantile(q).map(|d| d.as_millis() as u64);
+                serde_json::json!({
+                    "pair": pair,
+                    "tries": s.tries,
+                    "direct": s.direct,
+                    "direct_pct": if s.tries == 0 { 0.0 } else { 100.0 * s.direct as f64 / s.tries as f64 },
+                    "p50_ms": ms(0.5),
+                    "p90_ms": ms(0.9),
+                })
+            })
+            .collect();
+        (sessions, punching, book.switches_total)
+    });
     axum::Json(serde_json::json!({
         "totals": {
+            "path_switches": switches,
             "public_open": m.public_open.load(Relaxed),
             "public_connections": m.public_connections.iter().map(|c| c.load(Relaxed)).sum::<u64>(),
             "public_bytes": m.public_bytes_to_client.load(Relaxed) + m.public_bytes_to_service.load(Relaxed),
@@ -245,6 +302,8 @@ async fn dashboard_json(State(shared): State<Arc<Shared>>) -> Response {
         "peers": peers,
         "relays": relays,
         "public": public,
+        "sessions": sessions,
+        "punching": punching,
     }))
     .into_response()
 }
@@ -318,6 +377,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     if let Some(relay) = shared.relay_stats() {
         text.push_str(&relay.render());
     }
+    text.push_str(&shared.with_sessions(crate::sessions::render));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

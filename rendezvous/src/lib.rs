@@ -12,6 +12,8 @@
 //!   [`http`]: the read-only JSON API and metrics; [`metrics`]: the counters.
 //! - [`public`]: services published to plain clients ([`public::Publications`], sans-IO;
 //!   [`public::sniff`], routing by Host or TLS server name; [`public::entry`], the shell).
+//! - [`sessions`]: what peers report of their sessions, and punching outcomes by NAT pair
+//!   (sans-IO).
 //! - [`names`]: name → key bindings kept across restarts (redb).
 //! - [`state`]: the state directory (the identity peers pin).
 //! - [`defaults`]: every timeout and limit, with its reason.
@@ -27,5 +29,6 @@ pub mod public;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod stun;

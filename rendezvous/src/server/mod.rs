@@ -277,6 +277,8 @@ struct State {
     /// Connect requests by requester (its key), and to each target.
     connects_by: crate::ratelimit::RateLimiter<PublicKey>,
     connects_to: crate::ratelimit::RateLimiter<String>,
+    /// Sessions as their peers report them, and punching outcomes.
+    sessions: crate::sessions::SessionBook,
 }
 
 /// A signaling connection as other tasks see it.
@@ -384,6 +386,11 @@ impl Shared {
     fn least_loaded_relay(&self) -> Option<SocketAddr> {
         let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
         relays.values().min_by_key(|(_, n)| *n).map(|(a, _)| *a)
+    }
+
+    /// Runs `f` on the session book (for the HTTP API).
+    pub(crate) fn with_sessions<T>(&self, f: impl FnOnce(&crate::sessions::SessionBook) -> T) -> T {
+        f(&self.state().sessions)
     }
 
     /// Runs `f` on the registry (for the HTTP API).
@@ -558,6 +565,7 @@ impl Server {
                         .saturating_mul(defaults::CONNECT_TARGET_BURST),
                     defaults::MAX_PEERS,
                 ),
+                sessions: crate::sessions::SessionBook::default(),
             }),
             responder: layout.map(|l| {
                 let public = match config.advertise.as_slice() {

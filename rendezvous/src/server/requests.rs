@@ -154,6 +154,21 @@ pub(super) fn handle_request(
         }
         Request::Connect { name, service } => connect(shared, conn, &name, service),
         Request::Publish(p) => super::publish::publish(shared, conn, p),
+        Request::Report(r) => {
+            r.validate()?;
+            let mut st = shared.state();
+            let me = st
+                .registry
+                .name_of(conn)
+                .ok_or_else(|| {
+                    ErrorFrame::new(ErrorCode::NotRegistered, "register before reporting")
+                })?
+                .to_owned();
+            st.sessions
+                .report(now, &me, r)
+                .map_err(|e| ErrorFrame::new(ErrorCode::UnknownPeer, e.to_string()))?;
+            Ok(Reply::Noted)
+        }
         Request::Release { name } => {
             shared
                 .state()
@@ -277,6 +292,9 @@ pub(super) fn connect(
                 format!("{target} is not keeping up with its connection; try again"),
             )
         })?;
+    let nat = |e: &registry::Entry| crate::sessions::nat_label(e.nat.or(e.tcp_nat));
+    let (nat_me, nat_them) = (nat(mine), nat(them));
+    st.sessions.brokered(now, me, target, nat_me, nat_them);
     metrics::inc(&shared.metrics.sessions_brokered);
     info!(%session, from = %me, to = %target, service = %to_me.service.reference(), "brokered session");
     Ok(Reply::Brokered(Box::new(to_me)))

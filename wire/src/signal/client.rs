@@ -207,6 +207,35 @@ pub fn with_default_port(addr: &str) -> String {
     }
 }
 
+/// Sends session reports on a [`Client`]'s connection.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    cmds: mpsc::Sender<Cmd>,
+    timeout: Duration,
+}
+
+impl Reporter {
+    /// Sends one report and waits for the server to note it.
+    pub async fn report(&self, r: crate::signal::Report) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd {
+                body: Request::Report(r),
+                reply: tx,
+            })
+            .await
+            .map_err(|_| ClientError::Closed(None))?;
+        match timeout(self.timeout, rx)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+            .map_err(|_| ClientError::Closed(None))??
+        {
+            Reply::Noted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
 /// A signaling connection to a rendezvous.
 #[derive(Debug)]
 pub struct Client {
@@ -450,6 +479,15 @@ impl Client {
         match self.request(Request::Publish(p)).await? {
             Reply::Published(p) => Ok(p),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// A handle that sends session reports on this connection, usable beside
+    /// [`Client::next_event`]; it fails once the connection is gone.
+    pub fn reporter(&self) -> Reporter {
+        Reporter {
+            cmds: self.cmds.clone(),
+            timeout: self.config.request_timeout,
         }
     }
 

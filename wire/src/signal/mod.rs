@@ -18,8 +18,10 @@
 
 pub mod client;
 pub mod public;
+pub mod report;
 
 pub use public::{EntryKind, HttpAuth, PublicOpen, Publish, Published};
+pub use report::{PathStat, Report};
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -113,6 +115,9 @@ pub enum Request {
     /// ([`public`](self::public)); answered by `Reply::Published`. Again after every
     /// reconnect: publications live as long as the registration.
     Publish(Publish),
+    /// How our session with another peer goes ([`report`](self::report)), for the
+    /// rendezvous' dashboard and metrics; answered by `Reply::Noted`.
+    Report(Report),
 }
 
 /// A registration: who the peer is and what it offers.
@@ -346,6 +351,8 @@ pub enum Reply {
     },
     /// The service is published; here is where.
     Published(Published),
+    /// The report is recorded.
+    Noted,
 }
 
 /// What a peer learns when it registers.
