@@ -201,7 +201,7 @@ async fn dashboard_json(State(shared): State<Arc<Shared>>) -> Response {
                     "name": name,
                     "key": e.key.to_string(),
                     "online": e.online(),
-                    "nat": e.nat.map(|n| format!("{:?} / {:?}", n.mapping, n.allocation)),
+                    "nat": crate::sessions::nat_label(e.nat.or(e.tcp_nat)),
                     "tcp_addr": e.tcp_addr.to_string(),
                     "udp_addr": e.udp_addr.map(|a| a.to_string()),
                     "last_seen_ago_s": now.saturating_duration_since(e.last_seen).as_secs(),

@@ -4,9 +4,11 @@
 #![deny(missing_docs, unreachable_pub)]
 #![allow(clippy::unwrap_used)]
 
+pub mod browser;
 pub mod fuzz;
 pub mod lab_peers;
 pub mod natlab;
+pub mod public;
 pub mod web;
 
 use peer::presence::trust::Trust;
