@@ -390,3 +390,150 @@ async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_take_the_public_flags_log_the_url_and_show_it_in_peer_status() {
+    let dir = TempHome::new();
+    let big_sha = chuantou_tests::web::site(&dir.0, 32);
+    let (_srv, port) = file_server(&dir.0, None).await;
+    let (base, _) = free_ports(5);
+    let (signaling, http, raw) = (base, base + 3, base + 4);
+    let state = TempHome::new();
+    let mut rv = std::process::Command::new(workspace_bin("rendezvous"));
+    rv.arg("--state")
+        .arg(&state.0)
+        .args(["--listen", &format!("127.0.0.1:{signaling}")])
+        .args(["--stun", &format!("127.0.0.1:{}", base + 1)])
+        .args(["--relay", &format!("127.0.0.1:{}", base + 2)])
+        .arg("--no-http")
+        .args(["--public-http", &format!("127.0.0.1:{http}")])
+        .args(["--public-domain", DOMAIN])
+        .args(["--public-ports", &format!("127.0.0.1:{raw}-{raw}")])
+        .args(["--publish-allow", "any"])
+        .stderr(Stdio::null());
+    let _rv = KillOnDrop(rv.spawn().unwrap());
+    let pc = TempHome::new();
+    let log = pc.0.with_extension("log");
+    let mut expose = std::process::Command::new(workspace_bin("peer"));
+    expose
+        .arg("--home")
+        .arg(&pc.0)
+        .args([
+            "expose",
+            &port.to_string(),
+            "--name",
+            "pc-home",
+            "--public",
+            "--public-port",
+        ])
+        .args(["--rendezvous", &format!("127.0.0.1:{signaling}")])
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _pc = KillOnDrop(expose.spawn().unwrap());
+    let url = format!("http://pc-home.{DOMAIN}:{http}/");
+    within("the URL in the log", async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(&format!("public at {url}, tcp://{DOMAIN}:{raw}")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let status = std::process::Command::new(workspace_bin("peer"))
+        .arg("--home")
+        .arg(&pc.0)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("public at {url}")), "{text}");
+    assert!(
+        text.contains(&format!("public at tcp://{DOMAIN}:{raw}")),
+        "{text}"
+    );
+    // A long download (32 MiB) by the public URL, and a page on the raw port.
+    let big = format!("{url}big");
+    let (ok, body, err) = tokio::task::spawn_blocking(move || curl(&[&big]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(sha(&body), big_sha);
+    let small = format!("http://127.0.0.1:{raw}/small");
+    let (ok, body, err) = tokio::task::spawn_blocking(move || curl(&[&small]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(body, vec![b'x'; 100]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_name_keeps_to_its_connection_limit_and_its_rate() {
+    let dir = TempHome::new();
+    chuantou_tests::web::site(&dir.0, 1);
+    let (_srv, port) = file_server(&dir.0, None).await;
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let rate = 256 * 1024;
+    let config = rendezvous::server::ServerConfig {
+        public: rendezvous::public::PublicConfig {
+            http: Some(any),
+            domain: Some(DOMAIN.into()),
+            allow_any: true,
+            max_conns: 2,
+            rate: Some(rate),
+            ..rendezvous::server::ServerConfig::default().public
+        },
+        ..rendezvous::server::ServerConfig::loopback()
+    };
+    let server = rendezvous_with(config).await;
+    let stop = CancellationToken::new();
+    let _pc = expose_public(
+        &server,
+        "pc-home",
+        port,
+        publish(port, true, false, false, None),
+        &stop,
+    )
+    .await;
+    let http = server.addrs().public_http.unwrap();
+    let host = format!("pc-home.{DOMAIN}");
+
+    // Two kept-alive connections hold both slots; a third gets 503 at once.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(http).await.unwrap();
+        s.write_all(format!("GET /small HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = within("first answer", s.read(&mut buf)).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.0 200") || buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let r = get(http, &host, "/small", "").await;
+    assert_eq!(r.status, 503, "{}", r.head);
+    assert!(String::from_utf8_lossy(&r.body).contains("2 connections open"));
+    drop(held);
+    // Once they close, clients get in again (the slots are freed as the pumps end).
+    within("a slot again", async {
+        loop {
+            if get(http, &host, "/small", "").await.status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // 1 MiB at 256 KiB/s with one second's burst takes at least three seconds.
+    let started = std::time::Instant::now();
+    let r = get(http, &host, "/big", "").await;
+    assert_eq!((r.status, r.body.len()), (200, 1 << 20));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2700),
+        "1 MiB at 256 KiB/s took only {took:?}"
+    );
+    stop.cancel();
+}
