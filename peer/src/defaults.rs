@@ -163,3 +163,6 @@ pub const PUBLIC_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sessions are reported to the rendezvous at least this often (and at once when a path
 /// changes), so its dashboard's byte counts stay fresh.
 pub const REPORT_REFRESH: Duration = Duration::from_secs(10);
+
+/// A public UDP flow silent this long is dropped (the rendezvous drops it after as long).
+pub const PUBLIC_UDP_IDLE: Duration = Duration::from_secs(60);

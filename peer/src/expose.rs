@@ -264,8 +264,14 @@ async fn serve_public(cfg: &Expose, o: PublicOpen) {
         .services
         .iter()
         .any(|s| s.reference() == o.service);
-    if !ours || cfg.udp {
+    if !ours || cfg.udp != (o.entry == wire::signal::EntryKind::UdpPort) {
         warn!(service = %o.service, "public client for a service this process does not expose; ignored");
+        return;
+    }
+    if cfg.udp {
+        if let Err(e) = serve_public_udp(cfg, &o).await {
+            warn!(client = %o.client, error = %e, "public udp client lost");
+        }
         return;
     }
     let mut relay = match wire::relay::client::join_tcp(
@@ -298,6 +304,58 @@ async fn serve_public(cfg: &Expose, o: PublicOpen) {
     match tokio::io::copy_bidirectional(&mut relay, &mut service).await {
         Ok((up, down)) => debug!(client = %o.client, up, down, "public client done"),
         Err(e) => debug!(client = %o.client, error = %e, "public client ended"),
+    }
+}
+
+/// Carries one public UDP flow: joins the relay session over UDP, and moves datagrams
+/// between it (each prefixed with [`UDP_DATA`](wire::signal::public::UDP_DATA) there) and
+/// a socket connected to the service, until the flow falls silent.
+async fn serve_public_udp(cfg: &Expose, o: &PublicOpen) -> anyhow::Result<()> {
+    use wire::relay::client::{UdpJoin, join_udp};
+    use wire::signal::public::UDP_DATA;
+    let relay = o.relay.addr;
+    let any = |a: SocketAddr| -> SocketAddr {
+        match a {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        }
+    };
+    let sock = tokio::net::UdpSocket::bind(any(relay)).await?;
+    let join = UdpJoin::new(o.relay.ticket.clone(), o.relay.secret);
+    join_udp(
+        &sock,
+        relay,
+        &join,
+        std::time::Duration::from_millis(200),
+        defaults::PUBLIC_JOIN_TIMEOUT,
+    )
+    .await?;
+    let service = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    service.connect(&cfg.target).await?;
+    debug!(client = %o.client, "public udp flow connected to the service");
+    let mut buf = vec![0u8; 65536];
+    let mut back = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let (n, from) = r?;
+                if from != relay || n == 0 {
+                    continue;
+                }
+                if buf[0] == UDP_DATA {
+                    let _ = service.send(&buf[1..n]).await;
+                } else if let Some(answer) = join.answer(&buf[..n]) {
+                    // The relay asks again (its cookie window turned): prove again.
+                    sock.send_to(&answer, relay).await?;
+                }
+            }
+            r = service.recv(&mut back[1..]) => {
+                let Ok(n) = r else { continue };
+                back[0] = UDP_DATA;
+                let _ = sock.send_to(&back[..=n], relay).await;
+            }
+            _ = tokio::time::sleep(defaults::PUBLIC_UDP_IDLE) => return Ok(()),
+        }
     }
 }
 

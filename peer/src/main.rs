@@ -344,16 +344,17 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let proto = if udp { Proto::Udp } else { Proto::Tcp };
+            let public_http = public;
             let public = expose::public_request(
                 wire::signal::ServiceRef { port, proto },
-                public,
+                public_http,
                 public_tls,
                 public_port,
                 public_auth.as_deref(),
             )?;
             anyhow::ensure!(
-                !(udp && public.is_some()),
-                "--public*: only TCP services can be published to plain clients"
+                !(udp && (public_http || public_tls)),
+                "--public and --public-tls need a TCP service; a UDP service is published with --public-port"
             );
             let name = name.unwrap_or_else(hostname);
             let _held = home.hold_name(&name, &format!("peer expose {port} --name {name}"))?;

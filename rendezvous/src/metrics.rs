@@ -25,8 +25,8 @@ pub struct Metrics {
     pub stun_responses: AtomicU64,
     /// STUN datagrams dropped unanswered (malformed, not a request, rate limited).
     pub stun_dropped: AtomicU64,
-    /// Public entries' client connections carried to an exposer, by [`ENTRIES`].
-    pub public_connections: [AtomicU64; 3],
+    /// Public entries' client connections (UDP: flows) carried to an exposer, by [`ENTRIES`].
+    pub public_connections: [AtomicU64; 4],
     /// Public client connections turned away, by [`PUBLIC_REFUSALS`].
     pub public_refused: [AtomicU64; 6],
     /// Public client connections open now.
@@ -38,7 +38,7 @@ pub struct Metrics {
 }
 
 /// The public entries, in the order of [`Metrics::public_connections`].
-pub const ENTRIES: [&str; 3] = ["http", "tls", "port"];
+pub const ENTRIES: [&str; 4] = ["http", "tls", "port", "udp"];
 
 /// Why a public client was turned away, in the order of [`Metrics::public_refused`].
 pub const PUBLIC_REFUSALS: [&str; 6] = [

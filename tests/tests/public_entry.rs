@@ -537,3 +537,91 @@ async fn a_published_name_keeps_to_its_connection_limit_and_its_rate() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_service_on_a_public_port_echoes_each_clients_datagrams() {
+    let echo = udp_echo_service().await;
+    let (server, _) = public_rendezvous().await;
+    let stop = CancellationToken::new();
+    let home = TempHome::new();
+    expose_proto(
+        &server,
+        &home,
+        "dns-ish",
+        echo,
+        ExposeOpts {
+            udp: true,
+            public: Some(wire::signal::Publish {
+                service: wire::signal::ServiceRef {
+                    port: echo.port(),
+                    proto: wire::signal::Proto::Udp,
+                },
+                http: false,
+                tls: false,
+                port: Some(None),
+                auth: None,
+            }),
+            ..ExposeOpts::default()
+        },
+        &stop,
+    );
+    let api = server.addrs().http.unwrap();
+    let port: u16 = within("the udp port listed", async {
+        loop {
+            let v: serde_json::Value =
+                serde_json::from_slice(&get(api, "127.0.0.1", "/v1/dashboard", "").await.body)
+                    .unwrap();
+            let url = v["public"].as_array().unwrap().iter().find_map(|p| {
+                p["urls"].as_array().unwrap().iter().find_map(|u| {
+                    u.as_str()
+                        .and_then(|u| u.strip_prefix(&format!("udp://{DOMAIN}:")))
+                        .map(|p| p.parse::<u16>().unwrap())
+                })
+            });
+            if let Some(p) = url {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Two clients, each its own flow; one datagram looks like relay control and must pass
+    // as data all the same.
+    for client in 0..2u8 {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(("127.0.0.1", port)).await.unwrap();
+        let mut msgs: Vec<Vec<u8>> = (0..20u8).map(|i| vec![client, i, 7, 7, 7]).collect();
+        msgs.push(vec![0, b'C', b'T', b'R', 1, 2, 3]);
+        msgs.push(vec![client; 1200]);
+        for (i, m) in msgs.iter().enumerate() {
+            // UDP may drop while the flow is set up: send again until the echo comes; a
+            // late echo of an earlier message is no answer, anything else is wrong.
+            let mut buf = vec![0u8; 2048];
+            within("echo", async {
+                loop {
+                    sock.send(m).await.unwrap();
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await
+                    {
+                        if &buf[..n] == m.as_slice() {
+                            return;
+                        }
+                        assert!(
+                            msgs[..i].iter().any(|e| e.as_slice() == &buf[..n]),
+                            "client {client}: stray {:?}",
+                            &buf[..n]
+                        );
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    let m = String::from_utf8(get(api, "127.0.0.1", "/metrics", "").await.body).unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l == "chuantou_public_connections_total{entry=\"udp\"} 2"),
+        "two flows:\n{m}"
+    );
+    stop.cancel();
+}

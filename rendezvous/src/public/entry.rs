@@ -39,7 +39,7 @@ pub struct Entries {
     /// Pacing per name, when the operator set a rate.
     buckets: Mutex<HashMap<String, Arc<Mutex<Bucket>>>>,
     /// Raw-port listeners running, to stop when a port is given up.
-    ports: Mutex<HashMap<u16, CancellationToken>>,
+    ports: Mutex<HashMap<u16, (bool, CancellationToken)>>,
     /// Stops every entry task at shutdown.
     pub stop: CancellationToken,
     open: Arc<tokio::sync::Semaphore>,
@@ -65,7 +65,7 @@ impl Entries {
     }
 
     /// The pacing bucket of `name`, when there is a rate.
-    fn bucket(&self, name: &str) -> Option<Arc<Mutex<Bucket>>> {
+    pub(crate) fn bucket(&self, name: &str) -> Option<Arc<Mutex<Bucket>>> {
         let rate = self.config.rate?;
         Some(
             lock(&self.buckets)
@@ -76,32 +76,49 @@ impl Entries {
     }
 
     /// Starts serving `port` for the table's holder, unless it already runs.
-    pub(crate) fn start_port(&self, shared: &Arc<Shared>, port: u16) -> Result<(), std::io::Error> {
+    pub(crate) fn start_port(
+        &self,
+        shared: &Arc<Shared>,
+        port: u16,
+        udp: bool,
+    ) -> Result<(), std::io::Error> {
         let Some((ip, _)) = &self.config.ports else {
             return Ok(());
         };
         let mut ports = lock(&self.ports);
-        if ports.contains_key(&port) {
-            return Ok(());
+        match ports.get(&port) {
+            Some((was_udp, _)) if *was_udp == udp => return Ok(()),
+            // The name now publishes the other protocol there.
+            Some((_, stop)) => stop.cancel(),
+            None => {}
         }
-        let std = std::net::TcpListener::bind(SocketAddr::new(*ip, port))?;
-        std.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(std)?;
+        let addr = SocketAddr::new(*ip, port);
         let stop = self.stop.child_token();
-        ports.insert(port, stop.clone());
-        info!(port, "public port listening");
-        tokio::spawn(accept_loop(
-            listener,
-            shared.clone(),
-            Kind::Port(port),
-            stop,
-        ));
+        if udp {
+            let std = std::net::UdpSocket::bind(addr)?;
+            std.set_nonblocking(true)?;
+            let sock = tokio::net::UdpSocket::from_std(std)?;
+            info!(port, "public udp port listening");
+            tokio::spawn(super::udp::serve(sock, shared.clone(), port, stop.clone()));
+        } else {
+            let std = std::net::TcpListener::bind(addr)?;
+            std.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(std)?;
+            info!(port, "public port listening");
+            tokio::spawn(accept_loop(
+                listener,
+                shared.clone(),
+                Kind::Port(port),
+                stop.clone(),
+            ));
+        }
+        ports.insert(port, (udp, stop));
         Ok(())
     }
 
     /// Stops serving `port`.
     pub(crate) fn stop_port(&self, port: u16) {
-        if let Some(t) = lock(&self.ports).remove(&port) {
+        if let Some((_, t)) = lock(&self.ports).remove(&port) {
             info!(port, "public port closed");
             t.cancel();
         }
@@ -177,14 +194,14 @@ pub(crate) async fn accept_loop(
 }
 
 /// A client connection counted against the limits until dropped.
-struct Admitted {
+pub(crate) struct Admitted {
     shared: Arc<Shared>,
     ip: IpAddr,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Admitted {
-    fn new(shared: &Arc<Shared>, ip: IpAddr) -> Option<Admitted> {
+    pub(crate) fn new(shared: &Arc<Shared>, ip: IpAddr) -> Option<Admitted> {
         let e = &shared.public;
         let permit = e.open.clone().try_acquire_owned().ok()?;
         let mut per_ip = lock(&e.per_ip);
@@ -216,13 +233,13 @@ impl Drop for Admitted {
 }
 
 /// A connection counted against its name's limit until dropped.
-struct NameSlot {
+pub(crate) struct NameSlot {
     shared: Arc<Shared>,
     name: String,
 }
 
 impl NameSlot {
-    fn new(shared: &Arc<Shared>, name: &str) -> Option<NameSlot> {
+    pub(crate) fn new(shared: &Arc<Shared>, name: &str) -> Option<NameSlot> {
         let mut per_name = lock(&shared.public.per_name);
         let n = per_name.entry(name.to_owned()).or_default();
         if *n >= shared.public.config.max_conns {

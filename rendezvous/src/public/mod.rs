@@ -3,7 +3,7 @@
 //! publish (`--publish-allow`, or every holder of the token); an exposer asks with
 //! `Request::Publish`. [`Publications`] is the sans-IO table of what is published where;
 //! [`entry`] is the shell that accepts clients, routes them, opens a relay session to the
-//! exposer and splices.
+//! exposer and splices; [`udp`] does the same for published UDP ports, a flow per client.
 //!
 //! A publication lives as long as the name: when its exposer goes offline its clients get
 //! "offline" (HTTP 503), and its port stays reserved for it, until the name is released or
@@ -11,6 +11,7 @@
 
 pub mod entry;
 pub mod sniff;
+pub mod udp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -92,6 +93,8 @@ pub struct Publication {
     pub tls: bool,
     /// The raw port, if one.
     pub port: Option<u16>,
+    /// The service is UDP: its raw port is a UDP port.
+    pub udp: bool,
     /// What HTTP clients must present.
     pub auth: Option<HttpAuth>,
 }
@@ -201,6 +204,7 @@ impl Publications {
             http: req.http,
             tls: req.tls,
             port,
+            udp: req.service.proto == wire::signal::Proto::Udp,
             auth: req.auth.clone(),
         };
         self.by_name.insert(name.to_owned(), publication.clone());

@@ -79,10 +79,13 @@ pub(super) fn publish(
                     format!("{name} registered no service {}", req.service),
                 )
             })?;
-        if service.proto != wire::signal::Proto::Tcp {
+        if service.proto != wire::signal::Proto::Tcp && (req.http || req.tls) {
             return Err(ErrorFrame::new(
                 ErrorCode::NotAllowed,
-                format!("{}: only TCP services can be published", req.service),
+                format!(
+                    "{}: a UDP service is published on a raw port only (--public-port)",
+                    req.service
+                ),
             ));
         }
         let key = entry.key;
@@ -107,7 +110,7 @@ pub(super) fn publish(
         shared.public.stop_port(p);
     }
     if let Some(port) = publication.port
-        && let Err(e) = shared.public.start_port(shared, port)
+        && let Err(e) = shared.public.start_port(shared, port, publication.udp)
     {
         shared
             .public
@@ -153,7 +156,14 @@ impl Shared {
                 .http
                 .then(|| format!("http://{}/", with_port(80, bound(self.public_addrs.http)))),
             tls: p.tls.then(|| with_port(443, bound(self.public_addrs.tls))),
-            port: p.port.map(|port| format!("{port_host}:{port}")),
+            port: p
+                .port
+                .filter(|_| !p.udp)
+                .map(|port| format!("{port_host}:{port}")),
+            udp_port: p
+                .port
+                .filter(|_| p.udp)
+                .map(|port| format!("{port_host}:{port}")),
         }
     }
 
@@ -206,6 +216,88 @@ impl Shared {
             .collect()
     }
 
+    /// Opens a UDP relay session from public `client` to `name`'s UDP `service`; returns our
+    /// half's socket and the relay's address once both halves are in.
+    pub(crate) async fn open_public_udp(
+        &self,
+        name: &str,
+        service: ServiceRef,
+        client: SocketAddr,
+    ) -> Result<(UdpSocket, SocketAddr), OpenError> {
+        let (tx, key, for_self, for_exposer) = self.public_relay_for(name)?;
+        let session = SessionId(rand::random());
+        let expires = unix_now() + PUBLIC_TICKET_LIFETIME;
+        let mine = key.issue(session, TicketSide::Initiator, expires);
+        let theirs = key.issue(session, TicketSide::Responder, expires);
+        let offer = RelayOffer {
+            addr: for_exposer,
+            secret: key.join_secret(&theirs),
+            ticket: theirs,
+        };
+        let join = wire::relay::client::UdpJoin::new(mine.clone(), key.join_secret(&mine));
+        let _slot = timeout(OPEN_TIMEOUT, OPENING_SLOTS.acquire())
+            .await
+            .map_err(|_| OpenError::Timeout(OPEN_TIMEOUT))?;
+        let open = ServerFrame::Open(Box::new(PublicOpen {
+            service,
+            entry: EntryKind::UdpPort,
+            client,
+            relay: offer,
+        }));
+        timeout(Duration::from_secs(5), tx.send(Push::Frame(Box::new(open))))
+            .await
+            .map_err(|_| OpenError::ExposerBusy)?
+            .map_err(|_| OpenError::Offline)?;
+        let any: SocketAddr = match for_self {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let sock = UdpSocket::bind(any)
+            .await
+            .map_err(|e| OpenError::Relay(JoinError::Io(e)))?;
+        wire::relay::client::join_udp(
+            &sock,
+            for_self,
+            &join,
+            Duration::from_millis(200),
+            OPEN_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            JoinError::Timeout(..) => OpenError::Timeout(OPEN_TIMEOUT),
+            e => OpenError::Relay(e),
+        })?;
+        Ok((sock, for_self))
+    }
+
+    /// The exposer's push channel and the relay for a public client of `name`.
+    #[allow(clippy::type_complexity)]
+    fn public_relay_for(
+        &self,
+        name: &str,
+    ) -> Result<(mpsc::Sender<Push>, TicketKey, SocketAddr, SocketAddr), OpenError> {
+        let st = self.state();
+        let conn = st
+            .registry
+            .get(name)
+            .and_then(|e| e.conn)
+            .ok_or(OpenError::Offline)?;
+        let tx = st.conns.get(&conn).ok_or(OpenError::Offline)?.tx.clone();
+        let embedded = self.relay.as_ref().map(|r| (r.addr, &r.key));
+        let standalone = self
+            .least_loaded_relay()
+            .zip(self.config.shared_relay_key.as_ref());
+        let relay = broker::choose_public_relay(
+            broker::Relays {
+                standalone,
+                embedded,
+            },
+            self.config.advertise.first().copied(),
+        )
+        .ok_or(OpenError::NoRelay)?;
+        Ok((tx, relay.key.clone(), relay.for_self, relay.for_exposer))
+    }
+
     /// Opens a relay session from public `client` to `name`'s `service` and returns our
     /// half once the exposer's service has taken the connection.
     pub(crate) async fn open_public(
@@ -215,29 +307,7 @@ impl Shared {
         entry: EntryKind,
         client: SocketAddr,
     ) -> Result<TcpStream, OpenError> {
-        let (tx, relay) = {
-            let st = self.state();
-            let conn = st
-                .registry
-                .get(name)
-                .and_then(|e| e.conn)
-                .ok_or(OpenError::Offline)?;
-            let tx = st.conns.get(&conn).ok_or(OpenError::Offline)?.tx.clone();
-            let embedded = self.relay.as_ref().map(|r| (r.addr, &r.key));
-            let standalone = self
-                .least_loaded_relay()
-                .zip(self.config.shared_relay_key.as_ref());
-            let relay = broker::choose_public_relay(
-                broker::Relays {
-                    standalone,
-                    embedded,
-                },
-                self.config.advertise.first().copied(),
-            )
-            .ok_or(OpenError::NoRelay)?;
-            (tx, (relay.key.clone(), relay.for_self, relay.for_exposer))
-        };
-        let (key, for_self, for_exposer) = relay;
+        let (tx, key, for_self, for_exposer) = self.public_relay_for(name)?;
         let session = SessionId(rand::random());
         let expires = unix_now() + PUBLIC_TICKET_LIFETIME;
         let mine = key.issue(session, TicketSide::Initiator, expires);

@@ -18,6 +18,10 @@ pub const OPEN_OK: u8 = 0;
 /// (nothing listens there); the stream closes after it.
 pub const OPEN_REFUSED: u8 = 1;
 
+/// The first byte of every datagram of a public UDP flow on the relay, so that no client
+/// datagram can look like relay control (whose first byte is 0); both ends strip it.
+pub const UDP_DATA: u8 = 0x40;
+
 /// Longest basic-auth user name or password, or bearer secret, in bytes.
 pub const MAX_SECRET_LEN: usize = 256;
 
@@ -30,7 +34,8 @@ pub struct Publish {
     pub http: bool,
     /// By TLS server name (SNI), passed through undecrypted: `NAME.DOMAIN`.
     pub tls: bool,
-    /// On a raw TCP port of the server: `Some(None)` any free one, `Some(Some(n))` port n.
+    /// On a raw port of the server (TCP, or UDP for a UDP service): `Some(None)` any free
+    /// one, `Some(Some(n))` port n.
     pub port: Option<Option<u16>>,
     /// What HTTP clients must present (HTTP only: TLS and raw ports are not read).
     pub auth: Option<HttpAuth>,
@@ -139,6 +144,8 @@ pub struct Published {
     pub tls: Option<String>,
     /// `HOST:PORT` of the raw TCP port.
     pub port: Option<String>,
+    /// `HOST:PORT` of the raw UDP port (a UDP service's `port` entry).
+    pub udp_port: Option<String>,
 }
 
 impl Published {
@@ -148,6 +155,7 @@ impl Published {
         out.extend(self.http.clone());
         out.extend(self.tls.as_ref().map(|t| format!("tls://{t}")));
         out.extend(self.port.as_ref().map(|p| format!("tcp://{p}")));
+        out.extend(self.udp_port.as_ref().map(|p| format!("udp://{p}")));
         out
     }
 }
@@ -161,6 +169,9 @@ pub enum EntryKind {
     Tls,
     /// On a raw TCP port.
     Port,
+    /// On a raw UDP port: a flow per client address, datagrams each prefixed with
+    /// [`UDP_DATA`] on the relay.
+    UdpPort,
 }
 
 impl EntryKind {
@@ -170,6 +181,7 @@ impl EntryKind {
             EntryKind::Http => "http",
             EntryKind::Tls => "tls",
             EntryKind::Port => "port",
+            EntryKind::UdpPort => "udp",
         }
     }
 }
