@@ -28,7 +28,26 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("punch_probe", punch_probe),
     ("udp_flow", udp_flow),
     ("stream_link", stream_link),
+    ("public_sniff", public_sniff),
 ];
+
+/// What a public entry reads of a client before routing it: an HTTP request head, or a TLS
+/// ClientHello's server name, from any bytes, whole or cut anywhere.
+pub fn public_sniff(data: &[u8]) {
+    use rendezvous::public::sniff::{MAX_HEAD, Sniffed, http_head, tls_server_name};
+    for cut in [data.len(), data.len() / 2] {
+        let part = &data[..cut];
+        if let Sniffed::Done(h) = http_head(part) {
+            assert!(
+                !h.host.bytes().any(|b| b.is_ascii_uppercase()),
+                "hosts are lower-cased"
+            );
+        }
+        if let Sniffed::Done(Some(name)) = tls_server_name(part) {
+            assert!(!name.is_empty() && name.len() < MAX_HEAD);
+        }
+    }
+}
 
 /// Decodes `body` as `T`; when it decodes, it must encode back to a frame that decodes
 /// to the same value.

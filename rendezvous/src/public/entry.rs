@@ -43,6 +43,8 @@ pub struct Entries {
     /// Stops every entry task at shutdown.
     pub stop: CancellationToken,
     open: Arc<tokio::sync::Semaphore>,
+    /// "Too many connections" answers being written.
+    refusals: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -61,6 +63,7 @@ impl Entries {
             ports: Mutex::default(),
             stop: CancellationToken::new(),
             open: Arc::new(tokio::sync::Semaphore::new(MAX_OPEN)),
+            refusals: Arc::new(tokio::sync::Semaphore::new(64)),
         }
     }
 
@@ -166,8 +169,12 @@ pub(crate) async fn accept_loop(
         let Some(admitted) = Admitted::new(&shared, remote.ip()) else {
             shared.metrics.public_refused(PublicRefusal::Busy);
             debug!(client = %remote, "public client over the limits; closed");
-            if let Kind::Http = kind {
+            // Saying why costs a task: only a few at a time, the rest are just closed.
+            if let Kind::Http = kind
+                && let Ok(permit) = shared.public.refusals.clone().try_acquire_owned()
+            {
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let mut stream = stream;
                     let _ = respond(
                         &mut stream,
