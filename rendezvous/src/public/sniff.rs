@@ -205,7 +205,11 @@ fn client_hello_sni(body: &[u8]) -> Option<Option<String>> {
                 if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
                     return None;
                 }
-                return Some(Some(name.trim_end_matches('.').to_ascii_lowercase()));
+                let name = name.trim_end_matches('.');
+                if name.is_empty() {
+                    return None;
+                }
+                return Some(Some(name.to_ascii_lowercase()));
             }
         }
         return Some(None);
