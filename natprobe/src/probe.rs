@@ -104,8 +104,8 @@ async fn exchange(
         }
         let got = tokio::select! {
             _ = tokio::time::sleep_until(retx.poll_timeout().into()) => None,
-            r = recv.recv_from(&mut buf) => r.ok().map(|(n, from)| (&buf[..n], from, true)),
-            r = send.recv_from(&mut buf2), if !same => r.ok().map(|(n, from)| (&buf2[..n], from, false)),
+            r = recv.recv_from(&mut buf) => r.ok().map(|(n, from)| (&buf[..n], wire::dual::canonical(from), true)),
+            r = send.recv_from(&mut buf2), if !same => r.ok().map(|(n, from)| (&buf2[..n], wire::dual::canonical(from), false)),
         };
         let Some((data, from, on_recv)) = got else {
             continue;

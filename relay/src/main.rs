@@ -89,6 +89,10 @@ struct Cli {
     /// Seconds of silence after which a session is closed.
     #[arg(long, default_value_t = relay::defaults::IDLE_TIMEOUT.as_secs(), value_name = "SECS")]
     idle_timeout: u64,
+    /// Take IPv4 halves only. By default a relay on every address (0.0.0.0) takes IPv6
+    /// halves too, where the host has IPv6.
+    #[arg(long)]
+    ipv4_only: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +115,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.max_bytes_per_session = cli.max_bytes;
     config.rate_per_session = cli.rate;
     config.idle_timeout = Duration::from_secs(cli.idle_timeout.max(1));
+    config.dual_stack = !cli.ipv4_only;
     let server = RelayServer::bind(config.clone()).await?;
     match cli.rendezvous {
         Some(spec) => {

@@ -48,6 +48,8 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Time a TCP connection has to present its ticket.
     pub hello_timeout: Duration,
+    /// On every address, take IPv4 and IPv6 halves alike (where the host has IPv6).
+    pub dual_stack: bool,
 }
 
 impl RelayConfig {
@@ -61,6 +63,7 @@ impl RelayConfig {
             rate_per_session: None,
             idle_timeout: defaults::IDLE_TIMEOUT,
             hello_timeout: defaults::HELLO_TIMEOUT,
+            dual_stack: true,
         }
     }
 }
@@ -151,11 +154,10 @@ impl RelayServer {
                 source,
             }
         };
-        let tcp = TcpListener::bind(config.listen)
-            .await
+        let tcp = wire::dual::tcp_listener(config.listen, config.dual_stack)
             .map_err(err("tcp", config.listen))?;
         let addr = tcp.local_addr().map_err(err("tcp", config.listen))?;
-        let udp = UdpSocket::bind(addr).await.map_err(err("udp", addr))?;
+        let udp = wire::dual::udp_socket(addr, config.dual_stack).map_err(err("udp", addr))?;
         wire::sockbuf::grow_udp_buffers(&udp);
         let shared = Arc::new(Shared {
             pairing: Mutex::new(Pairing::new(config.key.clone(), config.limits)),
@@ -203,7 +205,7 @@ impl RelayServer {
                 biased;
                 _ = shutdown.cancelled() => break,
                 r = tcp.accept() => match r {
-                    Ok(a) => a,
+                    Ok((s, remote)) => (s, wire::dual::canonical(remote)),
                     Err(e) => {
                         warn!(error = %e, "relay accept failed");
                         sleep(Duration::from_millis(50)).await;

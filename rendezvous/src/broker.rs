@@ -98,18 +98,15 @@ pub struct PublicRelay<'a> {
 /// Which relay carries a public client to its exposer. Unlike a peer session, the bytes
 /// already pass through this host (the public entry is here), so the embedded relay comes
 /// first: a standalone relay would only add a hop. The rendezvous dials the embedded relay
-/// on loopback when it is bound to every address.
+/// on loopback when it is bound to every address (IPv4 loopback: a socket on every
+/// address takes IPv4 whether or not it takes IPv6 too).
 pub fn choose_public_relay<'a>(
     relays: Relays<'a>,
     advertise: Option<IpAddr>,
 ) -> Option<PublicRelay<'a>> {
     if let Some((bound, key)) = relays.embedded {
         let for_self = if bound.ip().is_unspecified() {
-            let lo: IpAddr = match bound {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            };
-            SocketAddr::new(lo, bound.port())
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, bound.port()))
         } else {
             bound
         };

@@ -110,6 +110,12 @@ struct Cli {
     #[arg(long)]
     no_http: bool,
 
+    /// Take IPv4 clients only. By default every socket bound to every address (0.0.0.0,
+    /// as the defaults are) takes IPv6 clients too, where the host has IPv6: signaling,
+    /// STUN (without --alt-ip), the embedded relay, public entries.
+    #[arg(long)]
+    ipv4_only: bool,
+
     /// Shared secret peers must present to connect. Prefer the environment variable, which
     /// other users of the machine cannot read from the process list.
     #[arg(long, env = "CHUANTOU_TOKEN", hide_env_values = true)]
@@ -310,6 +316,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         rc.max_bytes_per_session = cli.relay_max_bytes;
         rc.rate_per_session = cli.relay_rate;
         rc.idle_timeout = Duration::from_secs(cli.relay_idle_timeout.max(1));
+        rc.dual_stack = !cli.ipv4_only;
         Some(rc)
     };
     let mut allow = Vec::new();
@@ -370,6 +377,7 @@ async fn serve(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         max_pending_per_ip: cli.max_pending_per_ip,
         max_connections_per_ip: cli.max_connections_per_ip.max(1),
         public,
+        dual_stack: !cli.ipv4_only,
         ..ServerConfig::default()
     };
     if config.token.is_none() {

@@ -177,6 +177,8 @@ pub struct ExposeOpts {
     pub max_sessions: Option<usize>,
     /// Publish to plain clients.
     pub public: Option<wire::signal::Publish>,
+    /// Reach the rendezvous at this address [default: where it is bound].
+    pub via: Option<SocketAddr>,
 }
 
 /// Like [`expose`], with options.
@@ -195,12 +197,13 @@ pub fn expose_proto(
         no_relay,
         max_sessions,
         public: publication,
+        via,
     } = opts;
     let key = home.open().key().unwrap();
     let public = PublicKey(key.verifying_key().to_bytes());
     let cfg = Expose {
         signaling: Signaling {
-            rendezvous: server.addrs().signaling.to_string(),
+            rendezvous: via.unwrap_or(server.addrs().signaling).to_string(),
             token: None,
             name: name.into(),
             trust: Trust {
@@ -285,6 +288,8 @@ pub struct ReachOpts {
     pub transport: Transport,
     /// Never use the relay.
     pub no_relay: bool,
+    /// Reach the rendezvous at this address [default: where it is bound].
+    pub via: Option<SocketAddr>,
 }
 
 /// Like [`reach_proto`], with options, also returning the reaching peer's status board.
@@ -299,12 +304,13 @@ pub async fn reach_board(
         udp,
         transport,
         no_relay,
+        via,
     } = opts;
     let h = home.open();
     let key = h.key().unwrap();
     let cfg = Reach {
         signaling: Signaling {
-            rendezvous: server.addrs().signaling.to_string(),
+            rendezvous: via.unwrap_or(server.addrs().signaling).to_string(),
             token: None,
             name: format!("reach-{}", hex::encode(rand::random::<[u8; 4]>())),
             services: vec![],

@@ -67,7 +67,7 @@ impl BatchSocket {
                 Ok(n) if n > 0 => {
                     let m = meta[0];
                     return Ok(Batch {
-                        from: m.addr,
+                        from: crate::dual::canonical(m.addr),
                         len: m.len,
                         stride: if m.stride == 0 { m.len } else { m.stride },
                     });

@@ -13,6 +13,7 @@
 //!   [`signal::client`]: the peer's half of signaling, and STUN queries over its sockets.
 //! - [`batch`]: a UDP socket that receives and sends datagrams in GRO/GSO batches;
 //!   [`sockbuf`]: UDP buffer sizes for sockets that carry sessions.
+//! - [`dual`]: dual-stack UDP sockets and canonical addresses.
 //! - [`announce`]: the messages of a standalone relay registering with a rendezvous.
 //! - [`stun`]: the STUN Binding client codec and its retransmission schedule.
 //! - [`tls`]: TLS 1.3 authenticated by pinned ed25519 keys (peers, and signaling).
@@ -23,6 +24,7 @@
 pub mod announce;
 pub mod batch;
 pub mod cli;
+pub mod dual;
 pub mod frame;
 pub mod relay;
 pub mod signal;

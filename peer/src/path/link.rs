@@ -276,6 +276,7 @@ impl Links {
     pub fn add_stream(self: &Arc<Self>, kind: PathKind, stream: TcpStream) -> Link {
         let remote = stream
             .peer_addr()
+            .map(wire::dual::canonical)
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let _ = stream.set_nodelay(true);
         let (link, mut out) = self.register(kind, remote, true);

@@ -118,6 +118,8 @@ impl Socket {
             for i in 0..n {
                 let m = meta[i];
                 let stride = m.stride.max(1);
+                // A dual-stack socket reads IPv4 senders as v4-mapped: one form for all.
+                let from = canonical(m.addr);
                 // A receive may coalesce several datagrams of one source (GRO): look at
                 // each, keep the QUIC ones packed at the front of the buffer.
                 let buf = &mut bufs[i][..m.len];
@@ -125,7 +127,7 @@ impl Socket {
                 let mut read = 0;
                 while read < m.len {
                     let end = (read + stride).min(m.len);
-                    if !self.routes.divert(m.addr, &buf[read..end]) {
+                    if !self.routes.divert(from, &buf[read..end]) {
                         buf.copy_within(read..end, write);
                         write += end - read;
                     }
@@ -135,7 +137,7 @@ impl Socket {
                     continue;
                 }
                 meta[i].len = write;
-                meta[i].addr = for_quic(m.addr);
+                meta[i].addr = for_quic(from);
                 if kept != i {
                     bufs.swap(kept, i);
                     meta.swap(kept, i);

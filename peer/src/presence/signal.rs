@@ -162,9 +162,9 @@ async fn connect_from(
         let addrs = tokio::net::lookup_host(rendezvous).await?;
         let mut last = std::io::Error::new(
             std::io::ErrorKind::AddrNotAvailable,
-            "no IPv4 address (the shared TCP port is IPv4)",
+            "the name resolves to no address",
         );
-        for a in addrs.filter(SocketAddr::is_ipv4) {
+        for a in addrs {
             match port.connect(a).await {
                 Ok(s) => return Ok(s),
                 Err(e) => last = e,
@@ -234,7 +234,11 @@ impl Signaling {
         let mut nat = None;
         let mut lan = Vec::new();
         if let Some(stun) = client.stun_server() {
-            match UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).await {
+            let dual = wire::dual::udp(0).and_then(|s| {
+                s.set_nonblocking(true)?;
+                UdpSocket::from_std(s)
+            });
+            match dual {
                 Ok(sock) => {
                     match natprobe::probe::quick(&sock, stun, natprobe::probe::QUICK_TIMING).await {
                         Ok(Some(q)) => {
@@ -306,8 +310,7 @@ impl Signaling {
         let endpoint = match &udp {
             Some(u) => u.endpoint.clone(),
             None => {
-                let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
-                    .map_err(ClientError::StunIo)?;
+                let sock = wire::dual::udp(0).map_err(ClientError::StunIo)?;
                 UdpEndpoint::new(sock).map_err(ClientError::StunIo)?.0
             }
         };
@@ -420,7 +423,11 @@ impl Signaling {
 
 /// The local IP the system routes towards `to` from.
 fn route_ip(to: SocketAddr) -> Option<std::net::IpAddr> {
-    let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = std::net::UdpSocket::bind(any).ok()?;
     s.connect(to).ok()?;
     Some(s.local_addr().ok()?.ip())
 }

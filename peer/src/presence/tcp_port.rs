@@ -43,6 +43,8 @@ type Routes = Arc<Mutex<HashMap<[u8; 16], (mpsc::Sender<Accepted>, Vec<IpAddr>)>
 #[derive(Debug)]
 pub struct TcpPort {
     port: u16,
+    /// Its sockets are dual-stack IPv6 ones (IPv4 peers as v4-mapped addresses).
+    v6: bool,
     routes: Routes,
     acceptor: tokio::task::JoinHandle<()>,
 }
@@ -53,25 +55,48 @@ impl Drop for TcpPort {
     }
 }
 
-/// A socket ready to bind to P.
-fn reusable() -> io::Result<TcpSocket> {
-    let s = TcpSocket::new_v4()?;
+/// A socket ready to bind to P: dual-stack where the host has IPv6 (`v6`), else IPv4.
+fn reusable(v6: bool) -> io::Result<TcpSocket> {
+    let s = if v6 {
+        let s = TcpSocket::new_v6()?;
+        socket2::SockRef::from(&s).set_only_v6(false)?;
+        s
+    } else {
+        TcpSocket::new_v4()?
+    };
     s.set_reuseaddr(true)?;
     s.set_reuseport(true)?;
     Ok(s)
 }
 
+/// Every address of the family `v6` says, on `port`.
+fn any(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+    }
+}
+
 impl TcpPort {
-    /// Listens on a fresh port of every local IPv4 address.
+    /// Listens on a fresh port of every local address, IPv6 and IPv4 where the host has
+    /// IPv6.
     pub fn bind() -> io::Result<TcpPort> {
-        let s = reusable()?;
-        s.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        let (v6, s) = match reusable(true).and_then(|s| s.bind(any(true, 0)).map(|()| s)) {
+            Ok(s) => (true, s),
+            Err(_) => {
+                let s = reusable(false)?;
+                s.bind(any(false, 0))?;
+                (false, s)
+            }
+        };
         let listener = s.listen(128)?;
         let port = listener.local_addr()?.port();
         let routes: Routes = Arc::default();
         let acceptor = tokio::spawn(accept_loop(listener, routes.clone()));
         Ok(TcpPort {
             port,
+            v6,
             routes,
             acceptor,
         })
@@ -84,8 +109,21 @@ impl TcpPort {
 
     /// Connects from P to `to`.
     pub async fn connect(&self, to: SocketAddr) -> io::Result<TcpStream> {
-        let s = reusable()?;
-        s.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.port)))?;
+        let s = reusable(self.v6)?;
+        s.bind(any(self.v6, self.port))?;
+        // A dual-stack socket reaches IPv4 at the v4-mapped address.
+        let to = match to {
+            SocketAddr::V4(a) if self.v6 => {
+                SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port())
+            }
+            other => other,
+        };
+        if to.is_ipv6() && !self.v6 {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("{to}: this host has no IPv6"),
+            ));
+        }
         s.connect(to).await
     }
 
@@ -162,7 +200,7 @@ async fn accept_loop(listener: TcpListener, routes: Routes) {
     let per_ip = PerIp::default();
     loop {
         let (mut stream, from) = match listener.accept().await {
-            Ok(c) => c,
+            Ok((s, from)) => (s, wire::dual::canonical(from)),
             Err(e) => {
                 // Out of descriptors and the like: pause rather than spin.
                 debug!(error = %e, "tcp port accept");

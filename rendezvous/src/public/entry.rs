@@ -97,16 +97,13 @@ impl Entries {
         }
         let addr = SocketAddr::new(*ip, port);
         let stop = self.stop.child_token();
+        let dual = shared.config.dual_stack;
         if udp {
-            let std = std::net::UdpSocket::bind(addr)?;
-            std.set_nonblocking(true)?;
-            let sock = tokio::net::UdpSocket::from_std(std)?;
+            let sock = wire::dual::udp_socket(addr, dual)?;
             info!(port, "public udp port listening");
             tokio::spawn(super::udp::serve(sock, shared.clone(), port, stop.clone()));
         } else {
-            let std = std::net::TcpListener::bind(addr)?;
-            std.set_nonblocking(true)?;
-            let listener = TcpListener::from_std(std)?;
+            let listener = wire::dual::tcp_listener(addr, dual)?;
             info!(port, "public port listening");
             tokio::spawn(accept_loop(
                 listener,
@@ -157,7 +154,7 @@ pub(crate) async fn accept_loop(
         let (stream, remote) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok((s, remote)) => (s, wire::dual::canonical(remote)),
                 Err(e) => {
                     warn!(error = %e, "public accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -51,7 +51,7 @@ pub(crate) async fn serve(
                 continue;
             }
             r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+                Ok((n, from)) => (n, wire::dual::canonical(from)),
                 Err(e) => {
                     debug!(port, error = %e, "public udp receive failed");
                     continue;

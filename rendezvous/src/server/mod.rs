@@ -119,6 +119,9 @@ pub struct ServerConfig {
     pub advertise: Vec<IpAddr>,
     /// Public entries for clients that run no `peer`; all off by default.
     pub public: crate::public::PublicConfig,
+    /// Sockets on every address (`0.0.0.0` or `[::]`) take IPv4 and IPv6 clients alike,
+    /// where the host has IPv6 (`--ipv4-only` turns it off).
+    pub dual_stack: bool,
 }
 
 impl ServerConfig {
@@ -165,6 +168,7 @@ impl Default for ServerConfig {
             max_names_per_ip: defaults::MAX_NAMES_PER_IP,
             http_timeout: defaults::HTTP_TIMEOUT,
             advertise: Vec::new(),
+            dual_stack: true,
             http_token: None,
             public: crate::public::PublicConfig {
                 max_conns: defaults::PUBLIC_MAX_CONNS,
@@ -403,8 +407,8 @@ impl Server {
     /// Binds every socket the configuration asks for.
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let bind_err = |what, addr| move |source| ServerError::Bind { what, addr, source };
-        let listener = TcpListener::bind(config.listen)
-            .await
+        let dual = config.dual_stack;
+        let listener = wire::dual::tcp_listener(config.listen, dual)
             .map_err(bind_err("signaling", config.listen))?;
         let signaling = listener
             .local_addr()
@@ -441,7 +445,7 @@ impl Server {
         let mut layout = None;
         if let Some(primary) = config.stun {
             let (sockets, listeners, l) =
-                bind_stun(primary, config.alt_ip, config.alt_port).await?;
+                bind_stun(primary, config.alt_ip, config.alt_port, dual).await?;
             stun = sockets;
             stun_tcp = listeners;
             layout = Some(l);
@@ -452,11 +456,9 @@ impl Server {
         }
 
         let http = match config.http {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(bind_err("http api", addr))?,
-            ),
+            Some(addr) => {
+                Some(wire::dual::tcp_listener(addr, dual).map_err(bind_err("http api", addr))?)
+            }
             None => None,
         };
         let http_addr = match (&http, config.http) {
@@ -477,7 +479,7 @@ impl Server {
         let bind_public = |addr: Option<SocketAddr>, what: &'static str| async move {
             match addr {
                 Some(a) => {
-                    let l = TcpListener::bind(a).await.map_err(bind_err(what, a))?;
+                    let l = wire::dual::tcp_listener(a, dual).map_err(bind_err(what, a))?;
                     let bound = l.local_addr().map_err(bind_err(what, a))?;
                     Ok::<_, ServerError>((Some(l), Some(bound)))
                 }
@@ -700,7 +702,7 @@ impl Server {
                 a = listener.accept() => a,
             };
             let (stream, remote) = match accepted {
-                Ok(a) => a,
+                Ok((s, remote)) => (s, wire::dual::canonical(remote)),
                 Err(e) => {
                     // EMFILE and friends: back off briefly rather than spin.
                     warn!(error = %e, "accept failed");

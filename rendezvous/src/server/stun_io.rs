@@ -11,24 +11,24 @@ pub(super) async fn bind_stun(
     primary: SocketAddr,
     alt_ip: Option<IpAddr>,
     alt_port: Option<u16>,
+    dual: bool,
 ) -> Result<StunSockets, ServerError> {
+    // RFC 5780's four addresses are concrete IPs of one family; a plain responder on every
+    // address takes both families on one socket.
+    let dual = dual && alt_ip.is_none();
     let bind = |addr: SocketAddr| async move {
-        UdpSocket::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                what: "stun",
-                addr,
-                source,
-            })
+        wire::dual::udp_socket(addr, dual).map_err(|source| ServerError::Bind {
+            what: "stun",
+            addr,
+            source,
+        })
     };
     let bind_tcp = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                what: "stun (tcp)",
-                addr,
-                source,
-            })
+        wire::dual::tcp_listener(addr, dual).map_err(|source| ServerError::Bind {
+            what: "stun (tcp)",
+            addr,
+            source,
+        })
     };
     let Some(alt_ip) = alt_ip else {
         // With port 0 the UDP socket picks the port and TCP must get the same one; a
@@ -115,7 +115,7 @@ pub(super) async fn stun_tcp_task(
             biased;
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
-                Ok(c) => c,
+                Ok((s, src)) => (s, wire::dual::canonical(src)),
                 Err(e) => { debug!(error = %e, "stun tcp accept"); continue; }
             },
         };
@@ -195,7 +195,7 @@ pub(super) async fn stun_task(
             biased;
             _ = shutdown.cancelled() => return,
             r = sock.recv_from(&mut buf) => match r {
-                Ok(r) => r,
+                Ok((n, src)) => (n, wire::dual::canonical(src)),
                 // ICMP errors from earlier sends surface here on some systems; keep serving.
                 Err(e) => { debug!(error = %e, "stun recv"); continue; }
             },

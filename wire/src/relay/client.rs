@@ -177,7 +177,7 @@ pub async fn join_udp(
                 break;
             };
             let (n, from) = got.map_err(JoinError::Io)?;
-            if from != relay {
+            if crate::dual::canonical(from) != relay {
                 continue;
             }
             if let Some(answer) = join.answer(&buf[..n]) {

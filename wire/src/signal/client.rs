@@ -280,11 +280,14 @@ impl Client {
     /// TLS 1.3 first, checking the server's key, then the hello.
     pub async fn over(stream: TcpStream, config: ClientConfig) -> Result<Client, ClientError> {
         let _ = stream.set_nodelay(true);
+        // A dual-stack socket shows IPv4 ends as v4-mapped: one form for all.
         let local_addr = stream
             .local_addr()
+            .map(crate::dual::canonical)
             .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
         let remote = stream
             .peer_addr()
+            .map(crate::dual::canonical)
             .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
         let (tls, server_key) = timeout(config.connect_timeout, handshake(stream, remote))
             .await
@@ -631,7 +634,7 @@ pub async fn stun_binding(
             continue;
         };
         let (n, from) = got.map_err(ClientError::StunIo)?;
-        if from.ip() != server.ip() {
+        if crate::dual::canonical(from).ip() != server.ip() {
             continue;
         }
         match stun::parse_response(&buf[..n], &req.tid, credential.map(|c| c.1)) {
@@ -653,7 +656,10 @@ pub async fn stun_binding_tcp(
     within: Duration,
 ) -> Result<BindingResponse, ClientError> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let server = stream.peer_addr().map_err(ClientError::StunIo)?;
+    let server = stream
+        .peer_addr()
+        .map(crate::dual::canonical)
+        .map_err(ClientError::StunIo)?;
     let stamped = credential.map(|(u, p)| (stun::stamp(u), p));
     let req = stun::binding_request(stamped.as_ref().map(|(u, p)| (u.as_str(), *p)), None)?;
     let exchange = async {
