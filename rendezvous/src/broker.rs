@@ -59,7 +59,7 @@ pub struct Relays<'a> {
 /// [`wire::signal::same_host`]): the one address sure to reach this host from that peer.
 pub fn choose_relay<'a>(
     relays: Relays<'a>,
-    advertise: Option<IpAddr>,
+    (advertise_initiator, advertise_responder): (Option<IpAddr>, Option<IpAddr>),
     expires: u64,
 ) -> Option<RelayIssue<'a>> {
     if let Some((addr, key)) = relays.standalone {
@@ -71,15 +71,16 @@ pub fn choose_relay<'a>(
         });
     }
     let (bound, key) = relays.embedded?;
-    let dial = match advertise {
+    // Each side dials this host's address in its own family, when one is advertised.
+    let dial = |advertise: Option<IpAddr>| match advertise {
         Some(ip) => SocketAddr::new(ip, bound.port()),
         None => bound,
     };
     Some(RelayIssue {
         key,
         expires,
-        addr_for_initiator: dial,
-        addr_for_responder: dial,
+        addr_for_initiator: dial(advertise_initiator),
+        addr_for_responder: dial(advertise_responder),
     })
 }
 
@@ -369,14 +370,14 @@ mod tests {
         );
         let wildcard: SocketAddr = "0.0.0.0:7001".parse().unwrap();
         let standalone: SocketAddr = "198.18.7.7:7001".parse().unwrap();
-        assert!(choose_relay(Relays::default(), None, 9).is_none());
+        assert!(choose_relay(Relays::default(), (None, None), 9).is_none());
 
         // Bound to every address, not advertised: "the host you reached us on".
         let embedded = Relays {
             standalone: None,
             embedded: Some((wildcard, &k1)),
         };
-        let r = choose_relay(embedded, None, 9).unwrap();
+        let r = choose_relay(embedded, (None, None), 9).unwrap();
         assert_eq!(
             (r.addr_for_initiator, r.addr_for_responder),
             (wildcard, wildcard)
@@ -384,7 +385,7 @@ mod tests {
         assert_eq!((r.key.to_hex(), r.expires), (k1.to_hex(), 9));
         // Advertised (a 1:1 NAT in front): that address, on the relay's port.
         let public: IpAddr = "198.18.1.9".parse().unwrap();
-        let r = choose_relay(embedded, Some(public), 9).unwrap();
+        let r = choose_relay(embedded, (Some(public), Some(public)), 9).unwrap();
         assert_eq!(r.addr_for_responder, "198.18.1.9:7001".parse().unwrap());
         // Bound to one address: there.
         let concrete: SocketAddr = "198.18.3.3:7001".parse().unwrap();
@@ -392,7 +393,7 @@ mod tests {
             standalone: None,
             embedded: Some((concrete, &k1)),
         };
-        let r = choose_relay(one, None, 9).unwrap();
+        let r = choose_relay(one, (None, None), 9).unwrap();
         assert_eq!(
             (r.addr_for_initiator, r.addr_for_responder),
             (concrete, concrete)
@@ -402,7 +403,7 @@ mod tests {
             standalone: Some((standalone, &k2)),
             embedded: Some((wildcard, &k1)),
         };
-        let r = choose_relay(both, Some(public), 9).unwrap();
+        let r = choose_relay(both, (Some(public), Some(public)), 9).unwrap();
         assert_eq!(
             (r.addr_for_initiator, r.addr_for_responder),
             (standalone, standalone)
@@ -416,6 +417,7 @@ mod tests {
         let cand = |port| Candidates {
             tcp: Some(std::net::SocketAddr::from(([198, 18, 0, 1], port))),
             udp: None,
+            udp_alt: None,
             lan: vec![],
             nat: None,
             tcp_nat: None,

@@ -86,8 +86,11 @@ struct Cli {
     /// This host's public address(es) when they are not on the machine (a cloud's 1:1
     /// NAT): peers are told to use IP for STUN and the embedded relay, and STUN answers
     /// name IP (and IP2, the public side of --alt-ip) in OTHER-ADDRESS and RESPONSE-ORIGIN.
-    /// [default: the bound addresses; bound to every address, peers use the host they
-    /// reached this server on]
+    /// One IPv4 and one IPv6 address (`203.0.113.1,2001:db8::1`) are this host in each
+    /// family: each peer is told the one of its own family, and, on a dual-stack server,
+    /// the other one as a second STUN server, so that it learns its mapping in both
+    /// families and peers punch in both (IPv6 preferred). [default: the bound addresses;
+    /// bound to every address, peers use the host they reached this server on]
     #[arg(long, value_name = "IP[,IP2]", value_delimiter = ',', num_args = 1)]
     advertise: Vec<IpAddr>,
 

@@ -150,8 +150,10 @@ pub struct Entry {
     pub lan_addrs: Vec<SocketAddr>,
     /// Last observed signaling address.
     pub tcp_addr: SocketAddr,
-    /// Last observed STUN address, if any.
+    /// Last observed STUN address in its signaling connection's address family, if any.
     pub udp_addr: Option<SocketAddr>,
+    /// Last observed STUN address in the other family (IPv6 beside IPv4, or the reverse).
+    pub udp_alt: Option<SocketAddr>,
     /// Its connection while online.
     pub conn: Option<ConnId>,
     /// When it was last heard from.
@@ -315,6 +317,7 @@ impl Registry {
             lan_addrs: reg.lan_addrs,
             tcp_addr: reg.tcp_addr,
             udp_addr: None,
+            udp_alt: None,
             conn: Some(reg.conn),
             last_seen: now,
             rtt: None,
@@ -375,8 +378,14 @@ impl Registry {
             return None;
         }
         entry.stun_counter = counter;
-        let changed = entry.udp_addr != Some(addr);
-        entry.udp_addr = Some(addr);
+        // A dual-stack peer asks in both families: each family keeps its own mapping.
+        let slot = if addr.is_ipv6() == entry.tcp_addr.is_ipv6() {
+            &mut entry.udp_addr
+        } else {
+            &mut entry.udp_alt
+        };
+        let changed = *slot != Some(addr);
+        *slot = Some(addr);
         Some((name.as_str(), changed))
     }
 

@@ -105,3 +105,49 @@ async fn two_ipv6_peers_punch_a_direct_udp_path_over_ipv6() {
     echo_round(local).await;
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_peers_learn_both_mappings_and_prefer_the_ipv6_direct_path() {
+    let Some(_) = dual_rendezvous().await else {
+        return;
+    };
+    // The same server, told its address in each family (as `--advertise 203.0.113.1,
+    // 2001:db8::1` would): peers that reach it over IPv4 learn their IPv6 mapping too.
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    let mut config = ServerConfig::loopback();
+    config.listen = any;
+    config.stun = Some(any);
+    if let Some(r) = &mut config.relay {
+        r.listen = any;
+    }
+    config.advertise = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+    let server = rendezvous_with(config).await;
+    let port = server.addrs().signaling.port();
+    let stop = CancellationToken::new();
+    let (pc, phone) = (TempHome::new(), TempHome::new());
+    let echo = echo_service().await;
+    let opts = ExposeOpts {
+        via: at("127.0.0.1", port),
+        ..ExposeOpts::default()
+    };
+    expose_proto(&server, &pc, "pc46", echo, opts, &stop);
+    online(&server, "pc46").await;
+    let reach = ReachOpts {
+        via: at("127.0.0.1", port),
+        ..ReachOpts::default()
+    };
+    let (local, board) = reach_board(&server, &phone, "pc46", reach, &stop)
+        .await
+        .unwrap();
+    echo_round(local).await;
+    within("a direct path", board.wait_path("pc46", "direct-udp")).await;
+    let s = board.snapshot();
+    let direct = s[0].paths.iter().find(|p| p.kind == "direct-udp").unwrap();
+    let remote: SocketAddr = direct.remote.parse().unwrap();
+    assert!(
+        remote.is_ipv6(),
+        "both families punched, IPv6 preferred: {s:?}"
+    );
+    echo_round(local).await;
+    stop.cancel();
+}

@@ -90,33 +90,45 @@ impl Drop for Udp {
 async fn refresh(
     endpoint: UdpEndpoint,
     mut stun_rx: tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
-    stun: SocketAddr,
+    servers: Vec<SocketAddr>,
     cred: (String, String),
 ) {
     loop {
         tokio::time::sleep(UDP_REFRESH).await;
-        // A fresh counter each round: the rendezvous takes observations only from requests
-        // newer than any before (retransmissions of this one are answered, not counted).
-        let user = wire::stun::stamp(&cred.0);
-        let Ok(req) = wire::stun::binding_request(Some((&user, &cred.1)), None) else {
-            return;
-        };
-        for _ in 0..3 {
-            if endpoint.send_to(&req.bytes, stun).await.is_err() {
-                break;
-            }
-            let answered = tokio::time::timeout(STUN_ANSWER_WITHIN, async {
-                while let Some((_, data)) = stun_rx.recv().await {
-                    if wire::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
-                        return true;
-                    }
+        for &stun in &servers {
+            refresh_one(&endpoint, &mut stun_rx, stun, &cred).await;
+        }
+    }
+}
+
+/// One credentialed Binding towards `stun`, retried a few times.
+async fn refresh_one(
+    endpoint: &UdpEndpoint,
+    stun_rx: &mut tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
+    stun: SocketAddr,
+    cred: &(String, String),
+) {
+    // A fresh counter each round: the rendezvous takes observations only from requests
+    // newer than any before (retransmissions of this one are answered, not counted).
+    let user = wire::stun::stamp(&cred.0);
+    let Ok(req) = wire::stun::binding_request(Some((&user, &cred.1)), None) else {
+        return;
+    };
+    for _ in 0..3 {
+        if endpoint.send_to(&req.bytes, stun).await.is_err() {
+            break;
+        }
+        let answered = tokio::time::timeout(STUN_ANSWER_WITHIN, async {
+            while let Some((_, data)) = stun_rx.recv().await {
+                if wire::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
+                    return true;
                 }
-                false
-            })
-            .await;
-            if answered == Ok(true) {
-                break;
             }
+            false
+        })
+        .await;
+        if answered == Ok(true) {
+            break;
         }
     }
 }
@@ -292,9 +304,29 @@ impl Signaling {
                     info!(udp = %o, mapping = ?n.mapping, allocation = ?n.allocation,
                         delta = n.delta, "udp mapping observed");
                 }
+                // The other address family, from the same socket (it is dual-stack): a
+                // second candidate the other side may reach us at.
+                let mut servers = vec![stun];
+                if let Some(alt) = client.stun_alt() {
+                    let binding = wire::signal::client::stun_binding(
+                        &socket,
+                        alt,
+                        Some((&cred.0, &cred.1)),
+                        wire::stun::transaction::Timing::RFC8489,
+                    );
+                    match tokio::time::timeout(REGISTERED_STUN_WITHIN, binding).await {
+                        Ok(Ok(r)) => {
+                            info!(udp = %r.mapped, "udp mapping observed in the other address family");
+                            servers.push(alt);
+                        }
+                        _ => {
+                            tracing::debug!(stun = %alt, "no STUN answer in the other address family")
+                        }
+                    }
+                }
                 match socket.into_std().and_then(UdpEndpoint::new) {
                     Ok((endpoint, stun_rx)) => Some(Udp {
-                        refresher: tokio::spawn(refresh(endpoint.clone(), stun_rx, stun, cred)),
+                        refresher: tokio::spawn(refresh(endpoint.clone(), stun_rx, servers, cred)),
                         endpoint,
                         observed,
                         nat,

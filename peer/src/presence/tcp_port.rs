@@ -292,7 +292,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(from, c.local_addr().unwrap());
+        assert_eq!(from, wire::dual::canonical(c.local_addr().unwrap()));
         assert_eq!(first, probe);
         drop(route);
         assert!(lock(&port.routes).is_empty());
@@ -347,7 +347,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(from, c.local_addr().unwrap());
+        assert_eq!(from, wire::dual::canonical(c.local_addr().unwrap()));
         // The stranger's are closed; the near filler keeps its share and no more, until
         // its first-probe time runs out.
         for s in &mut elsewhere {

@@ -224,7 +224,15 @@ pub struct Punch {
     spray_offset: u32,
     /// Pairs an authentic probe came in on, in order, at most [`MAX_HEARD`].
     heard: Vec<(usize, SocketAddr)>,
+    /// An IPv4 pair that answered while IPv6 candidates had not yet: nominated at the
+    /// deadline unless an IPv6 pair answers first ([`V6_GRACE`]).
+    held: Option<(usize, SocketAddr, Duration, Instant)>,
 }
+
+/// How long an answered IPv4 pair waits for an IPv6 one (the Happy Eyeballs idea, RFC
+/// 8305, turned around: a direct IPv6 path needs no NAT mapping kept alive, so it is
+/// preferred when its round trip is no worse than this much behind).
+pub const V6_GRACE: Duration = Duration::from_millis(50);
 
 /// Ports a spray draws from: 1024–65535.
 const SPRAY_RANGE: u32 = 65536 - 1024;
@@ -269,6 +277,7 @@ impl Punch {
             sent: 0,
             spray_sent: 0,
             heard: Vec::new(),
+            held: None,
         }
     }
 
@@ -354,14 +363,16 @@ impl Punch {
                     return;
                 }
                 if self.cfg.role == Side::Initiator {
-                    let transaction = self.transaction();
-                    self.state = State::Nominating {
-                        socket,
-                        remote: from,
-                        transaction,
-                        rtt: self.now.saturating_duration_since(sent),
-                        next: self.now,
-                    };
+                    let rtt = self.now.saturating_duration_since(sent);
+                    let v6_pending = self.cfg.remote.iter().any(SocketAddr::is_ipv6);
+                    if from.is_ipv4() && v6_pending {
+                        // Give IPv6 a moment; the first IPv4 answer is kept.
+                        if self.held.is_none() {
+                            self.held = Some((socket, from, rtt, self.now + V6_GRACE));
+                        }
+                        return;
+                    }
+                    self.nominate(socket, from, rtt);
                 }
             }
             Kind::Nominate => {
@@ -419,6 +430,19 @@ impl Punch {
             .collect()
     }
 
+    /// Starts nominating `remote` on `socket`.
+    fn nominate(&mut self, socket: usize, remote: SocketAddr, rtt: Duration) {
+        self.held = None;
+        let transaction = self.transaction();
+        self.state = State::Nominating {
+            socket,
+            remote,
+            transaction,
+            rtt,
+            next: self.now,
+        };
+    }
+
     /// The next thing to do; [`Output::Timeout`] when there is nothing until then.
     pub fn poll_output(&mut self) -> Output {
         // Answers first: the ack of a nomination must go out before the shell, told it is
@@ -443,6 +467,12 @@ impl Punch {
         }
         if now < self.cfg.start {
             return Output::Timeout(self.cfg.start);
+        }
+        if let Some((socket, remote, rtt, until)) = self.held
+            && self.state == State::Punching
+            && now >= until
+        {
+            self.nominate(socket, remote, rtt);
         }
         if let State::Nominating {
             socket,
@@ -484,6 +514,9 @@ impl Punch {
             }
         }
         let mut deadline = give_up;
+        if let Some((.., until)) = self.held {
+            deadline = deadline.min(until);
+        }
         if let Some(spray) = self.cfg.spray {
             if self.spray_sent < spray.probes {
                 deadline = deadline.min(self.spray_next);
@@ -821,5 +854,83 @@ mod tests {
             panic!("{events:?}");
         };
         assert_eq!((path.remote, path.fallbacks.clone()), (lan, vec![public]));
+    }
+
+    /// Answers the first request sent to `to` among `sent`, as the responder would.
+    fn answer(key: &ProbeKey, sent: &[Transmit], to: SocketAddr) -> [u8; probe::LEN] {
+        let req = sent
+            .iter()
+            .find(|t| t.to == to)
+            .expect("a request went there");
+        key.encode(&Probe {
+            kind: Kind::Response,
+            from: Side::Responder,
+            transaction: key.decode(&req.payload).unwrap().transaction,
+            observed: None,
+        })
+    }
+
+    #[test]
+    fn an_ipv6_pair_that_answers_within_the_grace_is_preferred_else_ipv4_goes_ahead() {
+        let t0 = Instant::now();
+        let v4: SocketAddr = "198.18.2.1:40000".parse().unwrap();
+        let v6: SocketAddr = "[2001:2::2]:40000".parse().unwrap();
+        let key = ProbeKey::new([1; 16], [2; 32]);
+        let nominated = |t: &[Transmit]| {
+            t.iter()
+                .find(|x| key.decode(&x.payload).unwrap().kind == Kind::Nominate)
+                .map(|x| x.to)
+        };
+        for v6_answers in [true, false] {
+            let mut p = agent(Side::Initiator, vec![v4, v6], t0);
+            // Requests are paced: run until one went to each candidate.
+            let (mut sent, mut now) = (Vec::new(), t0);
+            for _ in 0..10 {
+                p.handle_input(Input::Timeout(now));
+                let (t, _, wake) = drain(&mut p);
+                sent.extend(t);
+                now = wake;
+                if [v4, v6].iter().all(|a| sent.iter().any(|t| t.to == *a)) {
+                    break;
+                }
+            }
+            // IPv4 answers first: nothing nominated yet, and a wake-up within the grace.
+            let at = now;
+            p.handle_input(Input::Receive {
+                now: at,
+                socket: 0,
+                from: v4,
+                data: &answer(&key, &sent, v4),
+            });
+            let (t, _, wake) = drain(&mut p);
+            assert_eq!(nominated(&t), None);
+            assert!(wake <= at + V6_GRACE, "{:?}", wake - at);
+            if v6_answers {
+                p.handle_input(Input::Receive {
+                    now: at + Duration::from_millis(20),
+                    socket: 0,
+                    from: v6,
+                    data: &answer(&key, &sent, v6),
+                });
+                let (t, _, _) = drain(&mut p);
+                assert_eq!(nominated(&t), Some(v6), "IPv6 within the grace wins");
+            } else {
+                p.handle_input(Input::Timeout(at + V6_GRACE));
+                let (t, _, _) = drain(&mut p);
+                assert_eq!(nominated(&t), Some(v4), "no IPv6 answer: IPv4 goes ahead");
+            }
+        }
+        // Without IPv6 candidates, IPv4 is nominated at once.
+        let mut p = agent(Side::Initiator, vec![v4], t0);
+        p.handle_input(Input::Timeout(t0));
+        let (sent, _, _) = drain(&mut p);
+        p.handle_input(Input::Receive {
+            now: t0,
+            socket: 0,
+            from: v4,
+            data: &answer(&key, &sent, v4),
+        });
+        let (t, _, _) = drain(&mut p);
+        assert_eq!(nominated(&t), Some(v4));
     }
 }

@@ -92,11 +92,19 @@ pub async fn establish(
     relay_udp: bool,
 ) -> Result<Punched, DirectError> {
     let started = Instant::now();
+    // The other side's mapping in the other address family (IPv6 beside IPv4) is one more
+    // candidate; the agent prefers an IPv6 pair that answers within its grace.
+    let extra: Vec<SocketAddr> = b
+        .candidates
+        .udp_alt
+        .into_iter()
+        .chain(b.candidates.lan.iter().copied())
+        .collect();
     let strategy = plan(
         &profile(my_nat),
         &profile(b.candidates.nat),
         b.candidates.udp,
-        &b.candidates.lan,
+        &extra,
         i32::from(relay_udp),
     );
     let (sockets, remote, spray, why) = match strategy {

@@ -60,7 +60,7 @@ pub(super) async fn serve_conn(
     let (rd, mut wr) = tokio::io::split(tls);
     let mut reader = FrameReader::new(rd);
     let left = hello_timeout.saturating_sub(started.elapsed());
-    let greeted = hello(shared, &mut reader, &mut wr, &shutdown, left).await;
+    let greeted = hello(shared, &mut reader, &mut wr, remote, &shutdown, left).await;
     drop(pending);
     let end = match greeted {
         Ok(Greeting::Peer(nonce)) => {
@@ -150,6 +150,7 @@ pub(super) async fn hello(
     shared: &Shared,
     reader: &mut FrameReader<Rd>,
     wr: &mut Wr,
+    remote: SocketAddr,
     shutdown: &CancellationToken,
     within: Duration,
 ) -> Result<Greeting, End> {
@@ -224,16 +225,29 @@ pub(super) async fn hello(
         software: crate::stun::SOFTWARE.into(),
         // Advertised, else bound; bound to every address, the unspecified IP tells the
         // client "the host you reached me on" (wire::signal::same_host).
-        stun: shared.responder.as_ref().map(|r| {
-            let primary = r.lock().unwrap_or_else(|p| p.into_inner()).layout().primary;
-            match cfg.advertise.first() {
-                Some(&ip) => SocketAddr::new(ip, primary.port()),
-                None => primary,
-            }
+        stun: stun_primary(shared).map(|primary| match cfg.advertised_for(remote.ip().is_ipv6()) {
+            Some(ip) => SocketAddr::new(ip, primary.port()),
+            None => primary,
         }),
+        // The other family, where the responder's one socket takes both and the operator
+        // said this host's address there.
+        stun_alt: stun_primary(shared)
+            .filter(|p| p.is_ipv6() && p.ip().is_unspecified())
+            .and_then(|p| {
+                cfg.advertised_for(!remote.ip().is_ipv6())
+                    .map(|ip| SocketAddr::new(ip, p.port()))
+            }),
     });
     write_frame(wr, &welcome).await?;
     Ok(Greeting::Peer(nonce))
+}
+
+/// Where the STUN responder is bound (its primary slot), if it runs.
+fn stun_primary(shared: &Shared) -> Option<SocketAddr> {
+    shared
+        .responder
+        .as_ref()
+        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).layout().primary)
 }
 
 pub(super) async fn write_frame(wr: &mut Wr, f: &ServerFrame) -> Result<(), End> {

@@ -125,6 +125,12 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The first address advertised in one family (`v6`): this host's public address for
+    /// clients of that family.
+    pub fn advertised_for(&self, v6: bool) -> Option<IpAddr> {
+        self.advertise.iter().copied().find(|ip| ip.is_ipv6() == v6)
+    }
+
     /// Every service on an ephemeral port of 127.0.0.1, with a fresh relay key: for tests
     /// and demos on one machine (ask [`Server::addrs`] for the ports).
     pub fn loopback() -> Self {
@@ -423,17 +429,27 @@ impl Server {
                  them; give --http-token TOKEN (openssl rand -hex 32), or keep it on loopback"
             )));
         }
-        if config.advertise.len() > 2 {
-            return Err(ServerError::Config(
-                "--advertise takes one IP, or two with --alt-ip (the public side of each)".into(),
-            ));
-        }
-        if config.advertise.len() == 2 && config.alt_ip.is_none() {
-            return Err(ServerError::Config(format!(
-                "--advertise {} names a second IP, which is the public side of --alt-ip: give \
-                 --alt-ip too, or advertise one IP",
-                config.advertise[1]
-            )));
+        for v6 in [false, true] {
+            let family: Vec<IpAddr> = config
+                .advertise
+                .iter()
+                .copied()
+                .filter(|ip| ip.is_ipv6() == v6)
+                .collect();
+            if family.len() > 2 {
+                return Err(ServerError::Config(
+                    "--advertise takes one IP per family, or two with --alt-ip (the public \
+                     side of each)"
+                        .into(),
+                ));
+            }
+            if family.len() == 2 && config.alt_ip.is_none() {
+                return Err(ServerError::Config(format!(
+                    "--advertise {} names a second IP of one family, which is the public side \
+                     of --alt-ip: give --alt-ip too, or advertise one IP per family",
+                    family[1]
+                )));
+            }
         }
         if let Some(ip) = config.advertise.iter().find(|ip| ip.is_unspecified()) {
             return Err(ServerError::Config(format!(
@@ -570,7 +586,15 @@ impl Server {
                 sessions: crate::sessions::SessionBook::default(),
             }),
             responder: layout.map(|l| {
-                let public = match config.advertise.as_slice() {
+                let same_family: Vec<IpAddr> = config
+                    .advertise
+                    .iter()
+                    .copied()
+                    .filter(|ip| {
+                        ip.is_ipv6() == l.primary.is_ipv6() || l.primary.ip().is_unspecified()
+                    })
+                    .collect();
+                let public = match same_family.as_slice() {
                     [] => l,
                     [ip, rest @ ..] => Layout {
                         primary: SocketAddr::new(*ip, l.primary.port()),

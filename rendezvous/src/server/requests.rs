@@ -249,6 +249,7 @@ pub(super) fn connect(
         candidates: Candidates {
             tcp: Some(e.tcp_candidate()),
             udp: e.udp_addr,
+            udp_alt: e.udp_alt,
             lan: e.lan_addrs.clone(),
             nat: e.nat,
             tcp_nat: e.tcp_nat,
@@ -270,7 +271,10 @@ pub(super) fn connect(
             standalone,
             embedded,
         },
-        shared.config.advertise.first().copied(),
+        (
+            shared.config.advertised_for(mine.tcp_addr.is_ipv6()),
+            shared.config.advertised_for(them.tcp_addr.is_ipv6()),
+        ),
         unix_now() + shared.config.ticket_lifetime.as_secs(),
     );
     let (to_me, to_them) = broker::broker(

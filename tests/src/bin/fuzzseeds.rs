@@ -91,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             heartbeat_interval_ms: 15_000,
             software: "chuantou".into(),
             stun: Some("198.18.0.1:3478".parse()?),
+            stun_alt: None,
         }),
         ServerFrame::Response {
             id: 1,

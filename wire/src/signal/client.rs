@@ -369,6 +369,11 @@ impl Client {
         self.welcome.stun
     }
 
+    /// The server's STUN address in the other address family, if it said one.
+    pub fn stun_alt(&self) -> Option<SocketAddr> {
+        self.welcome.stun_alt
+    }
+
     /// Registers `name` with `key`, offering `services`; heartbeats start by themselves.
     pub async fn register(
         &self,

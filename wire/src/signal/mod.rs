@@ -29,7 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 /// The signaling protocol version carried in `Hello`; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Longest peer name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -299,6 +299,10 @@ pub struct Welcome {
     /// peers observe their UDP mapping there; `None` when STUN is off. An unspecified IP
     /// means the host the client reached the server on ([`same_host`]).
     pub stun: Option<SocketAddr>,
+    /// The STUN responder in the other address family than this connection's, when the
+    /// server knows its address there (`--advertise` names one): a peer observes its
+    /// mapping in both families, and punches in both.
+    pub stun_alt: Option<SocketAddr>,
 }
 
 /// Resolves an address the server gave with an unspecified IP ("on the host you reached me
@@ -437,6 +441,9 @@ pub struct Candidates {
     pub tcp: Option<SocketAddr>,
     /// Observed address of its STUN socket (credentialed Binding request).
     pub udp: Option<SocketAddr>,
+    /// Observed address of its STUN socket in the other address family than its signaling
+    /// connection's (IPv6 beside IPv4, or the reverse), when it has one.
+    pub udp_alt: Option<SocketAddr>,
     /// LAN addresses it reported.
     pub lan: Vec<SocketAddr>,
     /// What it measured of its NAT.
@@ -863,6 +870,7 @@ mod wire_tests {
             candidates: Candidates {
                 tcp: Some("198.18.1.2:40000".parse().unwrap()),
                 udp: Some("198.18.1.2:40001".parse().unwrap()),
+                udp_alt: None,
                 lan: vec!["198.19.0.5:5000".parse().unwrap()],
                 nat: None,
                 tcp_nat: Some(NatInfo {
@@ -987,11 +995,12 @@ mod wire_tests {
             heartbeat_interval_ms: 15000,
             software: "ct".into(),
             stun: Some("198.18.0.1:3478".parse().unwrap()),
+            stun_alt: None,
         });
         assert_eq!(
             hex_of(&welcome),
             concat!(
-                "0000002f",
+                "00000030",
                 "00",
                 "01",
                 "0909090909090909090909090909090909090909090909090909090909090909",
@@ -1001,7 +1010,8 @@ mod wire_tests {
                 "01",
                 "00",
                 "c6120001",
-                "961b"
+                "961b",
+                "00"
             )
         );
         let registered = ServerFrame::Response {
@@ -1066,7 +1076,7 @@ mod wire_tests {
         assert_eq!(
             hex_of(&broker),
             concat!(
-                "00000081",
+                "00000082",
                 "02",
                 "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
                 "01",
@@ -1082,6 +1092,7 @@ mod wire_tests {
                 "00",
                 "c6120102",
                 "c1b802",
+                "00",
                 "01",
                 "00",
                 "c6130005",
