@@ -515,16 +515,22 @@ async fn a_published_name_keeps_to_its_connection_limit_and_its_rate() {
     assert_eq!(r.status, 503, "{}", r.head);
     assert!(String::from_utf8_lossy(&r.body).contains("2 connections open"));
     drop(held);
-    // Once they close, clients get in again (the slots are freed as the pumps end).
-    within("a slot again", async {
+    // Once they close, their slots are free again (as their pumps end): the dashboard
+    // counts none open.
+    let api = server.addrs().http.unwrap();
+    within("the slots freed", async {
         loop {
-            if get(http, &host, "/small", "").await.status == 200 {
+            let v: serde_json::Value =
+                serde_json::from_slice(&get(api, "127.0.0.1", "/v1/dashboard", "").await.body)
+                    .unwrap();
+            if v["public"][0]["open"] == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
+    assert_eq!(get(http, &host, "/small", "").await.status, 200);
 
     // 1 MiB at 256 KiB/s with one second's burst takes at least three seconds.
     let started = std::time::Instant::now();
