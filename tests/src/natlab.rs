@@ -30,15 +30,27 @@
 //! | `symmetric-random` | address-and-port-dependent, random ports | address-and-port-dependent |
 //! | `symmetric-sequential` | address-and-port-dependent, port + delta per mapping (UDP and TCP counted apart) | address-and-port-dependent |
 //! | `one-to-one` | the first host *is* the WAN address, every port both ways (a cloud VM's 1:1 NAT: the host does not know its public address) | none |
+//! | `firewall` | IPv6 only, no NAT: hosts have global addresses | stateful: in only what answers something sent out (address-and-port-dependent) |
+//!
+//! # IPv6
+//!
+//! A router with the `v6` option (always on for `firewall`) is dual stack: besides its
+//! IPv4 NAT, its LAN has 2001:2:0:N::/64 (router `::1`, hosts `::2`, …), routed without
+//! translation through a stateful firewall (`table inet natlab6`), its WAN side
+//! 2001:2::1:N on the internet bridge; `server` then has 2001:2::1 ([`SERVER_IP6`]) and
+//! `third` 2001:2::3, and every public namespace routes each such LAN prefix to its
+//! router. IPv6 global addresses are all in 2001:2::/48 (RFC 5180); links also get
+//! fe80:: link-local addresses, which neighbour discovery needs and which never leave
+//! their veth. Namespaces without IPv6 routers keep IPv6 off.
 //!
 //! Options per router: `hairpin` (LAN packets to the WAN address are sent back in through
 //! the map), `timeout=S` (UDP conntrack and map entries), `loss=PCT` (dropped at random in
-//! the forward path), `delta=D` (sequential step), `hosts=N`.
+//! the forward path), `delta=D` (sequential step), `hosts=N`, `v6` (dual stack, below).
 
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -50,6 +62,11 @@ pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const SERVER_ALT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// A third public endpoint, in the `third` namespace.
 pub const THIRD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// The server host's IPv6 address, when a router of the lab has IPv6 (2001:2::/48, RFC
+/// 5180's benchmarking prefix, as every IPv6 address of the lab).
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// The third host's IPv6 address.
+pub const THIRD_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3);
 
 /// One router of every kind, plus a second port-restricted one with hairpinning and a
 /// sequential NAT with delta 3: what the lab's self-test and natprobe's lab test classify.
@@ -96,6 +113,10 @@ pub enum Kind {
     /// Static 1:1 NAT of the first host: a cloud server's public address that is not on
     /// the machine. Not among [`Kind::ALL`] (those are what peers sit behind).
     OneToOne,
+    /// IPv6 only, no NAT: a stateful firewall that lets out anything and in only what
+    /// answers it (the v6 analogue of address-and-port-dependent filtering). Its hosts have
+    /// no IPv4 way out. Not among [`Kind::ALL`].
+    Firewall,
 }
 
 impl Kind {
@@ -119,6 +140,7 @@ impl Kind {
             Kind::SymmetricRandom => "symmetric-random",
             Kind::SymmetricSequential => "symmetric-sequential",
             Kind::OneToOne => "one-to-one",
+            Kind::Firewall => "firewall",
         }
     }
 
@@ -132,6 +154,7 @@ impl Kind {
             Kind::SymmetricRandom => "symr",
             Kind::SymmetricSequential => "syms",
             Kind::OneToOne => "vps",
+            Kind::Firewall => "fw",
         }
     }
 }
@@ -147,12 +170,12 @@ impl FromStr for Kind {
     fn from_str(s: &str) -> Result<Kind, LabError> {
         Kind::ALL
             .into_iter()
-            .chain([Kind::OneToOne])
+            .chain([Kind::OneToOne, Kind::Firewall])
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 LabError::Spec(format!(
                     "unknown router kind {s:?}: one of none, full-cone, address-restricted, \
-                 port-restricted, symmetric-random, symmetric-sequential, one-to-one"
+                 port-restricted, symmetric-random, symmetric-sequential, one-to-one, firewall"
                 ))
             })
     }
@@ -175,6 +198,9 @@ pub struct Router {
     pub delta: u16,
     /// How many hosts sit behind it.
     pub hosts: u8,
+    /// Dual stack: its LAN also has IPv6 (2001:2:0:N::/64, no NAT) behind a stateful
+    /// firewall. Always on for [`Kind::Firewall`].
+    pub v6: bool,
 }
 
 impl Router {
@@ -188,6 +214,7 @@ impl Router {
             loss_pct: 0,
             delta: 1,
             hosts: 1,
+            v6: kind == Kind::Firewall,
         }
     }
 }
@@ -229,10 +256,11 @@ impl FromStr for Router {
                 "loss" => r.loss_pct = num(99)? as u8,
                 "delta" => r.delta = num(1000)? as u16,
                 "hosts" => r.hosts = num(200)? as u8,
+                "v6" if v.is_empty() || v == "on" => r.v6 = true,
                 _ => {
                     return Err(bad(format!(
                         "unknown option {opt:?}: hairpin[=on|off], timeout=S, loss=PCT, \
-                         delta=D, hosts=N"
+                         delta=D, hosts=N, v6"
                     )));
                 }
             }
@@ -258,6 +286,9 @@ impl fmt::Display for Router {
         }
         if self.hosts != 1 {
             write!(f, ",hosts={}", self.hosts)?;
+        }
+        if self.v6 && self.kind != Kind::Firewall {
+            f.write_str(",v6")?;
         }
         Ok(())
     }
@@ -310,6 +341,11 @@ impl Spec {
         )
     }
 
+    /// Whether any router has IPv6 (then `server` and `third` have it too).
+    pub fn has_v6(&self) -> bool {
+        self.routers.iter().any(|r| r.v6)
+    }
+
     /// Every host in the lab, `server` and `third` first.
     pub fn hosts(&self) -> Vec<Host> {
         let mut v = vec![
@@ -318,12 +354,14 @@ impl Spec {
                 ns: self.ns("server"),
                 addr: SERVER_IP,
                 router: None,
+                addr6: self.has_v6().then_some(SERVER_IP6),
             },
             Host {
                 name: "third".into(),
                 ns: self.ns("third"),
                 addr: THIRD_IP,
                 router: None,
+                addr6: self.has_v6().then_some(THIRD_IP6),
             },
         ];
         for (i, r) in self.routers.iter().enumerate() {
@@ -333,6 +371,7 @@ impl Spec {
                     ns: self.ns(&name),
                     addr: host_addr(i, r.kind, j),
                     router: Some(r.clone()),
+                    addr6: r.v6.then(|| lan6(i, u16::from(j) + 2)),
                     name,
                 });
             }
@@ -373,8 +412,9 @@ impl Spec {
         let mut p = Vec::new();
         let inet = self.ns("server");
         let third = self.ns("third");
+        let v6 = self.has_v6();
         for ns in [&inet, &third] {
-            p.extend(Step::netns(ns));
+            p.extend(Step::netns_v6(ns, v6));
         }
         p.push(Step::ip(&inet, "link add br0 type bridge"));
         p.push(Step::ip(&inet, "link set br0 up"));
@@ -416,6 +456,16 @@ impl Spec {
             &third,
             &format!("addr add {THIRD_IP}/{INTERNET_PREFIX} dev eth0"),
         ));
+        if v6 {
+            p.push(Step::ip(
+                &inet,
+                &format!("-6 addr add {SERVER_IP6}/64 dev br0 nodad"),
+            ));
+            p.push(Step::ip(
+                &third,
+                &format!("-6 addr add {THIRD_IP6}/64 dev eth0 nodad"),
+            ));
+        }
         for (i, r) in self.routers.iter().enumerate() {
             let hosts: Vec<Host> = (0..r.hosts)
                 .map(|j| {
@@ -424,6 +474,7 @@ impl Spec {
                         ns: self.ns(&name),
                         addr: host_addr(i, r.kind, j),
                         router: Some(r.clone()),
+                        addr6: r.v6.then(|| lan6(i, u16::from(j) + 2)),
                         name,
                     }
                 })
@@ -441,7 +492,7 @@ impl Spec {
             }
             let rns = self.ns(&r.name);
             let wan = router_wan(i);
-            p.extend(Step::netns(&rns));
+            p.extend(Step::netns_v6(&rns, r.v6));
             plug(&mut p, &rns, "wan0");
             p.push(Step::ip(
                 &rns,
@@ -478,8 +529,24 @@ impl Spec {
                 ns: rns.clone(),
                 script: nft_script(r, wan, i),
             });
+            if r.v6 {
+                p.push(Step::ip(
+                    &rns,
+                    &format!("-6 addr add {}/64 dev wan0 nodad", router_wan6(i)),
+                ));
+                p.push(Step::ip(
+                    &rns,
+                    &format!("-6 addr add {}/64 dev lan0 nodad", lan6(i, 1)),
+                ));
+                p.push(Step::Sysctl {
+                    ns: rns.clone(),
+                    key: "net.ipv6.conf.all.forwarding".into(),
+                    value: "1".into(),
+                    optional: false,
+                });
+            }
             for (j, h) in hosts.iter().enumerate() {
-                p.extend(Step::netns(&h.ns));
+                p.extend(Step::netns_v6(&h.ns, r.v6));
                 p.push(Step::Ip(
                     [
                         "link", "add", "eth0", "netns", &h.ns, "type", "veth", "peer", "name",
@@ -496,6 +563,35 @@ impl Spec {
                 p.push(Step::ip(
                     &h.ns,
                     &format!("route add default via {}", router_lan(i)),
+                ));
+                if let Some(a6) = h.addr6 {
+                    p.push(Step::ip(
+                        &h.ns,
+                        &format!("-6 addr add {a6}/64 dev eth0 nodad"),
+                    ));
+                    p.push(Step::ip(
+                        &h.ns,
+                        &format!("-6 route add default via {}", lan6(i, 1)),
+                    ));
+                }
+            }
+        }
+        // No NAT on IPv6: every public namespace routes each router's LAN prefix to it.
+        for (k, r) in self.routers.iter().enumerate() {
+            if !r.v6 || r.kind == Kind::None {
+                continue;
+            }
+            let mut on = vec![inet.clone(), third.clone()];
+            on.extend(
+                self.routers
+                    .iter()
+                    .filter(|o| o.v6 && o.kind != Kind::None && o.name != r.name)
+                    .map(|o| self.ns(&o.name)),
+            );
+            for ns in on {
+                p.push(Step::ip(
+                    &ns,
+                    &format!("-6 route add {}/64 via {}", lan6(k, 0), router_wan6(k)),
                 ));
             }
         }
@@ -514,6 +610,19 @@ pub struct Host {
     pub addr: Ipv4Addr,
     /// The router it sits behind; `None` for `server` and `third`.
     pub router: Option<Router>,
+    /// Its IPv6 address, behind a router with IPv6 (and `server`, `third` in such a lab).
+    pub addr6: Option<Ipv6Addr>,
+}
+
+/// Router `i`'s IPv6 WAN address on the internet bridge (2001:2::/64).
+fn router_wan6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 1, i as u16 + 1)
+}
+
+/// An address in router `i`'s IPv6 LAN prefix, 2001:2:0:N::/64: `::1` the router's,
+/// `::2`, `::3`, … its hosts'.
+fn lan6(i: usize, h: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, i as u16 + 1, 0, 0, 0, h)
 }
 
 fn router_wan(i: usize) -> Ipv4Addr {
@@ -598,7 +707,7 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
                 host_addr(i, r.kind, 0)
             );
         }
-        Kind::None => {}
+        Kind::None | Kind::Firewall => {}
     }
     s += "  }\n";
     // After source NAT the conntrack reply tuple holds the WAN port: remember it.
@@ -655,6 +764,20 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
         );
     }
     s += "}\n";
+    if r.v6 {
+        // IPv6 is routed, not translated: a stateful firewall lets out anything and in
+        // only what answers something let out.
+        s += "table inet natlab6 {\n";
+        s += "  chain forward { type filter hook forward priority filter; policy accept;\n";
+        s += "    meta nfproto ipv6 ct state established,related accept\n";
+        s += "    meta nfproto ipv6 iifname \"lan0\" accept\n";
+        s += "    meta nfproto ipv6 drop\n";
+        if r.kind == Kind::Firewall {
+            // IPv6 only: nothing of IPv4 crosses.
+            s += "    meta nfproto ipv4 drop\n";
+        }
+        s += "  }\n}\n";
+    }
     s
 }
 
@@ -700,6 +823,31 @@ impl Step {
             v6("default"),
             Step::ip(ns, "link set lo up"),
         ]
+    }
+
+    /// [`Step::netns`], or with `v6` a namespace with IPv6 on: the global addresses are
+    /// the plan's (2001:2::/48), no router advertisement is taken and no duplicate
+    /// detection waited for. Links get their fe80:: link-local addresses: a router
+    /// resolves its neighbours for forwarded packets from one (Linux sends no neighbour
+    /// solicitation without), and they never leave their veth.
+    fn netns_v6(ns: &str, v6: bool) -> Vec<Step> {
+        if !v6 {
+            return Step::netns(ns).to_vec();
+        }
+        let set = |key: &str, value: &str| Step::Sysctl {
+            ns: ns.into(),
+            key: key.into(),
+            value: value.into(),
+            optional: false,
+        };
+        let mut steps = vec![Step::Ip(vec!["netns".into(), "add".into(), ns.into()])];
+        for scope in ["all", "default"] {
+            steps.push(set(&format!("net.ipv6.conf.{scope}.accept_ra"), "0"));
+            steps.push(set(&format!("net.ipv6.conf.{scope}.accept_dad"), "0"));
+            steps.push(set(&format!("net.ipv6.conf.{scope}.disable_ipv6"), "0"));
+        }
+        steps.push(Step::ip(ns, "link set lo up"));
+        steps
     }
 
     fn ip(ns: &str, args: &str) -> Step {

@@ -1,0 +1,128 @@
+//! IPv6 in the NAT lab (addresses in 2001:2::/48 only): two peers behind stateful IPv6
+//! firewalls (no NAT, new inbound dropped) punch a direct UDP path over IPv6 by sending at
+//! the same time, as behind port-restricted NATs; and a dual-stack pair (IPv4 NAT plus
+//! IPv6 firewall at each end) learns both mappings and ends on IPv6.
+
+use chuantou_tests::lab_peers::{run_pair_via, start_rendezvous_on};
+use chuantou_tests::natlab::Lab;
+use chuantou_tests::workspace_bin;
+
+const DUAL_SERVER: [&str; 7] = [
+    "--listen",
+    "0.0.0.0:7000",
+    "--stun",
+    "0.0.0.0:3478",
+    "--relay",
+    "0.0.0.0:7001",
+    "--no-http",
+];
+
+/// The other side's address in reach's "punched via udp" line.
+fn punched_remote(log: &str) -> String {
+    log.lines()
+        .find(|l| l.contains("punched via udp"))
+        .and_then(|l| l.split("remote=").nth(1))
+        .map(|r| r.split(' ').next().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_ipv6_peers_behind_stateful_firewalls_punch_direct_over_ipv6() {
+    let Some(lab) = Lab::for_test(&["fwa=firewall", "fwb=firewall"]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let _server = start_rendezvous_on(&lab, &workspace_bin("rendezvous"), "server", &DUAL_SERVER);
+    let run = run_pair_via(
+        &lab,
+        &peer,
+        "[2001:2::1]:7000",
+        "fwa-1",
+        "fwb-1",
+        "pc6",
+        "udp",
+    );
+    assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
+    assert!(
+        run.direct && run.path == "direct-udp",
+        "{}\n{}",
+        run.outcome,
+        run.log
+    );
+    assert!(
+        punched_remote(&run.log).starts_with("[2001:2:0:"),
+        "{}",
+        run.log
+    );
+}
+
+#[test]
+fn a_dual_stack_pair_learns_both_mappings_and_prefers_ipv6() {
+    let Some(lab) = Lab::for_test(&["da=port-restricted,v6", "db=port-restricted,v6"]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let mut args = DUAL_SERVER.to_vec();
+    args.extend(["--advertise", "198.18.0.1,2001:2::1"]);
+    let _server = start_rendezvous_on(&lab, &workspace_bin("rendezvous"), "server", &args);
+    let run = run_pair_via(
+        &lab,
+        &peer,
+        "198.18.0.1:7000",
+        "da-1",
+        "db-1",
+        "pc46",
+        "udp",
+    );
+    assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
+    assert!(
+        run.log
+            .contains("udp mapping observed in the other address family"),
+        "{}",
+        run.log
+    );
+    assert!(
+        run.direct && run.path == "direct-udp",
+        "{}\n{}",
+        run.outcome,
+        run.log
+    );
+    assert!(
+        punched_remote(&run.log).starts_with("[2001:2:0:"),
+        "IPv6 preferred: {}",
+        run.log
+    );
+}
+
+#[test]
+fn the_ipv6_firewall_drops_what_was_not_asked_for_and_passes_answers() {
+    let Some(lab) = Lab::for_test(&["fwc=firewall"]) else {
+        return;
+    };
+    let inside = lab.host("fwc-1").addr6.expect("an IPv6 address");
+    let host = lab.udp("fwc-1", "[::]:0".parse().unwrap()).unwrap();
+    let port = host.local_addr().unwrap().port();
+    let third = lab.udp("third", "[2001:2::3]:0".parse().unwrap()).unwrap();
+    let third_addr = third.local_addr().unwrap();
+    for s in [&host, &third] {
+        s.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+    }
+    let mut buf = [0u8; 64];
+    // Unasked: dropped at the firewall.
+    third.send_to(b"knock", (inside, port)).unwrap();
+    assert!(
+        host.recv_from(&mut buf).is_err(),
+        "an unsolicited datagram got in"
+    );
+    // Once the host has sent to the stranger, its answers come in.
+    host.send_to(b"hello", third_addr).unwrap();
+    let (n, from) = third.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"hello"[..], std::net::IpAddr::V6(inside))
+    );
+    third.send_to(b"answer", from).unwrap();
+    let (n, _) = host.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"answer");
+}
