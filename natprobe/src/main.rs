@@ -42,6 +42,10 @@ struct Cli {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     json: bool,
+    /// IPv6 STUN server HOST[:PORT] for the `ipv6` section. Default: the first server's
+    /// IPv6 address, when its name has one.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    server6: Option<String>,
     /// First STUN retransmission timeout in milliseconds (RFC 8489 RTO; doubles per retry).
     #[arg(long, value_name = "MS", default_value_t = defaults::RTO.as_millis() as u64)]
     rto: u64,
@@ -66,6 +70,15 @@ fn main() -> std::process::ExitCode {
         for n in &names {
             servers.push(resolve(n).await?);
         }
+        let server6 = match &cli.server6 {
+            Some(n) => {
+                let a = resolve6(n)
+                    .await?
+                    .with_context(|| format!("--server6 {n} has no IPv6 address"))?;
+                Some(a)
+            }
+            None => resolve6(&names[0]).await.ok().flatten(),
+        };
         if cli.rto == 0 {
             anyhow::bail!("--rto must be at least 1 ms");
         }
@@ -79,6 +92,7 @@ fn main() -> std::process::ExitCode {
                 rto: Duration::from_millis(cli.rto),
                 ..defaults::timing()
             },
+            server6,
         };
         let report = tokio::select! {
             r = probe::run(&cfg) => r.context("probing")?,
@@ -107,6 +121,30 @@ fn host_of(hostport: &str) -> &str {
         Some((h, p)) if p.parse::<u16>().is_ok() => h.trim_start_matches('[').trim_end_matches(']'),
         _ => hostport,
     }
+}
+
+/// `HOST[:PORT]` → its IPv6 address, port 3478 by default; `None` when it has none.
+async fn resolve6(name: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if let Ok(a) = name.parse::<SocketAddr>() {
+        return Ok(a.is_ipv6().then_some(a));
+    }
+    if let Ok(ip) = name
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        return Ok(ip
+            .is_ipv6()
+            .then(|| SocketAddr::new(ip, defaults::STUN_PORT)));
+    }
+    let with_port = match name.rsplit_once(':') {
+        Some((_, p)) if p.parse::<u16>().is_ok() => name.to_owned(),
+        _ => format!("{name}:{}", defaults::STUN_PORT),
+    };
+    Ok(tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("resolving STUN server {name}"))?
+        .find(SocketAddr::is_ipv6))
 }
 
 /// `HOST[:PORT]` → an address, port 3478 by default, IPv4 preferred.

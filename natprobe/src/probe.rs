@@ -34,6 +34,8 @@ pub struct Config {
     pub lifetime: Option<Duration>,
     /// Retransmission timing.
     pub timing: Timing,
+    /// An IPv6 STUN server for the `ipv6` section, if any.
+    pub server6: Option<SocketAddr>,
 }
 
 /// Why probing could not even start.
@@ -204,6 +206,60 @@ fn usable_other(other: Option<SocketAddr>, primary: SocketAddr) -> Option<Socket
 
 /// Runs every probe `cfg` asks for.
 pub async fn run(cfg: &Config) -> Result<Report, ProbeError> {
+    let mut report = run_ipv4(cfg).await?;
+    if let Some(server) = cfg.server6 {
+        report.ipv6 = Some(ipv6(server, cfg.timing).await);
+    }
+    Ok(report)
+}
+
+/// The `ipv6` section: a route, an answer, and whether the address seen is ours. Behind an
+/// IPv6 firewall (no NAT) the public address is the local one; filtering needs a second
+/// server address over IPv6, which a plain responder does not have, so it is not told.
+pub async fn ipv6(server: SocketAddr, timing: Timing) -> crate::report::Ipv6Report {
+    let mut r = crate::report::Ipv6Report {
+        server,
+        local_addr: None,
+        public_addr: None,
+        reachable: false,
+        translated: None,
+        note: None,
+    };
+    let ip = match route_ip(server) {
+        Ok(ip) => ip,
+        Err(e) => {
+            r.note = Some(format!("no IPv6 route to {server}: {e}"));
+            return r;
+        }
+    };
+    let sock = match bind_udp(ip).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.note = Some(e.to_string());
+            return r;
+        }
+    };
+    r.local_addr = sock.local_addr().ok();
+    let Ok(req) = request(RequestOptions::default()) else {
+        return r;
+    };
+    match exchange(&sock, &sock, server, &req, false, timing).await {
+        Outcome::Answer(resp, _) => {
+            r.reachable = true;
+            r.public_addr = Some(resp.mapped);
+            r.translated = r.local_addr.map(|l| l != resp.mapped);
+        }
+        _ => {
+            r.note = Some(format!(
+                "no STUN answer from {server} over IPv6: IPv6 is blocked here or the server \
+                 does not listen on IPv6"
+            ));
+        }
+    }
+    r
+}
+
+async fn run_ipv4(cfg: &Config) -> Result<Report, ProbeError> {
     let primary = *cfg.servers.first().ok_or(ProbeError::NoServer)?;
     let timing = cfg.timing;
     let ip = route_ip(primary)?;

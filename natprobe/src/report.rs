@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::classify::{Allocation, Behaviour, Likelihood, NatType, direct_table};
 
-/// The whole report; its JSON shape is a contract (`udp`, `tcp`, `direct`).
+/// The whole report; its JSON shape is a contract (`udp`, `tcp`, `direct`, `ipv6`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// UDP behaviour.
@@ -23,6 +23,29 @@ pub struct Report {
     pub server_other: Option<SocketAddr>,
     /// What could not be determined, and why, in plain words.
     pub notes: Vec<String>,
+    /// IPv6, when an IPv6 STUN server was given or the server's name has an IPv6 address;
+    /// `null` otherwise.
+    pub ipv6: Option<Ipv6Report>,
+}
+
+/// IPv6 reachability: whether this host has a route and a global address, whether the
+/// server answers over IPv6, and whether the address it sees is this host's own (no NAT).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ipv6Report {
+    /// The IPv6 STUN server probed.
+    pub server: SocketAddr,
+    /// The local address the system routes towards it from; `null` without a route.
+    pub local_addr: Option<SocketAddr>,
+    /// The address the server saw; `null` without an answer.
+    pub public_addr: Option<SocketAddr>,
+    /// Whether the server answered over IPv6.
+    pub reachable: bool,
+    /// Whether the address the server saw differs from ours (an IPv6 NAT, NPTv6);
+    /// `null` without an answer.
+    pub translated: Option<bool>,
+    /// What could not be told, in plain words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// UDP behaviour.
@@ -100,6 +123,7 @@ impl Report {
             server,
             server_other,
             notes,
+            ipv6: None,
         }
     }
 
@@ -139,7 +163,9 @@ impl Report {
     /// Whether the server answered at all (over UDP, or over TCP when asked): without an
     /// answer nothing was measured, and the report says why.
     pub fn answered(&self) -> bool {
-        self.udp.public_addr.is_some() || self.tcp.as_ref().is_some_and(|t| t.public_addr.is_some())
+        self.udp.public_addr.is_some()
+            || self.tcp.as_ref().is_some_and(|t| t.public_addr.is_some())
+            || self.ipv6.as_ref().is_some_and(|v| v.reachable)
     }
 
     /// The text report: what the NAT is, what it means, what to expect.
@@ -243,6 +269,32 @@ impl Report {
                     Likelihood::Unlikely => "unlikely: chuantou uses the relay",
                 };
                 let _ = writeln!(s, "  {:<22} {l}", t.name());
+            }
+        }
+        if let Some(v6) = &self.ipv6 {
+            let _ = writeln!(s, "\nIPv6 through STUN server {}", v6.server);
+            match (v6.public_addr, v6.translated) {
+                (Some(public), Some(false)) => {
+                    let _ = writeln!(
+                        s,
+                        "  reachable, no NAT: the server saw {public}, this host's own address \
+                         (behind a stateful firewall, peers still punch by sending together)"
+                    );
+                }
+                (Some(public), _) => {
+                    let _ = writeln!(
+                        s,
+                        "  reachable through an IPv6 NAT: the server saw {public}, not {}",
+                        v6.local_addr.map_or("-".into(), |l| l.to_string())
+                    );
+                }
+                (None, _) => {
+                    let _ = writeln!(
+                        s,
+                        "  not reachable: {}",
+                        v6.note.as_deref().unwrap_or("no answer")
+                    );
+                }
             }
         }
         if !self.notes.is_empty() {

@@ -126,3 +126,40 @@ fn the_ipv6_firewall_drops_what_was_not_asked_for_and_passes_answers() {
     let (n, _) = host.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"answer");
 }
+
+#[test]
+fn natprobe_reports_ipv6_reachability_with_and_without_ipv4() {
+    let Some(lab) = Lab::for_test(&["fwn=firewall", "dsn=port-restricted,v6"]) else {
+        return;
+    };
+    let _server = start_rendezvous_on(&lab, &workspace_bin("rendezvous"), "server", &DUAL_SERVER);
+    let probe = |host: &str| -> serde_json::Value {
+        let mut cmd = lab.command(host, workspace_bin("natprobe"));
+        cmd.args([
+            "--server",
+            "198.18.0.1:3478",
+            "--server6",
+            "[2001:2::1]:3478",
+            "--json",
+        ]);
+        cmd.args(["--rto", "100"]);
+        let out = cmd.output().unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{host}: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // Dual stack behind a port-restricted NAT and an IPv6 firewall: both answer, and the
+    // IPv6 address the server sees is the host's own.
+    let dual = probe("dsn-1");
+    let own = lab.host("dsn-1").addr6.unwrap().to_string();
+    assert_eq!(dual["ipv6"]["reachable"], true, "{dual}");
+    assert_eq!(dual["ipv6"]["translated"], false, "{dual}");
+    assert!(
+        dual["ipv6"]["public_addr"].as_str().unwrap().contains(&own),
+        "{dual}"
+    );
+    assert!(dual["udp"]["public_addr"].is_string(), "{dual}");
+    // IPv6 only: IPv4 is blocked, IPv6 answers (and natprobe exits 0: it measured something).
+    let v6only = probe("fwn-1");
+    assert_eq!(v6only["udp"]["nat_type"], "udp-blocked", "{v6only}");
+    assert_eq!(v6only["ipv6"]["reachable"], true, "{v6only}");
+}
