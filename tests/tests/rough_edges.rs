@@ -175,15 +175,25 @@ async fn an_exposed_port_where_nothing_listens_is_a_reset_and_the_reaching_side_
     .await
     .unwrap();
     // Not "(52) Empty reply from server", which reads as a broken server: a reset.
-    let said = String::from_utf8_lossy(&curl.stderr);
+    let said = String::from_utf8_lossy(&curl.stderr).into_owned();
+    // reach says why a moment after the reset: wait for its line (bounded) before ending it.
+    let why = "pc-home cannot reach the service it exposes";
+    let log_text = {
+        let log = log.clone();
+        chuantou_tests::within("reach's explanation", async move {
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains(why) {
+                    return text;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    };
     drop(reach);
-    let log_text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(curl.status.code(), Some(56), "{said}\n{log_text}");
     let _ = std::fs::remove_file(&log);
-    assert!(
-        log_text.contains("pc-home cannot reach the service it exposes"),
-        "{log_text}"
-    );
     stop.cancel();
 }
 
