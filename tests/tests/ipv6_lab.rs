@@ -17,6 +17,21 @@ const DUAL_SERVER: [&str; 7] = [
     "--no-http",
 ];
 
+/// Asserts that `run` went direct over UDP, its punched pair on IPv6 in the lab's prefix.
+fn assert_direct_over_ipv6(run: &chuantou_tests::lab_peers::PairRun) {
+    assert!(
+        run.direct && run.path == "direct-udp",
+        "{}\n{}",
+        run.outcome,
+        run.log
+    );
+    assert!(
+        punched_remote(&run.log).starts_with("[2001:2:0:"),
+        "IPv6: {}",
+        run.log
+    );
+}
+
 /// The other side's address in reach's "punched via udp" line.
 fn punched_remote(log: &str) -> String {
     log.lines()
@@ -43,17 +58,7 @@ fn two_ipv6_peers_behind_stateful_firewalls_punch_direct_over_ipv6() {
         "udp",
     );
     assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
-    assert!(
-        run.direct && run.path == "direct-udp",
-        "{}\n{}",
-        run.outcome,
-        run.log
-    );
-    assert!(
-        punched_remote(&run.log).starts_with("[2001:2:0:"),
-        "{}",
-        run.log
-    );
+    assert_direct_over_ipv6(&run);
 }
 
 #[test]
@@ -81,17 +86,7 @@ fn a_dual_stack_pair_learns_both_mappings_and_prefers_ipv6() {
         "{}",
         run.log
     );
-    assert!(
-        run.direct && run.path == "direct-udp",
-        "{}\n{}",
-        run.outcome,
-        run.log
-    );
-    assert!(
-        punched_remote(&run.log).starts_with("[2001:2:0:"),
-        "IPv6 preferred: {}",
-        run.log
-    );
+    assert_direct_over_ipv6(&run);
 }
 
 #[test]

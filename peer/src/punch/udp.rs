@@ -231,8 +231,10 @@ pub struct Punch {
 
 /// How long an answered IPv4 pair waits for an IPv6 one (the Happy Eyeballs idea, RFC
 /// 8305, turned around: a direct IPv6 path needs no NAT mapping kept alive, so it is
-/// preferred when its round trip is no worse than this much behind).
-pub const V6_GRACE: Duration = Duration::from_millis(50);
+/// preferred when it answers no later than this). The relay carries the session while
+/// the punch waits, so waiting costs little; both sides probe both families at once, so
+/// a working IPv6 pair answers within a round trip or two of the IPv4 one.
+pub const V6_GRACE: Duration = Duration::from_millis(200);
 
 /// Ports a spray draws from: 1024–65535.
 const SPRAY_RANGE: u32 = 65536 - 1024;
@@ -366,9 +368,14 @@ impl Punch {
                     let rtt = self.now.saturating_duration_since(sent);
                     let v6_pending = self.cfg.remote.iter().any(SocketAddr::is_ipv6);
                     if from.is_ipv4() && v6_pending {
-                        // Give IPv6 a moment; the first IPv4 answer is kept.
+                        // Give IPv6 a moment, probing its pairs again at once; the first
+                        // IPv4 answer is kept.
                         if self.held.is_none() {
                             self.held = Some((socket, from, rtt, self.now + V6_GRACE));
+                            let now = self.now;
+                            for p in self.pairs.iter_mut().filter(|p| p.remote.is_ipv6()) {
+                                p.next = now;
+                            }
                         }
                         return;
                     }

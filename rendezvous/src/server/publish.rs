@@ -42,6 +42,15 @@ pub(crate) enum OpenError {
     ServiceRefused,
 }
 
+/// Our side of a public client's relay session, from [`Shared::push_open`].
+struct Opening {
+    mine: wire::ticket::Ticket,
+    secret: wire::ticket::JoinSecret,
+    /// Where we dial the relay.
+    relay: SocketAddr,
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
 /// Time the exposer has to join and say whether its service took the connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Public relay tickets live this long: only the join happens within it.
@@ -224,31 +233,11 @@ impl Shared {
         service: ServiceRef,
         client: SocketAddr,
     ) -> Result<(UdpSocket, SocketAddr), OpenError> {
-        let (tx, key, for_self, for_exposer) = self.public_relay_for(name)?;
-        let session = SessionId(rand::random());
-        let expires = unix_now() + PUBLIC_TICKET_LIFETIME;
-        let mine = key.issue(session, TicketSide::Initiator, expires);
-        let theirs = key.issue(session, TicketSide::Responder, expires);
-        let offer = RelayOffer {
-            addr: for_exposer,
-            secret: key.join_secret(&theirs),
-            ticket: theirs,
-        };
-        let join = wire::relay::client::UdpJoin::new(mine.clone(), key.join_secret(&mine));
-        let _slot = timeout(OPEN_TIMEOUT, OPENING_SLOTS.acquire())
-            .await
-            .map_err(|_| OpenError::Timeout(OPEN_TIMEOUT))?;
-        let open = ServerFrame::Open(Box::new(PublicOpen {
-            service,
-            entry: EntryKind::UdpPort,
-            client,
-            relay: offer,
-        }));
-        timeout(Duration::from_secs(5), tx.send(Push::Frame(Box::new(open))))
-            .await
-            .map_err(|_| OpenError::ExposerBusy)?
-            .map_err(|_| OpenError::Offline)?;
-        let any: SocketAddr = match for_self {
+        let o = self
+            .push_open(name, service, EntryKind::UdpPort, client)
+            .await?;
+        let join = wire::relay::client::UdpJoin::new(o.mine, o.secret);
+        let any: SocketAddr = match o.relay {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
@@ -257,7 +246,7 @@ impl Shared {
             .map_err(|e| OpenError::Relay(JoinError::Io(e)))?;
         wire::relay::client::join_udp(
             &sock,
-            for_self,
+            o.relay,
             &join,
             Duration::from_millis(200),
             OPEN_TIMEOUT,
@@ -267,21 +256,20 @@ impl Shared {
             JoinError::Timeout(..) => OpenError::Timeout(OPEN_TIMEOUT),
             e => OpenError::Relay(e),
         })?;
-        Ok((sock, for_self))
+        Ok((sock, o.relay))
     }
 
-    /// The exposer's push channel and the relay for a public client of `name`.
+    /// The exposer's push channel and the relay for a public client of `name`: where we
+    /// dial it, and where the exposer does (this host's address in its family, when
+    /// advertised).
     #[allow(clippy::type_complexity)]
     fn public_relay_for(
         &self,
         name: &str,
     ) -> Result<(mpsc::Sender<Push>, TicketKey, SocketAddr, SocketAddr), OpenError> {
         let st = self.state();
-        let conn = st
-            .registry
-            .get(name)
-            .and_then(|e| e.conn)
-            .ok_or(OpenError::Offline)?;
+        let entry = st.registry.get(name).ok_or(OpenError::Offline)?;
+        let conn = entry.conn.ok_or(OpenError::Offline)?;
         let tx = st.conns.get(&conn).ok_or(OpenError::Offline)?.tx.clone();
         let embedded = self.relay.as_ref().map(|r| (r.addr, &r.key));
         let standalone = self
@@ -292,21 +280,21 @@ impl Shared {
                 standalone,
                 embedded,
             },
-            self.config.advertise.first().copied(),
+            self.config.advertised_for(entry.tcp_addr.is_ipv6()),
         )
         .ok_or(OpenError::NoRelay)?;
         Ok((tx, relay.key.clone(), relay.for_self, relay.for_exposer))
     }
 
-    /// Opens a relay session from public `client` to `name`'s `service` and returns our
-    /// half once the exposer's service has taken the connection.
-    pub(crate) async fn open_public(
+    /// Signs the two tickets of a public client's relay session and pushes the exposer
+    /// its own; returns ours. Holds one of the [`OPENING`] slots until our join is done.
+    async fn push_open(
         &self,
         name: &str,
         service: ServiceRef,
         entry: EntryKind,
         client: SocketAddr,
-    ) -> Result<TcpStream, OpenError> {
+    ) -> Result<Opening, OpenError> {
         let (tx, key, for_self, for_exposer) = self.public_relay_for(name)?;
         let session = SessionId(rand::random());
         let expires = unix_now() + PUBLIC_TICKET_LIFETIME;
@@ -317,9 +305,9 @@ impl Shared {
             secret: key.join_secret(&theirs),
             ticket: theirs,
         };
-        let my_secret = key.join_secret(&mine);
-        let _slot = timeout(OPEN_TIMEOUT, OPENING_SLOTS.acquire())
+        let slot = timeout(OPEN_TIMEOUT, OPENING_SLOTS.acquire())
             .await
+            .map_err(|_| OpenError::Timeout(OPEN_TIMEOUT))?
             .map_err(|_| OpenError::Timeout(OPEN_TIMEOUT))?;
         let open = ServerFrame::Open(Box::new(PublicOpen {
             service,
@@ -331,6 +319,25 @@ impl Shared {
             .await
             .map_err(|_| OpenError::ExposerBusy)?
             .map_err(|_| OpenError::Offline)?;
+        Ok(Opening {
+            secret: key.join_secret(&mine),
+            mine,
+            relay: for_self,
+            _slot: slot,
+        })
+    }
+
+    /// Opens a relay session from public `client` to `name`'s `service` and returns our
+    /// half once the exposer's service has taken the connection.
+    pub(crate) async fn open_public(
+        &self,
+        name: &str,
+        service: ServiceRef,
+        entry: EntryKind,
+        client: SocketAddr,
+    ) -> Result<TcpStream, OpenError> {
+        let o = self.push_open(name, service, entry, client).await?;
+        let (mine, my_secret, for_self) = (o.mine.clone(), o.secret, o.relay);
         let work = async {
             let mut stream = join_tcp(for_self, mine, my_secret, OPEN_TIMEOUT)
                 .await
