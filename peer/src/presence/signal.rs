@@ -307,7 +307,17 @@ impl Signaling {
                 // The other address family, from the same socket (it is dual-stack): a
                 // second candidate the other side may reach us at.
                 let mut servers = vec![stun];
-                if let Some(alt) = client.stun_alt() {
+                let alt = match client.stun_alt() {
+                    Some(alt) => Some(alt),
+                    None => {
+                        let named = tokio::net::lookup_host(&self.rendezvous)
+                            .await
+                            .map(Iterator::collect::<Vec<_>>)
+                            .unwrap_or_default();
+                        other_family_stun(stun, client.server_addr().ip(), &named)
+                    }
+                };
+                if let Some(alt) = alt {
                     let binding = wire::signal::client::stun_binding(
                         &socket,
                         alt,
@@ -453,6 +463,23 @@ impl Signaling {
     }
 }
 
+/// The STUN responder in the other address family, found from the rendezvous' name when
+/// the server did not say it: only when STUN runs on the host we reached (`stun` on the
+/// same IP as `server`), at the name's first address of the other family, on STUN's port.
+pub fn other_family_stun(
+    stun: SocketAddr,
+    server: std::net::IpAddr,
+    named: &[SocketAddr],
+) -> Option<SocketAddr> {
+    if stun.ip() != server {
+        return None;
+    }
+    named
+        .iter()
+        .find(|a| a.is_ipv6() != server.is_ipv6())
+        .map(|a| SocketAddr::new(a.ip(), stun.port()))
+}
+
 /// The local IP the system routes towards `to` from.
 fn route_ip(to: SocketAddr) -> Option<std::net::IpAddr> {
     let any: SocketAddr = match to {
@@ -462,4 +489,42 @@ fn route_ip(to: SocketAddr) -> Option<std::net::IpAddr> {
     let s = std::net::UdpSocket::bind(any).ok()?;
     s.connect(to).ok()?;
     Some(s.local_addr().ok()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_other_family_comes_from_the_name_only_for_stun_on_the_same_host() {
+        let named: Vec<SocketAddr> = vec![
+            "198.18.0.1:7000".parse().unwrap(),
+            "[2001:2::1]:7000".parse().unwrap(),
+        ];
+        let v4: std::net::IpAddr = "198.18.0.1".parse().unwrap();
+        // Reached over IPv4, STUN on that host: its IPv6 address, on STUN's port.
+        assert_eq!(
+            other_family_stun("198.18.0.1:3478".parse().unwrap(), v4, &named),
+            Some("[2001:2::1]:3478".parse().unwrap())
+        );
+        // And the reverse.
+        assert_eq!(
+            other_family_stun(
+                "[2001:2::1]:3478".parse().unwrap(),
+                "2001:2::1".parse().unwrap(),
+                &named
+            ),
+            Some("198.18.0.1:3478".parse().unwrap())
+        );
+        // STUN elsewhere (advertised on another host): the name says nothing of it.
+        assert_eq!(
+            other_family_stun("198.18.0.9:3478".parse().unwrap(), v4, &named),
+            None
+        );
+        // A name of one family only.
+        assert_eq!(
+            other_family_stun("198.18.0.1:3478".parse().unwrap(), v4, &named[..1]),
+            None
+        );
+    }
 }

@@ -374,6 +374,11 @@ impl Client {
         self.welcome.stun_alt
     }
 
+    /// Where this connection reached the server.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.server_addr
+    }
+
     /// Registers `name` with `key`, offering `services`; heartbeats start by themselves.
     pub async fn register(
         &self,
