@@ -144,6 +144,11 @@ pub const MAX_SESSIONS: usize = 256;
 /// the peer from noticing and coming back; the refresher observes the mapping later.
 pub const REGISTERED_STUN_WITHIN: Duration = Duration::from_secs(5);
 
+/// How long registration waits for the STUN answer in the other address family (IPv6
+/// beside IPv4): a round trip to the rendezvous, not a host's missing way out (an
+/// IPv6-only host's IPv4), which the refresher keeps asking about in the background.
+pub const ALT_STUN_WITHIN: Duration = Duration::from_millis(300);
+
 /// How long a stopping peer waits for its sessions' closes to go out (a close is a packet
 /// or two; a drained endpoint on loopback takes a few milliseconds, over the internet a
 /// few round trips). The other side then ends its connections at once instead of after

@@ -10,8 +10,8 @@ use wire::signal::client::{Client, ClientConfig, ClientError};
 use wire::signal::{ErrorCode, NatAllocation, NatInfo, NatMapping, Service};
 
 use crate::defaults::{
-    BACKOFF_MAX, BACKOFF_MIN, REGISTERED_STUN_WITHIN, STUN_ANSWER_WITHIN, TCP_STUN_WITHIN,
-    UDP_REFRESH,
+    ALT_STUN_WITHIN, BACKOFF_MAX, BACKOFF_MIN, REGISTERED_STUN_WITHIN, STUN_ANSWER_WITHIN,
+    TCP_STUN_WITHIN, UDP_REFRESH,
 };
 use crate::presence::endpoint::UdpEndpoint;
 use crate::presence::tcp_port::TcpPort;
@@ -90,9 +90,19 @@ impl Drop for Udp {
 async fn refresh(
     endpoint: UdpEndpoint,
     mut stun_rx: tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
-    servers: Vec<SocketAddr>,
+    (servers, alt_seen): (Vec<SocketAddr>, bool),
     cred: (String, String),
 ) {
+    // The other family (`servers[1]`), when registration did not hear it in time: asked
+    // again at once.
+    if let Some(&alt) = servers.get(1).filter(|_| !alt_seen) {
+        match refresh_one(&endpoint, &mut stun_rx, alt, &cred).await {
+            Some(mapped) => {
+                info!(udp = %mapped, "udp mapping observed in the other address family")
+            }
+            None => tracing::debug!(stun = %alt, "no STUN answer in the other address family"),
+        }
+    }
     loop {
         tokio::time::sleep(UDP_REFRESH).await;
         for &stun in &servers {
@@ -101,36 +111,35 @@ async fn refresh(
     }
 }
 
-/// One credentialed Binding towards `stun`, retried a few times.
+/// One credentialed Binding towards `stun`, retried a few times; the mapping it saw.
 async fn refresh_one(
     endpoint: &UdpEndpoint,
     stun_rx: &mut tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
     stun: SocketAddr,
     cred: &(String, String),
-) {
+) -> Option<SocketAddr> {
     // A fresh counter each round: the rendezvous takes observations only from requests
     // newer than any before (retransmissions of this one are answered, not counted).
     let user = wire::stun::stamp(&cred.0);
-    let Ok(req) = wire::stun::binding_request(Some((&user, &cred.1)), None) else {
-        return;
-    };
+    let req = wire::stun::binding_request(Some((&user, &cred.1)), None).ok()?;
     for _ in 0..3 {
         if endpoint.send_to(&req.bytes, stun).await.is_err() {
             break;
         }
         let answered = tokio::time::timeout(STUN_ANSWER_WITHIN, async {
             while let Some((_, data)) = stun_rx.recv().await {
-                if wire::stun::parse_response(&data, &req.tid, Some(&cred.1)).is_ok() {
-                    return true;
+                if let Ok(r) = wire::stun::parse_response(&data, &req.tid, Some(&cred.1)) {
+                    return Some(r.mapped);
                 }
             }
-            false
+            None
         })
         .await;
-        if answered == Ok(true) {
-            break;
+        if let Ok(Some(mapped)) = answered {
+            return Some(mapped);
         }
     }
+    None
 }
 
 /// The peer's TCP presence: the port P its signaling connection leaves from and that it
@@ -317,6 +326,9 @@ impl Signaling {
                         other_family_stun(stun, client.server_addr().ip(), &named)
                     }
                 };
+                // Briefly: a family with no way out (an IPv6-only host's IPv4) must not hold
+                // the registration up; the refresher asks again in the background.
+                let mut alt_seen = true;
                 if let Some(alt) = alt {
                     let binding = wire::signal::client::stun_binding(
                         &socket,
@@ -324,19 +336,23 @@ impl Signaling {
                         Some((&cred.0, &cred.1)),
                         wire::stun::transaction::Timing::RFC8489,
                     );
-                    match tokio::time::timeout(REGISTERED_STUN_WITHIN, binding).await {
+                    alt_seen = match tokio::time::timeout(ALT_STUN_WITHIN, binding).await {
                         Ok(Ok(r)) => {
                             info!(udp = %r.mapped, "udp mapping observed in the other address family");
-                            servers.push(alt);
+                            true
                         }
-                        _ => {
-                            tracing::debug!(stun = %alt, "no STUN answer in the other address family")
-                        }
-                    }
+                        _ => false,
+                    };
+                    servers.push(alt);
                 }
                 match socket.into_std().and_then(UdpEndpoint::new) {
                     Ok((endpoint, stun_rx)) => Some(Udp {
-                        refresher: tokio::spawn(refresh(endpoint.clone(), stun_rx, servers, cred)),
+                        refresher: tokio::spawn(refresh(
+                            endpoint.clone(),
+                            stun_rx,
+                            (servers, alt_seen),
+                            cred,
+                        )),
                         endpoint,
                         observed,
                         nat,

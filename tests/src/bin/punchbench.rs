@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chuantou_tests::lab_peers::{
-    KINDS, matrix_routers, must_relay, must_relay_tcp, run_pair, start_rendezvous,
+    KINDS, matrix_routers, must_relay, must_relay_tcp, run_pair, run_pair_via, start_rendezvous,
+    start_rendezvous_on,
 };
 use chuantou_tests::natlab::{Lab, Router, Spec};
 use clap::Parser;
@@ -30,6 +31,82 @@ struct Cli {
     /// What to punch: udp (QUIC) or tcp (simultaneous open).
     #[arg(long, default_value = "udp", value_parser = ["udp", "tcp"])]
     transport: String,
+    /// The IPv6 rows instead (UDP): two hosts behind stateful IPv6 firewalls, and a
+    /// dual-stack pair (port-restricted NAT and IPv6 firewall each), with how many runs
+    /// ended on IPv6.
+    #[arg(long)]
+    ipv6: bool,
+}
+
+/// The IPv6 rows: per pair, direct rate, time to direct, and the share on IPv6.
+fn ipv6_rows(cli: &Cli) -> anyhow::Result<()> {
+    let routers = [
+        "fwx=firewall",
+        "fwy=firewall",
+        "dsx=port-restricted,v6",
+        "dsy=port-restricted,v6",
+    ]
+    .iter()
+    .map(|r| r.parse::<Router>())
+    .collect::<Result<Vec<_>, _>>()?;
+    let lab = Lab::up(Spec::new("pbench6", routers)?)?;
+    let server_args = [
+        "--listen",
+        "0.0.0.0:7000",
+        "--stun",
+        "0.0.0.0:3478",
+        "--relay",
+        "0.0.0.0:7001",
+        "--no-http",
+        "--advertise",
+        "198.18.0.1,2001:2::1",
+    ];
+    let _server = start_rendezvous_on(
+        &lab,
+        &cli.bin_dir.join("rendezvous"),
+        "server",
+        &server_args,
+    );
+    let peer = cli.bin_dir.join("peer");
+    println!(
+        "{:<22} {:>4} {:>8} {:>16} {:>8}",
+        "pair (udp)", "runs", "direct", "direct path ms", "on IPv6"
+    );
+    println!("{:<22} {:>4} {:>8} {:>16}", "", "", "", "p50 / p90");
+    for (label, a, b, via) in [
+        ("firewall6->firewall6", "fwx-1", "fwy-1", "[2001:2::1]:7000"),
+        ("dual->dual", "dsx-1", "dsy-1", "198.18.0.1:7000"),
+    ] {
+        let mut direct = Vec::new();
+        let mut on_v6 = 0;
+        for r in 0..cli.runs {
+            let name = format!("b6{}{r}", &a[..3]);
+            let run = run_pair_via(&lab, &peer, via, a, b, &name, "udp");
+            if let Some(e) = run.error {
+                anyhow::bail!("{e}");
+            }
+            if let Some(d) = run.to_direct {
+                direct.push(d);
+            }
+            let v6 = run
+                .log
+                .lines()
+                .find(|l| l.contains("punched via udp"))
+                .is_some_and(|l| l.contains("remote=[2001:2:"));
+            on_v6 += usize::from(v6);
+        }
+        let rate = direct.len() as f64 / cli.runs as f64;
+        println!(
+            "{:<22} {:>4} {:>7.0}% {:>7} / {:<7} {:>6.0}%",
+            label,
+            cli.runs,
+            rate * 100.0,
+            pct(&mut direct, 0.5),
+            pct(&mut direct, 0.9),
+            100.0 * on_v6 as f64 / cli.runs as f64
+        );
+    }
+    Ok(())
 }
 
 fn pct(v: &mut [Duration], p: f64) -> String {
@@ -43,6 +120,9 @@ fn pct(v: &mut [Duration], p: f64) -> String {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.ipv6 {
+        return ipv6_rows(&cli);
+    }
     let pairs: Vec<(String, String)> = cli
         .pairs
         .split(',')
