@@ -235,7 +235,12 @@ impl Signaling {
         let first_contact = config.server_key.is_none();
         // The signaling connection leaves from the shared TCP port when it can: then the
         // rendezvous observes the mapping TCP punching will use.
-        let port = TcpPort::bind()
+        let v6 = tokio::net::lookup_host(&self.rendezvous)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| a.is_ipv6());
+        let port = TcpPort::bind_for(v6)
             .inspect_err(|e| warn!(error = %e, "no shared TCP port: TCP punching is off"))
             .ok();
         let (client, port) = match port {

@@ -79,17 +79,18 @@ fn any(v6: bool, port: u16) -> SocketAddr {
 }
 
 impl TcpPort {
-    /// Listens on a fresh port of every local address, IPv6 and IPv4 where the host has
-    /// IPv6.
+    /// Listens on a fresh port of every local IPv4 address.
     pub fn bind() -> io::Result<TcpPort> {
-        let (v6, s) = match reusable(true).and_then(|s| s.bind(any(true, 0)).map(|()| s)) {
-            Ok(s) => (true, s),
-            Err(_) => {
-                let s = reusable(false)?;
-                s.bind(any(false, 0))?;
-                (false, s)
-            }
-        };
+        TcpPort::bind_for(false)
+    }
+
+    /// Listens on a fresh port of every local address of the family the rendezvous is
+    /// reached in: with `v6`, a dual-stack socket (IPv4 peers too), else IPv4 only, the
+    /// port an IPv4 deployment always had. TCP candidates are of one family (the one the
+    /// rendezvous observed the port in), so a second family would serve nothing yet.
+    pub fn bind_for(v6: bool) -> io::Result<TcpPort> {
+        let s = reusable(v6)?;
+        s.bind(any(v6, 0))?;
         let listener = s.listen(128)?;
         let port = listener.local_addr()?.port();
         let routes: Routes = Arc::default();
