@@ -353,6 +353,18 @@ pub fn start_expose(
     start_peer(lab, peer, host, home, &args, "registered")
 }
 
+/// A rendezvous on every address of its host (signaling 7000, STUN 3478, relay 7001, no
+/// HTTP API): dual stack where the host has IPv6, as a server with default flags.
+pub const EVERY_ADDRESS: [&str; 7] = [
+    "--listen",
+    "0.0.0.0:7000",
+    "--stun",
+    "0.0.0.0:3478",
+    "--relay",
+    "0.0.0.0:7001",
+    "--no-http",
+];
+
 /// Where [`start_rendezvous`] serves signaling.
 pub const RENDEZVOUS: &str = "198.18.0.1:7000";
 

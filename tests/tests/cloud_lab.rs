@@ -26,15 +26,7 @@ fn a_rendezvous_behind_a_one_to_one_nat_serves_stun_and_its_relay_at_the_public_
     let public = lab.wan("vps");
     let signaling = format!("{public}:7000");
     let advertise = public.to_string();
-    let base = [
-        "--listen",
-        "0.0.0.0:7000",
-        "--stun",
-        "0.0.0.0:3478",
-        "--relay",
-        "0.0.0.0:7001",
-        "--no-http",
-    ];
+    let base = chuantou_tests::lab_peers::EVERY_ADDRESS;
     for extra in [vec![], vec!["--advertise", advertise.as_str()]] {
         let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
         let mut server = start_rendezvous_on(&lab, &rendezvous, "vps-1", &args);

@@ -7,15 +7,7 @@ use chuantou_tests::lab_peers::{run_pair_via, start_rendezvous_on};
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
 
-const DUAL_SERVER: [&str; 7] = [
-    "--listen",
-    "0.0.0.0:7000",
-    "--stun",
-    "0.0.0.0:3478",
-    "--relay",
-    "0.0.0.0:7001",
-    "--no-http",
-];
+use chuantou_tests::lab_peers::EVERY_ADDRESS as DUAL_SERVER;
 
 /// Asserts that `run` went direct over UDP, its punched pair on IPv6 in the lab's prefix.
 fn assert_direct_over_ipv6(run: &chuantou_tests::lab_peers::PairRun) {

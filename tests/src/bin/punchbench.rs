@@ -50,17 +50,8 @@ fn ipv6_rows(cli: &Cli) -> anyhow::Result<()> {
     .map(|r| r.parse::<Router>())
     .collect::<Result<Vec<_>, _>>()?;
     let lab = Lab::up(Spec::new("pbench6", routers)?)?;
-    let server_args = [
-        "--listen",
-        "0.0.0.0:7000",
-        "--stun",
-        "0.0.0.0:3478",
-        "--relay",
-        "0.0.0.0:7001",
-        "--no-http",
-        "--advertise",
-        "198.18.0.1,2001:2::1",
-    ];
+    let mut server_args = chuantou_tests::lab_peers::EVERY_ADDRESS.to_vec();
+    server_args.extend(["--advertise", "198.18.0.1,2001:2::1"]);
     let _server = start_rendezvous_on(
         &lab,
         &cli.bin_dir.join("rendezvous"),
