@@ -37,18 +37,43 @@ print(srv.server_address[1], flush=True)
 srv.serve_forever()
 "#;
 
+/// A WebSocket echo server (Python's `websockets`) on an ephemeral loopback port (printed
+/// first).
+const WS_ECHO: &str = r#"
+import asyncio, websockets
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+async def main():
+    async with websockets.serve(echo, "127.0.0.1", 0, max_size=None) as srv:
+        print(srv.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+
 /// Starts [`FILE_SERVER`] on `dir`; returns it and its port.
 pub async fn file_server(dir: &Path, tls: Option<(&Path, &Path)>) -> (KillOnDrop, u16) {
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", FILE_SERVER]).arg(dir);
+    let mut args = vec![dir.as_os_str()];
     if let Some((cert, key)) = tls {
-        cmd.arg(cert).arg(key);
+        args.extend([cert.as_os_str(), key.as_os_str()]);
     }
+    python_server(FILE_SERVER, &args).await
+}
+
+/// Starts a WebSocket echo server; returns it and its port.
+pub async fn ws_echo_server() -> (KillOnDrop, u16) {
+    python_server(WS_ECHO, &[]).await
+}
+
+/// Runs Python `script` with `args`; returns it and the port it prints first.
+async fn python_server(script: &str, args: &[&std::ffi::OsStr]) -> (KillOnDrop, u16) {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script]).args(args);
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let proc = KillOnDrop(child);
     let port = within(
-        "file server port",
+        "server port",
         tokio::task::spawn_blocking(move || {
             let mut line = String::new();
             BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -182,5 +207,44 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Got {
         status,
         head,
         body: all[split + 4..].to_vec(),
+    }
+}
+
+/// A site of [`crate::web::site`] (`mib` MiB big) served by [`file_server`] and published
+/// as `pc-home` with `publication` (given the service port) on a fresh
+/// [`public_rendezvous`]. Everything stops when it is dropped.
+pub struct PublishedSite {
+    /// The rendezvous.
+    pub server: ServerHandle,
+    /// Stops the exposing peer.
+    pub stop: CancellationToken,
+    /// SHA-256 of the site's big file.
+    pub big_sha: String,
+    _server_proc: KillOnDrop,
+    _dir: TempHome,
+    _home: TempHome,
+}
+
+impl Drop for PublishedSite {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Sets a [`PublishedSite`] up.
+pub async fn published_site(mib: usize, publication: impl FnOnce(u16) -> Publish) -> PublishedSite {
+    let dir = TempHome::new();
+    let big_sha = crate::web::site(&dir.0, mib);
+    let (proc, port) = file_server(&dir.0, None).await;
+    let (server, _) = public_rendezvous().await;
+    let stop = CancellationToken::new();
+    let home = expose_public(&server, "pc-home", port, publication(port), &stop).await;
+    PublishedSite {
+        server,
+        stop,
+        big_sha,
+        _server_proc: proc,
+        _dir: dir,
+        _home: home,
     }
 }

@@ -5,7 +5,6 @@
 //! offline name, an unknown one and a service where nothing listens, and 100 concurrent
 //! clients each fetching 1 MiB intact.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -36,19 +35,8 @@ fn curl(args: &[&str]) -> (bool, Vec<u8>, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_fetches_by_host_name_and_on_a_public_port() {
-    let dir = TempHome::new();
-    let big_sha = chuantou_tests::web::site(&dir.0, 1);
-    let (_srv, port) = file_server(&dir.0, None).await;
-    let (server, _) = public_rendezvous().await;
-    let stop = CancellationToken::new();
-    let _pc = expose_public(
-        &server,
-        "pc-home",
-        port,
-        publish(port, true, false, true, None),
-        &stop,
-    )
-    .await;
+    let site = published_site(1, |port| publish(port, true, false, true, None)).await;
+    let (server, big_sha) = (&site.server, site.big_sha.clone());
     let http = server.addrs().public_http.unwrap();
     let url = format!("http://pc-home.{DOMAIN}:{}/big", http.port());
     let (ok, body, err) = tokio::task::spawn_blocking(move || curl(&[&url]))
@@ -98,30 +86,18 @@ async fn curl_fetches_by_host_name_and_on_a_public_port() {
         .parse()
         .unwrap();
     assert!(to_client > 1 << 20, "{to_client} bytes counted to clients");
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_unknown_names_offline_names_and_dead_services_get_clear_pages() {
-    let dir = TempHome::new();
-    chuantou_tests::web::site(&dir.0, 0);
-    let (_srv, port) = file_server(&dir.0, None).await;
-    let (server, _) = public_rendezvous().await;
-    let http = server.addrs().public_http.unwrap();
-    let host = format!("pc-home.{DOMAIN}");
-    let stop = CancellationToken::new();
     let auth = HttpAuth::Basic {
         user: "amy".into(),
         password: "s3cret".into(),
     };
-    let _pc = expose_public(
-        &server,
-        "pc-home",
-        port,
-        publish(port, true, false, false, Some(auth)),
-        &stop,
-    )
-    .await;
+    let site = published_site(0, |port| publish(port, true, false, false, Some(auth))).await;
+    let (server, stop) = (&site.server, site.stop.clone());
+    let http = server.addrs().public_http.unwrap();
+    let host = format!("pc-home.{DOMAIN}");
 
     let r = get(http, &host, "/small", "").await;
     assert_eq!(r.status, 401, "{}", r.head);
@@ -169,7 +145,7 @@ async fn basic_auth_unknown_names_offline_names_and_dead_services_get_clear_page
     let dead_port = dead.local_addr().unwrap().port();
     drop(dead);
     let _dead = expose_public(
-        &server,
+        server,
         "dead",
         dead_port,
         publish(dead_port, true, false, false, None),
@@ -206,18 +182,6 @@ async fn basic_auth_unknown_names_offline_names_and_dead_services_get_clear_page
     assert!(String::from_utf8_lossy(&r.body).contains("pc-home is offline"));
 }
 
-const WS_SERVER: &str = r#"
-import asyncio, websockets
-async def echo(ws):
-    async for m in ws:
-        await ws.send(m)
-async def main():
-    async with websockets.serve(echo, "127.0.0.1", 0, max_size=None) as srv:
-        print(srv.sockets[0].getsockname()[1], flush=True)
-        await asyncio.Future()
-asyncio.run(main())
-"#;
-
 /// Connects to the public URL by name, with the socket going to the entry's address.
 const WS_CLIENT: &str = r#"
 import asyncio, os, sys, websockets
@@ -236,23 +200,7 @@ asyncio.run(main())
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_work_through_the_public_url() {
-    let mut child = Command::new("python3")
-        .args(["-c", WS_SERVER])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _ws = KillOnDrop(child);
-    let port: u16 = within(
-        "websocket server port",
-        tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line.trim().parse().unwrap()
-        }),
-    )
-    .await
-    .unwrap();
+    let (_ws, port) = ws_echo_server().await;
     let (server, _) = public_rendezvous().await;
     let stop = CancellationToken::new();
     let _pc = expose_public(
@@ -354,19 +302,8 @@ async fn tls_is_passed_through_and_the_services_certificate_verifies_end_to_end(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_public_clients_each_fetch_a_mebibyte_intact() {
-    let dir = TempHome::new();
-    let big_sha = chuantou_tests::web::site(&dir.0, 1);
-    let (_srv, port) = file_server(&dir.0, None).await;
-    let (server, _) = public_rendezvous().await;
-    let stop = CancellationToken::new();
-    let _pc = expose_public(
-        &server,
-        "pc-home",
-        port,
-        publish(port, true, false, false, None),
-        &stop,
-    )
-    .await;
+    let site = published_site(1, |port| publish(port, true, false, false, None)).await;
+    let (server, big_sha) = (&site.server, site.big_sha.clone());
     let http = server.addrs().public_http.unwrap();
     let host = format!("pc-home.{DOMAIN}");
     let clients: Vec<_> = (0..100)
@@ -380,7 +317,6 @@ async fn a_hundred_concurrent_public_clients_each_fetch_a_mebibyte_intact() {
         assert_eq!(r.status, 200, "client {i}: {}", r.head);
         assert_eq!(sha(&r.body), big_sha, "client {i}: the body arrives intact");
     }
-    stop.cancel();
 }
 
 async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

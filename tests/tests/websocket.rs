@@ -1,23 +1,10 @@
 //! A WebSocket echo service reached through the tunnel with a real WebSocket client
 //! (Python's `websockets`): binary and text messages, large and small, come back intact.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use chuantou_tests::*;
 use tokio_util::sync::CancellationToken;
-
-const SERVER: &str = r#"
-import asyncio, websockets
-async def echo(ws):
-    async for m in ws:
-        await ws.send(m)
-async def main():
-    async with websockets.serve(echo, "127.0.0.1", 0, max_size=None) as srv:
-        print(srv.sockets[0].getsockname()[1], flush=True)
-        await asyncio.Future()
-asyncio.run(main())
-"#;
 
 const CLIENT: &str = r#"
 import asyncio, os, sys, websockets
@@ -33,16 +20,6 @@ async def main():
 asyncio.run(main())
 "#;
 
-/// Kills the child on drop, so a failing test leaves no server behind.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn python_has_websockets() {
     let ok = Command::new("python3")
         .args(["-c", "import websockets"])
@@ -57,23 +34,7 @@ fn python_has_websockets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_tunnel() {
     python_has_websockets();
-    let mut child = Command::new("python3")
-        .args(["-c", SERVER])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let server_proc = Reaped(child);
-    let port: u16 = within(
-        "websocket server port",
-        tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).unwrap();
-            line.trim().parse().unwrap()
-        }),
-    )
-    .await
-    .unwrap();
+    let (server_proc, port) = chuantou_tests::public::ws_echo_server().await;
 
     let server = rendezvous().await;
     let stop = CancellationToken::new();
