@@ -164,15 +164,21 @@ pub async fn run(
         // The UDP presence lives as long as this registration: its refreshes keep the
         // observed mapping the one the rendezvous hands out.
         board.registered(status);
-        let (mut client, udp) = (registration.client, registration.udp);
+        let (mut client, mut udp) = (registration.client, registration.udp);
         let from = From {
             endpoint: registration.endpoint,
             udp: udp.as_ref().map(|u| u.nat),
             tcp: registration.tcp,
+            mapped: udp.as_ref().and_then(|u| u.portmap.as_ref()).map(|p| p.watch()),
         };
         loop {
             let event = tokio::select! {
-                _ = shutdown.cancelled() => return stopped().await,
+                _ = shutdown.cancelled() => {
+                    if let Some(u) = &mut udp {
+                        u.release_mapping().await;
+                    }
+                    return stopped().await;
+                }
                 e = client.next_event() => e,
             };
             match event {

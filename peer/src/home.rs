@@ -92,6 +92,8 @@ pub struct FileConfig {
     pub rendezvous_key: Option<String>,
     /// The rendezvous token.
     pub token: Option<String>,
+    /// Ask the gateway for a port mapping (default true).
+    pub port_mapping: Option<bool>,
     /// Services `peer up` exposes.
     #[serde(default)]
     pub expose: Vec<crate::up::ExposeEntry>,

@@ -75,6 +75,13 @@ struct Cli {
     #[arg(long, env = "CHUANTOU_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 
+    /// Never ask the gateway for a port mapping (PCP, NAT-PMP, UPnP IGD); also
+    /// `port_mapping = false` in config.toml. By default the UDP endpoint's port is mapped
+    /// where the gateway allows it (never for a rendezvous on loopback), which lets peers
+    /// behind even the hardest NATs reach it directly, and the mapping is removed on exit.
+    #[arg(long, env = "CHUANTOU_NO_PORT_MAPPING", global = true)]
+    no_port_mapping: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -216,9 +223,7 @@ async fn serve_lists(
     lists: peer::up::Lists,
     home: Home,
     key: ed25519_dalek::SigningKey,
-    rendezvous: String,
-    token: Option<String>,
-    trust: Trust,
+    with: Signaling,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let board = Board::default();
@@ -239,9 +244,10 @@ async fn serve_lists(
     let up = peer::up::Up {
         home,
         key: std::sync::Arc::new(key),
-        rendezvous,
-        token,
-        trust,
+        rendezvous: with.rendezvous,
+        token: with.token,
+        trust: with.trust,
+        port_mapping: with.port_mapping,
         default_name: hostname(),
         board,
         lists,
@@ -296,6 +302,12 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         home: Some(home.clone()),
     };
     let token = cli.token.or(file.token);
+    let port_mapping = !cli.no_port_mapping && file.port_mapping.unwrap_or(true);
+    // Where and how to register, without a name or services yet.
+    let reaching = |rendezvous: String, token: Option<String>| Signaling {
+        port_mapping,
+        ..Signaling::reaching(rendezvous, token, String::new(), trust.clone())
+    };
     let need_rendezvous = || {
         rendezvous.clone().context(
             "no rendezvous configured: pass --rendezvous HOST:PORT, set CHUANTOU_RENDEZVOUS, \
@@ -326,7 +338,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let Some(port) = port else {
                 let rendezvous = need_rendezvous()?;
                 let lists = peer::up::Lists::Expose;
-                return serve_lists(lists, home, key, rendezvous, token, trust, shutdown).await;
+                return serve_lists(lists, home, key, reaching(rendezvous, token), shutdown).await;
             };
             if no_relay && transport == Transport::Relay {
                 anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
@@ -364,6 +376,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                     token,
                     name,
                     trust: trust.clone(),
+                    port_mapping,
                     services: vec![Service {
                         port,
                         proto,
@@ -401,7 +414,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let Some(name) = name else {
                 let rendezvous = need_rendezvous()?;
                 let lists = peer::up::Lists::Reach;
-                return serve_lists(lists, home, key, rendezvous, token, trust, shutdown).await;
+                return serve_lists(lists, home, key, reaching(rendezvous, token), shutdown).await;
             };
             if no_relay && transport == Transport::Relay {
                 anyhow::bail!("--no-relay with --transport relay leaves no path: drop one of them");
@@ -411,7 +424,10 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let me = as_name.unwrap_or_else(|| peer::up::own_name("reach", &key, &name));
             let _held = home.hold_name(&me, &format!("peer reach {name} --as {me}"))?;
             let cfg = Reach {
-                signaling: Signaling::reaching(need_rendezvous()?, token, me, trust.clone()),
+                signaling: Signaling {
+                    name: me,
+                    ..reaching(need_rendezvous()?, token)
+                },
                 target: name,
                 service,
                 local,
@@ -430,9 +446,7 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                 peer::up::Lists::Both,
                 home,
                 key,
-                need_rendezvous()?,
-                token,
-                trust.clone(),
+                reaching(need_rendezvous()?, token),
                 shutdown,
             )
             .await
@@ -446,7 +460,10 @@ async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             let me = peer::up::own_name("ping", &key, &name);
             let _held = home.hold_name(&me, &format!("peer ping {name}"))?;
             let cfg = Reach {
-                signaling: Signaling::reaching(need_rendezvous()?, token, me, trust.clone()),
+                signaling: Signaling {
+                    name: me,
+                    ..reaching(need_rendezvous()?, token)
+                },
                 target: name.clone(),
                 service: None,
                 local: Some(SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -377,10 +377,14 @@ impl State {
     /// On the way out: closes the session with a reason and lets the close go out, so the
     /// other side's connections end now, not at its idle timeout.
     async fn stop(&self) {
-        let Some(s) = self.live() else { return };
-        s.close("the reaching peer stopped");
         let endpoint = self.presence.lock().await.endpoint.clone();
-        crate::session::flush_closes(endpoint.quic()).await;
+        if let Some(s) = self.live() {
+            s.close("the reaching peer stopped");
+            crate::session::flush_closes(endpoint.quic()).await;
+        }
+        if let Some(u) = &mut self.presence.lock().await.udp {
+            u.release_mapping().await;
+        }
     }
 
     /// Whether a QUIC handshake from `from` may be the other side's: over one of our
@@ -511,6 +515,7 @@ impl State {
                 endpoint: p.endpoint.clone(),
                 udp: p.udp.as_ref().map(|u| u.nat),
                 tcp: p.tcp.clone(),
+                mapped: p.udp.as_ref().and_then(|u| u.portmap.as_ref()).map(|m| m.watch()),
             }
         };
         *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];

@@ -227,6 +227,8 @@ pub struct Up {
     pub token: Option<String>,
     /// How its key is checked.
     pub trust: Trust,
+    /// Ask the gateway to map the UDP endpoint's port.
+    pub port_mapping: bool,
     /// Name of an `[[expose]]` without one.
     pub default_name: String,
     /// Where `peer status` finds the sessions.
@@ -333,6 +335,7 @@ impl Up {
                 token: self.token.clone(),
                 name,
                 trust: self.trust.clone(),
+                port_mapping: self.port_mapping,
                 services: vec![Service {
                     port: e.port,
                     proto: match e.proto {
@@ -372,12 +375,15 @@ impl Up {
             .home
             .hold_name(&me, &format!("peer up: reach {}", r.name))?;
         let cfg = Reach {
-            signaling: Signaling::reaching(
-                self.rendezvous.clone(),
-                self.token.clone(),
-                me,
-                self.trust.clone(),
-            ),
+            signaling: Signaling {
+                port_mapping: self.port_mapping,
+                ..Signaling::reaching(
+                    self.rendezvous.clone(),
+                    self.token.clone(),
+                    me,
+                    self.trust.clone(),
+                )
+            },
             target: r.name.clone(),
             service: r.service,
             local: r.local,

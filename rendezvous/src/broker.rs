@@ -421,6 +421,7 @@ mod tests {
             lan: vec![],
             nat: None,
             tcp_nat: None,
+            mapped: None,
         };
         let (i, r) = broker(
             SessionId([1; 16]),

@@ -128,6 +128,20 @@ pub struct StunCredential {
     pub password: String,
 }
 
+/// Why a port mapping was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappedError {
+    /// The connection holds no name.
+    #[error("register before telling a port mapping")]
+    NotRegistered,
+    /// The mapping's IP is not where the server sees the peer.
+    #[error(
+        "port mapping {0} is not at an address this server sees you at (a gateway behind \
+         another NAT?): not offered to peers"
+    )]
+    NotObserved(SocketAddr),
+}
+
 /// The outcome of a successful registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -170,6 +184,8 @@ pub struct Entry {
     pub tcp_seen: Option<SocketAddr>,
     /// TCP behaviour, from `tcp_addr` and `tcp_seen`.
     pub tcp_nat: Option<wire::signal::NatInfo>,
+    /// The port its gateway mapped for its UDP endpoint, as the peer said.
+    pub mapped: Option<SocketAddr>,
 }
 
 impl Entry {
@@ -326,6 +342,7 @@ impl Registry {
             nat: reg.nat,
             tcp_seen: None,
             tcp_nat: None,
+            mapped: None,
         };
         self.by_stun
             .insert(entry.stun.username.clone(), reg.name.clone());
@@ -411,6 +428,27 @@ impl Registry {
             .get_or_insert_with(|| wire::signal::NatInfo::from_tcp_mappings(entry.tcp_addr, addr));
         entry.tcp_seen = Some(addr);
         Some((name.as_str(), nat))
+    }
+
+    /// Records the port mapping the peer on `conn` says its gateway granted. Kept only
+    /// when the mapping's IP is one the server observes the peer at: a gateway behind a
+    /// second NAT maps an address nobody can reach, and a peer must not be able to aim
+    /// other peers' probes at an address of its choosing.
+    pub fn set_mapped(
+        &mut self,
+        conn: ConnId,
+        addr: Option<SocketAddr>,
+    ) -> Result<&str, MappedError> {
+        let name = self.by_conn.get(&conn).ok_or(MappedError::NotRegistered)?;
+        let entry = self.peers.get_mut(name).ok_or(MappedError::NotRegistered)?;
+        if let Some(a) = addr {
+            let seen = [Some(entry.tcp_addr), entry.udp_addr, entry.udp_alt];
+            if a.port() == 0 || !seen.iter().flatten().any(|s| s.ip() == a.ip()) {
+                return Err(MappedError::NotObserved(a));
+            }
+        }
+        entry.mapped = addr;
+        Ok(name.as_str())
     }
 
     /// The connection closed: its peer goes offline (its name stays bound). Returns the name.
@@ -827,6 +865,30 @@ mod tests {
         assert_eq!(r.observe_udp("u1", 1, a), Some(("pc", true)));
         assert_eq!(r.observe_udp("u1", 2, a), Some(("pc", false)));
         assert_eq!(r.heartbeat(t0, 1, None), Ok(Some(a)));
+    }
+
+    #[test]
+    fn a_port_mapping_is_kept_only_at_an_address_the_server_sees() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(Timing::default(), 10);
+        r.register(t0, reg("pc", 1, 1)).unwrap();
+        r.observe_udp("u1", 1, "198.18.5.5:6000".parse().unwrap());
+        // The signaling connection's IP (198.18.0.1) and the UDP one both count.
+        for ok in ["198.18.0.1:40001", "198.18.5.5:41000"] {
+            let a: SocketAddr = ok.parse().unwrap();
+            assert_eq!(r.set_mapped(1, Some(a)), Ok("pc"));
+            assert_eq!(r.get("pc").unwrap().mapped, Some(a));
+        }
+        // Elsewhere (a victim's address, a gateway's private side), or port 0: refused,
+        // and the mapping held stays.
+        for bad in ["198.18.9.9:40001", "10.0.0.1:40001", "198.18.5.5:0"] {
+            let a: SocketAddr = bad.parse().unwrap();
+            assert_eq!(r.set_mapped(1, Some(a)), Err(MappedError::NotObserved(a)));
+        }
+        assert_eq!(r.get("pc").unwrap().mapped.map(|a| a.port()), Some(41000));
+        assert_eq!(r.set_mapped(1, None), Ok("pc"));
+        assert_eq!(r.get("pc").unwrap().mapped, None);
+        assert_eq!(r.set_mapped(2, None), Err(MappedError::NotRegistered));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod browser;
 pub mod fuzz;
 pub mod lab_peers;
 pub mod natlab;
+pub mod portmapd;
 pub mod public;
 pub mod web;
 
@@ -206,6 +207,8 @@ pub fn expose_proto(
             rendezvous: via.unwrap_or(server.addrs().signaling).to_string(),
             token: None,
             name: name.into(),
+            // On loopback no gateway is asked anyway.
+            port_mapping: false,
             trust: Trust {
                 key: Some(server.key()),
                 home: None,
@@ -314,6 +317,7 @@ pub async fn reach_board(
             token: None,
             name: format!("reach-{}", hex::encode(rand::random::<[u8; 4]>())),
             services: vec![],
+            port_mapping: false,
             trust: Trust {
                 key: Some(server.key()),
                 home: None,

@@ -45,7 +45,11 @@
 //!
 //! Options per router: `hairpin` (LAN packets to the WAN address are sent back in through
 //! the map), `timeout=S` (UDP conntrack and map entries), `loss=PCT` (dropped at random in
-//! the forward path), `delta=D` (sequential step), `hosts=N`, `v6` (dual stack, below).
+//! the forward path), `delta=D` (sequential step), `hosts=N`, `v6` (dual stack, below),
+//! `map` (a NAT-PMP and PCP gateway on its LAN address, port 5351, that installs real
+//! DNAT/SNAT rules per mapping: [`crate::portmapd`]; `map=pmp` speaks NAT-PMP only). The
+//! gateway is a thread of the process holding the [`Lab`] (a test, punchbench), so a lab
+//! made by `scripts/natlab up` has none.
 
 use std::fmt;
 use std::fs::File;
@@ -201,6 +205,11 @@ pub struct Router {
     /// Dual stack: its LAN also has IPv6 (2001:2:0:N::/64, no NAT) behind a stateful
     /// firewall. Always on for [`Kind::Firewall`].
     pub v6: bool,
+    /// A port-mapping gateway on its LAN address (NAT-PMP, and PCP unless `map_pcp` is
+    /// off): [`crate::portmapd`].
+    pub map: bool,
+    /// Whether the gateway speaks PCP besides NAT-PMP.
+    pub map_pcp: bool,
 }
 
 impl Router {
@@ -215,6 +224,8 @@ impl Router {
             delta: 1,
             hosts: 1,
             v6: kind == Kind::Firewall,
+            map: false,
+            map_pcp: true,
         }
     }
 }
@@ -257,10 +268,12 @@ impl FromStr for Router {
                 "delta" => r.delta = num(1000)? as u16,
                 "hosts" => r.hosts = num(200)? as u8,
                 "v6" if v.is_empty() || v == "on" => r.v6 = true,
+                "map" if v.is_empty() || v == "on" => r.map = true,
+                "map" if v == "pmp" => (r.map, r.map_pcp) = (true, false),
                 _ => {
                     return Err(bad(format!(
                         "unknown option {opt:?}: hairpin[=on|off], timeout=S, loss=PCT, \
-                         delta=D, hosts=N, v6"
+                         delta=D, hosts=N, v6, map[=pmp]"
                     )));
                 }
             }
@@ -289,6 +302,11 @@ impl fmt::Display for Router {
         }
         if self.v6 && self.kind != Kind::Firewall {
             f.write_str(",v6")?;
+        }
+        match (self.map, self.map_pcp) {
+            (true, true) => f.write_str(",map")?,
+            (true, false) => f.write_str(",map=pmp")?,
+            _ => {}
         }
         Ok(())
     }
@@ -662,6 +680,9 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
         "  set peers {{ typeof meta l4proto . th dport . ip saddr; \
          flags dynamic,timeout; timeout {t}s; size 65535; }}\n"
     );
+    if r.map {
+        s += &crate::portmapd::chains();
+    }
     s += "  chain post { type nat hook postrouting priority srcnat; policy accept;\n";
     if r.hairpin {
         // A hairpinned packet leaves on the LAN again; make it come from the WAN address
@@ -991,6 +1012,14 @@ pub struct Lab {
     pub spec: Spec,
     children: Mutex<Vec<Child>>,
     keep: bool,
+    gateways: Vec<Gateway>,
+}
+
+/// A router's port-mapping gateway thread.
+struct Gateway {
+    router: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 static LABS: AtomicU32 = AtomicU32::new(0);
@@ -999,14 +1028,16 @@ impl Lab {
     /// Builds `spec`, first removing any lab of the same name (so `up` is idempotent).
     pub fn up(spec: Spec) -> Result<Lab, LabError> {
         down(&spec.lab);
-        let lab = Lab {
+        let mut lab = Lab {
             spec,
             children: Mutex::new(Vec::new()),
             keep: false,
+            gateways: Vec::new(),
         };
         for step in lab.spec.plan() {
             step.run()?; // on error, drop tears down what was made
         }
+        lab.start_gateways()?;
         Ok(lab)
     }
 
@@ -1045,7 +1076,59 @@ impl Lab {
             spec,
             children: Mutex::new(Vec::new()),
             keep: true,
+            gateways: Vec::new(),
         }
+    }
+
+    /// Starts the port-mapping gateway of every router with the `map` option.
+    fn start_gateways(&mut self) -> Result<(), LabError> {
+        for (i, r) in self.spec.routers.iter().enumerate() {
+            if !r.map {
+                continue;
+            }
+            let ns = self.spec.ns(&r.name);
+            let (lan, wan) = (router_lan(i), router_wan(i));
+            let socket = self.in_ns(&ns, || {
+                UdpSocket::bind((lan, crate::portmapd::SERVER_PORT))
+            })?;
+            let gateway = crate::portmapd::Gateway::new(wan, r.map_pcp, std::time::Instant::now());
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || {
+                crate::portmapd::serve(socket, gateway, flag, |script| {
+                    Step::Nft {
+                        ns: ns.clone(),
+                        script: script.to_owned(),
+                    }
+                    .run()
+                    .map_err(|e| e.to_string())
+                });
+            });
+            self.gateways.push(Gateway {
+                router: r.name.clone(),
+                stop,
+                thread: Some(thread),
+            });
+        }
+        Ok(())
+    }
+
+    /// The port mappings router `router`'s gateway holds now, as its nft chains show them
+    /// (`dnat` rules of `pm_pre`): the lab's own view, whatever the peers say.
+    pub fn port_mappings(&self, router: &str) -> Result<Vec<String>, LabError> {
+        let out = self
+            .router_command(router, "nft")
+            .args(["list", "chain", "ip", "natlab", "pm_pre"])
+            .output()
+            .map_err(|source| LabError::Io {
+                ns: self.spec.ns(router),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("dnat"))
+            .map(|l| l.trim().to_owned())
+            .collect())
     }
 
     /// The host called `name`; panics with the list of hosts if there is none.
@@ -1094,7 +1177,15 @@ impl Lab {
         host: &str,
         f: impl FnOnce() -> io::Result<T> + Send,
     ) -> Result<T, LabError> {
-        let ns = self.host(host).ns;
+        self.in_ns(&self.host(host).ns, f)
+    }
+
+    fn in_ns<T: Send>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> io::Result<T> + Send,
+    ) -> Result<T, LabError> {
+        let ns = ns.to_owned();
         let io_err = |source| LabError::Io {
             ns: ns.clone(),
             source,
@@ -1283,6 +1374,14 @@ impl Drop for Cut {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for g in &mut self.gateways {
+            g.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = g.thread.take()
+                && t.join().is_err()
+            {
+                eprintln!("the port-mapping gateway of {} panicked", g.router);
+            }
+        }
         let children = std::mem::take(self.children.get_mut().unwrap_or_else(|e| e.into_inner()));
         for mut c in children {
             let _ = c.kill();

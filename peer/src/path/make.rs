@@ -28,6 +28,15 @@ pub struct From {
     pub udp: Option<Option<NatInfo>>,
     /// The shared TCP port, when signaling could leave from one.
     pub tcp: Option<Arc<Tcp>>,
+    /// The gateway's mapping of the UDP endpoint's port, when one was asked for.
+    pub mapped: Option<tokio::sync::watch::Receiver<Option<std::net::SocketAddrV4>>>,
+}
+
+impl From {
+    /// Whether the gateway maps our UDP endpoint's port now.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.as_ref().is_some_and(|w| w.borrow().is_some())
+    }
 }
 
 /// Which attempts to start.
@@ -106,6 +115,7 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
     if want.udp {
         n += 1;
         let (endpoint, b, nat, done) = (from.endpoint.clone(), b.clone(), from.udp, tx.clone());
+        let mapped = from.is_mapped();
         tokio::spawn(async move {
             let made = match (nat, b.candidates.udp) {
                 (None, _) => failed_udp(&b, "no UDP endpoint (no STUN answer)".into()),
@@ -114,7 +124,7 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
                     format!("{} has no UDP endpoint (no STUN answer)", b.peer),
                 ),
                 (Some(nat), Some(_)) => {
-                    match udp_shell::establish(&endpoint, nat, &b, joins && !relay_tcp).await {
+                    match udp_shell::establish(&endpoint, (nat, mapped), &b, joins && !relay_tcp).await {
                         Ok(p) => match p.socket {
                             None => Made::Path {
                                 kind: PathKind::DirectUdp,

@@ -32,6 +32,9 @@ pub struct Signaling {
     pub services: Vec<Service>,
     /// Which rendezvous key to insist on.
     pub trust: super::trust::Trust,
+    /// Ask the gateway to map the UDP endpoint's port (PCP, NAT-PMP, UPnP); never for a
+    /// rendezvous on loopback.
+    pub port_mapping: bool,
 }
 
 impl Signaling {
@@ -49,6 +52,7 @@ impl Signaling {
             name,
             services: vec![],
             trust,
+            port_mapping: true,
         }
     }
 }
@@ -76,7 +80,19 @@ pub struct Udp {
     pub observed: Option<SocketAddr>,
     /// The NAT in front of it.
     pub nat: Option<NatInfo>,
+    /// The gateway's mapping of its port, when asked for.
+    pub portmap: Option<super::portmap::PortMap>,
     refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Udp {
+    /// Removes the gateway's mapping of the endpoint (on a stop), waiting until the
+    /// request is out.
+    pub async fn release_mapping(&mut self) {
+        if let Some(p) = &mut self.portmap {
+            p.release().await;
+        }
+    }
 }
 
 impl Drop for Udp {
@@ -350,8 +366,14 @@ impl Signaling {
                     };
                     servers.push(alt);
                 }
+                let portmap = socket
+                    .local_addr()
+                    .ok()
+                    .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
+                    .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter()));
                 match socket.into_std().and_then(UdpEndpoint::new) {
                     Ok((endpoint, stun_rx)) => Some(Udp {
+                        portmap,
                         refresher: tokio::spawn(refresh(
                             endpoint.clone(),
                             stun_rx,

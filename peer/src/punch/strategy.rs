@@ -79,19 +79,51 @@ fn hopeless(me: &NatProfile, peer: &NatProfile) -> bool {
         && (me.random_symmetric() || peer.random_symmetric())
 }
 
+/// A port its gateway mapped (PCP, NAT-PMP, UPnP): whatever the NAT does to other
+/// traffic, that port takes packets from anyone, as a full cone's does.
+const MAPPED: NatProfile = NatProfile {
+    nat_type: Some(NatType::FullCone),
+    allocation: Some(Allocation::Preserved),
+    delta: None,
+};
+
+/// Port mappings on either side: whether our gateway mapped our UDP endpoint, and the
+/// other side's mapped address if its gateway did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mappings {
+    /// Our endpoint has a mapping (the other side is told its address).
+    pub mine: bool,
+    /// The other side's mapped address.
+    pub peer: Option<SocketAddr>,
+}
+
 /// Plans this side's punch. `peer_observed` is the other side's UDP address as the
 /// rendezvous saw it, `peer_lan` its LAN addresses, `peer_between` how many UDP mappings
 /// it makes before its first probe (1 when it joins the relay over UDP, which it does as
 /// soon as it hears of the session: past a sequential NAT that mapping takes the next
 /// port, so prediction starts after it and tries it last).
+///
+/// A port mapping turns its side into a full cone for this purpose: the other side's
+/// probes to the mapped address get in from whatever port its NAT picks, and the answers
+/// go back through the mapping. So a mapping on either side makes every pair punchable,
+/// random symmetric ↔ random symmetric included.
 pub fn plan(
     me: &NatProfile,
     peer: &NatProfile,
     peer_observed: Option<SocketAddr>,
     peer_lan: &[SocketAddr],
     peer_between: i32,
+    mapped: Mappings,
 ) -> Strategy {
-    let pair = format!("{} ↔ {}", name(me), name(peer));
+    let (me, peer) = (
+        if mapped.mine { &MAPPED } else { me },
+        if mapped.peer.is_some() { &MAPPED } else { peer },
+    );
+    let pair = match (mapped.mine, mapped.peer.is_some()) {
+        (false, false) => format!("{} ↔ {}", name(me), name(peer)),
+        (true, false) => format!("port mapping here ↔ {}", name(peer)),
+        (_, true) => "port mapping there".to_owned(),
+    };
     if me.kind() == NatType::UdpBlocked || peer.kind() == NatType::UdpBlocked {
         return Strategy::Relay {
             why: format!("UDP blocked ({pair})"),
@@ -101,9 +133,13 @@ pub fn plan(
         return Strategy::Relay { why: pair };
     }
     let mut remote = Vec::new();
-    if let Some(obs) = peer_observed {
+    if let Some(m) = mapped.peer {
+        // The mapped port first: it takes our probes whatever port they leave from.
+        remote.push(m);
+    }
+    if let Some(obs) = peer_observed.filter(|o| Some(*o) != mapped.peer) {
         // The k-th new mapping of the peer lands k·delta past the observed port.
-        remote = after(peer, obs, peer_between);
+        remote.extend(after(peer, obs, peer_between));
     }
     // LAN candidates last: they matter only when both sit behind the same NAT, and on a
     // sequential NAT a packet to a foreign private address could take a mapping.
@@ -272,7 +308,7 @@ mod tests {
             sockets,
             spray,
             ..
-        } = plan(&me, &peer, Some(obs), &[lan], 0)
+        } = plan(&me, &peer, Some(obs), &[lan], 0, Mappings::default())
         else {
             panic!("should punch");
         };
@@ -281,6 +317,47 @@ mod tests {
         assert_eq!(ports[..3], [20003, 20006, 20009]);
         assert_eq!(remote[PREDICTED_PORTS as usize], obs);
         assert_eq!(remote.last(), Some(&lan));
+    }
+
+    #[test]
+    fn a_port_mapping_on_either_side_makes_random_symmetric_pairs_punchable() {
+        let random = p(NatType::Symmetric, Allocation::Random, None);
+        let obs: SocketAddr = "198.18.1.6:31234".parse().unwrap();
+        let mapped: SocketAddr = "198.18.1.6:40000".parse().unwrap();
+        // Their gateway mapped a port: we probe it first, from our one socket, no spray.
+        let there = Mappings {
+            mine: false,
+            peer: Some(mapped),
+        };
+        let Strategy::Direct {
+            sockets,
+            remote,
+            spray,
+            why,
+        } = plan(&random, &random, Some(obs), &[], 1, there)
+        else {
+            panic!("a mapping there makes random ↔ random punchable");
+        };
+        assert_eq!((sockets, spray), (1, None));
+        assert_eq!(remote, [mapped, obs]);
+        assert!(why.contains("port mapping there"), "{why}");
+        // Ours is mapped: we answer their probes on it and probe their observed port.
+        let here = Mappings {
+            mine: true,
+            peer: None,
+        };
+        let Strategy::Direct {
+            sockets, remote, ..
+        } = plan(&random, &random, Some(obs), &[], 1, here)
+        else {
+            panic!("a mapping here makes random ↔ random punchable");
+        };
+        assert_eq!((sockets, remote), (1, vec![obs]));
+        // Without one it stays hopeless.
+        assert!(matches!(
+            plan(&random, &random, Some(obs), &[], 1, Mappings::default()),
+            Strategy::Relay { .. }
+        ));
     }
 
     #[test]
@@ -294,7 +371,7 @@ mod tests {
             (&seq, &random, "sequential symmetric ↔ random symmetric"),
             (&blocked, &cone, "UDP blocked"),
         ] {
-            match plan(a, b, None, &[], 0) {
+            match plan(a, b, None, &[], 0, Mappings::default()) {
                 Strategy::Relay { why: w } => assert!(w.contains(why), "{w}"),
                 s => panic!("{s:?}"),
             }

@@ -17,7 +17,7 @@ use natprobe::classify::{Allocation, NatType};
 use crate::defaults::PUNCH_LINGER;
 use crate::presence::endpoint::UdpEndpoint;
 use crate::punch::probe::ProbeKey;
-use crate::punch::strategy::{NatProfile, Strategy, plan};
+use crate::punch::strategy::{Mappings, NatProfile, Strategy, plan};
 use crate::punch::udp::{Config, Event, Input, Output, Punch, Timing};
 
 /// Why there is no direct path.
@@ -83,11 +83,12 @@ pub fn profile(nat: Option<NatInfo>) -> NatProfile {
     }
 }
 
-/// Punches for session `b` and returns the pair both sides agreed on. `relay_udp`: both
-/// sides join the relay over UDP (a mapping each, made before the first probe).
+/// Punches for session `b` and returns the pair both sides agreed on. `me`: what we
+/// measured of our NAT, and whether our gateway maps our endpoint's port. `relay_udp`:
+/// both sides join the relay over UDP (a mapping each, made before the first probe).
 pub async fn establish(
     endpoint: &UdpEndpoint,
-    my_nat: Option<NatInfo>,
+    (my_nat, mapped_here): (Option<NatInfo>, bool),
     b: &Broker,
     relay_udp: bool,
 ) -> Result<Punched, DirectError> {
@@ -106,6 +107,10 @@ pub async fn establish(
         b.candidates.udp,
         &extra,
         i32::from(relay_udp),
+        Mappings {
+            mine: mapped_here,
+            peer: b.candidates.mapped,
+        },
     );
     let (sockets, remote, spray, why) = match strategy {
         Strategy::Direct {

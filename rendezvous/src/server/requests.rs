@@ -169,6 +169,21 @@ pub(super) fn handle_request(
                 .map_err(|e| ErrorFrame::new(ErrorCode::UnknownPeer, e.to_string()))?;
             Ok(Reply::Noted)
         }
+        Request::Mapped { addr } => {
+            let mut st = shared.state();
+            let name = st.registry.set_mapped(conn, addr).map_err(|e| {
+                let code = match e {
+                    registry::MappedError::NotRegistered => ErrorCode::NotRegistered,
+                    registry::MappedError::NotObserved(_) => ErrorCode::BadRequest,
+                };
+                ErrorFrame::new(code, e.to_string())
+            })?;
+            match addr {
+                Some(a) => info!(peer = %name, mapped = %a, "port mapping offered to peers"),
+                None => info!(peer = %name, "port mapping withdrawn"),
+            }
+            Ok(Reply::Noted)
+        }
         Request::Release { name } => {
             shared
                 .state()
@@ -253,6 +268,7 @@ pub(super) fn connect(
             lan: e.lan_addrs.clone(),
             nat: e.nat,
             tcp_nat: e.tcp_nat,
+            mapped: e.mapped,
         },
         rtt: e.rtt,
     };

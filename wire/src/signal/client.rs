@@ -217,12 +217,14 @@ pub struct Reporter {
 impl Reporter {
     /// Sends one report and waits for the server to note it.
     pub async fn report(&self, r: crate::signal::Report) -> Result<(), ClientError> {
+        self.request(Request::Report(r)).await
+    }
+
+    /// Sends a request the server answers with `Noted`.
+    async fn request(&self, body: Request) -> Result<(), ClientError> {
         let (tx, rx) = oneshot::channel();
         self.cmds
-            .send(Cmd {
-                body: Request::Report(r),
-                reply: tx,
-            })
+            .send(Cmd { body, reply: tx })
             .await
             .map_err(|_| ClientError::Closed(None))?;
         match timeout(self.timeout, rx)
@@ -233,6 +235,11 @@ impl Reporter {
             Reply::Noted => Ok(()),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Tells the server the port mapping our gateway granted (or that it is gone).
+    pub async fn mapped(&self, addr: Option<SocketAddr>) -> Result<(), ClientError> {
+        self.request(Request::Mapped { addr }).await
     }
 }
 

@@ -29,7 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 /// The signaling protocol version carried in `Hello`; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Longest peer name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -118,6 +118,14 @@ pub enum Request {
     /// How our session with another peer goes ([`report`](self::report)), for the
     /// rendezvous' dashboard and metrics; answered by `Reply::Noted`.
     Report(Report),
+    /// The port mapping our gateway granted for the UDP endpoint (PCP, NAT-PMP or UPnP),
+    /// or `None` when it is gone; answered by `Reply::Noted`. The server keeps it only
+    /// when its IP is the one it observes the peer at (a mapping behind a second NAT
+    /// reaches nobody, and a made-up one must not aim other peers' probes anywhere).
+    Mapped {
+        /// The gateway's external address and port for our UDP endpoint.
+        addr: Option<SocketAddr>,
+    },
 }
 
 /// A registration: who the peer is and what it offers.
@@ -450,6 +458,9 @@ pub struct Candidates {
     pub nat: Option<NatInfo>,
     /// Its NAT's TCP behaviour, from the server's two observations of its TCP port.
     pub tcp_nat: Option<NatInfo>,
+    /// The port its gateway mapped for its UDP endpoint (PCP, NAT-PMP or UPnP): reachable
+    /// from anywhere, whatever its NAT does to other traffic.
+    pub mapped: Option<SocketAddr>,
 }
 
 /// An error answer: a machine-readable code and a sentence for humans.
@@ -872,6 +883,7 @@ mod wire_tests {
                 udp: Some("198.18.1.2:40001".parse().unwrap()),
                 udp_alt: None,
                 lan: vec!["198.19.0.5:5000".parse().unwrap()],
+                mapped: Some("198.18.1.2:40002".parse().unwrap()),
                 nat: None,
                 tcp_nat: Some(NatInfo {
                     mapping: NatMapping::Varies,
