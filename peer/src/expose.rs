@@ -169,7 +169,10 @@ pub async fn run(
             endpoint: registration.endpoint,
             udp: udp.as_ref().map(|u| u.nat),
             tcp: registration.tcp,
-            mapped: udp.as_ref().and_then(|u| u.portmap.as_ref()).map(|p| p.watch()),
+            mapped: udp
+                .as_ref()
+                .and_then(|u| u.portmap.as_ref())
+                .map(|p| p.watch()),
         };
         loop {
             let event = tokio::select! {

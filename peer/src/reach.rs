@@ -515,7 +515,11 @@ impl State {
                 endpoint: p.endpoint.clone(),
                 udp: p.udp.as_ref().map(|u| u.nat),
                 tcp: p.tcp.clone(),
-                mapped: p.udp.as_ref().and_then(|u| u.portmap.as_ref()).map(|m| m.watch()),
+                mapped: p
+                    .udp
+                    .as_ref()
+                    .and_then(|u| u.portmap.as_ref())
+                    .map(|m| m.watch()),
             }
         };
         *self.why_not.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];

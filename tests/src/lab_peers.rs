@@ -210,6 +210,35 @@ impl Proc {
         self.seen.join("\n")
     }
 
+    /// Stops the process as a service manager would (SIGTERM), waits (bounded) until it
+    /// has exited, and returns its whole log and whether it exited on its own in time.
+    pub fn terminate(&mut self) -> (String, bool) {
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + BOUND;
+        let mut exited = false;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                exited = true;
+                break;
+            }
+            // Its stderr closing is the event to wait on; lines until then are kept.
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(l) => self.seen.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    exited = self.child.wait().is_ok();
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        (self.finish(), exited)
+    }
+
     /// Ends the process and returns its whole log (for a failure report).
     pub fn finish(&mut self) -> String {
         let _ = self.child.kill();

@@ -1088,9 +1088,8 @@ impl Lab {
             }
             let ns = self.spec.ns(&r.name);
             let (lan, wan) = (router_lan(i), router_wan(i));
-            let socket = self.in_ns(&ns, || {
-                UdpSocket::bind((lan, crate::portmapd::SERVER_PORT))
-            })?;
+            let socket =
+                self.in_ns(&ns, || UdpSocket::bind((lan, crate::portmapd::SERVER_PORT)))?;
             let gateway = crate::portmapd::Gateway::new(wan, r.map_pcp, std::time::Instant::now());
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = stop.clone();

@@ -258,8 +258,7 @@ impl Gateway {
             return None;
         }
         let taken = |port: u16, maps: &BTreeMap<Key, Mapping>| {
-            maps.iter()
-                .any(|(k, m)| k.0 == key.0 && m.external == port)
+            maps.iter().any(|(k, m)| k.0 == key.0 && m.external == port)
         };
         let external = [suggested, key.2]
             .into_iter()
@@ -370,7 +369,13 @@ mod tests {
         r
     }
 
-    fn pcp_map(client: Ipv4Addr, nonce: u8, internal: u16, suggested: u16, lifetime: u32) -> Vec<u8> {
+    fn pcp_map(
+        client: Ipv4Addr,
+        nonce: u8,
+        internal: u16,
+        suggested: u16,
+        lifetime: u32,
+    ) -> Vec<u8> {
         let mut r = vec![2, 1, 0, 0];
         r.extend_from_slice(&lifetime.to_be_bytes());
         r.extend_from_slice(&client.to_ipv6_mapped().octets());
@@ -393,9 +398,18 @@ mod tests {
         assert_eq!(a[..4], [0, 129, 0, 0]);
         assert_eq!(u16::from_be_bytes([a[8], a[9]]), 50000);
         assert_eq!(u16::from_be_bytes([a[10], a[11]]), 50000);
-        assert_eq!(u32::from_be_bytes([a[12], a[13], a[14], a[15]]), MAX_LIFETIME);
-        assert!(g.rules().contains("udp dport 50000 dnat ip to 198.19.1.2:50000"));
-        assert!(g.rules().contains("ip saddr 198.19.1.2 udp sport 50000 snat ip to 198.18.1.1:50000"));
+        assert_eq!(
+            u32::from_be_bytes([a[12], a[13], a[14], a[15]]),
+            MAX_LIFETIME
+        );
+        assert!(
+            g.rules()
+                .contains("udp dport 50000 dnat ip to 198.19.1.2:50000")
+        );
+        assert!(
+            g.rules()
+                .contains("ip saddr 198.19.1.2 udp sport 50000 snat ip to 198.18.1.1:50000")
+        );
         // Another host asking for the same port gets the next free one.
         let other = SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 3), 50000);
         let a = g.handle(t0, other, &pmp_map(1, 50000, 50000, 60)).unwrap();
@@ -414,19 +428,30 @@ mod tests {
     fn pcp_maps_with_its_nonce_and_refuses_a_client_behind_another_nat() {
         let t0 = Instant::now();
         let mut g = Gateway::new(WAN, true, t0);
-        let a = g.handle(t0, HOST, &pcp_map(*HOST.ip(), 7, 50000, 0, 7200)).unwrap();
+        let a = g
+            .handle(t0, HOST, &pcp_map(*HOST.ip(), 7, 50000, 0, 7200))
+            .unwrap();
         assert_eq!(a.len(), 60);
         assert_eq!(a[..4], [2, 0x81, 0, pcp::SUCCESS]);
         assert_eq!(a[24..36], [7; 12]);
         assert_eq!(u16::from_be_bytes([a[42], a[43]]), 50000);
-        assert_eq!(Ipv6Addr::from(<[u8; 16]>::try_from(&a[44..60]).unwrap()), WAN.to_ipv6_mapped());
+        assert_eq!(
+            Ipv6Addr::from(<[u8; 16]>::try_from(&a[44..60]).unwrap()),
+            WAN.to_ipv6_mapped()
+        );
         // The client address field must be where the request came from.
         let a = g
-            .handle(t0, HOST, &pcp_map(Ipv4Addr::new(10, 0, 0, 2), 7, 50000, 0, 7200))
+            .handle(
+                t0,
+                HOST,
+                &pcp_map(Ipv4Addr::new(10, 0, 0, 2), 7, 50000, 0, 7200),
+            )
             .unwrap();
         assert_eq!(a[3], pcp::ADDRESS_MISMATCH);
         // Delete.
-        let a = g.handle(t0, HOST, &pcp_map(*HOST.ip(), 7, 50000, 0, 0)).unwrap();
+        let a = g
+            .handle(t0, HOST, &pcp_map(*HOST.ip(), 7, 50000, 0, 0))
+            .unwrap();
         assert_eq!((a[3], g.mappings().len()), (pcp::SUCCESS, 0));
         // Garbage: malformed, no panic; responses are not answered.
         let a = g.handle(t0, HOST, &[2, 1, 0]).unwrap();
@@ -439,7 +464,9 @@ mod tests {
     fn a_nat_pmp_only_gateway_answers_pcp_with_unsupported_version() {
         let t0 = Instant::now();
         let mut g = Gateway::new(WAN, false, t0);
-        let a = g.handle(t0, HOST, &pcp_map(*HOST.ip(), 1, 50000, 0, 60)).unwrap();
+        let a = g
+            .handle(t0, HOST, &pcp_map(*HOST.ip(), 1, 50000, 0, 60))
+            .unwrap();
         assert_eq!(a[..4], [0, 0x81, 0, 1]);
         assert!(g.mappings().is_empty());
     }

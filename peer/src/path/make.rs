@@ -124,7 +124,9 @@ pub fn start(from: &From, b: &Broker, want: Wanted, tx: &mpsc::Sender<Made>) -> 
                     format!("{} has no UDP endpoint (no STUN answer)", b.peer),
                 ),
                 (Some(nat), Some(_)) => {
-                    match udp_shell::establish(&endpoint, (nat, mapped), &b, joins && !relay_tcp).await {
+                    match udp_shell::establish(&endpoint, (nat, mapped), &b, joins && !relay_tcp)
+                        .await
+                    {
                         Ok(p) => match p.socket {
                             None => Made::Path {
                                 kind: PathKind::DirectUdp,

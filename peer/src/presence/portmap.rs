@@ -69,7 +69,9 @@ impl PortMap {
             while changes.changed().await.is_ok() {
                 let now = *changes.borrow_and_update();
                 match now {
-                    Some(a) => info!(mapped = %a, local_port = port, "port mapped by the gateway ({protocol})"),
+                    Some(a) => {
+                        info!(mapped = %a, local_port = port, "port mapped by the gateway ({protocol})")
+                    }
                     None => info!(local_port = port, "port mapping gone"),
                 }
                 if let Err(e) = reporter.mapped(now.map(SocketAddr::V4)).await {

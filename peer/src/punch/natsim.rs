@@ -223,6 +223,7 @@ pub(crate) fn run(a: Kind, b: Kind, latency: Duration, loss_pct: u64, seed: u64)
             Some(SocketAddr::V4(observed[other])),
             &[SocketAddr::V4(sides[other].socket_addr(0))],
             0,
+            crate::punch::strategy::Mappings::default(),
         ) {
             Strategy::Relay { why } => {
                 plans[i] = why;

@@ -1,0 +1,139 @@
+//! Port mapping in the NAT lab: a router with a NAT-PMP/PCP gateway (the harness's
+//! responder, real nftables rules) maps the UDP port of the peer behind it, asked by the
+//! real client crate; a random-symmetric ↔ random-symmetric pair, which no punch can
+//! join otherwise, then goes direct through the mapping, whichever side has it; and the
+//! mapping is gone once the peer stops.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use chuantou_tests::lab_peers::{
+    Proc, echo, echo_service, start_peer, start_rendezvous, status_path,
+};
+use chuantou_tests::natlab::{Lab, THIRD_IP};
+use chuantou_tests::{TempHome, workspace_bin};
+
+/// The external port in a gateway's nft rule `udp dport EXT dnat ip to IP:PORT`, and the
+/// internal port.
+fn ports(rule: &str) -> (u16, u16) {
+    let ext = rule
+        .split("dport ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no external port in {rule:?}"));
+    let int = rule
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no internal port in {rule:?}"));
+    (ext, int)
+}
+
+/// Exposes an echo service on `exposer`, reaches it from `reacher`, with the gateway of
+/// `mapped_router` mapping the port of the peer behind it (`mapped_peer` is its log's
+/// owner: "expose" or "reach"); checks the pair goes direct, then stops the mapped peer
+/// and checks its mapping is gone.
+fn mapped_pair(routers: [&str; 2], exposer: &str, reacher: &str, mapped: (&str, &str), name: &str) {
+    let (mapped, protocol) = mapped;
+    let Some(lab) = Lab::for_test(&routers) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let mut server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let (home_a, home_b) = (TempHome::new(), TempHome::new());
+    let service = echo_service(&lab, exposer).to_string();
+    let args = ["expose", &service, "--name", name];
+    let mut expose = start_peer(&lab, &peer, exposer, &home_a.0, &args, "registered");
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
+    let local_arg = local.to_string();
+    let args = ["reach", name, "--local", &local_arg];
+    let mut reach = start_peer(&lab, &peer, reacher, &home_b.0, &args, "reaching");
+    let router = mapped.split('-').next().unwrap();
+    let mapped_proc: &mut Proc = if mapped == exposer {
+        &mut expose
+    } else {
+        &mut reach
+    };
+    // The mapped peer's log and the rendezvous agree on the mapping before anyone
+    // connects (the broker hands out what the rendezvous holds).
+    let line = mapped_proc.wait_for(&["port mapped by the gateway"]);
+    assert!(line.contains(&format!("({protocol})")), "{line}");
+    server.wait_for(&["port mapping offered to peers"]);
+    let rules = lab.port_mappings(router).unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let (ext, _internal) = ports(&rules[0]);
+    assert!(
+        line.contains(&format!("{}:{ext}", lab.wan(router))),
+        "the peer's mapping is the gateway's: {line} / {rules:?}"
+    );
+
+    echo(&lab, reacher, local, b"first");
+    let verdict = reach.wait_for(&["punched via udp", "staying on the relay"]);
+    assert!(
+        verdict.contains("punched via udp") && verdict.contains("port mapping"),
+        "random ↔ random goes direct through the mapping: {verdict}\n{}",
+        reach.log()
+    );
+    let data: Vec<u8> = (0..256 * 1024u32).map(|k| (k % 251) as u8).collect();
+    echo(&lab, reacher, local, &data);
+    assert_eq!(
+        status_path(&peer, &home_b.0),
+        "direct-udp",
+        "{}",
+        reach.log()
+    );
+
+    // Stopped as a service manager stops it, the peer removes its mapping.
+    let mapped_proc: &mut Proc = if mapped == exposer {
+        &mut expose
+    } else {
+        &mut reach
+    };
+    let (log, exited) = mapped_proc.terminate();
+    assert!(exited, "the mapped peer did not stop:\n{log}");
+    let left = lab.port_mappings(router).unwrap();
+    assert!(left.is_empty(), "mapping left after exit: {left:?}\n{log}");
+    // And the port takes nothing from a stranger any more: a socket on the peer's old
+    // port hears nothing that `third` sends to the external port.
+    let internal = ports(&rules[0]).1;
+    let wan = lab.wan(router);
+    let listener = lab
+        .inside(mapped, || {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, internal))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(s)
+        })
+        .unwrap();
+    let stranger = lab
+        .inside("third", || std::net::UdpSocket::bind((THIRD_IP, 0)))
+        .unwrap();
+    stranger.send_to(b"anyone?", (wan, ext)).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        listener.recv_from(&mut buf).is_err(),
+        "a stranger got in through a removed mapping"
+    );
+}
+
+#[test]
+fn a_pcp_mapping_on_the_exposing_side_joins_a_random_symmetric_pair_and_is_removed_on_exit() {
+    mapped_pair(
+        ["ma=symmetric-random,map", "rb=symmetric-random"],
+        "ma-1",
+        "rb-1",
+        ("ma-1", "PCP"),
+        "mapped-pc",
+    );
+}
+
+#[test]
+fn a_nat_pmp_mapping_on_the_reaching_side_joins_a_random_symmetric_pair_and_is_removed_on_exit() {
+    mapped_pair(
+        ["ra=symmetric-random", "mb=symmetric-random,map=pmp"],
+        "ra-1",
+        "mb-1",
+        ("mb-1", "NAT-PMP"),
+        "mapped-phone",
+    );
+}
