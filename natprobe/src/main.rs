@@ -46,6 +46,11 @@ struct Cli {
     /// IPv6 address, when its name has one.
     #[arg(long, value_name = "HOST[:PORT]")]
     server6: Option<String>,
+    /// Do not ask the default gateway about port mapping (PCP, NAT-PMP, UPnP IGD). By
+    /// default natprobe asks which it speaks and makes a test mapping, removed at once
+    /// (not for a STUN server on loopback).
+    #[arg(long)]
+    no_port_mapping: bool,
     /// First STUN retransmission timeout in milliseconds (RFC 8489 RTO; doubles per retry).
     #[arg(long, value_name = "MS", default_value_t = defaults::RTO.as_millis() as u64)]
     rto: u64,
@@ -93,6 +98,7 @@ fn main() -> std::process::ExitCode {
                 ..defaults::timing()
             },
             server6,
+            port_mapping: !cli.no_port_mapping,
         };
         let report = tokio::select! {
             r = probe::run(&cfg) => r.context("probing")?,

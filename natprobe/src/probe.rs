@@ -36,6 +36,8 @@ pub struct Config {
     pub timing: Timing,
     /// An IPv6 STUN server for the `ipv6` section, if any.
     pub server6: Option<SocketAddr>,
+    /// Ask the gateway about port mapping (the `port_mapping` section).
+    pub port_mapping: bool,
 }
 
 /// Why probing could not even start.
@@ -210,7 +212,101 @@ pub async fn run(cfg: &Config) -> Result<Report, ProbeError> {
     if let Some(server) = cfg.server6 {
         report.ipv6 = Some(ipv6(server, cfg.timing).await);
     }
+    let primary = cfg.servers.first().ok_or(ProbeError::NoServer)?;
+    if cfg.port_mapping && !primary.ip().is_loopback() {
+        let public = report.udp.public_addr.map(|a| a.ip());
+        report.port_mapping = Some(port_mapping(public).await);
+    }
     Ok(report)
+}
+
+/// How long the gateway has to answer the protocol probe (UPnP's search takes 1 s).
+const PORT_MAPPING_PROBE: Duration = Duration::from_secs(3);
+/// How long a granted test mapping may take.
+const PORT_MAPPING_GRANT: Duration = Duration::from_secs(3);
+
+/// The `port_mapping` section: which protocols the default gateway speaks, and a test
+/// mapping of a fresh UDP port (removed before returning). `public` is the IP STUN saw,
+/// to tell a gateway behind a second NAT.
+pub async fn port_mapping(public: Option<std::net::IpAddr>) -> crate::report::PortMappingReport {
+    let mut r = crate::report::PortMappingReport {
+        gateway: netwatch::interfaces::HomeRouter::new().map(|h| h.gateway),
+        pcp: false,
+        nat_pmp: false,
+        upnp: false,
+        protocol: None,
+        mapped: None,
+        public: None,
+        note: None,
+    };
+    if r.gateway.is_none() {
+        r.note = Some("no default gateway to ask".into());
+        return r;
+    }
+    let client = portmapper::Client::new(portmapper::Config::default());
+    match tokio::time::timeout(PORT_MAPPING_PROBE, client.probe()).await {
+        Ok(Ok(Ok(o))) => (r.pcp, r.nat_pmp, r.upnp) = (o.pcp, o.nat_pmp, o.upnp),
+        _ => {
+            r.note = Some("the gateway did not answer about port mapping".into());
+            return r;
+        }
+    }
+    r.protocol = if r.pcp {
+        Some("PCP".into())
+    } else if r.nat_pmp {
+        Some("NAT-PMP".into())
+    } else if r.upnp {
+        Some("UPnP".into())
+    } else {
+        r.note = Some("the gateway speaks none of PCP, NAT-PMP and UPnP IGD".into());
+        return r;
+    };
+    // A port of our own to map: held while the mapping lives, so nobody else gets it.
+    let sock = match tokio::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            r.note = Some(format!("no local UDP port to map: {e}"));
+            return r;
+        }
+    };
+    let Some(port) = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| std::num::NonZeroU16::new(a.port()))
+    else {
+        return r;
+    };
+    let mut external = client.watch_external_address();
+    client.update_local_port(port);
+    let granted = tokio::time::timeout(PORT_MAPPING_GRANT, async {
+        loop {
+            if let Some(a) = *external.borrow_and_update() {
+                return Some(a);
+            }
+            if external.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await;
+    match granted {
+        Ok(Some(a)) => {
+            r.mapped = Some(SocketAddr::V4(a));
+            r.public = public.map(|p| p == std::net::IpAddr::V4(*a.ip()));
+            // Removed again; a probe asked after the removal is answered only once the
+            // removal went out (the client handles requests in order).
+            client.deactivate();
+            let _ = tokio::time::timeout(PORT_MAPPING_PROBE, client.probe()).await;
+        }
+        _ => {
+            r.note = Some(format!(
+                "the gateway speaks {} but granted no mapping",
+                r.protocol.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    drop(sock);
+    r
 }
 
 /// The `ipv6` section: a route, an answer, and whether the address seen is ours. Behind an

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::classify::{Allocation, Behaviour, Likelihood, NatType, direct_table};
 
-/// The whole report; its JSON shape is a contract (`udp`, `tcp`, `direct`, `ipv6`).
+/// The whole report; its JSON shape is a contract (`udp`, `tcp`, `direct`, `ipv6`,
+/// `port_mapping`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// UDP behaviour.
@@ -26,6 +27,33 @@ pub struct Report {
     /// IPv6, when an IPv6 STUN server was given or the server's name has an IPv6 address;
     /// `null` otherwise.
     pub ipv6: Option<Ipv6Report>,
+    /// What the gateway offers for port mapping; `null` with `--no-port-mapping` or a
+    /// STUN server on loopback.
+    pub port_mapping: Option<PortMappingReport>,
+}
+
+/// What the default gateway offers for port mapping (PCP, NAT-PMP, UPnP IGD), and what a
+/// test mapping of the probing socket's port gave (removed again at once).
+#[derive(Debug, Clone, Serialize)]
+pub struct PortMappingReport {
+    /// The default gateway asked; `null` when there is no default route.
+    pub gateway: Option<std::net::IpAddr>,
+    /// Whether it answers PCP (RFC 6887).
+    pub pcp: bool,
+    /// Whether it answers NAT-PMP (RFC 6886).
+    pub nat_pmp: bool,
+    /// Whether a UPnP Internet Gateway Device answered.
+    pub upnp: bool,
+    /// The protocol the test mapping used (`"PCP"`, `"NAT-PMP"`, `"UPnP"`).
+    pub protocol: Option<String>,
+    /// The external address the test mapping got; `null` when none was granted.
+    pub mapped: Option<SocketAddr>,
+    /// Whether the mapping's IP is the public one STUN saw: `false` means the gateway
+    /// sits behind another NAT and its mappings reach nobody; `null` when not known.
+    pub public: Option<bool>,
+    /// What could not be told, in plain words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// IPv6 reachability: whether this host has a route and a global address, whether the
@@ -124,6 +152,7 @@ impl Report {
             server_other,
             notes,
             ipv6: None,
+            port_mapping: None,
         }
     }
 
@@ -293,6 +322,44 @@ impl Report {
                         s,
                         "  not reachable: {}",
                         v6.note.as_deref().unwrap_or("no answer")
+                    );
+                }
+            }
+        }
+        if let Some(pm) = &self.port_mapping {
+            let gw = pm
+                .gateway
+                .map_or("no default gateway".to_owned(), |g| g.to_string());
+            let _ = writeln!(s, "\nPort mapping (gateway {gw})");
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            let _ = writeln!(
+                s,
+                "  PCP {}, NAT-PMP {}, UPnP {}",
+                yes(pm.pcp),
+                yes(pm.nat_pmp),
+                yes(pm.upnp)
+            );
+            match (pm.mapped, pm.public) {
+                (Some(m), Some(false)) => {
+                    let _ = writeln!(
+                        s,
+                        "  mapped {m}, but that is not the public address STUN saw: the \
+                         gateway is behind another NAT, so its mappings do not help"
+                    );
+                }
+                (Some(m), _) => {
+                    let _ = writeln!(
+                        s,
+                        "  a test mapping got {m} ({}), removed again: peers behind any NAT \
+                         can reach this host directly",
+                        pm.protocol.as_deref().unwrap_or("?")
+                    );
+                }
+                (None, _) => {
+                    let _ = writeln!(
+                        s,
+                        "  no mapping: {}",
+                        pm.note.as_deref().unwrap_or("the gateway granted none")
                     );
                 }
             }

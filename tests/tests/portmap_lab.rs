@@ -30,6 +30,20 @@ fn ports(rule: &str) -> (u16, u16) {
     (ext, int)
 }
 
+/// The gateway's mappings once none is left, or what is left after a bounded wait: the
+/// removal is a notification the client does not wait for, so the gateway may still be
+/// installing it when the client has exited.
+fn mappings_once_gone(lab: &Lab, router: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + chuantou_tests::BOUND;
+    loop {
+        let left = lab.port_mappings(router).unwrap();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Exposes an echo service on `exposer`, reaches it from `reacher`, with the gateway of
 /// `mapped_router` mapping the port of the peer behind it (`mapped_peer` is its log's
 /// owner: "expose" or "reach"); checks the pair goes direct, then stops the mapped peer
@@ -92,7 +106,7 @@ fn mapped_pair(routers: [&str; 2], exposer: &str, reacher: &str, mapped: (&str, 
     };
     let (log, exited) = mapped_proc.terminate();
     assert!(exited, "the mapped peer did not stop:\n{log}");
-    let left = lab.port_mappings(router).unwrap();
+    let left = mappings_once_gone(&lab, router);
     assert!(left.is_empty(), "mapping left after exit: {left:?}\n{log}");
     // And the port takes nothing from a stranger any more: a socket on the peer's old
     // port hears nothing that `third` sends to the external port.
@@ -136,4 +150,47 @@ fn a_nat_pmp_mapping_on_the_reaching_side_joins_a_random_symmetric_pair_and_is_r
         ("mb-1", "NAT-PMP"),
         "mapped-phone",
     );
+}
+
+#[test]
+fn natprobe_reports_what_the_gateway_offers_and_leaves_no_mapping() {
+    let Some(lab) = Lab::for_test(&["pm=port-restricted,map", "nm=port-restricted"]) else {
+        return;
+    };
+    let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let probe = |host: &str| -> serde_json::Value {
+        let out = lab
+            .command(host, workspace_bin("natprobe"))
+            .args(["--server", "198.18.0.1:3478", "--json", "--rto", "100"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{host}: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let mapped = probe("pm-1");
+    let pm = &mapped["port_mapping"];
+    assert_eq!(pm["gateway"], "198.19.1.1", "{mapped}");
+    assert_eq!(
+        (&pm["pcp"], &pm["nat_pmp"]),
+        (&true.into(), &true.into()),
+        "{mapped}"
+    );
+    assert_eq!(pm["protocol"], "PCP", "{mapped}");
+    assert_eq!(pm["public"], true, "{mapped}");
+    assert!(
+        pm["mapped"].as_str().unwrap().starts_with("198.18.1.1:"),
+        "{mapped}"
+    );
+    // The test mapping was removed before natprobe exited.
+    assert_eq!(mappings_once_gone(&lab, "pm"), Vec::<String>::new());
+    // A gateway without port mapping: every protocol no, a reason, no mapping.
+    let plain = probe("nm-1");
+    let pm = &plain["port_mapping"];
+    assert_eq!(pm["gateway"], "198.19.2.1", "{plain}");
+    assert_eq!(
+        (&pm["pcp"], &pm["nat_pmp"]),
+        (&false.into(), &false.into()),
+        "{plain}"
+    );
+    assert!(pm["mapped"].is_null() && pm["note"].is_string(), "{plain}");
 }
