@@ -12,7 +12,7 @@ use wire::ticket::Side;
 
 use crate::punch::probe::ProbeKey;
 use crate::punch::strategy::{NatProfile, Strategy, plan};
-use crate::punch::udp::{Config, Event, Input, Output, Path, Punch, Timing};
+use crate::punch::udp::{Config, Event, Input, Output, Path, Punch};
 
 /// The NAT kinds of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,9 @@ struct Nat {
     /// (internal, destination for symmetric) → WAN port
     map: HashMap<(SocketAddrV4, Option<SocketAddrV4>), u16>,
     owner: HashMap<u16, SocketAddrV4>,
+    /// Symmetric kinds: (WAN port, remote) → internal. A WAN port serves many remotes,
+    /// one mapping each, as conntrack allows (only the whole tuple must be unique).
+    reply: HashMap<(u16, SocketAddrV4), SocketAddrV4>,
     sent_to: HashSet<(u16, SocketAddrV4)>,
 }
 
@@ -75,6 +78,7 @@ impl Nat {
             rng: seed | 1,
             map: HashMap::new(),
             owner: HashMap::new(),
+            reply: HashMap::new(),
             sent_to: HashSet::new(),
         }
     }
@@ -99,13 +103,13 @@ impl Nat {
                 let port = match self.kind {
                     Kind::SymmetricSequential => loop {
                         self.next_port = self.next_port.wrapping_add(self.delta).max(1024);
-                        if !self.owner.contains_key(&self.next_port) {
+                        if !self.reply.contains_key(&(self.next_port, to)) {
                             break self.next_port;
                         }
                     },
                     Kind::SymmetricRandom => loop {
                         let p = 1024 + (self.random() % 64512) as u16;
-                        if !self.owner.contains_key(&p) {
+                        if !self.reply.contains_key(&(p, to)) {
                             break p;
                         }
                     },
@@ -118,7 +122,11 @@ impl Nat {
                     },
                 };
                 self.map.insert(key, port);
-                self.owner.insert(port, from);
+                if symmetric {
+                    self.reply.insert((port, to), from);
+                } else {
+                    self.owner.insert(port, from);
+                }
                 port
             }
         };
@@ -129,6 +137,9 @@ impl Nat {
     fn inbound(&mut self, from: SocketAddrV4, to_port: u16) -> Option<SocketAddrV4> {
         if self.kind == Kind::None {
             return Some(SocketAddrV4::new(self.wan, to_port));
+        }
+        if matches!(self.kind, Kind::SymmetricRandom | Kind::SymmetricSequential) {
+            return self.reply.get(&(to_port, from)).copied();
         }
         let internal = *self.owner.get(&to_port)?;
         let allowed = match self.kind {
@@ -233,6 +244,8 @@ pub(crate) fn run(a: Kind, b: Kind, latency: Duration, loss_pct: u64, seed: u64)
                 sockets,
                 remote,
                 spray,
+                sweep,
+                rounds,
                 why,
             } => {
                 plans[i] = why;
@@ -247,8 +260,10 @@ pub(crate) fn run(a: Kind, b: Kind, latency: Duration, loss_pct: u64, seed: u64)
                     sockets,
                     remote,
                     spray,
+                    sweep,
+                    rounds,
                     start,
-                    timing: Timing::default(),
+                    timing: crate::punch::udp_shell::timing_for(rounds),
                     seed: seed.wrapping_mul(31).wrapping_add(i as u64),
                 }));
             }
@@ -273,7 +288,7 @@ pub(crate) fn run(a: Kind, b: Kind, latency: Duration, loss_pct: u64, seed: u64)
     let mut seq = 0u64;
     let mut loss_rng = seed | 1;
     let mut now = t0;
-    let end = start + Duration::from_secs(8);
+    let end = start + Duration::from_secs(14);
     while now < end && sides.iter().any(|s| s.result.is_none()) {
         for s in sides.iter_mut() {
             let Some(p) = s.punch.as_mut() else { continue };

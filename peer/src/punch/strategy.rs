@@ -2,12 +2,59 @@
 //! in the broker message): the sockets to open, the remote candidates in the order to try
 //! them (predicted ports first), birthday spraying, or straight to the relay when no
 //! direct path can work. Pure: the matrix of every NAT pair is unit tested.
+//!
+//! # The hardest pair: random symmetric ↔ sequential symmetric
+//!
+//! Neither side can tell the other where its next packet will come from, but the
+//! sequential side S can say where its next mappings will be: its j-th new mapping gets
+//! port sⱼ = s₀ + j·δ. So S *sprays*: request j goes from its one socket to a random port
+//! tⱼ of the random side R's IP, and takes the mapping sⱼ, which lets in only packets from
+//! R's IP and port tⱼ. R *sweeps*: each of its K sockets sends one request to each
+//! predicted port sⱼ, and each such packet gets a fresh random mapping on R's NAT, one of
+//! P = 64,512 ports. The pair (socket, sⱼ) works when R's NAT happened to give it port tⱼ:
+//! then S's request j comes in on it, or R's request gets in through S's mapping sⱼ,
+//! whichever arrives second (the first one is dropped harmlessly).
+//!
+//! With J predicted ports and K sockets, R makes J·K mappings, each hitting with
+//! probability 1/P, so a round succeeds with probability p = 1 − (1 − 1/P)^(J·K) ≈
+//! 1 − e^(−J·K/P), for J·K + J probes. The budget is per round: J = [`HARD_PORTS`] = 390
+//! and K = [`HARD_SOCKETS`] = 256 make 99,840 sweep probes plus 390 spray probes, under
+//! 100,000 + 400, for p ≈ 1 − e^(−1.55) = 0.79. Up to [`HARD_ROUNDS`] = 3 rounds run
+//! back to back on the next predicted ports, each with the same budget, until a pair
+//! answers: 1 − e^(−3.09) = 0.955 after two, 1 − e^(−4.64) = 0.990 after three (a single
+//! round of 90 % would need J·K ≈ 148,500). Which packet of a pair arrives first does not
+//! matter, so S sprays all its rounds at once (1,170 requests, 1 ms apart) and R sweeps
+//! as fast as it can, at most [`HARD_BURST`] requests per millisecond (50,000 packets/s,
+//! about 32 Mbit/s of 81-byte probes, 2 s a round). The punch gives up after
+//! [`HARD_GIVE_UP`]; the relay carries the session meanwhile.
+//! random ↔ random has no predictable side: without a port mapping it stays on the relay.
 
 use std::net::{IpAddr, SocketAddr};
 
 use natprobe::classify::{Allocation, NatType};
 
-use crate::punch::udp::{BIRTHDAY_SOCKETS, SPRAY_EVERY, SPRAY_PROBES, Spray};
+use crate::punch::udp::{BIRTHDAY_SOCKETS, Rounds, SPRAY_EVERY, SPRAY_PROBES, Spray, Sweep};
+
+/// Sockets of the random side in prediction × birthday (K in the module doc).
+pub const HARD_SOCKETS: usize = 256;
+/// Predicted ports of the sequential side per round (J in the module doc).
+pub const HARD_PORTS: usize = 390;
+/// Rounds of prediction × birthday.
+pub const HARD_ROUNDS: u32 = 3;
+/// Sweep requests per millisecond.
+pub const HARD_BURST: u32 = 50;
+
+// The budget of the module doc, held at compile time: at most 100,000 sweep probes a round.
+const _: () = assert!(HARD_PORTS * HARD_SOCKETS <= 100_000);
+/// When a prediction × birthday punch gives up: three rounds at a slow machine's rate
+/// (25,000 requests/s) take 12 s.
+pub const HARD_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(13);
+
+/// The rounds of prediction × birthday, the same on both sides: back to back.
+pub const HARD: Rounds = Rounds {
+    count: HARD_ROUNDS,
+    every: std::time::Duration::ZERO,
+};
 
 /// Ports predicted past a sequential NAT's observed one. Prediction pairs the k-th new
 /// mapping of each side, so a few spare guesses absorb mappings other programs made
@@ -52,6 +99,10 @@ pub enum Strategy {
         remote: Vec<SocketAddr>,
         /// Birthday spraying towards the other side's IP (the easy side).
         spray: Option<Spray>,
+        /// Prediction × birthday sweep (the random side facing a sequential one).
+        sweep: Option<Sweep>,
+        /// Rounds of spray or sweep.
+        rounds: Rounds,
         /// Why this way, for the log.
         why: String,
     },
@@ -72,7 +123,8 @@ fn name(p: &NatProfile) -> &'static str {
 }
 
 /// Two symmetric NATs of which one is random: each side's packets leave from a port the
-/// other cannot know, and neither lets in an unknown one.
+/// other cannot know, and neither lets in an unknown one. (For UDP, random ↔ sequential
+/// has prediction × birthday; see the module doc.)
 fn hopeless(me: &NatProfile, peer: &NatProfile) -> bool {
     me.kind() == NatType::Symmetric
         && peer.kind() == NatType::Symmetric
@@ -129,6 +181,46 @@ pub fn plan(
             why: format!("UDP blocked ({pair})"),
         };
     }
+    if me.random_symmetric() && peer.sequential() {
+        // The sweep: every socket to each of the peer's next mappings, round by round.
+        let Some(obs) = peer_observed else {
+            return Strategy::Relay {
+                why: format!("no UDP address known for the other side ({pair})"),
+            };
+        };
+        let count = HARD_PORTS * HARD_ROUNDS as usize;
+        return Strategy::Direct {
+            sockets: HARD_SOCKETS,
+            remote: predicted_n(peer, obs, peer_between, count),
+            spray: None,
+            sweep: Some(Sweep {
+                per_round: HARD_PORTS,
+                burst: HARD_BURST,
+            }),
+            rounds: HARD,
+            why: format!("prediction × birthday, {HARD_SOCKETS} sockets ({pair})"),
+        };
+    }
+    if me.sequential() && peer.random_symmetric() {
+        // The spray: each request takes our next mapping towards a random port of theirs.
+        let Some(IpAddr::V4(ip)) = peer_observed.map(|a| a.ip()) else {
+            return Strategy::Relay {
+                why: format!("no IPv4 address known for the other side ({pair})"),
+            };
+        };
+        return Strategy::Direct {
+            sockets: 1,
+            remote: Vec::new(),
+            spray: Some(Spray {
+                ip,
+                probes: HARD_PORTS as u32,
+                every: SPRAY_EVERY,
+            }),
+            sweep: None,
+            rounds: HARD,
+            why: format!("prediction × birthday, spraying ({pair})"),
+        };
+    }
     if hopeless(me, peer) {
         return Strategy::Relay { why: pair };
     }
@@ -175,6 +267,8 @@ pub fn plan(
         sockets,
         remote,
         spray,
+        sweep: None,
+        rounds: Rounds::default(),
         why,
     }
 }
@@ -214,6 +308,8 @@ pub fn plan_tcp(
         sockets: 1,
         remote,
         spray: None,
+        sweep: None,
+        rounds: Rounds::default(),
         why,
     }
 }
@@ -236,9 +332,16 @@ fn after(peer: &NatProfile, obs: SocketAddr, between: i32) -> Vec<SocketAddr> {
 
 /// The ports a sequential NAT will hand out next, past `obs` and `skip` more mappings.
 fn predicted(peer: &NatProfile, obs: SocketAddr, skip: i32) -> Vec<SocketAddr> {
+    predicted_n(peer, obs, skip, PREDICTED_PORTS as usize)
+}
+
+/// The `n` ports a sequential NAT hands out next, past `obs` and `skip` more mappings
+/// (fewer where they would leave 1024–65535).
+fn predicted_n(peer: &NatProfile, obs: SocketAddr, skip: i32, n: usize) -> Vec<SocketAddr> {
     let mut v = Vec::new();
+    let n = i32::try_from(n).unwrap_or(i32::MAX);
     if let (true, Some(d)) = (peer.sequential(), peer.delta) {
-        for k in (1 + skip)..=(PREDICTED_PORTS + skip) {
+        for k in (1 + skip)..=(n.saturating_add(skip)) {
             if let Ok(port) = u16::try_from(i32::from(obs.port()) + k * d)
                 && port >= 1024
             {
@@ -334,6 +437,7 @@ mod tests {
             remote,
             spray,
             why,
+            ..
         } = plan(&random, &random, Some(obs), &[], 1, there)
         else {
             panic!("a mapping there makes random ↔ random punchable");
@@ -361,14 +465,51 @@ mod tests {
     }
 
     #[test]
+    fn random_facing_sequential_sweeps_and_sequential_facing_random_sprays() {
+        let random = p(NatType::Symmetric, Allocation::Random, None);
+        let seq = p(NatType::Symmetric, Allocation::Sequential, Some(2));
+        let obs: SocketAddr = "198.18.1.6:20000".parse().unwrap();
+        let Strategy::Direct {
+            sockets,
+            remote,
+            sweep,
+            rounds,
+            spray,
+            ..
+        } = plan(&random, &seq, Some(obs), &[], 1, Mappings::default())
+        else {
+            panic!("random ↔ sequential punches");
+        };
+        assert_eq!((sockets, spray, rounds), (HARD_SOCKETS, None, HARD));
+        assert_eq!(sweep.map(|s| s.per_round), Some(HARD_PORTS));
+        // Both rounds' ports, in order, past the relay join's mapping (skip 1).
+        assert_eq!(remote.len(), HARD_PORTS * HARD_ROUNDS as usize);
+        assert_eq!((remote[0].port(), remote[1].port()), (20004, 20006));
+        let Strategy::Direct {
+            sockets,
+            remote,
+            spray,
+            rounds,
+            ..
+        } = plan(&seq, &random, Some(obs), &[], 1, Mappings::default())
+        else {
+            panic!("sequential ↔ random punches");
+        };
+        assert_eq!((sockets, remote.len(), rounds), (1, 0, HARD));
+        let spray = spray.expect("the sequential side sprays");
+        assert_eq!(
+            (spray.ip, spray.probes),
+            (std::net::Ipv4Addr::new(198, 18, 1, 6), HARD_PORTS as u32)
+        );
+    }
+
+    #[test]
     fn hopeless_pairs_go_to_the_relay_with_a_reason() {
         let random = p(NatType::Symmetric, Allocation::Random, None);
-        let seq = p(NatType::Symmetric, Allocation::Sequential, Some(1));
         let blocked = p(NatType::UdpBlocked, Allocation::Preserved, None);
         let cone = p(NatType::FullCone, Allocation::Preserved, None);
         for (a, b, why) in [
             (&random, &random, "random symmetric ↔ random symmetric"),
-            (&seq, &random, "sequential symmetric ↔ random symmetric"),
             (&blocked, &cone, "UDP blocked"),
         ] {
             match plan(a, b, None, &[], 0, Mappings::default()) {

@@ -83,6 +83,19 @@ pub fn profile(nat: Option<NatInfo>) -> NatProfile {
     }
 }
 
+/// The timing of a punch in `rounds` (prediction × birthday): more time to give up.
+pub fn timing_for(rounds: crate::punch::udp::Rounds) -> Timing {
+    let t = Timing::default();
+    if rounds.count > 1 {
+        Timing {
+            give_up: crate::punch::strategy::HARD_GIVE_UP,
+            ..t
+        }
+    } else {
+        t
+    }
+}
+
 /// Punches for session `b` and returns the pair both sides agreed on. `me`: what we
 /// measured of our NAT, and whether our gateway maps our endpoint's port. `relay_udp`:
 /// both sides join the relay over UDP (a mapping each, made before the first probe).
@@ -112,16 +125,22 @@ pub async fn establish(
             peer: b.candidates.mapped,
         },
     );
-    let (sockets, remote, spray, why) = match strategy {
+    let (sockets, remote, spray, sweep, rounds, why) = match strategy {
         Strategy::Direct {
             sockets,
             remote,
             spray,
+            sweep,
+            rounds,
             why,
-        } => (sockets, remote, spray, why),
+        } => (sockets, remote, spray, sweep, rounds, why),
         Strategy::Relay { why } => return Err(DirectError::Hopeless(why)),
     };
-    debug!(session = %b.session, %why, candidates = ?remote, sockets, "punching");
+    if sweep.is_some() {
+        debug!(session = %b.session, %why, predicted = remote.len(), sockets, "punching");
+    } else {
+        debug!(session = %b.session, %why, candidates = ?remote, sockets, "punching");
+    }
     // Extra sockets (birthday mode): the std socket is kept for QUIC, a duplicate of it
     // sends and reads probes; their datagrams feed one channel, tagged with the index.
     let (tx, mut extra_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(1024);
@@ -152,8 +171,10 @@ pub async fn establish(
         sockets,
         remote,
         spray,
+        sweep,
+        rounds,
         start: Instant::now() + Duration::from_millis(u64::from(b.start_in_ms)),
-        timing: Timing::default(),
+        timing: timing_for(rounds),
         seed: rand::random(),
     });
     agent.handle_input(Input::Timeout(Instant::now()));
