@@ -257,6 +257,7 @@ impl Reacher {
             reports: SyncMutex::new(Some(reports)),
         });
         state.accept_on(&*state.presence.lock().await)?;
+        tokio::spawn(state.clone().follow_moves());
         Ok(Reacher {
             local: listener,
             state,
@@ -682,6 +683,92 @@ impl State {
         }
     }
 
+    /// Follows moves to other networks and changes of our NAT mapping: each time,
+    /// registers again from where we are now and, with a live session, punches anew (its
+    /// connections carry on over whichever path works meanwhile).
+    async fn follow_moves(self: Arc<Self>) {
+        let mut moves = crate::presence::moves::Moves::start().await;
+        loop {
+            let mut mapping = self
+                .presence
+                .lock()
+                .await
+                .udp
+                .as_ref()
+                .map(|u| u.mapping_changed.clone());
+            let mapping_changed = async {
+                match &mut mapping {
+                    Some(m) => m.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let why = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                why = moves.next() => why,
+                changed = mapping_changed => {
+                    if !changed {
+                        // That registration was replaced: watch the new one's.
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    "our NAT mapping changed".to_owned()
+                }
+            };
+            self.moved(&why).await;
+        }
+    }
+
+    /// After a move: a new registration (the old signaling connection left from an
+    /// address we no longer have) and, for a live session, a new punch and relay half.
+    async fn moved(self: &Arc<Self>, why: &str) {
+        info!(peer = %self.cfg.target, "network changed ({why}): registering again and punching anew");
+        *self.client.lock().await = None;
+        if let Some(s) = self.live() {
+            s.moved();
+        } else {
+            // Nobody to punch to yet: be findable from here for the next connection.
+            if let Err(e) = self.reregister().await {
+                warn!(error = %wire::cli::chain(&e), "registering again after the move");
+            }
+            return;
+        }
+        match self.broker().await {
+            Ok(b) => {
+                info!(peer = %b.peer, session = %b.session, "re-punching after the move");
+                self.start_paths(&b, false, None).await;
+            }
+            Err(e) => {
+                warn!(error = %wire::cli::chain(&e), "no broker exchange after the move; the session keeps its paths that still work")
+            }
+        }
+    }
+
+    /// Registers again now (with the same UDP endpoint), if the signaling connection is
+    /// gone.
+    async fn reregister(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut client = self.client.lock().await;
+        if client.is_some() {
+            return Ok(());
+        }
+        let endpoint = self.presence.lock().await.endpoint.clone();
+        let reg = self
+            .cfg
+            .signaling
+            .register_udp_on(&self.key, Some(endpoint))
+            .await?;
+        let (c, presence) = split(reg);
+        self.accept_on(&presence)?;
+        *self.presence.lock().await = presence;
+        *self.reports.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(crate::presence::report::spawn(
+                c.reporter(),
+                self.board.clone(),
+                self.cfg.signaling.name.clone(),
+            ));
+        *client = Some(c);
+        Ok(())
+    }
+
     /// Asks the rendezvous for a session, reconnecting once if our signaling died.
     async fn broker(self: &Arc<Self>) -> anyhow::Result<Broker> {
         let mut client = self.client.lock().await;
@@ -691,10 +778,14 @@ impl State {
         let mut attempt = 0;
         while attempt < 2 {
             if client.is_none() {
+                // The same UDP endpoint: the live session runs on its QUIC endpoint, so new
+                // paths for it must start from that socket (after a move it has a new
+                // mapping, which the registration observes).
+                let endpoint = self.presence.lock().await.endpoint.clone();
                 let reg = self
                     .cfg
                     .signaling
-                    .register_udp(&self.key)
+                    .register_udp_on(&self.key, Some(endpoint))
                     .await
                     .with_context(|| {
                         format!(

@@ -57,10 +57,14 @@ struct Known {
     remote: SocketAddr,
     /// The address QUIC knows it by (made up for a link).
     addr: SocketAddr,
+    /// When it came up.
+    up_at: std::time::Instant,
 }
 
 #[derive(Debug, Default)]
 struct Table {
+    /// When we last moved to another network, until a direct path comes up from there.
+    moved_at: Option<std::time::Instant>,
     known: Vec<Known>,
     active: Option<PathId>,
     /// Links under paths (or about to be): alive while held here.
@@ -233,6 +237,13 @@ impl Session {
         self.inner.conn.rtt(id)
     }
 
+    /// We moved to another network: the direct paths we have were punched from the old
+    /// one. The first direct path that comes up from the new one takes over at once, and
+    /// the old ones are closed then (not after their idle timeout).
+    pub fn moved(&self) {
+        self.inner.table().moved_at = Some(std::time::Instant::now());
+    }
+
     /// Ends the session, telling the other side why.
     pub fn close(&self, why: &str) {
         self.inner.conn.close(0u32.into(), why.as_bytes());
@@ -277,12 +288,16 @@ impl Inner {
             kind,
             remote,
             addr,
+            up_at: std::time::Instant::now(),
         });
     }
 
     /// Chooses the path to carry traffic (after path `about` came up, if any), marks it
     /// and logs what changed.
     fn rechoose(&self, about: Option<PathId>) {
+        if let Some(id) = about {
+            self.retire_before_move(id);
+        }
         let mut t = self.table();
         let candidates: Vec<Candidate<PathId>> = t
             .known
@@ -352,6 +367,40 @@ impl Inner {
         });
     }
 
+    /// When path `id` is a direct one that came up after a move, closes the direct paths
+    /// from before it: they lead from an address we no longer have.
+    fn retire_before_move(&self, id: PathId) {
+        let mut t = self.table();
+        let Some(moved) = t.moved_at else { return };
+        let fresh = t
+            .known
+            .iter()
+            .any(|k| k.id == id && k.kind.is_direct() && k.up_at > moved);
+        if !fresh {
+            return;
+        }
+        t.moved_at = None;
+        let stale: Vec<PathId> = t
+            .known
+            .iter()
+            .filter(|k| k.kind.is_direct() && k.up_at <= moved)
+            .map(|k| k.id)
+            .collect();
+        t.known.retain(|k| !stale.contains(&k.id));
+        if t.active.is_some_and(|a| stale.contains(&a)) {
+            t.active = None;
+        }
+        drop(t);
+        for old in &stale {
+            if let Some(p) = self.conn.path(*old) {
+                let _ = p.close();
+            }
+        }
+        if !stale.is_empty() {
+            info!(peer = %self.peer, closed = stale.len(), "direct paths from before the move closed");
+        }
+    }
+
     /// Forgets path `id` (abandoned) and moves traffic to the next best one.
     fn lose_path(&self, id: PathId) {
         let mut t = self.table();
@@ -372,11 +421,17 @@ impl Inner {
         // one, and QUIC retransmits what a path had in flight only once both sides have
         // abandoned it: seen in the lab as streams stalled for good. So traffic goes to
         // the relay, and the other direct paths are closed; a re-punch brings direct back.
+        // Except those that came up after the lost one went silent (it is given up after
+        // DIRECT_PATH_IDLE of silence): they were proven since, as a re-punch after a
+        // move to another network proves its path, and take over at once.
+        let silent_since = std::time::Instant::now()
+            .checked_sub(defaults::DIRECT_PATH_IDLE)
+            .unwrap_or_else(std::time::Instant::now);
         let suspects: Vec<PathId> =
             if was_active && lost.kind.is_direct() && t.known.iter().any(|k| !k.kind.is_direct()) {
                 t.known
                     .iter()
-                    .filter(|k| k.kind.is_direct())
+                    .filter(|k| k.kind.is_direct() && k.up_at <= silent_since)
                     .map(|k| k.id)
                     .collect()
             } else {

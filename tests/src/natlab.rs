@@ -1112,6 +1112,56 @@ impl Lab {
         Ok(())
     }
 
+    /// Moves `host` (behind a NAT) onto router `to`'s LAN, as a laptop moves from one
+    /// Wi-Fi to another: a second veth into `to`'s LAN bridge with a new address there, the
+    /// old address removed, the default route through `to`. Its sockets stay open; what
+    /// they send leaves with the new address through the other NAT. Returns the new
+    /// address. Each host moves at most 50 times in a lab's life.
+    pub fn move_host(&self, host: &str, to: &str) -> Result<Ipv4Addr, LabError> {
+        static MOVES: AtomicU32 = AtomicU32::new(0);
+        let h = self.host(host);
+        let (k, r) = self
+            .spec
+            .routers
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.name == to)
+            .ok_or_else(|| LabError::Spec(format!("no router {to:?}")))?;
+        if r.kind == Kind::None || h.router.as_ref().is_none_or(|r| r.kind == Kind::None) {
+            return Err(LabError::Spec(
+                "only hosts behind a NAT move, onto another NAT's LAN".into(),
+            ));
+        }
+        let n = MOVES.fetch_add(1, Ordering::Relaxed);
+        let rns = self.spec.ns(to);
+        let (here, there) = (format!("mv{n}"), format!("mvp{n}"));
+        let addr = Ipv4Addr::new(198, 19, k as u8 + 1, 200 + (n % 50) as u8);
+        let steps = [
+            Step::Ip(
+                [
+                    "link", "add", &here, "netns", &h.ns, "type", "veth", "peer", "name", &there,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["netns".into(), rns.clone()])
+                .collect(),
+            ),
+            Step::ip(&rns, &format!("link set {there} master lan0")),
+            Step::ip(&rns, &format!("link set {there} up")),
+            Step::ip(&h.ns, &format!("link set {here} up")),
+            Step::ip(&h.ns, &format!("addr add {addr}/24 dev {here}")),
+            Step::ip(&h.ns, "addr flush dev eth0"),
+            Step::ip(
+                &h.ns,
+                &format!("route replace default via {} dev {here}", router_lan(k)),
+            ),
+        ];
+        for s in steps {
+            s.run()?;
+        }
+        Ok(addr)
+    }
+
     /// The port mappings router `router`'s gateway holds now, as its nft chains show them
     /// (`dnat` rules of `pm_pre`): the lab's own view, whatever the peers say.
     pub fn port_mappings(&self, router: &str) -> Result<Vec<String>, LabError> {

@@ -78,6 +78,14 @@ impl UdpEndpoint {
         ))
     }
 
+    /// STUN answers from now on go to the returned receiver (a new registration's
+    /// refresher takes them over from the last one's).
+    pub fn stun_route(&self) -> mpsc::Receiver<Datagram> {
+        let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
+        *self.routes.stun.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
     /// Routes session `session`'s probes to the returned receiver.
     pub fn punch_route(&self, session: [u8; 16]) -> PunchRoute {
         let (tx, rx) = mpsc::channel(ROUTE_QUEUE);

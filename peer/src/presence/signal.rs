@@ -82,6 +82,9 @@ pub struct Udp {
     pub nat: Option<NatInfo>,
     /// The gateway's mapping of its port, when asked for.
     pub portmap: Option<super::portmap::PortMap>,
+    /// The mapping the rendezvous last observed; changes when a refresh sees another one
+    /// (the NAT rebooted, a carrier moved us): a reason to punch again.
+    pub mapping_changed: tokio::sync::watch::Receiver<Option<SocketAddr>>,
     refresher: tokio::task::JoinHandle<()>,
 }
 
@@ -108,6 +111,7 @@ async fn refresh(
     mut stun_rx: tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
     (servers, alt_seen): (Vec<SocketAddr>, bool),
     cred: (String, String),
+    mapping: tokio::sync::watch::Sender<Option<SocketAddr>>,
 ) {
     // The other family (`servers[1]`), when registration did not hear it in time: asked
     // again at once.
@@ -121,8 +125,18 @@ async fn refresh(
     }
     loop {
         tokio::time::sleep(UDP_REFRESH).await;
-        for &stun in &servers {
-            refresh_one(&endpoint, &mut stun_rx, stun, &cred).await;
+        for (i, &stun) in servers.iter().enumerate() {
+            let seen = refresh_one(&endpoint, &mut stun_rx, stun, &cred).await;
+            if let (0, Some(now)) = (i, seen) {
+                mapping.send_if_modified(|last| {
+                    let moved = last.is_some_and(|l| l != now);
+                    if moved {
+                        info!(was = ?last, now = %now, "our udp mapping changed");
+                    }
+                    *last = Some(now);
+                    moved
+                });
+            }
         }
     }
 }
@@ -243,6 +257,18 @@ impl Signaling {
     /// Connects, measures the NAT in front of a fresh UDP socket (when the server runs
     /// STUN), registers with that, and has the rendezvous observe the socket's mapping.
     pub async fn register_udp(&self, key: &SigningKey) -> Result<Registration, ClientError> {
+        self.register_udp_on(key, None).await
+    }
+
+    /// [`Signaling::register_udp`], keeping `reuse` as the UDP endpoint when given: after a
+    /// move to another network the socket stays the same (so do the sessions on its QUIC
+    /// endpoint), and only its new mapping is observed; the NAT is measured on a fresh
+    /// socket beside it.
+    pub async fn register_udp_on(
+        &self,
+        key: &SigningKey,
+        reuse: Option<UdpEndpoint>,
+    ) -> Result<Registration, ClientError> {
         let config = ClientConfig {
             token: self.token.clone(),
             server_key: self.trust.expected(&self.rendezvous)?,
@@ -285,7 +311,11 @@ impl Signaling {
                     match natprobe::probe::quick(&sock, stun, natprobe::probe::QUICK_TIMING).await {
                         Ok(Some(q)) => {
                             nat = Some(nat_info(&q));
-                            if let (Ok(l), Some(ip)) = (sock.local_addr(), route_ip(stun)) {
+                            let port = match &reuse {
+                                Some(ep) => ep.local_addr().ok(),
+                                None => sock.local_addr().ok(),
+                            };
+                            if let (Some(l), Some(ip)) = (port, route_ip(stun)) {
                                 lan.push(SocketAddr::new(ip, l.port()));
                             }
                         }
@@ -316,8 +346,63 @@ impl Signaling {
             )),
             None => None,
         };
-        let udp = match udp {
-            Some((socket, stun)) if nat.is_some() => {
+        let (stun_alt, server_ip) = (client.stun_alt(), client.server_addr().ip());
+        let alt_stun = |stun: SocketAddr| async move {
+            match stun_alt {
+                Some(alt) => Some(alt),
+                None => {
+                    let named = tokio::net::lookup_host(&self.rendezvous)
+                        .await
+                        .map(Iterator::collect::<Vec<_>>)
+                        .unwrap_or_default();
+                    other_family_stun(stun, server_ip, &named)
+                }
+            }
+        };
+        let udp = match (udp, reuse) {
+            (Some((_measured_on, stun)), Some(endpoint)) if nat.is_some() => {
+                // The same socket on a new network: observe its new mapping through the
+                // endpoint (the answers come back on its STUN route).
+                let cred = (reg.stun_username.clone(), reg.stun_password.clone());
+                let mut stun_rx = endpoint.stun_route();
+                let observed = refresh_one(&endpoint, &mut stun_rx, stun, &cred).await;
+                if let (Some(o), Some(n)) = (observed, nat) {
+                    info!(udp = %o, mapping = ?n.mapping, allocation = ?n.allocation,
+                        delta = n.delta, "udp mapping observed");
+                }
+                let mut servers = vec![stun];
+                let mut alt_seen = true;
+                if let Some(alt) = alt_stun(stun).await {
+                    let seen = tokio::time::timeout(
+                        ALT_STUN_WITHIN,
+                        refresh_one(&endpoint, &mut stun_rx, alt, &cred),
+                    )
+                    .await;
+                    alt_seen = matches!(seen, Ok(Some(_)));
+                    servers.push(alt);
+                }
+                let portmap = endpoint
+                    .local_addr()
+                    .ok()
+                    .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
+                    .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter()));
+                let (mapping_tx, mapping_changed) = tokio::sync::watch::channel(observed);
+                Some(Udp {
+                    refresher: tokio::spawn(refresh(
+                        endpoint.clone(),
+                        stun_rx,
+                        (servers, alt_seen),
+                        cred,
+                        mapping_tx,
+                    )),
+                    endpoint,
+                    observed,
+                    nat,
+                    portmap,
+                    mapping_changed,
+                })
+            }
+            (Some((socket, stun)), None) if nat.is_some() => {
                 let cred = (reg.stun_username.clone(), reg.stun_password.clone());
                 let binding = wire::signal::client::stun_binding(
                     &socket,
@@ -337,16 +422,7 @@ impl Signaling {
                 // The other address family, from the same socket (it is dual-stack): a
                 // second candidate the other side may reach us at.
                 let mut servers = vec![stun];
-                let alt = match client.stun_alt() {
-                    Some(alt) => Some(alt),
-                    None => {
-                        let named = tokio::net::lookup_host(&self.rendezvous)
-                            .await
-                            .map(Iterator::collect::<Vec<_>>)
-                            .unwrap_or_default();
-                        other_family_stun(stun, client.server_addr().ip(), &named)
-                    }
-                };
+                let alt = alt_stun(stun).await;
                 // Briefly: a family with no way out (an IPv6-only host's IPv4) must not hold
                 // the registration up; the refresher asks again in the background.
                 let mut alt_seen = true;
@@ -371,14 +447,17 @@ impl Signaling {
                     .ok()
                     .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
                     .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter()));
+                let (mapping_tx, mapping_changed) = tokio::sync::watch::channel(observed);
                 match socket.into_std().and_then(UdpEndpoint::new) {
                     Ok((endpoint, stun_rx)) => Some(Udp {
                         portmap,
+                        mapping_changed,
                         refresher: tokio::spawn(refresh(
                             endpoint.clone(),
                             stun_rx,
                             (servers, alt_seen),
                             cred,
+                            mapping_tx,
                         )),
                         endpoint,
                         observed,
