@@ -123,10 +123,20 @@ pub async fn run(
     let mut first = true;
     // Public clients being carried: bounded, as the rendezvous bounds them per service.
     let public_slots = Arc::new(tokio::sync::Semaphore::new(defaults::MAX_PUBLIC_CONNS));
+    // The UDP endpoint outlives registrations: sessions run on its QUIC endpoint, so a
+    // re-registration (after a move, or a lost rendezvous) keeps it and new paths for
+    // those sessions start from it.
+    let mut kept: Option<crate::presence::signal::Reuse> = None;
+    let mut moves = crate::presence::moves::Moves::start().await;
     loop {
-        let Some(registration) = cfg.signaling.register_until_up(&key, &shutdown).await? else {
+        let Some(registration) = cfg
+            .signaling
+            .register_until_up(&key, &shutdown, kept.clone())
+            .await?
+        else {
             return stopped().await;
         };
+        kept = Some(registration.reuse());
         let mut status = crate::status::RegistrationStatus::of(
             &cfg.signaling.name,
             "expose",
@@ -181,6 +191,13 @@ pub async fn run(
                         u.release_mapping().await;
                     }
                     return stopped().await;
+                }
+                why = moves.next() => {
+                    // Our signaling connection left from an address we may no longer
+                    // have: register again from here; the reaching side re-punches when
+                    // its direct path goes quiet.
+                    info!(name = %cfg.signaling.name, "network changed ({why}): registering again");
+                    break;
                 }
                 e = client.next_event() => e,
             };

@@ -84,6 +84,16 @@ impl Drop for Presence {
     }
 }
 
+impl Presence {
+    /// What a new registration keeps of this one.
+    fn reuse(&self) -> crate::presence::signal::Reuse {
+        crate::presence::signal::Reuse {
+            endpoint: self.endpoint.clone(),
+            portmap: self.udp.as_ref().and_then(|u| u.portmap.clone()),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     cfg: Reach,
@@ -747,15 +757,29 @@ impl State {
     /// gone.
     async fn reregister(self: &Arc<Self>) -> anyhow::Result<()> {
         let mut client = self.client.lock().await;
-        if client.is_some() {
-            return Ok(());
+        if client.is_none() {
+            *client = Some(self.register_again().await?);
         }
-        let endpoint = self.presence.lock().await.endpoint.clone();
+        Ok(())
+    }
+
+    /// A new registration on the same UDP endpoint and port mapping (the live session
+    /// runs on its QUIC endpoint, so new paths for it must start from that socket; after a
+    /// move it has a new mapping, which the registration observes), installed as our
+    /// presence. The caller holds the client slot.
+    async fn register_again(self: &Arc<Self>) -> anyhow::Result<Client> {
+        let reuse = self.presence.lock().await.reuse();
         let reg = self
             .cfg
             .signaling
-            .register_udp_on(&self.key, Some(endpoint))
-            .await?;
+            .register_udp_on(&self.key, Some(reuse))
+            .await
+            .with_context(|| {
+                format!(
+                    "registering again with rendezvous {}",
+                    self.cfg.signaling.rendezvous
+                )
+            })?;
         let (c, presence) = split(reg);
         self.accept_on(&presence)?;
         *self.presence.lock().await = presence;
@@ -765,8 +789,7 @@ impl State {
                 self.board.clone(),
                 self.cfg.signaling.name.clone(),
             ));
-        *client = Some(c);
-        Ok(())
+        Ok(c)
     }
 
     /// Asks the rendezvous for a session, reconnecting once if our signaling died.
@@ -778,34 +801,7 @@ impl State {
         let mut attempt = 0;
         while attempt < 2 {
             if client.is_none() {
-                // The same UDP endpoint: the live session runs on its QUIC endpoint, so new
-                // paths for it must start from that socket (after a move it has a new
-                // mapping, which the registration observes).
-                let endpoint = self.presence.lock().await.endpoint.clone();
-                let reg = self
-                    .cfg
-                    .signaling
-                    .register_udp_on(&self.key, Some(endpoint))
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "reconnecting to rendezvous {}",
-                            self.cfg.signaling.rendezvous
-                        )
-                    })?;
-                // The new registration's sockets are the ones whose mappings the rendezvous
-                // now hands out: punching must start from them, not the old ones. A live
-                // session keeps running on its own endpoint.
-                let (c, presence) = split(reg);
-                self.accept_on(&presence)?;
-                *self.presence.lock().await = presence;
-                *self.reports.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(crate::presence::report::spawn(
-                        c.reporter(),
-                        self.board.clone(),
-                        self.cfg.signaling.name.clone(),
-                    ));
-                *client = Some(c);
+                *client = Some(self.register_again().await?);
             }
             let Some(c) = client.as_ref() else { continue };
             match c.connect_to(&self.cfg.target, Some(self.service)).await {

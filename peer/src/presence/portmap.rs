@@ -8,6 +8,7 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::num::NonZeroU16;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -34,24 +35,51 @@ pub fn protocol(offered: &portmapper::ProbeOutput) -> Option<&'static str> {
 /// How long a stop waits for the gateway to be told the mapping is gone.
 const RELEASE_WITHIN: Duration = Duration::from_secs(2);
 
-/// A port mapping being kept for one UDP endpoint. Dropping it removes the mapping in
-/// the background; [`PortMap::release`] removes it and waits until the request is out.
+/// A port mapping being kept for one UDP endpoint, across registrations (it follows the
+/// endpoint, which outlives them). Dropping the last handle removes the mapping in the
+/// background; [`PortMap::release`] removes it and waits until the request is out.
 #[derive(Debug)]
 pub struct PortMap {
-    client: Option<portmapper::Client>,
+    port: NonZeroU16,
+    client: std::sync::Mutex<Option<portmapper::Client>>,
     external: watch::Receiver<Option<SocketAddrV4>>,
-    telling: tokio::task::JoinHandle<()>,
+    telling: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl PortMap {
     /// Starts asking for a mapping of UDP `port`; every mapping granted, renewed to a new
     /// address, or lost is logged and told to the rendezvous through `reporter`.
-    pub fn start(port: u16, reporter: Reporter) -> Option<PortMap> {
+    pub fn start(port: u16, reporter: Reporter) -> Option<Arc<PortMap>> {
         let port = NonZeroU16::new(port)?;
         let client = portmapper::Client::new(portmapper::Config::default());
-        let external = client.watch_external_address();
-        let (mut changes, asking) = (external.clone(), client.clone());
-        let telling = tokio::spawn(async move {
+        let map = Arc::new(PortMap {
+            port,
+            external: client.watch_external_address(),
+            client: std::sync::Mutex::new(Some(client)),
+            telling: std::sync::Mutex::new(None),
+        });
+        map.ask(reporter, false);
+        Some(map)
+    }
+
+    /// After a move or a new registration: drops the old mapping (the gateway may be
+    /// another one now), asks again, and tells the new registration's `reporter`.
+    pub fn rebind(&self, reporter: Reporter) {
+        self.ask(reporter, true);
+    }
+
+    /// Probes the gateway, asks for the mapping (again, when `again`), and tells
+    /// `reporter` what it is and each change.
+    fn ask(&self, reporter: Reporter, again: bool) {
+        let Some(asking) = self.lock_client().clone() else {
+            return;
+        };
+        let (port, mut changes) = (self.port, self.external.clone());
+        let task = tokio::spawn(async move {
+            if again {
+                // In order: the old mapping is removed before the new one is asked for.
+                asking.deactivate();
+            }
             // Probe first: the mapping request then goes to a protocol the gateway speaks
             // (asked before the probe ends, it would try UPnP blindly and not retry).
             let offered = match tokio::time::timeout(PROBE_WITHIN, asking.probe()).await {
@@ -66,6 +94,7 @@ impl PortMap {
                 return;
             };
             asking.update_local_port(port);
+            changes.borrow_and_update();
             while changes.changed().await.is_ok() {
                 let now = *changes.borrow_and_update();
                 match now {
@@ -79,11 +108,18 @@ impl PortMap {
                 }
             }
         });
-        Some(PortMap {
-            client: Some(client),
-            external,
-            telling,
-        })
+        if let Some(old) = self
+            .telling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
+    }
+
+    fn lock_client(&self) -> std::sync::MutexGuard<'_, Option<portmapper::Client>> {
+        self.client.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The mapping's address now, if the gateway granted one.
@@ -99,9 +135,16 @@ impl PortMap {
     /// Asks the gateway to remove the mapping and waits (briefly) until that request has
     /// gone out: the service handles messages in order, so once a probe asked after the
     /// removal is answered, the removal was sent.
-    pub async fn release(&mut self) {
-        self.telling.abort();
-        let Some(client) = self.client.take() else {
+    pub async fn release(&self) {
+        if let Some(t) = self
+            .telling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+        let Some(client) = self.lock_client().take() else {
             return;
         };
         client.deactivate();
@@ -118,10 +161,22 @@ impl PortMap {
 
 impl Drop for PortMap {
     fn drop(&mut self) {
-        self.telling.abort();
-        if let Some(client) = self.client.take() {
-            // Not released explicitly (a re-registration replaced the endpoint): remove it
-            // in the background while the runtime lives.
+        if let Some(t) = self
+            .telling
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+        if let Some(client) = self
+            .client
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            // Not released explicitly: remove it in the background while the runtime
+            // lives.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     client.deactivate();

@@ -80,8 +80,8 @@ pub struct Udp {
     pub observed: Option<SocketAddr>,
     /// The NAT in front of it.
     pub nat: Option<NatInfo>,
-    /// The gateway's mapping of its port, when asked for.
-    pub portmap: Option<super::portmap::PortMap>,
+    /// The gateway's mapping of its port, when asked for (it follows the endpoint).
+    pub portmap: Option<Arc<super::portmap::PortMap>>,
     /// The mapping the rendezvous last observed; changes when a refresh sees another one
     /// (the NAT rebooted, a carrier moved us): a reason to punch again.
     pub mapping_changed: tokio::sync::watch::Receiver<Option<SocketAddr>>,
@@ -92,7 +92,7 @@ impl Udp {
     /// Removes the gateway's mapping of the endpoint (on a stop), waiting until the
     /// request is out.
     pub async fn release_mapping(&mut self) {
-        if let Some(p) = &mut self.portmap {
+        if let Some(p) = &self.portmap {
             p.release().await;
         }
     }
@@ -185,6 +185,26 @@ pub struct Tcp {
     pub nat: Option<NatInfo>,
 }
 
+/// What a new registration keeps of the last one: the UDP endpoint (sessions run on its
+/// QUIC endpoint) and the gateway's mapping of its port.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    /// The endpoint.
+    pub endpoint: UdpEndpoint,
+    /// Its port mapping, if one was asked for.
+    pub portmap: Option<Arc<super::portmap::PortMap>>,
+}
+
+impl Registration {
+    /// What the next registration keeps of this one.
+    pub fn reuse(&self) -> Reuse {
+        Reuse {
+            endpoint: self.endpoint.clone(),
+            portmap: self.udp.as_ref().and_then(|u| u.portmap.clone()),
+        }
+    }
+}
+
 /// A registration: the signaling client and, when the server runs STUN, the UDP side.
 #[derive(Debug)]
 pub struct Registration {
@@ -267,7 +287,7 @@ impl Signaling {
     pub async fn register_udp_on(
         &self,
         key: &SigningKey,
-        reuse: Option<UdpEndpoint>,
+        reuse: Option<Reuse>,
     ) -> Result<Registration, ClientError> {
         let config = ClientConfig {
             token: self.token.clone(),
@@ -312,7 +332,7 @@ impl Signaling {
                         Ok(Some(q)) => {
                             nat = Some(nat_info(&q));
                             let port = match &reuse {
-                                Some(ep) => ep.local_addr().ok(),
+                                Some(r) => r.endpoint.local_addr().ok(),
                                 None => sock.local_addr().ok(),
                             };
                             if let (Some(l), Some(ip)) = (port, route_ip(stun)) {
@@ -359,8 +379,9 @@ impl Signaling {
                 }
             }
         };
+        let kept_endpoint = reuse.as_ref().map(|r| r.endpoint.clone());
         let udp = match (udp, reuse) {
-            (Some((_measured_on, stun)), Some(endpoint)) if nat.is_some() => {
+            (Some((_measured_on, stun)), Some(Reuse { endpoint, portmap })) if nat.is_some() => {
                 // The same socket on a new network: observe its new mapping through the
                 // endpoint (the answers come back on its STUN route).
                 let cred = (reg.stun_username.clone(), reg.stun_password.clone());
@@ -381,11 +402,17 @@ impl Signaling {
                     alt_seen = matches!(seen, Ok(Some(_)));
                     servers.push(alt);
                 }
-                let portmap = endpoint
-                    .local_addr()
-                    .ok()
-                    .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
-                    .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter()));
+                let portmap = match portmap {
+                    Some(p) => {
+                        p.rebind(client.reporter());
+                        Some(p)
+                    }
+                    None => endpoint
+                        .local_addr()
+                        .ok()
+                        .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
+                        .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter())),
+                };
                 let (mapping_tx, mapping_changed) = tokio::sync::watch::channel(observed);
                 Some(Udp {
                     refresher: tokio::spawn(refresh(
@@ -471,9 +498,11 @@ impl Signaling {
             }
             _ => None,
         };
-        let endpoint = match &udp {
-            Some(u) => u.endpoint.clone(),
-            None => {
+        let endpoint = match (&udp, kept_endpoint) {
+            (Some(u), _) => u.endpoint.clone(),
+            // No STUN answer here: the sessions' endpoint stays all the same.
+            (None, Some(e)) => e,
+            (None, None) => {
                 let sock = wire::dual::udp(0).map_err(ClientError::StunIo)?;
                 UdpEndpoint::new(sock).map_err(ClientError::StunIo)?.0
             }
@@ -548,13 +577,14 @@ impl Signaling {
         &self,
         key: &SigningKey,
         shutdown: &CancellationToken,
+        reuse: Option<Reuse>,
     ) -> Result<Option<Registration>, ClientError> {
         let mut wait = BACKOFF_MIN;
         loop {
             // Jitter (0.5x to 1.5x): after a rendezvous restart its peers come back spread
             // out, not in lockstep.
             let pause = wire::cli::jitter(wait, rand::random());
-            match self.register_udp(key).await {
+            match self.register_udp_on(key, reuse.clone()).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(ClientError::Refused(f)) if f.code == ErrorCode::NameTaken => {
