@@ -201,9 +201,27 @@ fn socket_path(home: &Path) -> PathBuf {
 
 /// Serves `board` on this process's control socket until `shutdown`; removes the socket.
 pub async fn serve(home: &Path, board: Board, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = bind(home)?;
+    serve_on(listener, home, board, shutdown).await
+}
+
+/// Binds this process's control socket in `home` (inside a runtime), so that it exists
+/// before anything is started that `peer status` should see.
+pub fn bind(home: &Path) -> std::io::Result<UnixListener> {
     let path = socket_path(home);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
+    UnixListener::bind(&path)
+}
+
+/// Serves `board` on `listener` (from [`bind`] in `home`) until `shutdown`; removes the
+/// socket.
+pub async fn serve_on(
+    listener: UnixListener,
+    home: &Path,
+    board: Board,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let path = socket_path(home);
     let started = Instant::now();
     loop {
         let (mut s, _) = tokio::select! {

@@ -482,18 +482,32 @@ pub fn run_pair_via(
     name: &str,
     transport: &str,
 ) -> PairRun {
+    run_pair_when(
+        lab,
+        peer,
+        (rendezvous, "registered"),
+        host_a,
+        host_b,
+        name,
+        transport,
+    )
+}
+
+/// [`run_pair_via`], starting `reach` only once the exposer's log has `ready` (e.g. its
+/// gateway's port mapping).
+pub fn run_pair_when(
+    lab: &Lab,
+    peer: &Path,
+    (rendezvous, ready): (&str, &str),
+    host_a: &str,
+    host_b: &str,
+    name: &str,
+    transport: &str,
+) -> PairRun {
     let (home_a, home_b) = (TempHome::new(), TempHome::new());
     let service = echo_service(lab, host_a).to_string();
     let args = ["expose", &service, "--name", name, "--transport", transport];
-    let expose = start_peer_via(
-        lab,
-        peer,
-        host_a,
-        &home_a.0,
-        rendezvous,
-        &args,
-        "registered",
-    );
+    let expose = start_peer_via(lab, peer, host_a, &home_a.0, rendezvous, &args, ready);
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 17274));
     let started = Instant::now();
     let local_arg = local.to_string();

@@ -343,8 +343,10 @@ pub async fn reach_board(
 fn serve_status(home: &TempHome, shutdown: &CancellationToken) -> peer::status::Board {
     let board = peer::status::Board::default();
     let (dir, b, stop) = (home.0.clone(), board.clone(), shutdown.clone());
+    // Bound before the peer starts, so `peer status` finds it as soon as it registers.
+    let listener = peer::status::bind(&dir).expect("status socket");
     tokio::spawn(async move {
-        peer::status::serve(&dir, b, stop)
+        peer::status::serve_on(listener, &dir, b, stop)
             .await
             .expect("status socket")
     });

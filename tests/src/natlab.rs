@@ -1116,7 +1116,8 @@ impl Lab {
     /// Wi-Fi to another: a second veth into `to`'s LAN bridge with a new address there, the
     /// old address removed, the default route through `to`. Its sockets stay open; what
     /// they send leaves with the new address through the other NAT. Returns the new
-    /// address. Each host moves at most 50 times in a lab's life.
+    /// address. A host may move again (back, or on); a lab makes at most 50 moves with
+    /// distinct addresses.
     pub fn move_host(&self, host: &str, to: &str) -> Result<Ipv4Addr, LabError> {
         static MOVES: AtomicU32 = AtomicU32::new(0);
         let h = self.host(host);
@@ -1149,8 +1150,10 @@ impl Lab {
             Step::ip(&rns, &format!("link set {there} master lan0")),
             Step::ip(&rns, &format!("link set {there} up")),
             Step::ip(&h.ns, &format!("link set {here} up")),
+            // Every old IPv4 address goes, wherever the host was before (eth0, or the
+            // veth of an earlier move).
+            Step::ip(&h.ns, "-4 addr flush scope global"),
             Step::ip(&h.ns, &format!("addr add {addr}/24 dev {here}")),
-            Step::ip(&h.ns, "addr flush dev eth0"),
             Step::ip(
                 &h.ns,
                 &format!("route replace default via {} dev {here}", router_lan(k)),

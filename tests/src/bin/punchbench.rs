@@ -36,6 +36,147 @@ struct Cli {
     /// ended on IPv6.
     #[arg(long)]
     ipv6: bool,
+    /// The rows of the hardest cases instead (UDP): random ↔ sequential symmetric both
+    /// ways (prediction × birthday; goal >= 90 % direct within 10 s), random ↔ random
+    /// with a port-mapping gateway on one side, and a reaching host that moves to another
+    /// network (time from the move until traffic is on a direct path from there).
+    #[arg(long)]
+    hard: bool,
+}
+
+/// The rows of the hardest cases: see [`Cli::hard`].
+fn hard_rows(cli: &Cli) -> anyhow::Result<()> {
+    let routers = [
+        "rndx=symmetric-random",
+        "seqy=symmetric-sequential",
+        "seqx=symmetric-sequential",
+        "rndy=symmetric-random",
+        "mapx=symmetric-random,map",
+        "ex=port-restricted",
+        "home=port-restricted",
+        "cafe=address-restricted",
+    ]
+    .iter()
+    .map(|r| r.parse::<Router>())
+    .collect::<Result<Vec<_>, _>>()?;
+    let lab = Lab::up(Spec::new("pbenchh", routers)?)?;
+    let _server = start_rendezvous(&lab, &cli.bin_dir.join("rendezvous"));
+    let peer = cli.bin_dir.join("peer");
+    println!(
+        "{:<20} {:>4} {:>8} {:>16}   goal",
+        "pair (udp)", "runs", "direct", "direct path ms"
+    );
+    println!("{:<20} {:>4} {:>8} {:>16}", "", "", "", "p50 / p90");
+    let flush = |routers: &[&str]| {
+        for r in routers {
+            let _ = lab
+                .router_command(r, "conntrack")
+                .arg("-F")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    };
+    for (label, a, b, goal) in [
+        ("symr->syms", "rndx-1", "seqy-1", true),
+        ("syms->symr", "seqx-1", "rndy-1", true),
+        ("symr(mapped)->symr", "mapx-1", "rndy-1", false),
+    ] {
+        let mut direct = Vec::new();
+        for r in 0..cli.runs {
+            // Every run with NATs that forgot every mapping (the sweep leaves many).
+            flush(&[&a[..4], &b[..4]]);
+            // A mapped exposer's mapping must be known before the other side connects.
+            let ready = if a.starts_with("map") {
+                "port mapped by the gateway"
+            } else {
+                "registered"
+            };
+            let run = chuantou_tests::lab_peers::run_pair_when(
+                &lab,
+                &peer,
+                (chuantou_tests::lab_peers::RENDEZVOUS, ready),
+                a,
+                b,
+                &format!("h{}{r}", &a[..3]),
+                "udp",
+            );
+            if let Some(e) = run.error {
+                anyhow::bail!("{e}");
+            }
+            direct.extend(run.to_direct);
+        }
+        let within = direct
+            .iter()
+            .filter(|d| **d <= Duration::from_secs(10))
+            .count() as f64
+            / cli.runs as f64;
+        let rate = direct.len() as f64 / cli.runs as f64;
+        let goal = if goal {
+            format!(
+                ">= 90 % within 10 s: {:.0} % {}",
+                within * 100.0,
+                if within >= 0.9 { "met" } else { "NOT met" }
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<20} {:>4} {:>7.0}% {:>7} / {:<7}  {goal}",
+            label,
+            cli.runs,
+            rate * 100.0,
+            pct(&mut direct, 0.5),
+            pct(&mut direct, 0.9),
+        );
+    }
+    // The move: reach on home-1 (then cafe, back and forth), a session on a direct path,
+    // then the host moves; measured until traffic runs on a direct path from there.
+    let mut moved = Vec::new();
+    let mut at = "home";
+    for r in 0..cli.runs {
+        let (ha, hb) = (
+            chuantou_tests::TempHome::new(),
+            chuantou_tests::TempHome::new(),
+        );
+        let service = chuantou_tests::lab_peers::echo_service(&lab, "ex-1").to_string();
+        let name = format!("mv{r}");
+        let args = ["expose", &service, "--name", &name, "--transport", "udp"];
+        let _expose =
+            chuantou_tests::lab_peers::start_peer(&lab, &peer, "ex-1", &ha.0, &args, "registered");
+        let local = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 17274));
+        let local_arg = local.to_string();
+        let args = ["reach", &name, "--local", &local_arg, "--transport", "udp"];
+        let mut reach =
+            chuantou_tests::lab_peers::start_peer(&lab, &peer, "home-1", &hb.0, &args, "reaching");
+        chuantou_tests::lab_peers::echo(&lab, "home-1", local, b"first");
+        reach.wait_for(&["direct udp path up"]);
+        let to = if at == "home" { "cafe" } else { "home" };
+        let t = std::time::Instant::now();
+        lab.move_host("home-1", to)?;
+        at = to;
+        reach.wait_for(&[
+            "direct paths from before the move closed",
+            "traffic continues on the direct",
+        ]);
+        moved.push(t.elapsed());
+        chuantou_tests::lab_peers::echo(&lab, "home-1", local, b"after the move");
+    }
+    let within5 = moved
+        .iter()
+        .filter(|d| **d <= Duration::from_secs(5))
+        .count();
+    println!(
+        "{:<20} {:>4} {:>7.0}% {:>7} / {:<7}  direct within 5 s of the move: {} of {}",
+        "moved pr->ar",
+        cli.runs,
+        100.0 * within5 as f64 / cli.runs as f64,
+        pct(&mut moved, 0.5),
+        pct(&mut moved, 0.9),
+        within5,
+        cli.runs
+    );
+    Ok(())
 }
 
 /// The IPv6 rows: per pair, direct rate, time to direct, and the share on IPv6.
@@ -113,6 +254,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if cli.ipv6 {
         return ipv6_rows(&cli);
+    }
+    if cli.hard {
+        return hard_rows(&cli);
     }
     let pairs: Vec<(String, String)> = cli
         .pairs
