@@ -150,3 +150,63 @@ fn natprobe_reports_ipv6_reachability_with_and_without_ipv4() {
     assert_eq!(v6only["udp"]["nat_type"], "udp-blocked", "{v6only}");
     assert_eq!(v6only["ipv6"]["reachable"], true, "{v6only}");
 }
+
+#[test]
+fn a_host_with_native_ipv6_and_carrier_nat_ipv4_reaches_ipv4_only_peers() {
+    // A phone on a mobile network: global IPv6, and IPv4 only through the carrier's NAT
+    // (random symmetric, as many carrier NATs are). The peers it reaches have IPv4 only.
+    // (Real 464XLAT translates that IPv4 into IPv6 to the carrier's NAT64; nftables
+    // cannot translate between families, so the lab routes it as carrier NAT over IPv4,
+    // which is what the IPv4 peer sees either way.)
+    let Some(lab) = Lab::for_test(&[
+        "cgn=symmetric-random,v6",
+        "home=port-restricted",
+        "other=symmetric-random",
+    ]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    // The IPv4 peers' rendezvous: IPv4 with RFC 5780 (a second address), so the phone
+    // learns its carrier NAT is random symmetric.
+    let _server = chuantou_tests::lab_peers::start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    // Direct where the pair allows it: birthday punching over IPv4 with a port-restricted
+    // cone.
+    let run = run_pair_via(
+        &lab,
+        &peer,
+        "198.18.0.1:7000",
+        "home-1",
+        "cgn-1",
+        "pc4",
+        "udp",
+    );
+    assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
+    assert!(
+        run.direct && run.path == "direct-udp",
+        "{}\n{}",
+        run.outcome,
+        run.log
+    );
+    assert!(
+        punched_remote(&run.log).starts_with("198.18."),
+        "over IPv4: {}",
+        run.log
+    );
+    // The relay otherwise: random symmetric on both sides, no port mapping.
+    let run = run_pair_via(
+        &lab,
+        &peer,
+        "198.18.0.1:7000",
+        "other-1",
+        "cgn-1",
+        "pc4r",
+        "udp",
+    );
+    assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
+    assert!(
+        !run.direct && run.path == "relay",
+        "{}\n{}",
+        run.outcome,
+        run.log
+    );
+}
