@@ -310,8 +310,9 @@ pub async fn port_mapping(public: Option<std::net::IpAddr>) -> crate::report::Po
 }
 
 /// The `ipv6` section: a route, an answer, and whether the address seen is ours. Behind an
-/// IPv6 firewall (no NAT) the public address is the local one; filtering needs a second
-/// server address over IPv6, which a plain responder does not have, so it is not told.
+/// IPv6 firewall (no NAT) the public address is the local one. Filtering (a firewall's,
+/// or an IPv6 NAT's) is told when the server is an RFC 5780 one over IPv6 (OTHER-ADDRESS
+/// in its answer): the two CHANGE-REQUEST tests, as over IPv4.
 pub async fn ipv6(server: SocketAddr, timing: Timing) -> crate::report::Ipv6Report {
     let mut r = crate::report::Ipv6Report {
         server,
@@ -319,6 +320,7 @@ pub async fn ipv6(server: SocketAddr, timing: Timing) -> crate::report::Ipv6Repo
         public_addr: None,
         reachable: false,
         translated: None,
+        filtering: None,
         note: None,
     };
     let ip = match route_ip(server) {
@@ -344,6 +346,27 @@ pub async fn ipv6(server: SocketAddr, timing: Timing) -> crate::report::Ipv6Repo
             r.reachable = true;
             r.public_addr = Some(resp.mapped);
             r.translated = r.local_addr.map(|l| l != resp.mapped);
+            if usable_other(resp.other, server).is_some() {
+                let notes = std::sync::Mutex::new(Vec::new());
+                let (both, port) = tokio::join!(
+                    filtering_test(ip, server, (true, true), timing, &notes),
+                    filtering_test(ip, server, (false, true), timing, &notes),
+                );
+                r.filtering = crate::classify::filtering(both.ok().flatten(), port.ok().flatten());
+                if r.filtering.is_none() {
+                    let n = notes.into_inner().unwrap_or_else(|e| e.into_inner());
+                    r.note = Some(if n.is_empty() {
+                        "filtering over IPv6 could not be told".into()
+                    } else {
+                        n.join("; ")
+                    });
+                }
+            } else {
+                r.note = Some(format!(
+                    "filtering over IPv6 needs an RFC 5780 server there (two IPv6 \
+                     addresses); {server} has one only"
+                ));
+            }
         }
         _ => {
             r.note = Some(format!(

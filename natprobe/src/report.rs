@@ -71,6 +71,9 @@ pub struct Ipv6Report {
     /// Whether the address the server saw differs from ours (an IPv6 NAT, NPTv6);
     /// `null` without an answer.
     pub translated: Option<bool>,
+    /// RFC 4787 filtering over IPv6 (a stateful firewall's is address-and-port-dependent),
+    /// when the server is an RFC 5780 one over IPv6; `null` otherwise.
+    pub filtering: Option<Behaviour>,
     /// What could not be told, in plain words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -309,6 +312,9 @@ impl Report {
                         "  reachable, no NAT: the server saw {public}, this host's own address \
                          (behind a stateful firewall, peers still punch by sending together)"
                     );
+                    if let Some(f) = v6.filtering {
+                        let _ = writeln!(s, "  filtering: {}", f.name());
+                    }
                 }
                 (Some(public), _) => {
                     let _ = writeln!(

@@ -38,6 +38,7 @@
 //! IPv4 NAT, its LAN has 2001:2:0:N::/64 (router `::1`, hosts `::2`, …), routed without
 //! translation through a stateful firewall (`table inet natlab6`), its WAN side
 //! 2001:2::1:N on the internet bridge; `server` then has 2001:2::1 ([`SERVER_IP6`]) and
+//! 2001:2::2 ([`SERVER_ALT_IP6`], for an RFC 5780 server over IPv6) and
 //! `third` 2001:2::3, and every public namespace routes each such LAN prefix to its
 //! router. IPv6 global addresses are all in 2001:2::/48 (RFC 5180); links also get
 //! fe80:: link-local addresses, which neighbour discovery needs and which never leave
@@ -69,6 +70,8 @@ pub const THIRD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 /// The server host's IPv6 address, when a router of the lab has IPv6 (2001:2::/48, RFC
 /// 5180's benchmarking prefix, as every IPv6 address of the lab).
 pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// The server host's second IPv6 address (an RFC 5780 server over IPv6).
+pub const SERVER_ALT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
 /// The third host's IPv6 address.
 pub const THIRD_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3);
 
@@ -478,6 +481,14 @@ impl Spec {
             p.push(Step::ip(
                 &inet,
                 &format!("-6 addr add {SERVER_IP6}/64 dev br0 nodad"),
+            ));
+            // Deprecated (preferred_lft 0): only a socket bound to it sends from it. A
+            // socket on [::] replies from the kernel's choice of source, which would
+            // otherwise be this newer address for requests sent to the first one, and a
+            // stateful firewall drops such replies (a server on several IPv6 addresses needs its replies sent from the address asked).
+            p.push(Step::ip(
+                &inet,
+                &format!("-6 addr add {SERVER_ALT_IP6}/64 dev br0 nodad preferred_lft 0"),
             ));
             p.push(Step::ip(
                 &third,

@@ -149,6 +149,47 @@ fn natprobe_reports_ipv6_reachability_with_and_without_ipv4() {
     let v6only = probe("fwn-1");
     assert_eq!(v6only["udp"]["nat_type"], "udp-blocked", "{v6only}");
     assert_eq!(v6only["ipv6"]["reachable"], true, "{v6only}");
+    // A plain responder cannot tell filtering over IPv6, and says why.
+    assert!(v6only["ipv6"]["filtering"].is_null(), "{v6only}");
+    assert!(v6only["ipv6"]["note"].is_string(), "{v6only}");
+    // An RFC 5780 server over IPv6 (2001:2::1 and 2001:2::2) can: behind the stateful
+    // firewall, address-and-port-dependent, as a port-restricted cone's.
+    let _rfc5780 = start_rendezvous_on(
+        &lab,
+        &workspace_bin("rendezvous"),
+        "server",
+        &[
+            "--listen",
+            "[2001:2::1]:7100",
+            "--stun",
+            "[2001:2::1]:3480",
+            "--alt-ip",
+            "2001:2::2",
+            "--relay",
+            "[2001:2::1]:7101",
+            "--no-http",
+        ],
+    );
+    for host in ["fwn-1", "dsn-1"] {
+        let out = lab
+            .command(host, workspace_bin("natprobe"))
+            .args([
+                "--server",
+                "198.18.0.1:3478",
+                "--server6",
+                "[2001:2::1]:3480",
+            ])
+            .args(["--json", "--rto", "100", "--no-port-mapping"])
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{host}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(
+            r["ipv6"]["filtering"], "address-and-port-dependent",
+            "{host}: {r}"
+        );
+        assert_eq!(r["ipv6"]["translated"], false, "{host}: {r}");
+    }
 }
 
 #[test]
