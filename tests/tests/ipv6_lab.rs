@@ -11,6 +11,12 @@ use chuantou_tests::lab_peers::EVERY_ADDRESS as DUAL_SERVER;
 
 /// Asserts that `run` went direct over UDP, its punched pair on IPv6 in the lab's prefix.
 fn assert_direct_over_ipv6(run: &chuantou_tests::lab_peers::PairRun) {
+    assert_direct_to(run, "[2001:2:0:");
+}
+
+/// Asserts that `run` went direct over UDP, the other side's punched address starting with
+/// `prefix`.
+fn assert_direct_to(run: &chuantou_tests::lab_peers::PairRun, prefix: &str) {
     assert!(
         run.direct && run.path == "direct-udp",
         "{}\n{}",
@@ -18,8 +24,8 @@ fn assert_direct_over_ipv6(run: &chuantou_tests::lab_peers::PairRun) {
         run.log
     );
     assert!(
-        punched_remote(&run.log).starts_with("[2001:2:0:"),
-        "IPv6: {}",
+        punched_remote(&run.log).starts_with(prefix),
+        "punched to {prefix}…: {}",
         run.log
     );
 }
@@ -222,17 +228,7 @@ fn a_host_with_native_ipv6_and_carrier_nat_ipv4_reaches_ipv4_only_peers() {
         "udp",
     );
     assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
-    assert!(
-        run.direct && run.path == "direct-udp",
-        "{}\n{}",
-        run.outcome,
-        run.log
-    );
-    assert!(
-        punched_remote(&run.log).starts_with("198.18."),
-        "over IPv4: {}",
-        run.log
-    );
+    assert_direct_to(&run, "198.18.");
     // The relay otherwise: random symmetric on both sides, no port mapping.
     let run = run_pair_via(
         &lab,

@@ -89,6 +89,35 @@ pub struct Udp {
 }
 
 impl Udp {
+    /// The UDP presence on `endpoint` (its STUN answers on `stun_rx`), refreshed towards
+    /// `servers` (the second one, the other family, asked again at once unless `alt_seen`)
+    /// with the registration's credential.
+    fn keep(
+        (endpoint, stun_rx): (
+            UdpEndpoint,
+            tokio::sync::mpsc::Receiver<crate::presence::endpoint::Datagram>,
+        ),
+        (servers, alt_seen, cred): (Vec<SocketAddr>, bool, (String, String)),
+        (observed, nat): (Option<SocketAddr>, Option<NatInfo>),
+        portmap: Option<Arc<super::portmap::PortMap>>,
+    ) -> Udp {
+        let (mapping_tx, mapping_changed) = tokio::sync::watch::channel(observed);
+        Udp {
+            refresher: tokio::spawn(refresh(
+                endpoint.clone(),
+                stun_rx,
+                (servers, alt_seen),
+                cred,
+                mapping_tx,
+            )),
+            endpoint,
+            observed,
+            nat,
+            portmap,
+            mapping_changed,
+        }
+    }
+
     /// Removes the gateway's mapping of the endpoint (on a stop), waiting until the
     /// request is out.
     pub async fn release_mapping(&mut self) {
@@ -379,6 +408,13 @@ impl Signaling {
                 }
             }
         };
+        let start_portmap = |endpoint: &UdpEndpoint| {
+            endpoint
+                .local_addr()
+                .ok()
+                .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
+                .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter()))
+        };
         let kept_endpoint = reuse.as_ref().map(|r| r.endpoint.clone());
         let udp = match (udp, reuse) {
             (Some((_measured_on, stun)), Some(Reuse { endpoint, portmap })) if nat.is_some() => {
@@ -407,27 +443,14 @@ impl Signaling {
                         p.rebind(client.reporter());
                         Some(p)
                     }
-                    None => endpoint
-                        .local_addr()
-                        .ok()
-                        .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
-                        .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter())),
+                    None => start_portmap(&endpoint),
                 };
-                let (mapping_tx, mapping_changed) = tokio::sync::watch::channel(observed);
-                Some(Udp {
-                    refresher: tokio::spawn(refresh(
-                        endpoint.clone(),
-                        stun_rx,
-                        (servers, alt_seen),
-                        cred,
-                        mapping_tx,
-                    )),
-                    endpoint,
-                    observed,
-                    nat,
+                Some(Udp::keep(
+                    (endpoint, stun_rx),
+                    (servers, alt_seen, cred),
+                    (observed, nat),
                     portmap,
-                    mapping_changed,
-                })
+                ))
             }
             (Some((socket, stun)), None) if nat.is_some() => {
                 let cred = (reg.stun_username.clone(), reg.stun_password.clone());
@@ -469,27 +492,16 @@ impl Signaling {
                     };
                     servers.push(alt);
                 }
-                let portmap = socket
-                    .local_addr()
-                    .ok()
-                    .filter(|_| super::portmap::wanted(self.port_mapping, client.server_addr()))
-                    .and_then(|l| super::portmap::PortMap::start(l.port(), client.reporter()));
-                let (mapping_tx, mapping_changed) = tokio::sync::watch::channel(observed);
                 match socket.into_std().and_then(UdpEndpoint::new) {
-                    Ok((endpoint, stun_rx)) => Some(Udp {
-                        portmap,
-                        mapping_changed,
-                        refresher: tokio::spawn(refresh(
-                            endpoint.clone(),
-                            stun_rx,
-                            (servers, alt_seen),
-                            cred,
-                            mapping_tx,
-                        )),
-                        endpoint,
-                        observed,
-                        nat,
-                    }),
+                    Ok((endpoint, stun_rx)) => {
+                        let portmap = start_portmap(&endpoint);
+                        Some(Udp::keep(
+                            (endpoint, stun_rx),
+                            (servers, alt_seen, cred),
+                            (observed, nat),
+                            portmap,
+                        ))
+                    }
                     Err(e) => {
                         warn!(error = %e, "cannot make the UDP endpoint: only the relay will work");
                         None
