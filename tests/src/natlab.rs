@@ -92,12 +92,13 @@ const NS_PREFIX: &str = "natlab-";
 /// The "internet" is one /16 on the bridge: servers in 198.18.0.x, router WANs in
 /// 198.18.1.x, public hosts in 198.18.(10+N).x.
 const INTERNET_PREFIX: u8 = 16;
-/// How many entries the sequential NAT's port table has before it wraps. A wrap hands out
-/// ports whose old conntrack entries may still live, so it must stay rare in a test run
-/// (512 wrapped within 20 benchmark runs and broke prediction now and then).
-const SEQUENTIAL_SLOTS: u32 = 4096;
-/// The first port the sequential NAT hands out.
-const SEQUENTIAL_BASE: u32 = 20000;
+/// The ports a sequential NAT hands out, as Linux does for sources above 1023: it walks
+/// 1024–65535 and wraps. The whole range, so that a test run rarely wraps (a wrap hands
+/// out ports whose old conntrack entries may still live) and a prediction across the
+/// wrap is tested like a real one: an earlier table of 4096 ports wrapped several times
+/// in one hard-pair test and sent the predicted ports past its end.
+const SEQUENTIAL_FIRST: u32 = 1024;
+const SEQUENTIAL_PORTS: u32 = 65536 - SEQUENTIAL_FIRST;
 /// Default mapping timeout: one minute, within what home routers use (RFC 4787 asks for
 /// two minutes; many NATs give less, and peers must cope).
 pub const DEFAULT_TIMEOUT_S: u32 = 60;
@@ -671,6 +672,10 @@ fn host_addr(i: usize, kind: Kind, j: u8) -> Ipv4Addr {
 }
 
 /// The nftables ruleset of one router (see the module doc for what each kind does).
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
     let t = r.timeout_s;
     let lan = format!("198.19.{}.0/24", i + 1);
@@ -715,10 +720,16 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
             s += &format!("    oifname \"wan0\" snat ip to {wan} fully-random\n");
         }
         Kind::SymmetricSequential => {
-            let ports: Vec<String> = (0..SEQUENTIAL_SLOTS)
+            // Port k·delta past the first, around the range: with a delta that divides
+            // the range the counter comes back to the first port after fewer slots.
+            let delta = u32::from(r.delta).max(1);
+            let slots = SEQUENTIAL_PORTS / gcd(delta, SEQUENTIAL_PORTS);
+            let ports: Vec<String> = (0..slots)
                 .map(|k| {
-                    let port = SEQUENTIAL_BASE + (k * u32::from(r.delta)) % 40000;
-                    format!("{k} : {port}")
+                    format!(
+                        "{k} : {}",
+                        SEQUENTIAL_FIRST + (k * delta) % SEQUENTIAL_PORTS
+                    )
                 })
                 .collect();
             // One counter per protocol, as most sequential NATs keep: a TCP connection
@@ -726,7 +737,7 @@ fn nft_script(r: &Router, wan: Ipv4Addr, i: usize) -> String {
             for proto in ["udp", "tcp"] {
                 s += &format!(
                     "    oifname \"wan0\" meta l4proto {proto} snat ip to {wan} : \
-                     numgen inc mod {SEQUENTIAL_SLOTS} map {{ {} }}\n",
+                     numgen inc mod {slots} map {{ {} }}\n",
                     ports.join(", ")
                 );
             }

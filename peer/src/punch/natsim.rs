@@ -102,7 +102,13 @@ impl Nat {
             None => {
                 let port = match self.kind {
                     Kind::SymmetricSequential => loop {
-                        self.next_port = self.next_port.wrapping_add(self.delta).max(1024);
+                        // Round 1024–65535, as the lab's sequential NAT and Linux walk it.
+                        self.next_port = u16::try_from(
+                            (u32::from(self.next_port.max(1024)) - 1024 + u32::from(self.delta))
+                                % 64512
+                                + 1024,
+                        )
+                        .unwrap_or(1024);
                         if !self.reply.contains_key(&(self.next_port, to)) {
                             break self.next_port;
                         }

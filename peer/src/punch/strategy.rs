@@ -335,22 +335,33 @@ fn predicted(peer: &NatProfile, obs: SocketAddr, skip: i32) -> Vec<SocketAddr> {
     predicted_n(peer, obs, skip, PREDICTED_PORTS as usize)
 }
 
-/// The `n` ports a sequential NAT hands out next, past `obs` and `skip` more mappings
-/// (fewer where they would leave 1024–65535).
+/// The `n` ports a sequential NAT hands out next, past `obs` and `skip` more mappings.
+/// Past either end of 1024–65535 the count wraps around the range, as Linux and most
+/// NATs that walk their ports do; a NAT that wraps elsewhere costs only the ports past
+/// its wrap.
 fn predicted_n(peer: &NatProfile, obs: SocketAddr, skip: i32, n: usize) -> Vec<SocketAddr> {
     let mut v = Vec::new();
-    let n = i32::try_from(n).unwrap_or(i32::MAX);
-    if let (true, Some(d)) = (peer.sequential(), peer.delta) {
-        for k in (1 + skip)..=(n.saturating_add(skip)) {
-            if let Ok(port) = u16::try_from(i32::from(obs.port()) + k * d)
-                && port >= 1024
-            {
-                v.push(SocketAddr::new(obs.ip(), port));
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    if let (true, Some(d)) = (peer.sequential(), peer.delta)
+        && obs.port() >= FIRST_PORT
+    {
+        let span = 65536 - i64::from(FIRST_PORT);
+        let from = i64::from(obs.port()) - i64::from(FIRST_PORT);
+        for k in (1 + i64::from(skip))..=(n.saturating_add(i64::from(skip))) {
+            let port = (from + k * i64::from(d)).rem_euclid(span) + i64::from(FIRST_PORT);
+            let addr = SocketAddr::new(obs.ip(), u16::try_from(port).unwrap_or(FIRST_PORT));
+            // A walk round the range repeats first where it started: each port once.
+            if addr.port() == obs.port() {
+                break;
             }
+            v.push(addr);
         }
     }
     v
 }
+
+/// The first port a NAT hands out to sources above the well-known range.
+const FIRST_PORT: u16 = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -420,6 +431,31 @@ mod tests {
         assert_eq!(ports[..3], [20003, 20006, 20009]);
         assert_eq!(remote[PREDICTED_PORTS as usize], obs);
         assert_eq!(remote.last(), Some(&lan));
+    }
+
+    #[test]
+    fn predictions_wrap_round_the_port_range_as_the_nat_does() {
+        let up = p(NatType::Symmetric, Allocation::Sequential, Some(2));
+        let obs: SocketAddr = "198.18.1.6:65532".parse().unwrap();
+        let ports: Vec<u16> = predicted_n(&up, obs, 0, 4)
+            .iter()
+            .map(|a| a.port())
+            .collect();
+        assert_eq!(ports, [65534, 1024, 1026, 1028]);
+        let down = p(NatType::Symmetric, Allocation::Sequential, Some(-3));
+        let obs: SocketAddr = "198.18.1.6:1027".parse().unwrap();
+        let ports: Vec<u16> = predicted_n(&down, obs, 0, 3)
+            .iter()
+            .map(|a| a.port())
+            .collect();
+        assert_eq!(ports, [1024, 65533, 65530]);
+        // A delta dividing the range comes back to the observed port: each port once.
+        let whole = p(NatType::Symmetric, Allocation::Sequential, Some(32256));
+        let ports: Vec<u16> = predicted_n(&whole, obs, 0, 10)
+            .iter()
+            .map(|a| a.port())
+            .collect();
+        assert_eq!(ports, [33283]);
     }
 
     #[test]
