@@ -35,11 +35,6 @@ pub const PATH_KEEPALIVE: Duration = Duration::from_millis(500);
 /// lossy link, short enough that an interactive connection stalls for under 3 s.
 pub const DIRECT_PATH_IDLE: Duration = Duration::from_millis(2_000);
 
-/// A relay path is the last resort and goes through a server that may pause (a VPS under
-/// load): give it longer before it is given up, but not so long that a relay that is gone
-/// holds connections that could be re-brokered.
-pub const RELAY_PATH_IDLE: Duration = Duration::from_secs(5);
-
 /// The whole session ends when no path has carried anything for this long (QUIC never
 /// abandons the last path: this is what ends a session whose every path died). Twenty
 /// keep-alives lost; then new connections are brokered afresh instead of stalling.

@@ -279,8 +279,13 @@ impl Inner {
             (PathKind::DirectUdp, canonical(addr))
         };
         if !kind.is_direct() {
-            // The relay is the last resort: give it longer before giving it up.
-            let _ = path.set_max_idle_timeout(Some(defaults::RELAY_PATH_IDLE));
+            // The relay is never given up for silence, only when its link closes or the
+            // whole session idles out. When every path fell silent at once (a laptop
+            // waking from sleep with every timer overdue) it must be the one left: QUIC
+            // never abandons the last path, and a dead direct path left last would carry
+            // traffic into nothing, with no re-punch, until the session died. A relay
+            // that is gone costs a keep-alive while a direct path carries traffic.
+            let _ = path.set_max_idle_timeout(None);
         }
         t.known.retain(|k| k.id != id);
         t.known.push(Known {

@@ -224,6 +224,16 @@ impl Proc {
         self.seen.join("\n")
     }
 
+    /// Sends `signal` to the process (SIGSTOP and SIGCONT freeze and thaw it, as a
+    /// laptop's sleep does: every timer is overdue when it wakes).
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("a child's pid");
+        rustix::process::kill_process(pid, signal).expect("signalling a child");
+    }
+
     /// Stops the process as a service manager would (SIGTERM), waits (bounded) until it
     /// has exited, and returns its whole log and whether it exited on its own in time.
     pub fn terminate(&mut self) -> (String, bool) {
