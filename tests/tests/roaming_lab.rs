@@ -1,8 +1,8 @@
 //! Moving between networks in the NAT lab: the reaching host moves from one router to
 //! another in the middle of a download (its address and its NAT change, as a laptop
 //! going from home Wi-Fi to a café's). The download completes intact, and the session is
-//! back on a direct path within 5 s of the move. And sleeping: the reaching peer is frozen
-//! until its NAT forgot its direct path, then wakes with every timer overdue.
+//! back on a direct path within 5 s of the move. And sleeping: either peer is frozen
+//! mid-download, then wakes with every timer overdue, as after a suspend.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -238,19 +238,44 @@ fn await_direct_again(
 /// overdue, as after a suspend. The download completes intact and the session is direct
 /// again within 5 s of the thaw.
 #[test]
-fn a_download_survives_a_sleep_past_the_nat_mapping_and_goes_direct_again_within_5_s() {
+fn a_download_survives_a_sleep_of_the_reaching_peer_and_goes_direct_again_within_5_s() {
+    sleep_past_the_mapping(Sleeper::Reach);
+}
+
+/// The same with the exposing peer asleep (a home PC that suspends): the reaching side has
+/// been re-punching into silence meanwhile.
+#[test]
+fn a_download_survives_a_sleep_of_the_exposing_peer_and_goes_direct_again_within_5_s() {
+    sleep_past_the_mapping(Sleeper::Expose);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sleeper {
+    Reach,
+    Expose,
+}
+
+fn sleep_past_the_mapping(sleeper: Sleeper) {
     // Mappings live 5 s here, so a short sleep outlives them (keep-alives every 0.5 s
     // hold them while the peer is awake).
-    let Some(lab) = Lab::for_test(&["ex=port-restricted", "home=port-restricted,timeout=5"]) else {
+    let Some(lab) = Lab::for_test(&[
+        "ex=port-restricted,timeout=5",
+        "home=port-restricted,timeout=5",
+    ]) else {
         return;
     };
     let mut run = Running::start(&lab, "home-1");
     let punched_before = run.reach.log().matches("punched via udp").count();
-    let ex_wan = lab.wan("ex").to_string();
+    let (router, other) = match sleeper {
+        Sleeper::Reach => ("home", "ex"),
+        Sleeper::Expose => ("ex", "home"),
+    };
+    let other_wan = lab.wan(other).to_string();
+    // The sleeper's NAT holds no mapping towards the other peer's NAT any more.
     let forgotten = || {
         let out = lab
-            .router_command("home", "conntrack")
-            .args(["-L", "-p", "udp", "--reply-src", &ex_wan])
+            .router_command(router, "conntrack")
+            .args(["-L", "-p", "udp", "--reply-src", &other_wan])
             .stderr(Stdio::null())
             .output()
             .expect("conntrack (apt-get install conntrack)");
@@ -260,20 +285,31 @@ fn a_download_survives_a_sleep_past_the_nat_mapping_and_goes_direct_again_within
         !forgotten(),
         "the direct path's mapping is live before the sleep"
     );
-
-    run.reach.signal(Signal::STOP);
+    let sleeping = match sleeper {
+        Sleeper::Reach => &run.reach,
+        Sleeper::Expose => &run.expose,
+    };
+    sleeping.signal(Signal::STOP);
     let slept = Instant::now();
-    // Asleep until the NAT forgot the direct path: the exposer stops sending on it once
-    // it is silent, and the mapping then times out.
-    while !forgotten() {
-        assert!(
-            slept.elapsed() < chuantou_tests::BOUND,
-            "the home NAT kept the direct path's mapping"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    match sleeper {
+        // Asleep until the NAT forgot the direct path: the exposer stops sending on it
+        // once it is silent, and the mapping then times out.
+        Sleeper::Reach => {
+            while !forgotten() {
+                assert!(
+                    slept.elapsed() < chuantou_tests::BOUND,
+                    "the {router} NAT kept the direct path's mapping"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // The reaching side keeps the exposer's mapping alive with its re-punches (Linux
+        // refreshes a mapping on inbound packets too), so the sleep is a set time: past a
+        // direct path's 2 s idle timeout, within the session's 10 s.
+        Sleeper::Expose => std::thread::sleep(Duration::from_secs(6)),
     }
     let asleep = slept.elapsed();
-    run.reach.signal(Signal::CONT);
+    sleeping.signal(Signal::CONT);
     let woke = Instant::now();
     let reader = run.read_rest();
     // The dead direct path is given up, the relay carries on, a re-punch brings direct
@@ -282,7 +318,7 @@ fn a_download_survives_a_sleep_past_the_nat_mapping_and_goes_direct_again_within
     let direct_again = await_direct_again(&mut run.reach, punched_before, &switched, woke);
     let total = run.finish_download(reader, "after the sleep");
     let log = run.reach.log();
-    println!("asleep {asleep:?}; direct again {direct_again:?} after waking");
+    println!("{sleeper:?} asleep {asleep:?}; direct again {direct_again:?} after waking");
     for l in path_events(&log) {
         println!("  {l}");
     }
@@ -294,6 +330,7 @@ fn a_download_survives_a_sleep_past_the_nat_mapping_and_goes_direct_again_within
     );
     assert!(
         direct_again <= Duration::from_secs(5),
-        "direct again only after {direct_again:?}:\n{log}"
+        "direct again only after {direct_again:?}:\n{log}\n--- expose:\n{}",
+        run.expose.log()
     );
 }
