@@ -48,8 +48,8 @@
 //! the map), `timeout=S` (UDP conntrack and map entries), `loss=PCT` (dropped at random in
 //! the forward path), `delta=D` (sequential step), `hosts=N`, `v6` (dual stack, below),
 //! `map` (a NAT-PMP and PCP gateway on its LAN address, port 5351, that installs real
-//! DNAT/SNAT rules per mapping: [`crate::portmapd`]; `map=pmp` speaks NAT-PMP only). The
-//! gateway is a thread of the process holding the [`Lab`] (a test, punchbench), so a lab
+//! DNAT/SNAT rules per mapping: [`crate::portmapd`]; `map=pmp` speaks NAT-PMP only;
+//! `maplife=S` grants at most S seconds, so clients renew often). The gateway is a thread of the process holding the [`Lab`] (a test, punchbench), so a lab
 //! made by `scripts/natlab up` has none.
 
 use std::fmt;
@@ -214,6 +214,8 @@ pub struct Router {
     pub map: bool,
     /// Whether the gateway speaks PCP besides NAT-PMP.
     pub map_pcp: bool,
+    /// The longest lifetime (seconds) its gateway grants; short ones make clients renew.
+    pub map_lifetime: u32,
 }
 
 impl Router {
@@ -230,11 +232,12 @@ impl Router {
             v6: kind == Kind::Firewall,
             map: false,
             map_pcp: true,
+            map_lifetime: crate::portmapd::MAX_LIFETIME,
         }
     }
 }
 
-/// `NAME=KIND[,hairpin][,timeout=S][,loss=PCT][,delta=D][,hosts=N]`
+/// `NAME=KIND[,hairpin][,timeout=S][,loss=PCT][,delta=D][,hosts=N][,v6][,map[=pmp]][,maplife=S]`
 impl FromStr for Router {
     type Err = LabError;
     fn from_str(s: &str) -> Result<Router, LabError> {
@@ -274,10 +277,11 @@ impl FromStr for Router {
                 "v6" if v.is_empty() || v == "on" => r.v6 = true,
                 "map" if v.is_empty() || v == "on" => r.map = true,
                 "map" if v == "pmp" => (r.map, r.map_pcp) = (true, false),
+                "maplife" => r.map_lifetime = num(crate::portmapd::MAX_LIFETIME)?,
                 _ => {
                     return Err(bad(format!(
                         "unknown option {opt:?}: hairpin[=on|off], timeout=S, loss=PCT, \
-                         delta=D, hosts=N, v6, map[=pmp]"
+                         delta=D, hosts=N, v6, map[=pmp], maplife=S"
                     )));
                 }
             }
@@ -311,6 +315,9 @@ impl fmt::Display for Router {
             (true, true) => f.write_str(",map")?,
             (true, false) => f.write_str(",map=pmp")?,
             _ => {}
+        }
+        if self.map_lifetime != crate::portmapd::MAX_LIFETIME {
+            write!(f, ",maplife={}", self.map_lifetime)?;
         }
         Ok(())
     }
@@ -1040,6 +1047,8 @@ pub struct Lab {
 /// A router's port-mapping gateway thread.
 struct Gateway {
     router: String,
+    /// Renewals of mappings in force, and mappings that lapsed.
+    counts: std::sync::Arc<Mutex<(u64, u64)>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -1112,11 +1121,13 @@ impl Lab {
             let (lan, wan) = (router_lan(i), router_wan(i));
             let socket =
                 self.in_ns(&ns, || UdpSocket::bind((lan, crate::portmapd::SERVER_PORT)))?;
-            let gateway = crate::portmapd::Gateway::new(wan, r.map_pcp, std::time::Instant::now());
+            let gateway = crate::portmapd::Gateway::new(wan, r.map_pcp, std::time::Instant::now())
+                .with_max_lifetime(r.map_lifetime);
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = stop.clone();
+            let counts = std::sync::Arc::new(Mutex::new((0, 0)));
+            let (flag, published) = (stop.clone(), counts.clone());
             let thread = std::thread::spawn(move || {
-                crate::portmapd::serve(socket, gateway, flag, |script| {
+                crate::portmapd::serve(socket, gateway, flag, published, |script| {
                     Step::Nft {
                         ns: ns.clone(),
                         script: script.to_owned(),
@@ -1127,6 +1138,7 @@ impl Lab {
             });
             self.gateways.push(Gateway {
                 router: r.name.clone(),
+                counts,
                 stop,
                 thread: Some(thread),
             });
@@ -1203,6 +1215,16 @@ impl Lab {
             .filter(|l| l.contains("dnat"))
             .map(|l| l.trim().to_owned())
             .collect())
+    }
+
+    /// How many requests to `router`'s gateway renewed a mapping still in force, and how
+    /// many of its mappings lapsed unrenewed.
+    pub fn port_mapping_renewals(&self, router: &str) -> (u64, u64) {
+        self.gateways
+            .iter()
+            .find(|g| g.router == router)
+            .map(|g| *g.counts.lock().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_else(|| panic!("router {router:?} has no gateway (option map)"))
     }
 
     /// The host called `name`; panics with the list of hosts if there is none.

@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The port both protocols listen on.
@@ -76,6 +76,12 @@ pub struct Gateway {
     started: Instant,
     pcp: bool,
     mappings: BTreeMap<Key, Mapping>,
+    /// The longest lifetime it grants (a short one makes clients renew often).
+    max_lifetime: u32,
+    /// Requests that extended a mapping still in force.
+    renewals: u64,
+    /// Mappings that lapsed unrenewed.
+    lapsed: u64,
 }
 
 /// PCP result codes (RFC 6887 §7.4).
@@ -107,7 +113,22 @@ impl Gateway {
             started: now,
             pcp,
             mappings: BTreeMap::new(),
+            max_lifetime: MAX_LIFETIME,
+            renewals: 0,
+            lapsed: 0,
         }
+    }
+
+    /// Grants at most `seconds` per mapping (at least 1).
+    pub fn with_max_lifetime(mut self, seconds: u32) -> Gateway {
+        self.max_lifetime = seconds.clamp(1, MAX_LIFETIME);
+        self
+    }
+
+    /// How many requests extended a mapping still in force, and how many mappings lapsed
+    /// because none came in time.
+    pub fn renewals(&self) -> (u64, u64) {
+        (self.renewals, self.lapsed)
     }
 
     /// The mappings now, as (protocol, internal endpoint, external port).
@@ -248,10 +269,11 @@ impl Gateway {
     /// Grants or renews the mapping for `key`: the suggested external port if free, else
     /// the internal one, else the first free from 40000. Returns (external port, lifetime).
     fn map(&mut self, now: Instant, key: Key, suggested: u16, lifetime: u32) -> Option<(u16, u32)> {
-        let life = lifetime.min(MAX_LIFETIME);
+        let life = lifetime.min(self.max_lifetime);
         let expires = now + Duration::from_secs(u64::from(life));
         if let Some(m) = self.mappings.get_mut(&key) {
             m.expires = expires;
+            self.renewals += 1;
             return Some((m.external, life));
         }
         if self.mappings.len() >= MAX_MAPPINGS {
@@ -281,6 +303,7 @@ impl Gateway {
     pub fn expire(&mut self, now: Instant) -> bool {
         let before = self.mappings.len();
         self.mappings.retain(|_, m| m.expires > now);
+        self.lapsed += (before - self.mappings.len()) as u64;
         self.mappings.len() != before
     }
 
@@ -321,12 +344,13 @@ pub fn chains() -> String {
 
 /// Serves `gateway` on `socket` (bound to the router's LAN address, port 5351, inside its
 /// namespace) until `stop` is set, handing every rule change to `apply` (which runs nft
-/// in the router's namespace). Errors from `apply` are printed and the mapping stays
+/// in the router's namespace) and its renewal counts to `counts`. Errors from `apply` are printed and the mapping stays
 /// granted: the test that needs it will fail with the cause on stderr.
 pub fn serve(
     socket: UdpSocket,
     mut gateway: Gateway,
     stop: Arc<AtomicBool>,
+    counts: Arc<Mutex<(u64, u64)>>,
     apply: impl Fn(&str) -> Result<(), String>,
 ) {
     let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
@@ -348,6 +372,7 @@ pub fn serve(
             }
             applied = rules;
         }
+        *counts.lock().unwrap_or_else(|e| e.into_inner()) = gateway.renewals();
         if let Some((a, to)) = answer {
             let _ = socket.send_to(&a, to);
         }
@@ -422,6 +447,24 @@ mod tests {
         assert_eq!(a[2..4], [0, 0]);
         assert!(g.mappings().is_empty());
         assert!(!g.rules().contains("dnat"));
+    }
+
+    #[test]
+    fn a_short_lifetime_is_granted_and_renewals_and_lapses_are_counted() {
+        let t0 = Instant::now();
+        let mut g = Gateway::new(WAN, true, t0).with_max_lifetime(4);
+        let life = |a: &[u8]| u32::from_be_bytes([a[12], a[13], a[14], a[15]]);
+        let a = g.handle(t0, HOST, &pmp_map(1, 50000, 0, 7200)).unwrap();
+        assert_eq!(life(&a), 4);
+        // Renewed at half its life, it outlives its first grant.
+        let t2 = t0 + Duration::from_secs(2);
+        let a = g.handle(t2, HOST, &pmp_map(1, 50000, 0, 7200)).unwrap();
+        assert_eq!((life(&a), u16::from_be_bytes([a[10], a[11]])), (4, 50000));
+        assert!(!g.expire(t0 + Duration::from_secs(5)));
+        assert_eq!(g.renewals(), (1, 0));
+        // Not renewed again: it lapses.
+        assert!(g.expire(t2 + Duration::from_secs(5)));
+        assert_eq!(g.renewals(), (1, 1));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! responder, real nftables rules) maps the UDP port of the peer behind it, asked by the
 //! real client crate; a random-symmetric ↔ random-symmetric pair, which no punch can
 //! join otherwise, then goes direct through the mapping, whichever side has it; and the
-//! mapping is gone once the peer stops.
+//! mapping is gone once the peer stops. A short-lived mapping is renewed in time.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -193,4 +193,52 @@ fn natprobe_reports_what_the_gateway_offers_and_leaves_no_mapping() {
         "{plain}"
     );
     assert!(pm["mapped"].is_null() && pm["note"].is_string(), "{plain}");
+}
+
+/// A gateway that grants 4 s at most: the peer renews its mapping before it lapses (the
+/// client renews at half the lifetime), so the mapping outlives three lifetimes' worth of
+/// renewals with the same external port, and it is still removed on exit.
+#[test]
+fn a_short_lived_mapping_is_renewed_before_it_lapses_and_removed_on_exit() {
+    let Some(lab) = Lab::for_test(&["gw=port-restricted,map,maplife=4"]) else {
+        return;
+    };
+    let peer = workspace_bin("peer");
+    let _server = start_rendezvous(&lab, &workspace_bin("rendezvous"));
+    let home = TempHome::new();
+    let service = echo_service(&lab, "gw-1").to_string();
+    let args = ["expose", &service, "--name", "renewed"];
+    let mut expose = start_peer(&lab, &peer, "gw-1", &home.0, &args, "registered");
+    expose.wait_for(&["port mapped by the gateway"]);
+    let first = lab.port_mappings("gw").unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    // Three renewals take about 6 s, past the 4 s the first grant was good for; the
+    // rule must be there, unchanged, throughout.
+    let mapped_at = std::time::Instant::now();
+    let deadline = mapped_at + chuantou_tests::BOUND;
+    loop {
+        let (renewed, lapsed) = lab.port_mapping_renewals("gw");
+        assert_eq!(lapsed, 0, "a mapping lapsed unrenewed:\n{}", expose.log());
+        assert_eq!(
+            lab.port_mappings("gw").unwrap(),
+            first,
+            "the mapping changed:\n{}",
+            expose.log()
+        );
+        if renewed >= 3 {
+            println!("{renewed} renewals in {:?}", mapped_at.elapsed());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{renewed} renewals:\n{}",
+            expose.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (log, exited) = expose.terminate();
+    assert!(exited, "the peer did not stop:\n{log}");
+    let left = mappings_once_gone(&lab, "gw");
+    assert!(left.is_empty(), "mapping left after exit: {left:?}\n{log}");
+    assert_eq!(lab.port_mapping_renewals("gw").1, 0, "removed, not lapsed");
 }
