@@ -433,12 +433,14 @@ impl Registry {
     /// Records the port mapping the peer on `conn` says its gateway granted. Kept only
     /// when the mapping's IP is one the server observes the peer at: a gateway behind a
     /// second NAT maps an address nobody can reach, and a peer must not be able to aim
-    /// other peers' probes at an address of its choosing.
+    /// other peers' probes at an address of its choosing. Returns the peer's name and
+    /// whether the mapping changed (a peer may say the same again as often as it likes;
+    /// only a change is worth a log line).
     pub fn set_mapped(
         &mut self,
         conn: ConnId,
         addr: Option<SocketAddr>,
-    ) -> Result<&str, MappedError> {
+    ) -> Result<(&str, bool), MappedError> {
         let name = self.by_conn.get(&conn).ok_or(MappedError::NotRegistered)?;
         let entry = self.peers.get_mut(name).ok_or(MappedError::NotRegistered)?;
         if let Some(a) = addr {
@@ -447,8 +449,9 @@ impl Registry {
                 return Err(MappedError::NotObserved(a));
             }
         }
+        let changed = entry.mapped != addr;
         entry.mapped = addr;
-        Ok(name.as_str())
+        Ok((name.as_str(), changed))
     }
 
     /// The connection closed: its peer goes offline (its name stays bound). Returns the name.
@@ -876,8 +879,10 @@ mod tests {
         // The signaling connection's IP (198.18.0.1) and the UDP one both count.
         for ok in ["198.18.0.1:40001", "198.18.5.5:41000"] {
             let a: SocketAddr = ok.parse().unwrap();
-            assert_eq!(r.set_mapped(1, Some(a)), Ok("pc"));
+            assert_eq!(r.set_mapped(1, Some(a)), Ok(("pc", true)));
             assert_eq!(r.get("pc").unwrap().mapped, Some(a));
+            // Said again: no change (no log line at the server).
+            assert_eq!(r.set_mapped(1, Some(a)), Ok(("pc", false)));
         }
         // Elsewhere (a victim's address, a gateway's private side), or port 0: refused,
         // and the mapping held stays.
@@ -886,7 +891,7 @@ mod tests {
             assert_eq!(r.set_mapped(1, Some(a)), Err(MappedError::NotObserved(a)));
         }
         assert_eq!(r.get("pc").unwrap().mapped.map(|a| a.port()), Some(41000));
-        assert_eq!(r.set_mapped(1, None), Ok("pc"));
+        assert_eq!(r.set_mapped(1, None), Ok(("pc", true)));
         assert_eq!(r.get("pc").unwrap().mapped, None);
         assert_eq!(r.set_mapped(2, None), Err(MappedError::NotRegistered));
     }

@@ -171,7 +171,7 @@ pub(super) fn handle_request(
         }
         Request::Mapped { addr } => {
             let mut st = shared.state();
-            let name = st.registry.set_mapped(conn, addr).map_err(|e| {
+            let (name, changed) = st.registry.set_mapped(conn, addr).map_err(|e| {
                 let code = match e {
                     registry::MappedError::NotRegistered => ErrorCode::NotRegistered,
                     registry::MappedError::NotObserved(_) => ErrorCode::BadRequest,
@@ -179,6 +179,7 @@ pub(super) fn handle_request(
                 ErrorFrame::new(code, e.to_string())
             })?;
             match addr {
+                _ if !changed => {}
                 Some(a) => info!(peer = %name, mapped = %a, "port mapping offered to peers"),
                 None => info!(peer = %name, "port mapping withdrawn"),
             }
