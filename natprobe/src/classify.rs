@@ -119,6 +119,8 @@ pub struct MappingObservations {
     pub alt_ip_port: Option<SocketAddr>,
     /// Seen by a second plain server (`--server` twice).
     pub second_server: Option<SocketAddr>,
+    /// Seen by the primary IP's second port (a one-IP server that offers one).
+    pub second_port: Option<SocketAddr>,
 }
 
 /// The mapping verdict: a behaviour, or only "it varies" when two plain servers are all
@@ -147,10 +149,14 @@ pub fn mapping(obs: &MappingObservations) -> Mapping {
         (Some(m2), Some(m3)) if m3 == m2 => Mapping::Known(Behaviour::AddressDependent),
         (Some(_), Some(_)) => Mapping::Known(Behaviour::AddressAndPortDependent),
         (Some(_), None) => Mapping::Varies,
-        (None, _) => match obs.second_server {
-            Some(m) if m == m1 => Mapping::Known(Behaviour::EndpointIndependent),
-            Some(_) => Mapping::Varies,
-            None => Mapping::Unknown,
+        (None, _) => match (obs.second_server, obs.second_port) {
+            (Some(m), _) if m == m1 => Mapping::Known(Behaviour::EndpointIndependent),
+            (Some(_), _) => Mapping::Varies,
+            // Another port of the same IP: a changed mapping is port-dependent, so
+            // symmetric; the same one is endpoint-independent or address-dependent, which
+            // one port cannot tell apart.
+            (None, Some(m)) if m != m1 => Mapping::Varies,
+            (None, _) => Mapping::Unknown,
         },
     }
 }
@@ -340,6 +346,7 @@ mod tests {
             alt_ip: Some(p2),
             alt_ip_port: Some(p3),
             second_server: None,
+            second_port: None,
         }
     }
 
@@ -437,6 +444,20 @@ mod tests {
             nat_type(true, true, Mapping::Varies, None),
             Some(NatType::Symmetric)
         );
+    }
+
+    #[test]
+    fn a_second_port_of_one_server_tells_a_symmetric_nat_only() {
+        let mut obs = MappingObservations {
+            local: Some(a("198.19.1.2:5000")),
+            primary: Some(a("198.18.1.1:5000")),
+            second_port: Some(a("198.18.1.1:5007")),
+            ..Default::default()
+        };
+        assert_eq!(mapping(&obs), Mapping::Varies);
+        // The same mapping: endpoint-independent or address-dependent, not told apart.
+        obs.second_port = obs.primary;
+        assert_eq!(mapping(&obs), Mapping::Unknown);
     }
 
     #[test]

@@ -754,11 +754,13 @@ pub const QUICK_TIMING: Timing = Timing {
 };
 
 /// Measures the NAT in front of `main` against `server`: fresh mappings one after another
-/// (port allocation), one of them also to the server's other address (mapping), and last
-/// `main`'s own Test I. `None` when the server never answers.
+/// (port allocation), one of them also to the server's other address (mapping) — or,
+/// from a server without one, to `port2`, a second port of the same server, when it
+/// offers one — and last `main`'s own Test I. `None` when the server never answers.
 pub async fn quick(
     main: &UdpSocket,
     server: SocketAddr,
+    port2: Option<u16>,
     timing: Timing,
 ) -> Result<Option<QuickProfile>, ProbeError> {
     let local = main
@@ -802,6 +804,12 @@ pub async fn quick(
                             obs.alt_ip_port = Some(r3.mapped);
                         }
                     }
+                }
+            } else if let Some(p) = port2.filter(|&p| p != server.port()) {
+                let req = request(RequestOptions::default())?;
+                let dest = SocketAddr::new(server.ip(), p);
+                if let Outcome::Answer(r2, _) = exchange(&s, &s, dest, &req, false, timing).await {
+                    obs.second_port = Some(r2.mapped);
                 }
             }
         }

@@ -79,8 +79,11 @@ struct Cli {
     #[arg(long, value_name = "IP")]
     alt_ip: Option<IpAddr>,
 
-    /// The alternate STUN port used with --alt-ip [default: the STUN port + 1].
-    #[arg(long, value_name = "PORT", requires = "alt_ip")]
+    /// The second STUN port [default: the STUN port + 1]. With --alt-ip, RFC 5780's
+    /// alternate port; without, a second port on the STUN address (UDP) that lets peers
+    /// tell a symmetric NAT (its mapping changes with the destination) from a cone, so
+    /// that they punch it as one.
+    #[arg(long, value_name = "PORT")]
     alt_port: Option<u16>,
 
     /// This host's public address(es) when they are not on the machine (a cloud's 1:1

@@ -81,6 +81,11 @@ pub struct Layout {
     pub primary: SocketAddr,
     /// Alternate IP and port (RFC 5780); `None` for a plain RFC 8489 server.
     pub alternate: Option<SocketAddr>,
+    /// A plain server's second port on the primary IP: answers Binding requests as the
+    /// primary does (no OTHER-ADDRESS; CHANGE-REQUEST still gets 420), so that a peer of
+    /// a one-IP server can tell whether its NAT's mapping changes with the destination
+    /// (a symmetric NAT), which decides how it punches. Its slot is the alternate port's.
+    pub port2: Option<u16>,
 }
 
 impl Layout {
@@ -94,17 +99,25 @@ impl Layout {
                 self.primary.ip()
             },
             if slot.alt_port {
-                alt.port()
+                match (self.alternate, self.port2) {
+                    (None, Some(p)) => p,
+                    _ => alt.port(),
+                }
             } else {
                 self.primary.port()
             },
         )
     }
 
-    /// Every slot this layout has: one, or four with an alternate.
+    /// Every slot this layout has: one (two with a second port), or four with an
+    /// alternate.
     pub fn slots(&self) -> Vec<Slot> {
         if self.alternate.is_none() {
-            return vec![Slot::PRIMARY];
+            let second = self.port2.map(|_| Slot::PRIMARY.changed(false, true));
+            return [Some(Slot::PRIMARY), second]
+                .into_iter()
+                .flatten()
+                .collect();
         }
         [(false, false), (false, true), (true, false), (true, true)]
             .into_iter()
@@ -525,6 +538,7 @@ mod tests {
         Responder::new(Layout {
             primary: "198.18.0.1:3478".parse().unwrap(),
             alternate: None,
+            port2: None,
         })
     }
 
@@ -532,6 +546,7 @@ mod tests {
         Responder::new(Layout {
             primary: "198.18.0.1:3478".parse().unwrap(),
             alternate: Some("198.18.0.2:3479".parse().unwrap()),
+            port2: None,
         })
     }
 
@@ -568,6 +583,31 @@ mod tests {
     }
 
     #[test]
+    fn a_one_ip_servers_second_port_answers_as_the_primary_and_changes_nothing() {
+        let layout = Layout {
+            primary: "198.18.0.1:3478".parse().unwrap(),
+            alternate: None,
+            port2: Some(3479),
+        };
+        let second = Slot::PRIMARY.changed(false, true);
+        assert_eq!(layout.slots(), [Slot::PRIMARY, second]);
+        assert_eq!(layout.addr(second), "198.18.0.1:3479".parse().unwrap());
+        let mut r = Responder::new(layout);
+        let req = binding_request(None, None).unwrap();
+        let reply = ask(&mut r, second, &req.bytes, None).unwrap();
+        assert_eq!(reply.from, second);
+        let resp = parse_response(&reply.bytes, &req.tid, None).unwrap();
+        assert_eq!(resp.mapped, CLIENT.parse().unwrap());
+        assert_eq!((resp.other, resp.origin), (None, None));
+        // Still no RFC 5780 server: a change is refused, whichever port is asked.
+        let req = binding_request(None, Some((false, true))).unwrap();
+        assert_eq!(
+            ask(&mut r, second, &req.bytes, None).unwrap().error,
+            Some(420)
+        );
+    }
+
+    #[test]
     fn change_request_answers_from_the_other_ip_and_port() {
         let mut r = rfc5780();
         for (ip, port, want) in [
@@ -601,6 +641,7 @@ mod tests {
         let public = Layout {
             primary: "198.18.1.5:3478".parse().unwrap(),
             alternate: Some("198.18.1.6:3479".parse().unwrap()),
+            port2: None,
         };
         let mut r = rfc5780().with_advertised(public);
         let req = binding_request(None, Some((true, false))).unwrap();
@@ -775,6 +816,7 @@ mod tests {
             Layout {
                 primary: "198.18.0.1:3478".parse().unwrap(),
                 alternate: None,
+                port2: None,
             },
             10,
             20,

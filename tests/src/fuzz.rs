@@ -132,6 +132,7 @@ fn responder() -> &'static std::sync::Mutex<rendezvous::stun::Responder> {
         std::sync::Mutex::new(rendezvous::stun::Responder::new(rendezvous::stun::Layout {
             primary: "198.18.0.1:3478".parse().expect("address"),
             alternate: Some("198.18.0.2:3479".parse().expect("address")),
+            port2: None,
         }))
     })
 }

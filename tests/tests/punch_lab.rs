@@ -2,10 +2,12 @@
 //! kinds, `peer expose` behind one and `peer reach` behind the other (real processes, real
 //! kernel NATs), data flows both ways through `reach`, and the path is the one the pair must
 //! get: direct for every pair except random symmetric with any symmetric NAT, which use the
-//! relay. Also: two peers behind one NAT, and a direct path that dies.
+//! relay. Also: two peers behind one NAT, a direct path that dies, and a rendezvous with
+//! one IP.
 
 use chuantou_tests::lab_peers::{
-    DIES_ROUTERS, direct_path_dies, must_relay, run_matrix, run_pair, start_rendezvous,
+    DIES_ROUTERS, RENDEZVOUS, direct_path_dies, must_relay, run_matrix, run_pair, run_pair_via,
+    start_rendezvous, start_rendezvous_on,
 };
 use chuantou_tests::natlab::Lab;
 use chuantou_tests::workspace_bin;
@@ -48,5 +50,45 @@ fn when_the_direct_path_dies_new_connections_go_back_to_the_relay() {
         &peer,
         "udp",
         "meta l4proto udp ip saddr != 198.18.0.0/24 ip daddr != 198.18.0.0/24",
+    );
+}
+
+/// A rendezvous with one IP (the usual VPS) cannot offer RFC 5780's OTHER-ADDRESS; its
+/// second STUN port still shows a peer that its mapping changes with the destination, so
+/// a random-symmetric peer is known for one and punched with birthday sockets (taken for
+/// a cone, it was punched as one, in vain, and stayed on the relay).
+#[test]
+fn with_a_one_ip_rendezvous_a_random_symmetric_peer_is_recognised_and_goes_direct() {
+    let Some(lab) = Lab::for_test(&["pr=port-restricted", "symr=symmetric-random"]) else {
+        return;
+    };
+    let args = [
+        "--listen",
+        "198.18.0.1:7000",
+        "--stun",
+        "198.18.0.1:3478",
+        "--relay",
+        "198.18.0.1:7001",
+        "--no-http",
+    ];
+    let mut server = start_rendezvous_on(&lab, &workspace_bin("rendezvous"), "server", &args);
+    let peer = workspace_bin("peer");
+    let run = run_pair_via(&lab, &peer, RENDEZVOUS, "pr-1", "symr-1", "oneip", "udp");
+    assert!(run.error.is_none(), "{}", run.error.unwrap_or_default());
+    let observed = run
+        .log
+        .lines()
+        .find(|l| l.contains("udp mapping observed"))
+        .unwrap_or_default();
+    assert!(
+        observed.contains("mapping=Varies"),
+        "the random-symmetric peer saw its mapping vary: {observed}\n--- rendezvous:\n{}",
+        server.log()
+    );
+    assert!(
+        run.direct && run.path == "direct-udp",
+        "{}\n{}",
+        run.outcome,
+        run.log
     );
 }

@@ -357,7 +357,14 @@ impl Signaling {
             });
             match dual {
                 Ok(sock) => {
-                    match natprobe::probe::quick(&sock, stun, natprobe::probe::QUICK_TIMING).await {
+                    match natprobe::probe::quick(
+                        &sock,
+                        stun,
+                        client.welcome().stun_port2,
+                        natprobe::probe::QUICK_TIMING,
+                    )
+                    .await
+                    {
                         Ok(Some(q)) => {
                             nat = Some(nat_info(&q));
                             let port = match &reuse {

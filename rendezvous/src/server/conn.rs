@@ -237,6 +237,11 @@ pub(super) async fn hello(
                 cfg.advertised_for(!remote.ip().is_ipv6())
                     .map(|ip| SocketAddr::new(ip, p.port()))
             }),
+        // A one-IP server's second STUN port (same host as `stun`).
+        stun_port2: shared.responder.as_ref().and_then(|r| {
+            let l = r.lock().unwrap_or_else(|p| p.into_inner()).layout();
+            l.port2.filter(|_| l.alternate.is_none())
+        }),
     });
     write_frame(wr, &welcome).await?;
     Ok(Greeting::Peer(nonce))

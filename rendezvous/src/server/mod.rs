@@ -601,6 +601,7 @@ impl Server {
                         alternate: l.alternate.map(|a| {
                             SocketAddr::new(rest.first().copied().unwrap_or(a.ip()), a.port())
                         }),
+                        port2: l.port2,
                     },
                 };
                 Mutex::new(Responder::new(l).with_advertised(public))
@@ -667,7 +668,11 @@ impl Server {
             match layout.alternate {
                 Some(alt) => info!(primary = %layout.primary, alternate = %alt,
                     "stun listening (RFC 5780: two IPs, two ports)"),
-                None => info!(addr = %layout.primary, "stun listening"),
+                None => match layout.port2 {
+                    Some(p) => info!(addr = %layout.primary, port2 = p,
+                        "stun listening (and on a second port, so peers can tell symmetric NATs)"),
+                    None => info!(addr = %layout.primary, "stun listening"),
+                },
             }
         }
         let stun = Arc::new(stun);

@@ -44,12 +44,19 @@ pub(super) async fn bind_stun(
             })?;
             match bind_tcp(bound).await {
                 Ok(l) => {
+                    let mut socks = vec![(Slot::PRIMARY, sock)];
+                    let port2 = bind_port2(bound, primary.port() == 0, alt_port, dual).await?;
+                    let second = port2.map(|(p, sock)| {
+                        socks.push((Slot::PRIMARY.changed(false, true), sock));
+                        p
+                    });
                     return Ok((
-                        vec![(Slot::PRIMARY, sock)],
+                        socks,
                         vec![(Slot::PRIMARY, l)],
                         Layout {
                             primary: bound,
                             alternate: None,
+                            port2: second,
                         },
                     ));
                 }
@@ -86,6 +93,7 @@ pub(super) async fn bind_stun(
     let layout = Layout {
         primary,
         alternate: Some(SocketAddr::new(alt_ip, alt_port)),
+        port2: None,
     };
     let mut socks = Vec::new();
     let mut listeners = Vec::new();
@@ -94,6 +102,44 @@ pub(super) async fn bind_stun(
         listeners.push((slot, bind_tcp(layout.addr(slot)).await?));
     }
     Ok((socks, listeners, layout))
+}
+
+/// A one-IP server's second STUN port (UDP only): `--alt-port`, else the STUN port + 1
+/// (any free port when the STUN port was 0). An explicit port that cannot be bound is an
+/// error; the default one is skipped with a warning (peers then cannot tell a symmetric
+/// NAT from a cone, and punch such pairs as cones).
+async fn bind_port2(
+    bound: SocketAddr,
+    any: bool,
+    asked: Option<u16>,
+    dual: bool,
+) -> Result<Option<(u16, UdpSocket)>, ServerError> {
+    let port = match asked {
+        Some(p) => p,
+        None if any => 0,
+        None => bound.port().checked_add(1).unwrap_or(bound.port() - 1),
+    };
+    let addr = SocketAddr::new(bound.ip(), port);
+    if asked.is_some() && port == bound.port() {
+        return Err(ServerError::Config(format!(
+            "--alt-port {port} must differ from the STUN port"
+        )));
+    }
+    match wire::dual::udp_socket(addr, dual) {
+        Ok(sock) => {
+            let port = sock.local_addr().map_or(port, |a| a.port());
+            Ok(Some((port, sock)))
+        }
+        Err(source) if asked.is_some() => Err(ServerError::Bind {
+            what: "stun (second port)",
+            addr,
+            source,
+        }),
+        Err(e) => {
+            warn!(%addr, error = %e, "no second STUN port: peers will not tell symmetric NATs from cones (free it, or pick one with --alt-port)");
+            Ok(None)
+        }
+    }
 }
 
 /// STUN over TCP on one slot: Binding requests on the stream, answered on the stream.

@@ -92,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             software: "chuantou".into(),
             stun: Some("198.18.0.1:3478".parse()?),
             stun_alt: None,
+            stun_port2: Some(3479),
         }),
         ServerFrame::Response {
             id: 1,
@@ -152,6 +153,7 @@ fn main() -> anyhow::Result<()> {
     let mut responder = rendezvous::stun::Responder::new(rendezvous::stun::Layout {
         primary: "198.18.0.1:3478".parse()?,
         alternate: Some("198.18.0.2:3479".parse()?),
+        port2: None,
     });
     let mut answers = Vec::new();
     for req in [&plain, &with_cred] {

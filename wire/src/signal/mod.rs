@@ -29,7 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 /// The signaling protocol version carried in `Hello`; a mismatch is refused.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Longest peer name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -311,6 +311,10 @@ pub struct Welcome {
     /// server knows its address there (`--advertise` names one): a peer observes its
     /// mapping in both families, and punches in both.
     pub stun_alt: Option<SocketAddr>,
+    /// A second STUN port on `stun`'s host (a server with one IP, so no RFC 5780
+    /// OTHER-ADDRESS): asking it from the same socket tells whether the NAT's mapping
+    /// changes with the destination, i.e. whether it is symmetric.
+    pub stun_port2: Option<u16>,
 }
 
 /// Resolves an address the server gave with an unspecified IP ("on the host you reached me
@@ -1008,11 +1012,12 @@ mod wire_tests {
             software: "ct".into(),
             stun: Some("198.18.0.1:3478".parse().unwrap()),
             stun_alt: None,
+            stun_port2: Some(3479),
         });
         assert_eq!(
             hex_of(&welcome),
             concat!(
-                "00000030",
+                "00000033",
                 "00",
                 "01",
                 "0909090909090909090909090909090909090909090909090909090909090909",
@@ -1023,7 +1028,8 @@ mod wire_tests {
                 "00",
                 "c6120001",
                 "961b",
-                "00"
+                "00",
+                "01971b"
             )
         );
         let registered = ServerFrame::Response {
