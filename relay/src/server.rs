@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -832,6 +832,10 @@ async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, shutdown: CancellationT
         }
     };
     let mut buf = vec![0u8; BATCH_BUF];
+    // The local address each admitted client talks to: what reaches it must leave from
+    // there (on a host with several addresses the kernel's choice may be another, which
+    // the client's firewall or NAT drops). Learned from its datagrams; bounded.
+    let mut local_of = LocalAddrs::default();
     loop {
         let batch = tokio::select! {
             biased;
@@ -842,12 +846,17 @@ async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, shutdown: CancellationT
             },
         };
         let src = batch.from;
+        let here = batch.local;
         // A batch of data datagrams (one source, so one session) is forwarded whole; one
         // with a control datagram in it (the kernel may glue a hello to data of the same
         // source) is taken apart.
         if batch.datagrams(&buf).all(|d| decode_udp(d).is_none()) {
             if let Some(to) = udp_forward(&shared, src, batch.len) {
-                let _ = sock.send(to, &buf[..batch.len], batch.stride).await;
+                local_of.learn(src, here);
+                let from = local_of.get(to);
+                let _ = sock
+                    .send_from(to, from, &buf[..batch.len], batch.stride)
+                    .await;
             }
             continue;
         }
@@ -869,11 +878,12 @@ async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, shutdown: CancellationT
                     let encoded = encode_udp(&UdpControl::Status(status));
                     // Never more than the hello that asked for it.
                     if encoded.len() <= data.len() {
-                        let _ = sock.send(src, &encoded, encoded.len()).await;
+                        let _ = sock.send_from(src, here, &encoded, encoded.len()).await;
                     }
                 }
                 Some(Ok(UdpControl::Proven { hello, nonce, mac })) => {
                     let statuses = if udp_proven(&shared, src, &hello, &nonce, &mac) {
+                        local_of.learn(src, here);
                         udp_hello(&shared, src, &hello)
                     } else {
                         let r = Refusal::new(
@@ -885,18 +895,46 @@ async fn serve_udp(shared: Arc<Shared>, sock: UdpSocket, shutdown: CancellationT
                     };
                     for (to, status) in statuses {
                         let encoded = encode_udp(&UdpControl::Status(status));
-                        let _ = sock.send(to, &encoded, encoded.len()).await;
+                        let from = if to == src { here } else { local_of.get(to) };
+                        let _ = sock.send_from(to, from, &encoded, encoded.len()).await;
                     }
                 }
                 // Our own status messages or garbage with the magic: nothing to do.
                 Some(_) => {}
                 None => {
                     if let Some(to) = udp_forward(&shared, src, data.len()) {
-                        let _ = sock.send(to, &data, data.len()).await;
+                        local_of.learn(src, here);
+                        let from = local_of.get(to);
+                        let _ = sock.send_from(to, from, &data, data.len()).await;
                     }
                 }
             }
         }
+    }
+}
+
+/// The local address each admitted UDP client sent to (only clients that proved a hello
+/// or are paired get in). Past [`LocalAddrs::MAX`] entries it starts afresh: each live
+/// client's next datagram teaches its address again, and until then the kernel chooses.
+#[derive(Debug, Default)]
+struct LocalAddrs(HashMap<SocketAddr, IpAddr>);
+
+impl LocalAddrs {
+    const MAX: usize = 65_536;
+
+    fn learn(&mut self, client: SocketAddr, local: Option<IpAddr>) {
+        let Some(local) = local else { return };
+        if self.0.get(&client) == Some(&local) {
+            return;
+        }
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0.insert(client, local);
+    }
+
+    fn get(&self, client: SocketAddr) -> Option<IpAddr> {
+        self.0.get(&client).copied()
     }
 }
 

@@ -490,13 +490,13 @@ impl Spec {
                 &inet,
                 &format!("-6 addr add {SERVER_IP6}/64 dev br0 nodad"),
             ));
-            // Deprecated (preferred_lft 0): only a socket bound to it sends from it. A
-            // socket on [::] replies from the kernel's choice of source, which would
-            // otherwise be this newer address for requests sent to the first one, and a
-            // stateful firewall drops such replies (a server on several IPv6 addresses needs its replies sent from the address asked).
+            // A second address, as many servers have: the kernel's source for packets to
+            // the lab's hosts is this newer one, so servers on [::] must answer from the
+            // address each request was sent to (their replies from this one would be
+            // dropped by the hosts' stateful firewalls).
             p.push(Step::ip(
                 &inet,
-                &format!("-6 addr add {SERVER_ALT_IP6}/64 dev br0 nodad preferred_lft 0"),
+                &format!("-6 addr add {SERVER_ALT_IP6}/64 dev br0 nodad"),
             ));
             p.push(Step::ip(
                 &third,

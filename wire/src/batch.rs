@@ -7,7 +7,7 @@
 //! network card cannot segment, batches go out datagram by datagram.
 
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use noq_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -25,6 +25,10 @@ pub struct Batch {
     pub len: usize,
     /// Size of each datagram in it (the last may be shorter); `len` for one datagram.
     pub stride: usize,
+    /// The local address they were sent to, where the platform tells it (a socket bound
+    /// to every address): answers must come from it, or a client's firewall or NAT, which
+    /// expects the address it asked, drops them.
+    pub local: Option<IpAddr>,
 }
 
 impl Batch {
@@ -70,6 +74,7 @@ impl BatchSocket {
                         from: crate::dual::canonical(m.addr),
                         len: m.len,
                         stride: if m.stride == 0 { m.len } else { m.stride },
+                        local: m.dst_ip,
                     });
                 }
                 Ok(_) => continue,
@@ -82,21 +87,33 @@ impl BatchSocket {
     /// Sends `data` to `to`: one datagram, or with `stride` below its length, a run of
     /// datagrams of `stride` bytes (the last may be shorter).
     pub async fn send(&self, to: SocketAddr, data: &[u8], stride: usize) -> io::Result<()> {
+        self.send_from(to, None, data, stride).await
+    }
+
+    /// [`BatchSocket::send`] from local address `from` (a [`Batch::local`], so an answer
+    /// leaves from the address that was asked); `None` lets the kernel choose.
+    pub async fn send_from(
+        &self,
+        to: SocketAddr,
+        from: Option<IpAddr>,
+        data: &[u8],
+        stride: usize,
+    ) -> io::Result<()> {
         let stride = stride.max(1);
         let segments = data.len().div_ceil(stride);
         if segments > 1 && segments > self.state.max_gso_segments().get() {
             for d in data.chunks(stride) {
-                self.send_one(to, d, None).await?;
+                self.send_one(to, from, d, None).await?;
             }
             return Ok(());
         }
         let segment = (segments > 1).then_some(stride);
-        match self.send_one(to, data, segment).await {
+        match self.send_one(to, from, data, segment).await {
             // A failed GSO send turns GSO off for this socket (noq-udp notes it): the same
             // datagrams go again one by one.
             Err(_) if segment.is_some() && self.state.max_gso_segments().get() == 1 => {
                 for d in data.chunks(stride) {
-                    self.send_one(to, d, None).await?;
+                    self.send_one(to, from, d, None).await?;
                 }
                 Ok(())
             }
@@ -127,6 +144,7 @@ impl BatchSocket {
     async fn send_one(
         &self,
         to: SocketAddr,
+        from: Option<IpAddr>,
         data: &[u8],
         segment: Option<usize>,
     ) -> io::Result<()> {
@@ -135,7 +153,7 @@ impl BatchSocket {
             ecn: None,
             contents: data,
             segment_size: segment,
-            src_ip: None,
+            src_ip: from,
         };
         loop {
             self.sock.writable().await?;
@@ -180,6 +198,29 @@ mod tests {
                 "datagram {i} mixed up"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_leaves_from_the_address_that_was_asked() {
+        // Bound to every address; asked at 127.0.0.2, a second loopback address, from a
+        // client on 127.0.0.1: the kernel's own choice of source would be 127.0.0.1.
+        let server = BatchSocket::new(UdpSocket::bind("0.0.0.0:0").await.unwrap()).unwrap();
+        let port = server.socket().local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(b"ping", ("127.0.0.2", port)).await.unwrap();
+        let mut buf = vec![0u8; BATCH_BUF];
+        let batch = server.recv(&mut buf).await.unwrap();
+        assert_eq!(batch.local, Some("127.0.0.2".parse().unwrap()));
+        server
+            .send_from(batch.from, batch.local, b"pong", 4)
+            .await
+            .unwrap();
+        let mut got = [0u8; 8];
+        let (n, from) = client.recv_from(&mut got).await.unwrap();
+        assert_eq!(
+            (&got[..n], from),
+            (&b"pong"[..], ([127, 0, 0, 2], port).into())
+        );
     }
 
     #[tokio::test]

@@ -675,6 +675,16 @@ impl Server {
                 },
             }
         }
+        let stun: Vec<_> = stun
+            .into_iter()
+            .filter_map(|(slot, sock)| match wire::batch::BatchSocket::new(sock) {
+                Ok(b) => Some((slot, b)),
+                Err(e) => {
+                    warn!(error = %e, "a stun socket could not be set up; it does not answer");
+                    None
+                }
+            })
+            .collect();
         let stun = Arc::new(stun);
         for i in 0..stun.len() {
             tracker.spawn(stun_task(shared.clone(), stun.clone(), i, shutdown.clone()));

@@ -2,6 +2,7 @@
 //! task serving each; the answers come from the sans-IO [`Responder`].
 
 use super::*;
+use wire::batch::BatchSocket;
 
 /// The STUN responder's UDP sockets, TCP listeners and layout.
 type StunSockets = (Vec<(Slot, UdpSocket)>, Vec<(Slot, TcpListener)>, Layout);
@@ -225,9 +226,14 @@ pub(super) async fn stun_tcp_task(
     }
 }
 
+/// Serves STUN on one UDP socket. Answers leave from the address the request was sent
+/// to (a socket bound to every address would otherwise let the kernel pick the source,
+/// and on a host with several addresses of a family a client's firewall drops an answer
+/// from another one than it asked); an answer from another slot (CHANGE-REQUEST) leaves
+/// from that slot's own address.
 pub(super) async fn stun_task(
     shared: Arc<Shared>,
-    sockets: Arc<Vec<(Slot, UdpSocket)>>,
+    sockets: Arc<Vec<(Slot, BatchSocket)>>,
     index: usize,
     shutdown: CancellationToken,
 ) {
@@ -235,41 +241,51 @@ pub(super) async fn stun_task(
     if shared.responder.is_none() {
         return;
     }
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; wire::batch::BATCH_BUF];
     loop {
-        let (n, src) = tokio::select! {
+        let batch = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok((n, src)) => (n, wire::dual::canonical(src)),
+            r = sock.recv(&mut buf) => match r {
+                Ok(b) => b,
                 // ICMP errors from earlier sends surface here on some systems; keep serving.
                 Err(e) => { debug!(error = %e, "stun recv"); continue; }
             },
         };
-        let Some(reply) = shared.stun_answer(*slot, src, &buf[..n]) else {
-            return;
-        };
-        let reply = match reply {
-            Ok(r) => r,
-            Err(why) => {
-                metrics::inc(&shared.metrics.stun_dropped);
-                debug!(%src, %why, "stun datagram dropped");
+        let src = batch.from;
+        // The kernel may glue same-size datagrams of one source together: each is a
+        // request of its own.
+        for data in batch.datagrams(&buf) {
+            let Some(reply) = shared.stun_answer(*slot, src, data) else {
+                return;
+            };
+            let reply = match reply {
+                Ok(r) => r,
+                Err(why) => {
+                    metrics::inc(&shared.metrics.stun_dropped);
+                    debug!(%src, %why, "stun datagram dropped");
+                    continue;
+                }
+            };
+            if let Some((user, counter)) =
+                reply.authenticated.as_deref().and_then(wire::stun::unstamp)
+            {
+                let mut st = shared.state();
+                if let Some((name, true)) = st.registry.observe_udp(user, counter, src) {
+                    info!(peer = %name, udp = %src, "observed udp mapping");
+                }
+            }
+            let Some((_, out)) = sockets.iter().find(|(s, _)| *s == reply.from) else {
                 continue;
+            };
+            let from = batch.local.filter(|_| reply.from == *slot);
+            let sent = out
+                .send_from(reply.to, from, &reply.bytes, reply.bytes.len())
+                .await;
+            match sent {
+                Ok(()) => metrics::inc(&shared.metrics.stun_responses),
+                Err(e) => debug!(to = %reply.to, error = %e, "stun send failed"),
             }
-        };
-        if let Some((user, counter)) = reply.authenticated.as_deref().and_then(wire::stun::unstamp)
-        {
-            let mut st = shared.state();
-            if let Some((name, true)) = st.registry.observe_udp(user, counter, src) {
-                info!(peer = %name, udp = %src, "observed udp mapping");
-            }
-        }
-        let Some((_, out)) = sockets.iter().find(|(s, _)| *s == reply.from) else {
-            continue;
-        };
-        match out.send_to(&reply.bytes, reply.to).await {
-            Ok(_) => metrics::inc(&shared.metrics.stun_responses),
-            Err(e) => debug!(to = %reply.to, error = %e, "stun send failed"),
         }
     }
 }
