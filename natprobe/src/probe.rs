@@ -470,6 +470,25 @@ async fn run_ipv4(cfg: &Config) -> Result<Report, ProbeError> {
                 let n = &mut notes.lock().unwrap_or_else(|e| e.into_inner());
                 n.push(format!("no answer from the second server {second}"));
             }
+        } else if let Some(port2) = primary.port().checked_add(1) {
+            // A one-IP chuantou rendezvous answers on its STUN port + 1 too: a changed
+            // mapping there is a symmetric NAT. Other servers do not answer; asked briefly.
+            let dest = SocketAddr::new(primary.ip(), port2);
+            let req = request(RequestOptions::default())?;
+            if let Outcome::Answer(r, _) =
+                exchange(&main, &main, dest, &req, false, QUICK_TIMING).await
+            {
+                obs.second_port = Some(r.mapped);
+                let n = &mut notes.lock().unwrap_or_else(|e| e.into_inner());
+                n.push(format!(
+                    "mapping compared with the server's second port {dest}: {}",
+                    if r.mapped == m1 {
+                        "the same (endpoint-independent or address-dependent: one IP cannot tell)"
+                    } else {
+                        "it changed with the destination port (symmetric)"
+                    }
+                ));
+            }
         }
         Ok::<_, ProbeError>(obs)
     };

@@ -286,3 +286,35 @@ fn two_plain_servers_tell_whether_the_mapping_varies() {
         "{sym}"
     );
 }
+
+#[test]
+fn one_plain_rendezvous_tells_a_symmetric_nat_by_its_second_port() {
+    let Some(lab) = Lab::for_test(&["fc=full-cone", "syms=symmetric-sequential"]) else {
+        return;
+    };
+    // One rendezvous on one IP: no OTHER-ADDRESS, but its STUN answers on port + 1 too.
+    let state = chuantou_tests::TempHome::new();
+    let mut cmd = lab.command("server", workspace_bin("rendezvous"));
+    cmd.arg("--state").arg(&state.0);
+    cmd.args(["--listen", &format!("{SERVER_IP}:7000"), "--stun"])
+        .arg(format!("{SERVER_IP}:5000"))
+        .args(["--no-http", "--no-relay"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(cmd).unwrap();
+    await_stun(&lab, SocketAddr::from((SERVER_IP, 5000)));
+    await_stun(&lab, SocketAddr::from((SERVER_IP, 5001)));
+    let bin = workspace_bin("natprobe");
+    let args = vec!["--server".to_string(), format!("{SERVER_IP}:5000")];
+    let sym = report(natprobe(&lab, &bin, "syms-1", &args), "syms-1");
+    assert_eq!(sym["udp"]["nat_type"], "symmetric", "{sym}");
+    assert!(
+        sym["notes"].to_string().contains("changed with the destination port"),
+        "{sym}"
+    );
+    // A cone keeps its mapping; one IP cannot tell endpoint-independent from
+    // address-dependent, so the mapping stays unnamed.
+    let cone = report(natprobe(&lab, &bin, "fc-1", &args), "fc-1");
+    assert_eq!(cone["udp"]["mapping"], Value::Null, "{cone}");
+    assert!(cone["notes"].to_string().contains("the same"), "{cone}");
+}
