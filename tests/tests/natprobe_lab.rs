@@ -309,7 +309,9 @@ fn one_plain_rendezvous_tells_a_symmetric_nat_by_its_second_port() {
     let sym = report(natprobe(&lab, &bin, "syms-1", &args), "syms-1");
     assert_eq!(sym["udp"]["nat_type"], "symmetric", "{sym}");
     assert!(
-        sym["notes"].to_string().contains("changed with the destination port"),
+        sym["notes"]
+            .to_string()
+            .contains("changed with the destination port"),
         "{sym}"
     );
     // A cone keeps its mapping; one IP cannot tell endpoint-independent from

@@ -1,7 +1,8 @@
 //! Moving between networks in the NAT lab: the reaching host moves from one router to
 //! another in the middle of a download (its address and its NAT change, as a laptop
 //! going from home Wi-Fi to a café's). The download completes intact, and the session is
-//! back on a direct path within 5 s of the move. And sleeping: either peer is frozen
+//! back on a direct path within 5 s of the move; the same when the exposing host moves.
+//! And sleeping: either peer is frozen
 //! mid-download, then wakes with every timer overdue, as after a suspend.
 
 use std::io::{Read, Write};
@@ -212,6 +213,49 @@ fn a_download_survives_a_move_to_another_network_and_goes_direct_again_within_5_
     assert!(
         direct_again <= Duration::from_secs(5),
         "direct again only after {direct_again:?}:\n{log}"
+    );
+}
+
+/// The exposing host moves instead (a home PC's laptop twin, a phone that exposes): the
+/// reaching side finds its direct path silent, falls back to the relay and re-punches to
+/// the exposer's new network, all with the download open.
+#[test]
+fn a_download_survives_a_move_of_the_exposing_host_and_goes_direct_again_within_5_s() {
+    let Some(lab) = Lab::for_test(&[
+        "ex=port-restricted",
+        "home=port-restricted",
+        "cafe=address-restricted",
+    ]) else {
+        return;
+    };
+    let mut run = Running::start(&lab, "home-1");
+    let punched_before = run.reach.log().matches("punched via udp").count();
+    let moved_at = Instant::now();
+    let new_addr = lab.move_host("ex-1", "cafe").expect("moving");
+    let reader = run.read_rest();
+    let switched = ["re-punched: direct udp path up"];
+    let direct_again = await_direct_again(&mut run.reach, punched_before, &switched, moved_at);
+    let total = run.finish_download(reader, "after the exposer moved");
+    let log = run.reach.log();
+    println!("exposer moved to {new_addr}; direct again after {direct_again:?}");
+    for l in path_events(&log) {
+        println!("  {l}");
+    }
+    assert_eq!(total, SIZE);
+    assert!(
+        run.expose.log().contains("network changed"),
+        "the exposer noticed its move:\n{}",
+        run.expose.log()
+    );
+    assert_eq!(
+        status_path(&run.peer, &run.homes.1.0),
+        "direct-udp",
+        "{log}"
+    );
+    assert!(
+        direct_again <= Duration::from_secs(5),
+        "direct again only after {direct_again:?}:\n{log}\n--- expose:\n{}",
+        run.expose.log()
     );
 }
 
