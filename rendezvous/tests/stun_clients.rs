@@ -158,3 +158,50 @@ fn with_timeout(cmd: Command) -> Command {
     w.arg("15").arg(cmd.get_program()).args(cmd.get_args());
     w
 }
+
+/// A one-IP server's second STUN port: named to peers at `Welcome`, answering Binding
+/// requests as the first does, and never the embedded relay's port (here the STUN port
+/// + 1, so it goes one further).
+#[tokio::test]
+async fn the_second_stun_port_is_named_at_welcome_answers_and_skips_the_relays() {
+    let mut found = None;
+    for _ in 0..20 {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        if port > u16::MAX - 2 {
+            continue;
+        }
+        let mut config = ServerConfig {
+            stun: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            ..loopback_config()
+        };
+        if let Some(r) = config.relay.as_mut() {
+            r.listen = SocketAddr::from(([127, 0, 0, 1], port + 1));
+        }
+        // Another process may hold one of the three ports: try another.
+        match rendezvous::server::Server::bind(config).await {
+            Ok(s) if s.addrs().stun.and_then(|l| l.port2) == Some(port + 2) => {
+                found = Some((s.spawn(), port));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    let (server, port) = found.expect("no three free ports in a row on loopback");
+    let c = client(&server).await;
+    assert_eq!(c.welcome().stun_port2, Some(port + 2));
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let req = binding_request(None, None).unwrap();
+    sock.send_to(&req.bytes, ("127.0.0.1", port + 2))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, from) = within("second port answers", sock.recv_from(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(from, SocketAddr::from(([127, 0, 0, 1], port + 2)));
+    let resp = parse_response(&buf[..n], &req.tid, None).unwrap();
+    assert_eq!(resp.mapped, sock.local_addr().unwrap());
+    assert_eq!(resp.other, None, "no RFC 5780 OTHER-ADDRESS from one IP");
+}

@@ -173,47 +173,17 @@ fn path_events(log: &str) -> Vec<&str> {
 
 #[test]
 fn a_download_survives_a_move_to_another_network_and_goes_direct_again_within_5_s() {
-    let Some(lab) = Lab::for_test(&[
-        "ex=port-restricted",
-        "home=port-restricted",
-        "cafe=address-restricted",
-    ]) else {
-        return;
-    };
-    let mut run = Running::start(&lab, "home-1");
-
-    // The move, with the download's connection open and data in flight.
-    let punched_before = run.reach.log().matches("punched via udp").count();
-    let moved_at = Instant::now();
-    let new_addr = lab.move_host("home-1", "cafe").expect("moving");
-    // The rest of the download, read while the session finds its way again.
-    let reader = run.read_rest();
     // Traffic is on the new direct path once the old ones are closed.
     let switched = [
         "direct paths from before the move closed",
         "traffic continues on the direct",
     ];
-    let direct_again = await_direct_again(&mut run.reach, punched_before, &switched, moved_at);
-    let path = status_path(&run.peer, &run.homes.1.0);
-    let total = run.finish_download(reader, "after the move");
-    let log = run.reach.log();
-    println!("moved to {new_addr}; direct again after {direct_again:?}; path {path}");
-    for l in path_events(&log) {
-        println!("  {l}");
+    if let Some((reach, _)) = move_mid_download("home-1", &switched) {
+        assert!(
+            reach.contains("network changed"),
+            "reach noticed the move:\n{reach}"
+        );
     }
-    assert_eq!(total, SIZE);
-    // Once the download is done, traffic still runs direct.
-    let after = status_path(&run.peer, &run.homes.1.0);
-    assert_eq!(after, "direct-udp", "after the download:\n{log}");
-    assert!(
-        log.contains("network changed"),
-        "reach noticed the move:\n{log}"
-    );
-    assert_eq!(path, "direct-udp", "{log}");
-    assert!(
-        direct_again <= Duration::from_secs(5),
-        "direct again only after {direct_again:?}:\n{log}"
-    );
 }
 
 /// The exposing host moves instead (a home PC's laptop twin, a phone that exposes): the
@@ -221,42 +191,52 @@ fn a_download_survives_a_move_to_another_network_and_goes_direct_again_within_5_
 /// the exposer's new network, all with the download open.
 #[test]
 fn a_download_survives_a_move_of_the_exposing_host_and_goes_direct_again_within_5_s() {
-    let Some(lab) = Lab::for_test(&[
+    let switched = ["re-punched: direct udp path up"];
+    if let Some((_, expose)) = move_mid_download("ex-1", &switched) {
+        assert!(
+            expose.contains("network changed"),
+            "the exposer noticed its move:\n{expose}"
+        );
+    }
+}
+
+/// Moves `host` (`home-1`, where `reach` runs, or `ex-1`, where `expose` does) onto the
+/// café's network in the middle of a download, and waits until the reaching side's
+/// traffic is direct again (one of `switched` in its log). The download must complete
+/// intact, on a direct path again within 5 s of the move. Returns both logs (`None`
+/// without a lab).
+fn move_mid_download(host: &str, switched: &[&str]) -> Option<(String, String)> {
+    let lab = Lab::for_test(&[
         "ex=port-restricted",
         "home=port-restricted",
         "cafe=address-restricted",
-    ]) else {
-        return;
-    };
+    ])?;
     let mut run = Running::start(&lab, "home-1");
+    // The move, with the download's connection open and data in flight.
     let punched_before = run.reach.log().matches("punched via udp").count();
     let moved_at = Instant::now();
-    let new_addr = lab.move_host("ex-1", "cafe").expect("moving");
+    let new_addr = lab.move_host(host, "cafe").expect("moving");
+    // The rest of the download, read while the session finds its way again.
     let reader = run.read_rest();
-    let switched = ["re-punched: direct udp path up"];
-    let direct_again = await_direct_again(&mut run.reach, punched_before, &switched, moved_at);
-    let total = run.finish_download(reader, "after the exposer moved");
+    let direct_again = await_direct_again(&mut run.reach, punched_before, switched, moved_at);
+    let path = status_path(&run.peer, &run.homes.1.0);
+    let total = run.finish_download(reader, "after the move");
     let log = run.reach.log();
-    println!("exposer moved to {new_addr}; direct again after {direct_again:?}");
+    println!("{host} moved to {new_addr}; direct again after {direct_again:?}; path {path}");
     for l in path_events(&log) {
         println!("  {l}");
     }
     assert_eq!(total, SIZE);
-    assert!(
-        run.expose.log().contains("network changed"),
-        "the exposer noticed its move:\n{}",
-        run.expose.log()
-    );
-    assert_eq!(
-        status_path(&run.peer, &run.homes.1.0),
-        "direct-udp",
-        "{log}"
-    );
+    assert_eq!(path, "direct-udp", "{log}");
+    // Once the download is done, traffic still runs direct.
+    let after = status_path(&run.peer, &run.homes.1.0);
+    assert_eq!(after, "direct-udp", "after the download:\n{log}");
     assert!(
         direct_again <= Duration::from_secs(5),
         "direct again only after {direct_again:?}:\n{log}\n--- expose:\n{}",
         run.expose.log()
     );
+    Some((log, run.expose.log()))
 }
 
 /// Waits until `reach` has punched again (more than `punched_before` punches) and its

@@ -460,8 +460,13 @@ impl Server {
         let mut stun_tcp = Vec::new();
         let mut layout = None;
         if let Some(primary) = config.stun {
-            let (sockets, listeners, l) =
-                bind_stun(primary, config.alt_ip, config.alt_port, dual).await?;
+            let (sockets, listeners, l) = bind_stun(
+                primary,
+                (config.alt_ip, config.alt_port),
+                config.relay.as_ref().map(|r| r.listen.port()),
+                dual,
+            )
+            .await?;
             stun = sockets;
             stun_tcp = listeners;
             layout = Some(l);
@@ -669,8 +674,8 @@ impl Server {
                 Some(alt) => info!(primary = %layout.primary, alternate = %alt,
                     "stun listening (RFC 5780: two IPs, two ports)"),
                 None => match layout.port2 {
-                    Some(p) => info!(addr = %layout.primary, port2 = p,
-                        "stun listening (and on a second port, so peers can tell symmetric NATs)"),
+                    // A second port, so peers can tell symmetric NATs.
+                    Some(p) => info!(addr = %layout.primary, port2 = p, "stun listening"),
                     None => info!(addr = %layout.primary, "stun listening"),
                 },
             }

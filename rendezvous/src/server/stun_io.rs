@@ -8,10 +8,12 @@ use wire::batch::BatchSocket;
 type StunSockets = (Vec<(Slot, UdpSocket)>, Vec<(Slot, TcpListener)>, Layout);
 
 /// Binds the STUN responder: UDP and TCP (RFC 8489 §6.2.2) on each slot's address.
+/// `relay_port`: the embedded relay's UDP port, which a default second STUN port must
+/// not take.
 pub(super) async fn bind_stun(
     primary: SocketAddr,
-    alt_ip: Option<IpAddr>,
-    alt_port: Option<u16>,
+    (alt_ip, alt_port): (Option<IpAddr>, Option<u16>),
+    relay_port: Option<u16>,
     dual: bool,
 ) -> Result<StunSockets, ServerError> {
     // RFC 5780's four addresses are concrete IPs of one family; a plain responder on every
@@ -46,7 +48,9 @@ pub(super) async fn bind_stun(
             match bind_tcp(bound).await {
                 Ok(l) => {
                     let mut socks = vec![(Slot::PRIMARY, sock)];
-                    let port2 = bind_port2(bound, primary.port() == 0, alt_port, dual).await?;
+                    let port2 =
+                        bind_port2(bound, primary.port() == 0, (alt_port, relay_port), dual)
+                            .await?;
                     let second = port2.map(|(p, sock)| {
                         socks.push((Slot::PRIMARY.changed(false, true), sock));
                         p
@@ -106,19 +110,23 @@ pub(super) async fn bind_stun(
 }
 
 /// A one-IP server's second STUN port (UDP only): `--alt-port`, else the STUN port + 1
-/// (any free port when the STUN port was 0). An explicit port that cannot be bound is an
-/// error; the default one is skipped with a warning (peers then cannot tell a symmetric
-/// NAT from a cone, and punch such pairs as cones).
+/// (+ 2 where + 1 is the relay's; any free port when the STUN port was 0). An explicit
+/// port that cannot be bound is an error; the default one is skipped with a warning
+/// (peers then cannot tell a symmetric NAT from a cone, and punch such pairs as cones).
 async fn bind_port2(
     bound: SocketAddr,
     any: bool,
-    asked: Option<u16>,
+    (asked, relay_port): (Option<u16>, Option<u16>),
     dual: bool,
 ) -> Result<Option<(u16, UdpSocket)>, ServerError> {
     let port = match asked {
         Some(p) => p,
         None if any => 0,
-        None => bound.port().checked_add(1).unwrap_or(bound.port() - 1),
+        None => [1, 2, u16::MAX, u16::MAX - 1]
+            .into_iter()
+            .map(|d| bound.port().wrapping_add(d))
+            .find(|&p| p != 0 && p != bound.port() && Some(p) != relay_port)
+            .unwrap_or(0),
     };
     let addr = SocketAddr::new(bound.ip(), port);
     if asked.is_some() && port == bound.port() {
