@@ -79,8 +79,8 @@ struct Cli {
     #[arg(long, value_name = "IP")]
     alt_ip: Option<IpAddr>,
 
-    /// The second STUN port [default: the STUN port + 1, or + 2 where + 1 is the
-    /// relay's]. With --alt-ip, RFC 5780's
+    /// The second STUN port [default: the STUN port + 1; without --alt-ip, + 2 where + 1
+    /// is the relay's]. With --alt-ip, RFC 5780's
     /// alternate port; without, a second port on the STUN address (UDP) that lets peers
     /// tell a symmetric NAT (its mapping changes with the destination) from a cone, so
     /// that they punch it as one.
