@@ -100,6 +100,8 @@ impl Default for TempHome {
 impl Drop for TempHome {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        // Tests keep a peer's stderr beside its home (`HOME.log`): it goes too.
+        let _ = std::fs::remove_file(self.0.with_extension("log"));
     }
 }
 
