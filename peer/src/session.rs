@@ -396,13 +396,18 @@ impl Inner {
             t.active = None;
         }
         drop(t);
-        for old in &stale {
-            if let Some(p) = self.conn.path(*old) {
-                let _ = p.close();
-            }
-        }
+        self.close_paths(&stale);
         if !stale.is_empty() {
             info!(peer = %self.peer, closed = stale.len(), "direct paths from before the move closed");
+        }
+    }
+
+    /// Closes paths `ids` (already forgotten by the table); QUIC tells the other side.
+    fn close_paths(&self, ids: &[PathId]) {
+        for id in ids {
+            if let Some(p) = self.conn.path(*id) {
+                let _ = p.close();
+            }
         }
     }
 
@@ -449,11 +454,7 @@ impl Inner {
         // A link whose path is gone is of no more use.
         t.links.retain(|l| l.addr != lost.addr);
         drop(t);
-        for id in &suspects {
-            if let Some(p) = self.conn.path(*id) {
-                let _ = p.close();
-            }
-        }
+        self.close_paths(&suspects);
         if !suspects.is_empty() {
             debug!(peer = %self.peer, closed = suspects.len(), "other direct paths closed with the lost one");
         }
